@@ -1,0 +1,82 @@
+"""Build Infinity transformers and BSQ-VAEs from checkpoint files, with the architecture read off the tensors."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .checkpoint import CheckpointError, check_keys, load_state_dict
+from .model.config import InfinityConfig, detect_infinity_config
+from .model.transformer import Infinity
+from .model.vae import BSQVAE, VAEConfig, detect_vae_config
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype:
+    """'auto' is bf16 on CUDA (the original's run) and fp32 elsewhere, where exactness matters more than speed."""
+    if precision == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose auto, {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def build_transformer_on_meta(shapes: Mapping[str, Sequence[int]], source: str = "checkpoint") -> Infinity:
+    """Instantiate the detected architecture without memory and check that every key and shape fits."""
+    cfg = detect_infinity_config(shapes, source)
+    with torch.device("meta"):
+        model = Infinity(cfg)
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, source)
+    return model
+
+
+def _prepare_transformer_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop buffers the original also discards on load (stale attention masks of training runs)."""
+    for stale in ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen"):
+        sd.pop(stale, None)
+    return sd
+
+
+def load_transformer(path: str | Path, device: torch.device | str = "cpu", precision: str = "fp32") -> Infinity:
+    """Load an Infinity checkpoint (.safetensors, .pth, or the 8B's sharded folder) strictly."""
+    sd = _prepare_transformer_state(load_state_dict(path))
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    model = build_transformer_on_meta(shapes, str(path))
+    model.load_state_dict(sd, strict=True, assign=True)
+    del sd
+    model = model.to(device=device, dtype=torch.float32)  # embeddings, text path and head run in fp32
+    model.set_block_dtype(resolve_precision(precision, device))
+    return model.eval().requires_grad_(False)
+
+
+def load_vae(path: str | Path, device: torch.device | str = "cpu") -> BSQVAE:
+    """Load a BSQ-VAE checkpoint ({'vae': ...} .pth or .safetensors) strictly; the decoder runs in float32."""
+    sd = load_state_dict(path)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    try:
+        cfg = detect_vae_config(shapes)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not a BSQ-VAE checkpoint: {e}") from e
+    with torch.device("meta"):
+        vae = BSQVAE(cfg)
+    check_keys({k: tuple(v.shape) for k, v in vae.state_dict().items()}, shapes, str(path))
+    vae.load_state_dict(sd, strict=True, assign=True)
+    return vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def vae_patchify_for(transformer_cfg: InfinityConfig, vae_cfg: VAEConfig, names: tuple[str, str] = ("transformer", "VAE")) -> bool:
+    """Whether the transformer works on 2x2-patchified latents of this VAE; an error if the two don't fit."""
+    d = vae_cfg.codebook_dim
+    if transformer_cfg.d_vae == d and not vae_cfg.patchify:
+        return False
+    if transformer_cfg.d_vae == 4 * d and vae_cfg.patchify:
+        return True
+    raise ValueError(
+        f"the VAE ({names[1]}: {d} bits, patch {vae_cfg.patch_size}) does not fit the transformer ({names[0]}: "
+        f"{transformer_cfg.d_vae} bits per token). Infinity-2B needs a 32-bit patch-16 VAE such as "
+        f"infinity_vae_d32reg.pth; Infinity-8B needs the 14-bit patch-8 infinity_vae_d56_f8_14_patchify.pth")

@@ -1,0 +1,260 @@
+"""The Infinity transformer: text pooling, AdaLN blocks with cos self-attention, cross-attention to T5, bit head.
+
+Parameter names follow the released checkpoints (`block_chunks.{c}.module.{j}...`), so their state dicts load
+with strict key checking. Only inference is implemented here; the sampler drives one scale at a time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kvcache import KVCache, cached_attention
+from .config import InfinityConfig
+from .rope import apply_rope
+
+_MAX_SCALE_MUL = math.log(100.0)
+
+
+@dataclass
+class TextKV:
+    """Projected text tokens of the whole (CFG-doubled) batch, packed without padding."""
+
+    tokens: torch.Tensor  # (N, D): every prompt's valid tokens, one after another
+    lens: list[int]
+
+    def padded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, ...) -> (B, Lmax, ...) plus a key mask, or no mask when all prompts have one length."""
+        B, L = len(self.lens), max(self.lens)
+        if all(n == L for n in self.lens):
+            return x.reshape(B, L, *x.shape[1:]), None
+        out = x.new_zeros(B, L, *x.shape[1:])
+        mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=x.device)
+        start = 0
+        for i, n in enumerate(self.lens):
+            out[i, :n] = x[start:start + n]
+            mask[i, ..., :n] = True
+            start += n
+        return out, mask
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """nn.Linear in the layer's own dtype, so bf16 blocks take fp32 activations."""
+    return F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
+
+
+def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine in float32, modulated as LN(x)(1+scale)+shift."""
+    x = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return x.mul(scale.add(1)).add_(shift)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm of the T5 features, in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens (or one learned query, for pooling) to each prompt's own text tokens."""
+
+    def __init__(self, dim: int, kv_dim: int, num_heads: int, pooled: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.pooled = pooled
+        if pooled:
+            self.mat_q = nn.Parameter(torch.zeros(1, num_heads, self.head_dim))
+        else:
+            self.mat_q = nn.Linear(dim, dim)
+        self.mat_kv = nn.Linear(kv_dim, 2 * dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor | None, text: TextKV) -> torch.Tensor:
+        H, c = self.num_heads, self.head_dim
+        w = self.mat_kv.weight
+        kv = F.linear(text.tokens.to(w.dtype), w, torch.cat((self.zero_k_bias, self.v_bias)))  # (N, 2D)
+        kv, mask = text.padded(kv.view(-1, 2, H, c))  # (B, Lk, 2, H, c)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, H, Lk, c)
+        B = k.shape[0]
+        if self.pooled:
+            q = self.mat_q.to(k.dtype).expand(B, H, c).unsqueeze(2)  # (B, H, 1, c)
+        else:
+            q = _linear(x, self.mat_q).view(B, -1, H, c).transpose(1, 2)  # (B, H, Lq, c)
+        out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=1 / math.sqrt(c))
+        out = out.transpose(1, 2).reshape(B, -1, H * c)  # (B, Lq, D)
+        return _linear(out, self.proj)
+
+
+class TextPool(nn.Module):
+    """Pools the prompt into one vector: the start token and the AdaLN condition."""
+
+    def __init__(self, text_channels: int, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.ca = CrossAttention(dim, text_channels, num_heads, pooled=True)
+
+    def forward(self, text: TextKV) -> torch.Tensor:
+        return self.ca(None, text).squeeze(1)  # (B, D)
+
+
+class SelfAttention(nn.Module):
+    """Cos-attention with 2-D RoPE; keys and values go through the KV cache."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys normalised, scaled and rotated in float32; values in the block's dtype. (B, H, L, c) each."""
+        B, L, _ = x.shape
+        w = self.mat_qkv.weight
+        qkv = F.linear(x.to(w.dtype), w, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+        q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        scale_mul = self.scale_mul_1H11.float().clamp_max(_MAX_SCALE_MUL).exp()
+        q = F.normalize(q.float(), dim=-1, eps=1e-12).mul(scale_mul)
+        k = F.normalize(k.float(), dim=-1, eps=1e-12)
+        return apply_rope(q, rope), apply_rope(k, rope), v
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, L, C = x.shape
+        q, k, v = self.qkv(x, rope)
+        out = cached_attention(q, k, v, cache, layer, compute_dtype=self.proj.weight.dtype)
+        return _linear(out.transpose(1, 2).reshape(B, L, C), self.proj)
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(F.gelu(_linear(x, self.fc1), approximate="tanh"), self.fc2)
+
+
+class Block(nn.Module):
+    """x += SA(AdaLN(x))·γ1; x += CA(LN(x), text); x += FFN(AdaLN(x))·γ2, modulated by the shared condition."""
+
+    def __init__(self, cfg: InfinityConfig) -> None:
+        super().__init__()
+        C = cfg.embed_dim
+        self.eps = cfg.norm_eps
+        self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, C))
+        self.sa = SelfAttention(C, cfg.num_heads)
+        self.ca = CrossAttention(C, C, cfg.num_heads)
+        self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.ffn = FFN(C, cfg.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, gss: torch.Tensor, text: TextKV, rope: torch.Tensor,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + gss).unbind(2)  # (B, 1, C) each
+        h = self.sa(ada_layer_norm(x, scale1, shift1, self.eps), rope, cache, layer)
+        x = x + h.float().mul_(gamma1)
+        n = F.layer_norm(x.float(), (x.shape[-1],), self.ca_norm.weight.float(), self.ca_norm.bias.float(), self.eps)
+        x = x + self.ca(n, text).float()
+        h = self.ffn(ada_layer_norm(x, scale2, shift2, self.eps))
+        return x + h.float().mul(gamma2)
+
+
+class BlockChunk(nn.Module):
+    """A group of consecutive blocks; exists so parameter names match the released checkpoints."""
+
+    def __init__(self, blocks: list[Block]) -> None:
+        super().__init__()
+        self.module = nn.ModuleList(blocks)
+
+
+class AdaLNHead(nn.Module):
+    """Final AdaLN before the bit head."""
+
+    def __init__(self, dim: int, cond_dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, h.shape[-1]).unbind(2)
+        return ada_layer_norm(h, scale, shift, self.eps)
+
+
+class Infinity(nn.Module):
+    """Infinity's transformer, for inference one scale at a time."""
+
+    def __init__(self, cfg: InfinityConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        C, D = cfg.embed_dim, cfg.embed_dim
+        self.cfg_uncond = nn.Parameter(torch.zeros(cfg.text_maxlen, cfg.text_channels))
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        self.text_norm = RMSNorm(cfg.text_channels, eps=cfg.norm_eps)
+        self.text_proj_for_sos = TextPool(cfg.text_channels, D, cfg.pool_heads)
+        self.text_proj_for_ca = nn.Sequential(nn.Linear(cfg.text_channels, D), nn.GELU(approximate="tanh"),
+                                              nn.Linear(D, D))
+        self.lvl_embed = nn.Embedding(cfg.num_levels, C)
+        self.word_embed = nn.Linear(cfg.d_vae, C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * C))
+        n = cfg.blocks_per_chunk
+        blocks = [Block(cfg) for _ in range(cfg.depth)]
+        self.block_chunks = nn.ModuleList(BlockChunk(blocks[i:i + n]) for i in range(0, cfg.depth, n))
+        self.head_nm = AdaLNHead(C, D, cfg.norm_eps)
+        self.head = nn.Linear(C, cfg.vocab)
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [b for chunk in self.block_chunks for b in chunk.module]
+
+    def set_block_dtype(self, dtype: torch.dtype) -> "Infinity":
+        """Cast only the blocks, as the original's bf16 run does; embeddings, text path and head stay float32."""
+        for chunk in self.block_chunks:
+            chunk.to(dtype)
+        return self
+
+    @property
+    def block_dtype(self) -> torch.dtype:
+        return self.block_chunks[0].module[0].sa.mat_qkv.weight.dtype
+
+    def condition(self, text_tokens: torch.Tensor, lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, TextKV]:
+        """From packed T5 features: the pooled condition (B, D), the AdaLN table (B, 1, 6, C), and the CA tokens."""
+        kv = self.text_norm(text_tokens.float())
+        cond = self.text_proj_for_sos(TextKV(kv, lens))
+        ca = TextKV(self.text_proj_for_ca(kv), lens)
+        gss = self.shared_ada_lin(cond.float()).float().reshape(-1, 1, 6, self.cfg.embed_dim).contiguous()
+        return cond, gss, ca
+
+    def start_tokens(self, cond: torch.Tensor) -> torch.Tensor:
+        """The first scale's single token per row: pooled text plus the learned start position."""
+        B = cond.shape[0]
+        return cond.unsqueeze(1).expand(B, 1, -1) + self.pos_start.expand(B, 1, -1)
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Next scale's input (B, L, d_vae) -> (B, L, C)."""
+        return self.word_embed(codes)
+
+    def forward_scale(self, x: torch.Tensor, scale_index: int, gss: torch.Tensor, text: TextKV,
+                      rope: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Run every block over one scale's tokens (B, L, C); keys and values accumulate in `cache`."""
+        x = x + self.lvl_embed.weight[scale_index]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, gss, text, rope, cache, layer)
+        return x
+
+    def logits(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Bit logits (B, L, 2·d_vae), in float32."""
+        return self.head(self.head_nm(h.float(), cond.float()))

@@ -1,0 +1,141 @@
+"""The Python API: load the three parts from files, then generate images (plus every scale's bits) from prompts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .loader import load_transformer, load_vae, resolve_precision, vae_patchify_for
+from .model.text_encoder import T5TextEncoder, TextConditioning
+from .model.transformer import Infinity
+from .model.vae import BSQVAE
+from .sampler import SampleOutput, SamplerSettings, ScaleCallback, sample
+from .schedules import Schedule, schedule_for_pixels
+
+
+@dataclass
+class GenerationResult:
+    """Images and everything needed to inspect or reproduce them."""
+
+    images: np.ndarray  # (B, H, W, 3) uint8 RGB
+    decoded: torch.Tensor  # (B, 3, H, W) float32 in [-1, 1]
+    samples: SampleOutput
+    schedule: Schedule
+    settings: SamplerSettings
+    info: dict = field(default_factory=dict)
+
+    def save_images(self, path: str | Path) -> list[Path]:
+        """Write PNGs: `path` itself for one image, `stem_00.png`, `stem_01.png`, ... for a batch."""
+        from PIL import Image
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if len(self.images) == 1:
+            outs = [path]
+        else:
+            outs = [path.with_name(f"{path.stem}_{i:02d}{path.suffix or '.png'}") for i in range(len(self.images))]
+        for img, out in zip(self.images, outs):
+            Image.fromarray(img).save(out)
+        return outs
+
+    def dump(self, folder: str | Path, index: int = 0) -> Path:
+        """Write one batch row in the reference layout (`scale_SS_bits.npy`, ..., `decoded.npy`, `image.png`)."""
+        from PIL import Image
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        i = slice(index, index + 1)
+        for si, (bits, bits_vae) in enumerate(zip(self.samples.bits, self.samples.bits_vae)):
+            np.save(folder / f"scale_{si:02d}_bits.npy", bits[i].cpu().numpy())
+            np.save(folder / f"scale_{si:02d}_bits_vae.npy", bits_vae[i].cpu().numpy())
+            np.save(folder / f"scale_{si:02d}_token_ids.npy", bits_to_token_ids(bits_vae[i]).cpu().numpy())
+        np.save(folder / "summed_codes.npy", self.samples.summed_codes[i].float().cpu().numpy())
+        np.save(folder / "decoded.npy", self.decoded[i].float().cpu().numpy())
+        Image.fromarray(self.images[index]).save(folder / "image.png")
+        return folder
+
+
+def bits_to_token_ids(bits_vae: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W, d) bits -> (B, 1, H, W) int64 ids, first bit most significant (the VAE's int-label order)."""
+    d = bits_vae.shape[-1]
+    weights = 2 ** torch.arange(d - 1, -1, -1, dtype=torch.int64, device=bits_vae.device)
+    return (bits_vae.to(torch.int64) * weights).sum(-1)
+
+
+def decoded_to_uint8(decoded: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (B, 3, H, W) -> (B, H, W, 3) uint8 RGB, truncating like the original's `.to(uint8)`."""
+    img = ((decoded.float() + 1) / 2).permute(0, 2, 3, 1).mul_(255).to(torch.uint8)
+    return img.cpu().numpy()
+
+
+class InfinityPipeline:
+    """Transformer, VAE and (optionally) T5 on one device, with the original sampler."""
+
+    def __init__(self, transformer: Infinity, vae: BSQVAE, text_encoder: T5TextEncoder | None = None) -> None:
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.vae_patchify = vae_patchify_for(transformer.cfg, vae.cfg)
+
+    @classmethod
+    def from_files(cls, transformer: str | Path, vae: str | Path, text_encoder: str | Path | None = None,
+                   device: str = "cpu", precision: str = "fp32") -> "InfinityPipeline":
+        """Load everything from the original release's files (or converted .safetensors)."""
+        dtype = resolve_precision(precision, device)
+        model = load_transformer(transformer, device=device, precision=precision)
+        vae_model = load_vae(vae, device=device)
+        try:
+            vae_patchify_for(model.cfg, vae_model.cfg, (str(transformer), str(vae)))
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        te = None
+        if text_encoder is not None:
+            te_dtype = torch.float16 if dtype != torch.float32 and torch.device(device).type == "cuda" else torch.float32
+            te = T5TextEncoder.from_folder(text_encoder, device=device, dtype=te_dtype)
+            if te.text_channels != model.cfg.text_channels:
+                raise ValueError(f"text encoder {text_encoder} gives {te.text_channels}-channel features but the "
+                                 f"transformer {transformer} expects {model.cfg.text_channels} (flan-t5-xl: 2048)")
+        return cls(model, vae_model, te)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.pos_start.device
+
+    def encode(self, prompts: Sequence[str]) -> TextConditioning:
+        """T5 features for a list of prompts."""
+        if self.text_encoder is None:
+            raise RuntimeError("this pipeline has no text encoder; pass text_encoder= or precomputed conditioning")
+        return self.text_encoder.encode(list(prompts))
+
+    @torch.no_grad()
+    def generate(self, prompt: str | Sequence[str] | TextConditioning, negative_prompt: str | TextConditioning | None = None,
+                 *, seed: int | None = 0, cfg: float | Sequence[float] = 3.0, tau: float | Sequence[float] = 0.5,
+                 top_k: int = 900, top_p: float = 0.97, width: int = 1024, height: int = 1024,
+                 schedule: Schedule | None = None, batch: int = 1, keep_logits: bool = False,
+                 on_scale: ScaleCallback | None = None) -> GenerationResult:
+        """Generate `batch` images per prompt; the same seed and settings give the same image as the original."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        schedule = schedule or schedule_for_pixels(width, height)
+        if isinstance(prompt, TextConditioning):
+            cond = prompt
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            cond = self.encode([p for p in prompts for _ in range(batch)])
+        if isinstance(prompt, TextConditioning) and batch > 1:
+            one = cond
+            for _ in range(batch - 1):
+                cond = cond.concat(one)
+        neg = None
+        if negative_prompt is not None and not (isinstance(negative_prompt, str) and not negative_prompt.strip()):
+            neg = negative_prompt if isinstance(negative_prompt, TextConditioning) else self.encode([negative_prompt])
+        settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed)
+        samples = sample(self.transformer, cond.to(self.device), schedule, settings, self.vae_patchify,
+                         negative=None if neg is None else neg.to(self.device), keep_logits=keep_logits,
+                         on_scale=on_scale)
+        decoded = self.vae.decode(samples.summed_codes.float())
+        return GenerationResult(images=decoded_to_uint8(decoded), decoded=decoded, samples=samples,
+                                schedule=schedule, settings=settings)

@@ -1,0 +1,178 @@
+"""Infinity's coarse-to-fine sampler: per scale, run the transformer, sample bits, and build the next scale's input.
+
+It reproduces the original `autoregressive_infer_cfg` with bit labels and CFG on logits: same seed, same bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .kvcache import KVCache
+from .model.text_encoder import TextConditioning
+from .model.transformer import Infinity, TextKV
+from .model.rope import rope_table
+from .model.vae import bits_to_codes, unpatchify_bits
+from .schedules import Schedule
+
+
+@dataclass
+class SamplerSettings:
+    """What the original's `gen_one_img` takes: per-scale cfg and tau (one value or a list), top-k/top-p, seed."""
+
+    cfg: float | Sequence[float] = 3.0
+    tau: float | Sequence[float] = 0.5
+    top_k: int = 900
+    top_p: float = 0.97
+    seed: int | None = 0
+
+    def per_scale(self, num_scales: int) -> tuple[list[float], list[float]]:
+        """cfg and tau as one value per scale; a list of the wrong length is an error, not a silent truncation."""
+        return _per_scale(self.cfg, num_scales, "cfg"), _per_scale(self.tau, num_scales, "tau")
+
+    def validate(self) -> None:
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1] (0 disables it), got {self.top_p}")
+
+
+def _per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        values = [float(value)] * n
+    else:
+        values = [float(v) for v in value]
+        if len(values) != n:
+            raise ValueError(f"{name} list has {len(values)} values but the schedule has {n} scales; "
+                             f"give one value or exactly {n}")
+    if name == "tau" and any(v <= 0 for v in values):
+        raise ValueError(f"tau must be > 0 at every scale, got {values}")
+    return values
+
+
+@dataclass
+class SampleOutput:
+    """Everything the sampler decided, per scale, plus the VAE's input."""
+
+    bits: list[torch.Tensor]  # per scale (B, h*w, d_vae) uint8, transformer token order
+    bits_vae: list[torch.Tensor]  # per scale (B, 1, H, W, d) uint8, VAE layout
+    summed_codes: torch.Tensor  # (B, d, H, W) float32: the decoder's input
+    logits: list[torch.Tensor] = field(default_factory=list)  # per scale (B, h*w*d_vae, 2) when kept
+
+
+def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one class per row of (B, L, V) logits after top-k and top-p, with the original's single multinomial."""
+    B, L, V = logits.shape
+    if top_k > 0:
+        kth = logits.topk(min(top_k, V), dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        drop = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        drop[..., -1:] = False
+        logits = logits.masked_fill(drop.scatter(order.ndim - 1, order, drop), -torch.inf)
+    probs = logits.softmax(dim=-1).view(-1, V)
+    return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, L)
+
+
+def _uncond_text(model: Infinity, cond: TextConditioning) -> torch.Tensor:
+    """The unconditional rows: each prompt's tokens replaced by the learned `cfg_uncond` prefix of its length."""
+    limit = model.cfg_uncond.shape[0]
+    if max(cond.lens) > limit:
+        raise ValueError(f"a prompt has {max(cond.lens)} text tokens but the model's unconditional embedding "
+                         f"has {limit} rows")
+    return torch.cat([model.cfg_uncond[:n] for n in cond.lens], dim=0).to(cond.kv_compact)
+
+
+ScaleCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@torch.no_grad()
+def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings: SamplerSettings,
+           vae_patchify: bool, negative: TextConditioning | None = None, keep_logits: bool = False,
+           on_scale: ScaleCallback | None = None,
+           make_cache: Callable[[int], KVCache] | None = None) -> SampleOutput:
+    """Generate the bits of every scale for a batch of prompts, as the original sampler does.
+
+    `on_scale(scale_index, num_scales, summed_codes)` runs after every scale (progress, previews, interrupts);
+    an exception it raises stops sampling and frees the cache.
+    """
+    settings.validate()
+    n = schedule.num_scales
+    cfgs, taus = settings.per_scale(n)
+    device = model.pos_start.device
+    B = cond.batch_size
+    d_vae = model.cfg.d_vae
+    d_bits = d_vae // 4 if vae_patchify else d_vae
+    use_cfg = any(c != 1 for c in cfgs)
+
+    text, lens = cond.kv_compact.to(device), list(cond.lens)
+    if use_cfg:
+        if negative is None:
+            uncond = _uncond_text(model, cond)
+        else:
+            if negative.batch_size == 1 and B > 1:
+                one = negative
+                for _ in range(B - 1):
+                    negative = negative.concat(one)
+            if negative.batch_size != B:
+                raise ValueError(f"{negative.batch_size} negative prompts for a batch of {B}")
+            uncond, lens_un = negative.kv_compact.to(device), list(negative.lens)
+        text = torch.cat((text, uncond), dim=0)
+        lens = lens + (list(cond.lens) if negative is None else lens_un)
+    bs = len(lens)
+
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(settings.seed))
+
+    cond_vec, gss, ca = model.condition(text, lens)
+    rope = rope_table(model.cfg.head_dim, schedule).to(device)
+    cache = make_cache(bs) if make_cache is not None else KVCache(
+        model.cfg.depth, bs, model.cfg.num_heads, model.cfg.head_dim, schedule.total_tokens, device,
+        k_dtype=torch.float32, v_dtype=model.block_dtype)
+    vae_grids = schedule.vae_grids(vae_patchify)
+    final_hw = (1, *vae_grids[-1])
+    out = SampleOutput(bits=[], bits_vae=[], summed_codes=torch.empty(0))
+    summed: torch.Tensor | None = None
+    x = model.start_tokens(cond_vec)
+    try:
+        for si, (h, w) in enumerate(schedule.grids):
+            start = schedule.offsets[si]
+            hidden = model.forward_scale(x, si, gss, ca, rope[:, start:start + h * w], cache)
+            if use_cfg and cfgs[si] != 1:
+                logits = model.logits(hidden, cond_vec).mul(1 / taus[si])
+                logits = cfgs[si] * logits[:B] + (1 - cfgs[si]) * logits[B:]
+            else:
+                logits = model.logits(hidden[:B], cond_vec[:B]).mul(1 / taus[si])
+            logits = logits.reshape(B, -1, 2)
+            if keep_logits:
+                out.logits.append(logits.clone())
+            bits = sample_bits(logits, settings.top_k, settings.top_p, generator).reshape(B, h * w, d_vae)
+            out.bits.append(bits.to(torch.uint8))
+            grid = bits.reshape(B, h, w, d_vae)
+            if vae_patchify:
+                grid = unpatchify_bits(grid)
+            grid = grid.unsqueeze(1)  # (B, 1, H, W, d)
+            out.bits_vae.append(grid.to(torch.uint8))
+            codes = bits_to_codes(grid)  # (B, d, 1, H, W)
+            if si == n - 1:
+                summed = codes if summed is None else summed + codes
+            else:
+                up = F.interpolate(codes, size=final_hw, mode="trilinear")
+                summed = up if summed is None else summed + up
+                nxt = F.interpolate(summed, size=(1, *vae_grids[si + 1]), mode="trilinear").squeeze(-3)
+                if vae_patchify:
+                    nxt = F.pixel_unshuffle(nxt, 2)
+                nxt = nxt.reshape(B, d_vae, -1).permute(0, 2, 1)  # (B, h'w', d_vae)
+                x = model.embed_codes(nxt).repeat(bs // B, 1, 1)
+            if on_scale is not None:
+                on_scale(si, n, summed.squeeze(-3))
+    finally:
+        cache.release()
+    assert summed is not None and d_bits == summed.shape[1]
+    out.summed_codes = summed.squeeze(-3)
+    return out
