@@ -1,0 +1,6 @@
+"""`python -m scalekv_core ...`"""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""T5 text conditioning for Infinity: prompts -> packed (varlen) encoder states the transformer cross-attends to."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: Infinity always pads/truncates prompts to this many T5 tokens (run_infinity.encode_prompt).
+TEXT_MAXLEN = 512
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """transformers renamed `torch_dtype` to `dtype` in 4.56; ComfyUI installs span both."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+@dataclass
+class TextConditioning:
+    """Packed T5 states of B prompts (valid tokens only, incl. </s>), the layout of the original text_cond_tuple."""
+
+    kv_compact: Tensor  # (sum_L, C_text) float32
+    lens: list[int]  # valid tokens per prompt
+    cu_seqlens: Tensor  # (B+1,) int32, cumulative lens starting at 0
+    max_len: int  # max(lens)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of prompts packed here (the transformer's B before CFG doubling)."""
+        return len(self.lens)
+
+    @property
+    def text_channels(self) -> int:
+        """C_text, which must equal the transformer's text_channels."""
+        return int(self.kv_compact.shape[-1])
+
+    def as_tuple(self) -> tuple[Tensor, list[int], Tensor, int]:
+        """Same tuple order as the original encode_prompt, for code written against it."""
+        return self.kv_compact, self.lens, self.cu_seqlens, self.max_len
+
+    def to(self, device: torch.device | str) -> TextConditioning:
+        """Move to the transformer's device (dtype stays float32; the model casts where it needs)."""
+        return TextConditioning(self.kv_compact.to(device), list(self.lens), self.cu_seqlens.to(device), self.max_len)
+
+    def concat(self, other: TextConditioning) -> TextConditioning:
+        """Append other's prompts after ours (e.g. CFG negative prompts), so both run as one packed batch."""
+        if other.text_channels != self.text_channels:
+            raise ValueError(f"cannot concat text conditionings with {self.text_channels} and {other.text_channels} channels")
+        kv = torch.cat([self.kv_compact, other.kv_compact.to(self.kv_compact.device)], dim=0)
+        return TextConditioning._from_parts(kv, list(self.lens) + list(other.lens), self.cu_seqlens.device)
+
+    @classmethod
+    def _from_parts(cls, kv_compact: Tensor, lens: list[int], device: torch.device) -> TextConditioning:
+        """Derive cu_seqlens/max_len from lens so the three can never disagree."""
+        if sum(lens) != kv_compact.shape[0]:
+            raise ValueError(f"lens sum to {sum(lens)} but kv_compact has {kv_compact.shape[0]} rows")
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+        return cls(kv_compact, lens, cu.to(device), max(lens))
+
+    @classmethod
+    def from_padded(cls, hidden: Tensor, mask: Tensor) -> TextConditioning:
+        """Pack right-padded encoder output exactly as encode_prompt does (first mask.sum() tokens of each row)."""
+        if hidden.ndim != 3 or mask.shape != hidden.shape[:2]:
+            raise ValueError(f"expected hidden (B,L,C) and mask (B,L), got {tuple(hidden.shape)} and {tuple(mask.shape)}")
+        lens = [int(n) for n in mask.sum(dim=-1).tolist()]
+        if min(lens) < 1:
+            raise ValueError("every prompt needs at least one valid token (T5 always adds </s>)")
+        hidden = hidden.float()
+        kv = torch.cat([h[:n] for n, h in zip(lens, hidden.unbind(0))], dim=0)
+        return cls._from_parts(kv, lens, hidden.device)
+
+    @classmethod
+    def from_numpy_file(cls, path: str | Path) -> TextConditioning:
+        """Load precomputed encodings of ONE prompt, a (L, C) float .npy, to skip loading T5 (CLI --text-kv)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"text encoding file not found: {path}")
+        arr = np.load(path, allow_pickle=False)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating) or arr.shape[0] < 1:
+            raise ValueError(f"{path}: expected a 2-D float array (L tokens, C channels) of one prompt, "
+                             f"got shape {arr.shape} dtype {arr.dtype}")
+        kv = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        return cls._from_parts(kv, [int(arr.shape[0])], kv.device)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load-time progress bars and info chatter, restoring the host's settings afterwards."""
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _check_folder(folder: Path) -> None:
+    """Fail early with the folder's name instead of a deep HF error (or a silent Hub download attempt)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"T5 folder not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"T5 folder {folder} has no config.json")
+    if not any((folder / f).is_file() for f in _WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"T5 folder {folder} has no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"T5 folder {folder} has no tokenizer (expected {' or '.join(_TOKENIZER_FILES)})")
+
+
+class T5TextEncoder:
+    """Tokenizer + T5EncoderModel (e.g. flan-t5-xl) producing Infinity's TextConditioning."""
+
+    def __init__(self, tokenizer, module: torch.nn.Module) -> None:
+        self.tokenizer = tokenizer
+        self.module = module.eval().requires_grad_(False)
+
+    @classmethod
+    def from_folder(cls, path: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> T5TextEncoder:
+        """Load strictly from a local HF folder (never the Hub); fp16 on CUDA is what the original runs."""
+        from transformers import AutoTokenizer, T5EncoderModel
+        folder = Path(path).expanduser()
+        _check_folder(folder)
+        with _quiet_transformers():
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder, legacy=True, model_max_length=TEXT_MAXLEN,
+                                                          local_files_only=True)
+                module = T5EncoderModel.from_pretrained(folder, local_files_only=True, **_dtype_kwarg(dtype))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"could not load T5 tokenizer/encoder from {folder}: {e}") from e
+        return cls(tokenizer, module.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        """Where input ids must go (follows the module if a host app moves it)."""
+        return next(self.module.parameters()).device
+
+    @property
+    def text_channels(self) -> int:
+        """d_model, which the transformer's text_channels must match (2048 for flan-t5-xl)."""
+        return int(self.module.config.d_model)
+
+    def to(self, device: torch.device | str) -> T5TextEncoder:
+        """Move the encoder (e.g. offload to CPU after encoding); returns self for chaining."""
+        self.module.to(device)
+        return self
+
+    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """input_ids and attention_mask (B, 512), padded/truncated exactly as the original encode_prompt."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tokens = self.tokenizer(text=list(prompts), max_length=TEXT_MAXLEN, padding="max_length",
+                                truncation=True, return_tensors="pt")
+        return tokens.input_ids, tokens.attention_mask
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> TextConditioning:
+        """Encode prompts into the packed conditioning (float32 states, valid tokens only)."""
+        input_ids, mask = self.tokenize(prompts)
+        device = self.device
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        hidden = self.module(input_ids=input_ids, attention_mask=mask)["last_hidden_state"].float()
+        return TextConditioning.from_padded(hidden, mask)

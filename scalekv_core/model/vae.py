@@ -1,0 +1,330 @@
+"""BSQ-VAE, Infinity's visual tokenizer: images <-> d-channel latents, plus the bit <-> code maps the transformer uses.
+
+Only 2-D convolutions, GroupNorm and swish; no attention. The submodule names reproduce the released checkpoints'
+state-dict keys exactly (``encoder.down.0.block.0.conv1.conv.weight``, ``quantizer.lfq.mask``, ...), so the files
+load with ``strict=True`` and no key renaming.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Everything that fixes the tensor shapes; the defaults are the released d32 tokenizer (patch 16)."""
+
+    codebook_dim: int = 32  # d: bits (= latent channels) per latent pixel
+    patch_size: int = 16  # image pixels per latent pixel, per side
+    base_ch: int = 128
+    num_res_blocks: int = 2  # per encoder level; every decoder level has one more
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4, 4)  # channels of level i = base_ch * ch_mult[i]
+    in_channels: int = 3  # image channels (decoder output too)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        n = self.num_resamples
+        if 2**n != self.patch_size or not 1 <= n <= len(self.ch_mult) - 1:
+            raise ValueError(f"patch_size {self.patch_size} must be 2**k with 1 <= k <= len(ch_mult)-1")
+
+    @property
+    def num_resamples(self) -> int:
+        """Number of x2 down/up-sampling steps, log2(patch_size)."""
+        return max(self.patch_size, 1).bit_length() - 1
+
+    @property
+    def patchify(self) -> bool:
+        """Patch-8 VAEs (the 8B model) are paired with a 2x2 pixel-unshuffle, so the transformer sees 4*d channels."""
+        return self.patch_size == 8
+
+
+def _swish(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(x)  # same op order as the original (not F.silu) to stay bit-close
+
+
+def _bit_mask(d: int) -> Tensor:
+    """2**(d-1..0) as int64, the MSB-first int-label weights (wraps to -2**63 at d=64, like the original)."""
+    return torch.ones(d, dtype=torch.long) << torch.arange(d - 1, -1, -1)
+
+
+class Norm(nn.Module):
+    """GroupNorm(32 groups, or 24 if 32 does not divide), nested under '.norm' as in the checkpoints."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        groups = 32 if ch % 32 == 0 else 24
+        if ch % groups:
+            raise ValueError(f"GroupNorm needs channels divisible by 32 or 24, got {ch}")
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x)
+
+
+class Conv(nn.Module):
+    """Conv2d nested under '.conv' as in the checkpoints; 'same' padding unless told otherwise."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, padding: int | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2 if padding is None else padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block; a 1x1 'nin_shortcut' only where the channel count changes."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = Norm(cin), Conv(cin, cout)
+        self.norm2, self.conv2 = Norm(cout), Conv(cout, cout)
+        self.nin_shortcut = Conv(cin, cout, k=1) if cin != cout else None
+
+    def forward(self, x: Tensor) -> Tensor:  # (B,cin,H,W) -> (B,cout,H,W)
+        h = self.conv1(_swish(self.norm1(x)))
+        h = self.conv2(_swish(self.norm2(h)))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after zero-padding only right/bottom by 1 (the original's asymmetric padding)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = Conv(ch, ch, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B,C,H,W) -> (B,C,H/2,W/2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = Conv(ch, ch)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B,C,H,W) -> (B,C,2H,2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution: ResBlocks ('block.k'), then an optional 'downsample' or 'upsample'."""
+
+    def __init__(self, cin: int, cout: int, n_blocks: int, down: bool = False, up: bool = False):
+        super().__init__()
+        self.block = nn.ModuleList(ResBlock(cin if k == 0 else cout, cout) for k in range(n_blocks))
+        self.downsample = Downsample(cout) if down else None
+        self.upsample = Upsample(cout) if up else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for blk in self.block:
+            x = blk(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+class Mid(nn.Module):
+    """Two ResBlocks at the lowest resolution (the attention slot of the original is off: cnn_attention='no')."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.block_1, self.block_2 = ResBlock(ch, ch), ResBlock(ch, ch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.block_1(x))
+
+
+class Encoder(nn.Module):
+    """Image -> raw latent; level i downsamples iff i < log2(patch)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs = [cfg.base_ch * m for m in cfg.ch_mult]
+        self.conv_in = Conv(cfg.in_channels, cfg.base_ch)
+        ins = [cfg.base_ch] + chs[:-1]
+        self.down = nn.ModuleList(
+            Level(ins[i], chs[i], cfg.num_res_blocks, down=i < cfg.num_resamples) for i in range(len(chs))
+        )
+        self.mid = Mid(chs[-1])
+        self.norm_out = Norm(chs[-1])
+        self.conv_out = Conv(chs[-1], cfg.codebook_dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B,3,H,W) -> (B,d,H/p,W/p)
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent -> image (unclamped); runs levels L-1..0, level i upsamples iff 1 <= i <= log2(patch)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs = [cfg.base_ch * m for m in cfg.ch_mult]
+        self.conv_in = Conv(cfg.codebook_dim, chs[-1])
+        self.mid = Mid(chs[-1])
+        ins = chs[1:] + chs[-1:]  # level i reads what level i+1 wrote (the last level reads mid's output)
+        self.up = nn.ModuleList(
+            Level(ins[i], chs[i], cfg.num_res_blocks + 1, up=1 <= i <= cfg.num_resamples) for i in range(len(chs))
+        )
+        self.norm_out = Norm(chs[0])
+        self.conv_out = Conv(chs[0], cfg.in_channels)
+
+    def forward(self, z: Tensor) -> Tensor:  # (B,d,h,w) -> (B,3,h*p,w*p)
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+class BitMask(nn.Module):
+    """Holds only the 'mask' buffer (int-label weights); kept so state dicts match the released files."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.register_buffer("mask", _bit_mask(d))
+
+
+class BitQuantizer(nn.Module):
+    """Weightless BSQ quantizer; its state is just 'lfq.mask'."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.lfq = BitMask(d)
+
+    def forward(self, z: Tensor) -> Tensor:  # (B,d,H,W) -> (B,H,W,d) bits
+        return quantize_to_bits(z)
+
+
+class BSQVAE(nn.Module):
+    """The tokenizer; 'quantize' aliases 'quantizer' (one module, two state-dict prefixes, as in the original)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantizer = BitQuantizer(cfg.codebook_dim)
+        self.quantize = self.quantizer
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Tensor]) -> BSQVAE:
+        """Build the architecture the weights imply and load them strictly, so a wrong file fails loudly."""
+        model = cls(detect_vae_config({k: v.shape for k, v in sd.items()}))
+        model.load_state_dict(sd, strict=True)
+        return model.eval()
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Continuous latent (B,d,H/p,W/p) before quantization, for training-time tokenization.
+
+        The original feeds this raw encoder output to MultiScaleBSQ unchanged (identity projections, no
+        LayerNorm, no scale/shift factor); the quantizer itself L2-normalises over d per position.
+        """
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Image in [-1,1], (B,3,H*p,W*p): the original clamps after the decoder."""
+        return self.decoder(z).clamp(-1.0, 1.0)
+
+
+def _need(shapes: Mapping[str, Sequence[int]], key: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise ValueError(f"not a BSQ-VAE state dict: missing key {key!r}")
+    return tuple(int(s) for s in shapes[key])
+
+
+def _count(shapes: Mapping[str, Sequence[int]], fmt: str) -> int:
+    n = 0
+    while fmt.format(n) in shapes:
+        n += 1
+    return n
+
+
+def detect_vae_config(shapes: Mapping[str, Sequence[int]]) -> VAEConfig:
+    """Lets loaders build the right tokenizer (d16..d64, patch-8 d14, test files) from key names and shapes alone."""
+    base_ch, in_ch = _need(shapes, "encoder.conv_in.conv.weight")[:2]
+    top_ch, d = _need(shapes, "decoder.conv_in.conv.weight")[:2]
+    n_levels = _count(shapes, "decoder.up.{}.block.0.conv1.conv.weight")
+    if n_levels < 2:
+        _need(shapes, f"decoder.up.{n_levels}.block.0.conv1.conv.weight")
+    ch_mult = []
+    for i in range(n_levels):
+        c = _need(shapes, f"decoder.up.{i}.block.0.conv1.conv.weight")[0]
+        if c % base_ch:
+            raise ValueError(f"decoder level {i} has {c} channels, not a multiple of base_ch {base_ch}")
+        ch_mult.append(c // base_ch)
+    if top_ch != base_ch * ch_mult[-1]:
+        raise ValueError(f"decoder.conv_in has {top_ch} channels, expected {base_ch * ch_mult[-1]}")
+    n_blocks = _count(shapes, "decoder.up.0.block.{}.conv1.conv.weight") - 1
+    n_enc_blocks = _count(shapes, "encoder.down.0.block.{}.conv1.conv.weight")
+    if n_enc_blocks != n_blocks:
+        _need(shapes, f"encoder.down.0.block.{n_blocks - 1}.conv1.conv.weight")  # names the missing one, if any
+        raise ValueError(f"encoder has {n_enc_blocks} blocks per level, decoder {n_blocks + 1} (expected +1)")
+    # The original upsamples at levels 1..log2(patch), so counting upsamplers recovers the patch size exactly.
+    n_up = sum(f"decoder.up.{i}.upsample.conv.conv.weight" in shapes for i in range(n_levels))
+    if n_up == 0:
+        _need(shapes, "decoder.up.1.upsample.conv.conv.weight")
+    return VAEConfig(
+        codebook_dim=d, patch_size=2**n_up, base_ch=base_ch, num_res_blocks=n_blocks,
+        ch_mult=tuple(ch_mult), in_channels=in_ch,
+    )
+
+
+def bits_to_codes(bits: Tensor) -> Tensor:
+    """0/1 bits (B,1,H,W,d) -> unit-norm codes (B,d,1,H,W) f32, bit-exact with indices_to_codes('bit_label')."""
+    d = bits.shape[-1]
+    s = 1.0 / math.sqrt(d)  # becomes float32 inside the op, as the original's numpy scalar does
+    codes = bits.to(torch.float32) * s * 2 - s  # {0,1} -> {-s,+s}, same op order as the original
+    codes = F.normalize(codes, dim=-1)
+    return codes.movedim(-1, 1).contiguous()
+
+
+def unpatchify_bits(bits: Tensor) -> Tensor:
+    """Transformer-side (B,h,w,4d) -> VAE-side (B,2h,2w,d): channel c*4+2i+j is sub-pixel (i,j) of channel c."""
+    B, h, w, c4 = bits.shape
+    x = bits.reshape(B, h, w, c4 // 4, 2, 2)  # (B,h,w,c,i,j)
+    return x.permute(0, 1, 4, 2, 5, 3).reshape(B, 2 * h, 2 * w, c4 // 4)  # (B,h,i,w,j,c)
+
+
+def patchify_latent(z: Tensor) -> Tensor:
+    """VAE-side (B,d,2h,2w) -> transformer-side (B,4d,h,w), the inverse layout of unpatchify_bits (pixel_unshuffle)."""
+    B, d, H, W = z.shape
+    x = z.reshape(B, d, H // 2, 2, W // 2, 2)  # (B,c,h,i,w,j)
+    return x.permute(0, 1, 3, 5, 2, 4).reshape(B, 4 * d, H // 2, W // 2)  # (B,c,i,j,h,w)
+
+
+def quantize_to_bits(z: Tensor) -> Tensor:
+    """Sign bits (B,H,W,d) uint8 of a latent (B,d,H,W); L2-normalising first (as BSQ does) cannot change a sign."""
+    return (z > 0).permute(0, 2, 3, 1).to(torch.uint8)
+
+
+def make_random_vae_state_dict(cfg: VAEConfig, seed: int) -> dict[str, Tensor]:
+    """Reproducible weights for tiny test checkpoints, with no download and no dependence on torch's default init."""
+    with torch.device("meta"):
+        template = BSQVAE(cfg).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, Tensor] = {}
+    for key, t in template.items():
+        shape = tuple(t.shape)
+        if key.endswith(".mask"):
+            out[key] = _bit_mask(cfg.codebook_dim)  # a fresh tensor per alias: safetensors rejects shared storage
+        elif key.endswith(".norm.weight"):
+            out[key] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif key.endswith(".weight"):  # conv, fan-in scaled so activations stay O(1) through the stack
+            out[key] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        else:
+            out[key] = 0.02 * torch.randn(shape, generator=g)
+    return out

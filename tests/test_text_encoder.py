@@ -1,0 +1,160 @@
+"""T5 conditioning vs the original encode_prompt outputs on the tiny T5 (tests/data/infinity-tiny)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
+
+DATA = Path(__file__).parent / "data" / "infinity-tiny"
+T5_DIR = DATA / "t5_tiny"
+CASES = {
+    "p0_apple_s0_cfg3_tau0.5": "a red apple on a wooden table",
+    "p1_spaceship_s99_cfg4_tau1": "alien spaceship enterprise",
+}
+ATOL = 1e-4
+
+
+def _ref(case: str, name: str) -> np.ndarray:
+    return np.load(DATA / "full_kv" / case / f"text_{name}.npy")
+
+
+@pytest.fixture(scope="module")
+def encoder() -> T5TextEncoder:
+    return T5TextEncoder.from_folder(T5_DIR)
+
+
+def test_manifest_prompts_match_cases():
+    manifest = json.loads((DATA / "manifest.json").read_text())
+    for case, prompt in CASES.items():
+        assert manifest["runs"]["full_kv"][case]["prompt"] == prompt
+
+
+def test_encoder_basics(encoder):
+    assert encoder.text_channels == 256
+    assert encoder.device == torch.device("cpu")
+    assert isinstance(encoder.module, torch.nn.Module)
+    assert not any(p.requires_grad for p in encoder.module.parameters())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tokenize_matches_reference(encoder, case):
+    ids, mask = encoder.tokenize([CASES[case]])
+    assert ids.shape == mask.shape == (1, 512)
+    np.testing.assert_array_equal(ids.numpy(), _ref(case, "input_ids"))
+    np.testing.assert_array_equal(mask.numpy(), _ref(case, "attention_mask"))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_encode_matches_reference(encoder, case):
+    cond = encoder.encode([CASES[case]])
+    ref_kv, ref_cu = _ref(case, "kv_compact"), _ref(case, "cu_seqlens_k")
+    assert cond.kv_compact.dtype == torch.float32
+    assert cond.kv_compact.shape == ref_kv.shape
+    diff = float(np.abs(cond.kv_compact.numpy() - ref_kv).max())
+    print(f"{case}: max |kv - ref| = {diff:.3e}")
+    assert diff <= ATOL
+    assert cond.cu_seqlens.dtype == torch.int32
+    np.testing.assert_array_equal(cond.cu_seqlens.numpy(), ref_cu)
+    assert cond.lens == [int(ref_cu[1])] and cond.max_len == int(ref_cu[1]) and cond.batch_size == 1
+    # lens counts the valid tokens incl. </s> (id 1) and nothing past it.
+    assert int(_ref(case, "attention_mask").sum()) == cond.lens[0]
+    assert int(_ref(case, "input_ids")[0, cond.lens[0] - 1]) == 1
+
+
+def test_batch_is_concatenation_of_singles(encoder):
+    # Both reference prompts happen to be 19 tokens; a short third prompt makes lens, order and max_len matter.
+    prompts = [CASES[c] for c in sorted(CASES)] + ["cat"]
+    singles = [encoder.encode([p]) for p in prompts]
+    batch = encoder.encode(prompts)
+    lens = [s.lens[0] for s in singles]
+    assert lens[2] < lens[0]
+    assert batch.lens == lens and batch.batch_size == 3
+    assert batch.max_len == max(lens)
+    assert batch.cu_seqlens.dtype == torch.int32
+    assert batch.cu_seqlens.tolist() == [0, lens[0], lens[0] + lens[1], sum(lens)]
+    torch.testing.assert_close(batch.kv_compact, torch.cat([s.kv_compact for s in singles]), atol=ATOL, rtol=0)
+    ref = np.concatenate([_ref(c, "kv_compact") for c in sorted(CASES)])
+    assert float(np.abs(batch.kv_compact[: lens[0] + lens[1]].numpy() - ref).max()) <= ATOL
+    reordered = encoder.encode(prompts[::-1])  # packing follows prompt order
+    torch.testing.assert_close(reordered.kv_compact[: lens[2]], singles[2].kv_compact, atol=ATOL, rtol=0)
+
+
+def test_from_padded_packs_valid_prefix():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float64).view(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    cond = TextConditioning.from_padded(hidden, mask)
+    assert cond.kv_compact.dtype == torch.float32
+    torch.testing.assert_close(cond.kv_compact, torch.cat([hidden[0, :2], hidden[1, :3]]).float())
+    assert cond.lens == [2, 3] and cond.max_len == 3 and cond.cu_seqlens.tolist() == [0, 2, 5]
+    with pytest.raises(ValueError):
+        TextConditioning.from_padded(hidden, mask[:, :3])
+
+
+def test_concat_semantics():
+    a = TextConditioning.from_padded(torch.randn(2, 5, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    b = TextConditioning.from_padded(torch.randn(1, 5, 4), torch.tensor([[1, 1, 0, 0, 0]]))
+    c = a.concat(b)
+    assert c.batch_size == 3 and c.lens == [3, 5, 2] and c.max_len == 5
+    assert c.cu_seqlens.dtype == torch.int32 and c.cu_seqlens.tolist() == [0, 3, 8, 10]
+    torch.testing.assert_close(c.kv_compact, torch.cat([a.kv_compact, b.kv_compact]))
+    assert a.lens == [3, 5] and a.cu_seqlens.tolist() == [0, 3, 8]  # inputs untouched
+    d = b.concat(a)
+    assert d.lens == [2, 3, 5] and d.cu_seqlens.tolist() == [0, 2, 5, 10]
+    torch.testing.assert_close(d.kv_compact[:2], b.kv_compact)
+    with pytest.raises(ValueError, match="channels"):
+        a.concat(TextConditioning.from_padded(torch.randn(1, 2, 7), torch.ones(1, 2)))
+
+
+def test_to_device_keeps_contents():
+    a = TextConditioning.from_padded(torch.randn(1, 3, 4), torch.ones(1, 3))
+    b = a.to("cpu")
+    torch.testing.assert_close(b.kv_compact, a.kv_compact)
+    assert b.lens == a.lens and b.max_len == a.max_len and b.cu_seqlens.tolist() == a.cu_seqlens.tolist()
+
+
+def test_from_numpy_file_round_trip(tmp_path):
+    case = "p0_apple_s0_cfg3_tau0.5"
+    src = DATA / "full_kv" / case / "text_kv_compact.npy"
+    cond = TextConditioning.from_numpy_file(src)
+    ref = _ref(case, "kv_compact")
+    np.testing.assert_array_equal(cond.kv_compact.numpy(), ref)
+    assert cond.lens == [ref.shape[0]] and cond.max_len == ref.shape[0]
+    np.testing.assert_array_equal(cond.cu_seqlens.numpy(), _ref(case, "cu_seqlens_k"))
+    # float64 input is accepted and converted
+    p64 = tmp_path / "kv64.npy"
+    np.save(p64, ref.astype(np.float64))
+    assert TextConditioning.from_numpy_file(p64).kv_compact.dtype == torch.float32
+
+
+@pytest.mark.parametrize("arr", [np.zeros((1, 3, 4), np.float32), np.zeros((3, 4), np.int64)], ids=["3d", "int"])
+def test_from_numpy_file_rejects_bad_arrays(tmp_path, arr):
+    bad = tmp_path / "bad_kv.npy"
+    np.save(bad, arr)
+    with pytest.raises(ValueError, match="bad_kv.npy"):
+        TextConditioning.from_numpy_file(bad)
+
+
+def test_from_numpy_file_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.npy"):
+        TextConditioning.from_numpy_file(tmp_path / "nope.npy")
+
+
+def test_missing_folder_names_path(tmp_path):
+    missing = tmp_path / "no_such_t5"
+    with pytest.raises(FileNotFoundError, match="no_such_t5"):
+        T5TextEncoder.from_folder(missing)
+
+
+@pytest.mark.parametrize("drop", ["config.json", "model.safetensors", "spiece.model"])
+def test_incomplete_folder_names_path(tmp_path, drop):
+    folder = tmp_path / f"t5_without_{drop.replace('.', '_')}"
+    shutil.copytree(T5_DIR, folder)
+    (folder / drop).unlink()
+    with pytest.raises(FileNotFoundError, match=folder.name):
+        T5TextEncoder.from_folder(folder)
