@@ -1,0 +1,1 @@
+"""ComfyUI node adapters over `scalekv_core` (not written yet: they arrive with the node-pack issue)."""

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh clone: builds the environments it needs, then runs every test.
+#   1. .venv with torch 2.13.0 (CPU): every test.
+#   2. .venv-torch2.14 with torch 2.14.1: the parity tests again, plus a check that both torch versions
+#      decode the reference cases within 1.4e-5 of each other.
+# Extra arguments go to the first pytest run. SCALEKV_SKIP_TORCH_MATRIX=1 skips step 2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=out/test
+rm -rf "$OUT" && mkdir -p "$OUT"
+bash scripts/setup_env.sh .venv 2.13.0
+SCALEKV_PARITY_DUMP="$OUT/torch-2.13.0" .venv/bin/python -m pytest tests "$@"
+if [ "${SCALEKV_SKIP_TORCH_MATRIX:-0}" != 1 ]; then
+  bash scripts/setup_env.sh .venv-torch2.14 2.14.1
+  SCALEKV_PARITY_DUMP="$OUT/torch-2.14.1" SCALEKV_COMPARE_WITH="$OUT/torch-2.13.0" \
+    .venv-torch2.14/bin/python -m pytest tests/test_parity.py -rA -q
+fi
