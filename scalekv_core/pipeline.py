@@ -8,6 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .kvcache import CacheConfig
+from .kvcache.cache import KeptRecorder
 from .loader import load_transformer, load_vae, resolve_precision, vae_patchify_for
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
@@ -115,7 +117,8 @@ class InfinityPipeline:
                  *, seed: int | None = 0, cfg: float | Sequence[float] = 3.0, tau: float | Sequence[float] = 0.5,
                  top_k: int = 900, top_p: float = 0.97, width: int = 1024, height: int = 1024,
                  schedule: Schedule | None = None, batch: int = 1, keep_logits: bool = False,
-                 on_scale: ScaleCallback | None = None) -> GenerationResult:
+                 on_scale: ScaleCallback | None = None, cache: CacheConfig | None = None,
+                 record_kept: KeptRecorder | None = None) -> GenerationResult:
         """Generate `batch` images per prompt; the same seed and settings give the same image as the original."""
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
@@ -135,7 +138,7 @@ class InfinityPipeline:
         settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed)
         samples = sample(self.transformer, cond.to(self.device), schedule, settings, self.vae_patchify,
                          negative=None if neg is None else neg.to(self.device), keep_logits=keep_logits,
-                         on_scale=on_scale)
+                         on_scale=on_scale, cache_config=cache, record_kept=record_kept)
         decoded = self.vae.decode(samples.summed_codes.float())
         return GenerationResult(images=decoded_to_uint8(decoded), decoded=decoded, samples=samples,
                                 schedule=schedule, settings=settings)

@@ -10,7 +10,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .kvcache import KVCache
+from .kvcache import CacheConfig, KVCache
+from .kvcache.budget import BudgetPlan
+from .kvcache.cache import KeptRecorder, ScaleUsage
 from .model.text_encoder import TextConditioning
 from .model.transformer import Infinity, TextKV
 from .model.rope import rope_table
@@ -60,6 +62,9 @@ class SampleOutput:
     bits_vae: list[torch.Tensor]  # per scale (B, 1, H, W, d) uint8, VAE layout
     summed_codes: torch.Tensor  # (B, d, H, W) float32: the decoder's input
     logits: list[torch.Tensor] = field(default_factory=list)  # per scale (B, h*w*d_vae, 2) when kept
+    plan: BudgetPlan | None = None  # how many tokens each layer kept after each scale
+    usage: list[ScaleUsage] = field(default_factory=list)  # what the cache really held after each scale
+    cache_config: CacheConfig | None = None
 
 
 def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -89,11 +94,21 @@ def _uncond_text(model: Infinity, cond: TextConditioning) -> torch.Tensor:
 ScaleCallback = Callable[[int, int, torch.Tensor], None]
 
 
+def make_cache(model: Infinity, schedule: Schedule, batch_rows: int, config: CacheConfig,
+               record_kept: KeptRecorder | None = None) -> KVCache:
+    """The KV cache for one generation: policy and budget plan from `config`, buffers on the model's device."""
+    cfg = model.cfg
+    policy, plan = config.build(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, batch_rows, model.block_dtype)
+    k_dtype, v_dtype = config.storage_dtypes(model.block_dtype)
+    return KVCache(plan, policy, schedule, batch_rows, cfg.num_heads, cfg.head_dim, model.pos_start.device,
+                   k_dtype=k_dtype, v_dtype=v_dtype, record_kept=record_kept)
+
+
 @torch.no_grad()
 def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings: SamplerSettings,
            vae_patchify: bool, negative: TextConditioning | None = None, keep_logits: bool = False,
-           on_scale: ScaleCallback | None = None,
-           make_cache: Callable[[int], KVCache] | None = None) -> SampleOutput:
+           on_scale: ScaleCallback | None = None, cache_config: CacheConfig | None = None,
+           record_kept: KeptRecorder | None = None) -> SampleOutput:
     """Generate the bits of every scale for a batch of prompts, as the original sampler does.
 
     `on_scale(scale_index, num_scales, summed_codes)` runs after every scale (progress, previews, interrupts);
@@ -131,18 +146,19 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
 
     cond_vec, gss, ca = model.condition(text, lens)
     rope = rope_table(model.cfg.head_dim, schedule).to(device)
-    cache = make_cache(bs) if make_cache is not None else KVCache(
-        model.cfg.depth, bs, model.cfg.num_heads, model.cfg.head_dim, schedule.total_tokens, device,
-        k_dtype=torch.float32, v_dtype=model.block_dtype)
+    cache = make_cache(model, schedule, bs, cache_config or CacheConfig(policy="full"), record_kept)
     vae_grids = schedule.vae_grids(vae_patchify)
     final_hw = (1, *vae_grids[-1])
-    out = SampleOutput(bits=[], bits_vae=[], summed_codes=torch.empty(0))
+    out = SampleOutput(bits=[], bits_vae=[], summed_codes=torch.empty(0), plan=cache.plan,
+                       cache_config=cache_config)
     summed: torch.Tensor | None = None
     x = model.start_tokens(cond_vec)
     try:
         for si, (h, w) in enumerate(schedule.grids):
             start = schedule.offsets[si]
+            cache.begin_scale(si)
             hidden = model.forward_scale(x, si, gss, ca, rope[:, start:start + h * w], cache)
+            cache.end_scale()
             if use_cfg and cfgs[si] != 1:
                 logits = model.logits(hidden, cond_vec).mul(1 / taus[si])
                 logits = cfgs[si] * logits[:B] + (1 - cfgs[si]) * logits[B:]
@@ -172,6 +188,7 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
             if on_scale is not None:
                 on_scale(si, n, summed.squeeze(-3))
     finally:
+        out.usage = cache.usage
         cache.release()
     assert summed is not None and d_bits == summed.shape[1]
     out.summed_codes = summed.squeeze(-3)

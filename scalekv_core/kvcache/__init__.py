@@ -1,5 +1,7 @@
-"""KV-cache subsystem: cache storage and attention over it."""
+"""KV-cache subsystem: storage, eviction policies, budgets, scoring and attention over the cache."""
 from .attention import cached_attention
+from .budget import BudgetError, BudgetPlan
 from .cache import KVCache
+from .config import POLICIES, CacheConfig
 
-__all__ = ["KVCache", "cached_attention"]
+__all__ = ["BudgetError", "BudgetPlan", "CacheConfig", "KVCache", "POLICIES", "cached_attention"]

@@ -8,12 +8,14 @@ from .cache import KVCache
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
-                     compute_dtype: torch.dtype) -> torch.Tensor:
-    """Write this scale's k, v (B, H, n, c) into the cache and attend q over all stored tokens with SDPA.
+                     compute_dtype: torch.dtype, x: torch.Tensor | None = None,
+                     w_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Attend q (B, H, n, c) over the layer's cache plus this scale's k, v; the cache then evicts for the layer.
 
     Keys are cos-normalised and queries carry the learned scale, so the softmax scale is 1. SDPA picks the
-    flash or memory-efficient kernel on CUDA and the fused CPU kernel elsewhere.
+    flash or memory-efficient kernel on CUDA and the fused CPU kernel elsewhere. `x` and `w_q` (the
+    self-attention input and query weight) are only read by the original ScaleKV scoring.
     """
-    if cache is not None:
-        k, v = cache.append(layer, k, v)
-    return F.scaled_dot_product_attention(q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype), scale=1.0)
+    if cache is None:
+        return F.scaled_dot_product_attention(q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype), scale=1.0)
+    return cache.attend(layer, q, k, v, compute_dtype, x=x, w_q=w_q)

@@ -1,46 +1,211 @@
-"""The one KV-cache type: per-layer key/value buffers, allocated once and written in place."""
+"""The one KV-cache type: per-layer buffers sized from the budget plan, written in place, evicted in place.
+
+Memory model, per layer and scale (S stored tokens, n new ones, `keep` to hold afterwards):
+- When nothing is dropped and the buffer has room, the new keys and values are written after the stored ones
+  and attention reads the buffer directly (the full cache never copies).
+- Otherwise the step runs in one workspace shared by all layers: stored + new tokens are laid out there,
+  attention reads them, the policy picks `keep` of them, and those are gathered straight into the layer's
+  buffer. So only one layer at a time ever holds more than its budget.
+- The last scale's keys and values are never stored: nothing reads them again.
+Buffers are sized to the most the layer holds before its next eviction, and re-sized only when that changes.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
+
+from ..schedules import Schedule
+from .budget import BudgetPlan
+from .policies.base import EvictionPolicy, StepContext
+
+#: Called with (scale, layer, kept indices (B, H, keep)) whenever a layer decides what to keep.
+KeptRecorder = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass
+class ScaleUsage:
+    """Measured after a scale: tokens and bytes each layer holds, and bytes its buffers occupy."""
+
+    tokens: list[int]
+    stored_bytes: list[int]
+    allocated_bytes: list[int]
+    workspace_bytes: int
 
 
 class KVCache:
-    """Holds every layer's cached keys and values for one generation (the CFG-doubled batch).
+    """Keys and values of every layer for one generation (the CFG-doubled batch), driven by a budget plan."""
 
-    Each layer owns a (B, H, capacity, c) buffer for keys and one for values. `append` writes the current
-    scale's keys and values after what is stored and returns views of everything stored, so attention never
-    concatenates and the memory is fixed when the cache is made.
-    """
-
-    def __init__(self, num_layers: int, batch: int, num_heads: int, head_dim: int,
-                 capacity: int | Sequence[int], device: torch.device | str = "cpu",
-                 k_dtype: torch.dtype = torch.float32, v_dtype: torch.dtype = torch.float32) -> None:
-        caps = [int(capacity)] * num_layers if isinstance(capacity, int) else [int(c) for c in capacity]
-        if len(caps) != num_layers:
-            raise ValueError(f"capacity has {len(caps)} entries for {num_layers} layers")
-        if any(c <= 0 for c in caps):
-            raise ValueError(f"every layer needs a positive capacity, got {caps}")
-        self.num_layers, self.batch, self.num_heads, self.head_dim = num_layers, batch, num_heads, head_dim
-        self.capacity = caps
+    def __init__(self, plan: BudgetPlan, policy: EvictionPolicy, schedule: Schedule, batch: int, num_heads: int,
+                 head_dim: int, device: torch.device | str = "cpu", k_dtype: torch.dtype = torch.float32,
+                 v_dtype: torch.dtype = torch.float32, record_kept: KeptRecorder | None = None) -> None:
+        if plan.num_scales != schedule.num_scales:
+            raise ValueError(f"budget plan is for {plan.num_scales} scales, the schedule has {schedule.num_scales}")
+        self.plan, self.policy, self.schedule = plan, policy, schedule
+        self.batch, self.num_heads, self.head_dim = batch, num_heads, head_dim
+        self.num_layers = plan.num_layers
         self.device = torch.device(device)
         self.k_dtype, self.v_dtype = k_dtype, v_dtype
-        self.keys = [torch.empty(batch, num_heads, c, head_dim, device=self.device, dtype=k_dtype) for c in caps]
-        self.values = [torch.empty(batch, num_heads, c, head_dim, device=self.device, dtype=v_dtype) for c in caps]
-        self.lengths = [0] * num_layers
+        self.record_kept = record_kept
+        self.track_positions = policy.needs_positions
+        L = self.num_layers
+        self.keys: list[torch.Tensor | None] = [None] * L
+        self.values: list[torch.Tensor | None] = [None] * L
+        self.positions: list[torch.Tensor | None] = [None] * L
+        self.lengths = [0] * L
+        self.scale = 0
+        self.usage: list[ScaleUsage] = []
+        self._ws_tokens = self._workspace_tokens()
+        self._ws: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ws_pos: torch.Tensor | None = None
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, n, c) after the layer's cached tokens and return views of all of them."""
-        start = self.lengths[layer]
-        end = start + k.shape[2]
-        if end > self.capacity[layer]:
-            raise RuntimeError(f"KV cache overflow in layer {layer}: {end} tokens for a capacity of "
-                               f"{self.capacity[layer]}")
-        self.keys[layer][:, :, start:end].copy_(k)
-        self.values[layer][:, :, start:end].copy_(v)
-        self.lengths[layer] = end
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    # ------------------------------------------------------------------ planning
+
+    def _run_capacity(self, layer: int, scale: int) -> int:
+        """Tokens the layer will hold at the end of the run of keep-everything scales that follows `scale`."""
+        kept, last = self.plan.kept, len(self.plan.kept) - 1
+        j = scale
+        while j < last and not self.plan.evicts(j + 1, layer):
+            j += 1
+        return kept[j][layer]
+
+    def _in_place(self, layer: int, scale: int, stored: int, capacity: int) -> bool:
+        n = self.schedule.tokens_per_scale[scale]
+        last = scale == self.schedule.num_scales - 1
+        return stored + n <= capacity and (last or not self.plan.evicts(scale, layer))
+
+    def _workspace_tokens(self) -> int:
+        """The largest step that has to go through the workspace, found by walking the plan."""
+        need = 0
+        for layer in range(self.num_layers):
+            stored, cap = 0, 0
+            for scale, n in enumerate(self.schedule.tokens_per_scale):
+                if not self._in_place(layer, scale, stored, cap):
+                    need = max(need, stored + n)
+                    if scale < len(self.plan.kept):
+                        cap = self._run_capacity(layer, scale)
+                if scale < len(self.plan.kept):
+                    stored = self.plan.kept[scale][layer]
+        return need
+
+    def buffer_tokens(self, scale: int) -> list[int]:
+        """Buffer capacity per layer after `scale`, as the allocation rule gives it (for planning and reports)."""
+        caps = []
+        for layer in range(self.num_layers):
+            stored, cap = 0, 0
+            for s in range(scale + 1):
+                if s >= len(self.plan.kept):
+                    break
+                if not self._in_place(layer, s, stored, cap):
+                    cap = self._run_capacity(layer, s)
+                stored = self.plan.kept[s][layer]
+            caps.append(cap)
+        return caps
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one cached token in one layer (keys + values, all rows and heads)."""
+        per = self.batch * self.num_heads * self.head_dim
+        return per * (torch.empty(0, dtype=self.k_dtype).element_size() + torch.empty(0, dtype=self.v_dtype).element_size())
+
+    # ------------------------------------------------------------------ storage
+
+    def _alloc(self, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(self.batch, self.num_heads, tokens, self.head_dim, device=self.device, dtype=dtype)
+
+    def _workspace(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ws is None:
+            self._ws = (self._alloc(self._ws_tokens, self.k_dtype), self._alloc(self._ws_tokens, self.v_dtype))
+            if self.track_positions:
+                self._ws_pos = torch.empty(self.batch, self.num_heads, self._ws_tokens, device=self.device,
+                                           dtype=torch.int32)
+        return self._ws
+
+    def _new_positions(self, n: int) -> torch.Tensor:
+        start = self.schedule.offsets[self.scale]
+        return torch.arange(start, start + n, device=self.device, dtype=torch.int32).expand(self.batch, self.num_heads, n)
+
+    def begin_scale(self, scale: int) -> None:
+        self.scale = scale
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compute_dtype: torch.dtype,
+               x: torch.Tensor | None = None, w_q: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of this scale's queries over the layer's cache plus its own keys, then the layer's eviction."""
+        scale, S, n = self.scale, self.lengths[layer], k.shape[2]
+        total = S + n
+        last = scale == self.schedule.num_scales - 1
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        cap = 0 if buf_k is None else buf_k.shape[2]
+        if self._in_place(layer, scale, S, cap):
+            buf_k[:, :, S:total].copy_(k)
+            buf_v[:, :, S:total].copy_(v)
+            if self.track_positions and not last:
+                self.positions[layer][:, :, S:total] = self._new_positions(n)
+            out = _sdpa(q, buf_k[:, :, :total], buf_v[:, :, :total], compute_dtype)
+            if not last:
+                self.lengths[layer] = total
+            return out
+
+        ws_k, ws_v = self._workspace()
+        if S:
+            ws_k[:, :, :S].copy_(buf_k[:, :, :S])
+            ws_v[:, :, :S].copy_(buf_v[:, :, :S])
+        ws_k[:, :, S:total].copy_(k)
+        ws_v[:, :, S:total].copy_(v)
+        keys, values = ws_k[:, :, :total], ws_v[:, :, :total]
+        positions = None
+        if self.track_positions:
+            if S:
+                self._ws_pos[:, :, :S].copy_(self.positions[layer][:, :, :S])
+            self._ws_pos[:, :, S:total] = self._new_positions(n)
+            positions = self._ws_pos[:, :, :total]
+        out = _sdpa(q, keys, values, compute_dtype)
+
+        keep = self.plan.final_caps[layer] if last and self.plan.final_caps else (
+            total if last else self.plan.kept[scale][layer])
+        if last:
+            if self.record_kept is not None and keep < total:  # what the original would keep; never stored
+                self.record_kept(scale, layer, self._select(layer, q, keys, positions, S, keep, x, w_q))
+            return out
+        new_cap = self._run_capacity(layer, scale)
+        if buf_k is None or buf_k.shape[2] != new_cap:
+            self.keys[layer] = buf_k = self._alloc(new_cap, self.k_dtype)
+            self.values[layer] = buf_v = self._alloc(new_cap, self.v_dtype)
+            if self.track_positions:
+                self.positions[layer] = torch.empty(self.batch, self.num_heads, new_cap, device=self.device,
+                                                    dtype=torch.int32)
+        if keep == total:
+            buf_k[:, :, :total].copy_(keys)
+            buf_v[:, :, :total].copy_(values)
+            if self.track_positions:
+                self.positions[layer][:, :, :total].copy_(positions)
+        else:
+            idx = self._select(layer, q, keys, positions, S, keep, x, w_q)
+            if self.record_kept is not None:
+                self.record_kept(scale, layer, idx)
+            gather_idx = idx.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+            _gather_into(buf_k, keys, gather_idx, keep)
+            _gather_into(buf_v, values, gather_idx, keep)
+            if self.track_positions:
+                self.positions[layer][:, :, :keep] = positions.gather(2, idx)
+        self.lengths[layer] = keep
+        return out
+
+    def _select(self, layer: int, q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor | None, stored: int,
+                keep: int, x: torch.Tensor | None, w_q: torch.Tensor | None) -> torch.Tensor:
+        ctx = StepContext(layer=layer, scale=self.scale, schedule=self.schedule, stored=stored, q=q, x=x, w_q=w_q,
+                          positions=positions)
+        return self.policy.select(ctx, keys, keep)
+
+    def end_scale(self) -> None:
+        """Record what every layer holds now (planned tokens are checked against it)."""
+        tb = self.token_bytes
+        alloc = [0 if t is None else t.shape[2] for t in self.keys]
+        ws = 0 if self._ws is None else self._ws[0].shape[2] * tb
+        self.usage.append(ScaleUsage(tokens=list(self.lengths), stored_bytes=[n * tb for n in self.lengths],
+                                     allocated_bytes=[a * tb for a in alloc], workspace_bytes=ws))
 
     def stored(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the keys and values a layer holds now."""
@@ -48,10 +213,30 @@ class KVCache:
         return self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
 
     def nbytes(self) -> int:
-        """Bytes the buffers occupy, whatever is filled."""
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        """Bytes the buffers and the workspace occupy now."""
+        tensors = [t for t in (*self.keys, *self.values, *self.positions) if t is not None]
+        if self._ws is not None:
+            tensors += list(self._ws)
+        if self._ws_pos is not None:
+            tensors.append(self._ws_pos)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def release(self) -> None:
-        """Drop the buffers so their memory returns to the allocator at once (also after an interrupt)."""
-        self.keys, self.values = [], []
-        self.lengths = [0] * self.num_layers
+        """Drop every buffer so its memory returns to the allocator at once (also after an interrupt)."""
+        L = self.num_layers
+        self.keys, self.values, self.positions = [None] * L, [None] * L, [None] * L
+        self._ws, self._ws_pos = None, None
+        self.lengths = [0] * L
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Every query of the scale sees every key given, no mask; keys are cos-normalised so the scale is 1."""
+    return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=1.0)
+
+
+def _gather_into(dst: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, keep: int) -> None:
+    """Write the kept tokens straight into the layer buffer, with no intermediate copy when sizes match."""
+    if dst.shape[2] == keep:
+        torch.gather(src, 2, idx, out=dst)
+    else:
+        dst[:, :, :keep] = src.gather(2, idx)

@@ -135,7 +135,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, L, C = x.shape
         q, k, v = self.qkv(x, rope)
-        out = cached_attention(q, k, v, cache, layer, compute_dtype=self.proj.weight.dtype)
+        out = cached_attention(q, k, v, cache, layer, compute_dtype=self.proj.weight.dtype, x=x,
+                               w_q=self.mat_qkv.weight[:C])
         return _linear(out.transpose(1, 2).reshape(B, L, C), self.proj)
 
 

@@ -1,0 +1,92 @@
+"""Cache settings by name (what the CLI and the nodes expose) and the factory that turns them into a policy and plan."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from ..schedules import Schedule
+from .budget import BudgetError, BudgetPlan, kv_bytes_per_token, parse_budget
+from .policies.base import EvictionPolicy
+from .policies.full import FullCache
+from .policies.pyramidkv import PyramidKV
+from .policies.scalekv import SCORINGS, ScaleKV
+from .policies.sliding_window import SlidingWindow
+from .policies.snapkv import SnapKV
+from .policies.streamingllm import StreamingLLM
+from .scoring import POOLINGS
+
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    "full": FullCache, "sliding_window": SlidingWindow, "streamingllm": StreamingLLM, "snapkv": SnapKV,
+    "pyramidkv": PyramidKV, "scalekv": ScaleKV,
+}
+KV_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class CacheConfig:
+    """Which policy, how large a budget, and how tokens are scored and stored."""
+
+    policy: str = "scalekv"
+    budget: str | int = "10%"  # '10%' of the cache before the last scale, '650' tokens, or '900MB'
+    window: int = 16
+    kernel: int = 5
+    pooling: str = "maxpool"
+    scoring: str = "improved"
+    kv_dtype: str = "auto"  # auto: keys fp32 and values in the block dtype, as the original stores them
+    budget_file: str | None = None  # original-format JSON or a preset name (scalekv only)
+    drafters: Sequence[int] | Sequence[Sequence[int]] | None = None
+    refiner_decay: float = 0.0
+
+    def validate(self) -> None:
+        """Reject impossible settings with a message naming the value."""
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown KV policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {self.scoring!r}; choose {', '.join(SCORINGS)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose {', '.join(POOLINGS)}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown kv dtype {self.kv_dtype!r}; choose {', '.join(KV_DTYPES)}")
+        if self.window <= 0:
+            raise ValueError(f"window must be positive, got {self.window}")
+        if self.kernel <= 0 or self.kernel % 2 == 0:
+            raise ValueError(f"pooling kernel must be a positive odd number, got {self.kernel}")
+        if self.budget_file and self.policy != "scalekv":
+            raise ValueError("a budget file applies to the scalekv policy only")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def storage_dtypes(self, block_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+        chosen = KV_DTYPES[self.kv_dtype]
+        return (torch.float32, block_dtype) if chosen is None else (chosen, chosen)
+
+    def budget_tokens(self, schedule: Schedule, num_layers: int, num_heads: int, head_dim: int, batch_rows: int,
+                      block_dtype: torch.dtype) -> int:
+        k, v = self.storage_dtypes(block_dtype)
+        per = kv_bytes_per_token(num_heads, head_dim, torch.empty(0, dtype=k).element_size(),
+                                 torch.empty(0, dtype=v).element_size(), batch_rows)
+        return parse_budget(self.budget, schedule, num_layers, per)
+
+    def build(self, schedule: Schedule, num_layers: int, num_heads: int, head_dim: int, batch_rows: int,
+              block_dtype: torch.dtype) -> tuple[EvictionPolicy, BudgetPlan]:
+        """The policy object and its budget plan for one generation."""
+        self.validate()
+        if self.policy == "full":
+            policy: EvictionPolicy = FullCache()
+            return policy, policy.plan(schedule, num_layers)
+        tokens = self.budget_tokens(schedule, num_layers, num_heads, head_dim, batch_rows, block_dtype)
+        common = dict(budget=tokens)
+        scored = dict(window=self.window, kernel=self.kernel, pooling=self.pooling)
+        if self.policy in ("sliding_window", "streamingllm"):
+            policy = POLICIES[self.policy](**common)
+        elif self.policy in ("snapkv", "pyramidkv"):
+            policy = POLICIES[self.policy](**common, **scored)
+        else:
+            policy = ScaleKV(**common, **scored, scoring=self.scoring, budget_file=self.budget_file,
+                             drafters=self.drafters, refiner_decay=self.refiner_decay)
+        if tokens < policy.min_budget and tokens < sum(schedule.tokens_per_scale[:-1]):
+            raise BudgetError(f"a budget of {tokens} tokens is below the observation window of {policy.min_budget}")
+        return policy, policy.plan(schedule, num_layers)

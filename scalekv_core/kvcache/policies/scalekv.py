@@ -1,0 +1,105 @@
+"""`scalekv`: scale-aware budgets (drafters keep much, refiners little) and window-scored selection (Li et al., 2025).
+
+Two scoring modes:
+- `original` reproduces the released patch exactly, quirks included: a raw query (no bias, norm or RoPE) from
+  the self-attention input, raw logits / sqrt(c) summed over a 4x4 grid window, max pooling along the flattened
+  sequence (crossing rows and scales), and the window always kept.
+- `improved` uses the model's real queries for the window rows (already computed for attention: no second QKV
+  projection), softmax probabilities, and pooling inside each scale's own 2-D token map.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...schedules import Schedule
+from ..budget import BudgetError, BudgetPlan, default_drafters, load_budget_file, preset_path, scalekv_plan
+from ..scoring import grid_window, pool_1d, pool_in_maps, softmax_window_scores
+from .base import EvictionPolicy, StepContext, topk_keep
+
+SCORINGS = ("original", "improved")
+
+
+@dataclass
+class ScaleKV(EvictionPolicy):
+    budget: int = 650
+    window: int = 16
+    kernel: int = 5
+    pooling: str = "maxpool"
+    scoring: str = "improved"
+    budget_file: str | None = None  # an original-format JSON, or a preset name
+    drafters: Sequence[int] | Sequence[Sequence[int]] | None = None  # per scale or for all; default: by depth
+    refiner_decay: float = 0.0
+    name = "scalekv"
+    _windows: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"unknown ScaleKV scoring {self.scoring!r}; choose {', '.join(SCORINGS)}")
+
+    @property
+    def needs_positions(self) -> bool:  # type: ignore[override]
+        return self.scoring == "improved"
+
+    @property
+    def min_budget(self) -> int:  # type: ignore[override]
+        return self.window
+
+    def plan(self, schedule: Schedule, num_layers: int) -> BudgetPlan:
+        if self.budget_file:
+            path = Path(self.budget_file)
+            if not path.exists() and not path.suffix:
+                path = preset_path(self.budget_file)
+            plan = load_budget_file(path, schedule, num_layers, base_capacity=self.budget)
+            low = [(si, layer) for si, row in enumerate(plan.kept) for layer, k in enumerate(row)
+                   if plan.evicts(si, layer) and k < self.window]
+            if low:
+                raise BudgetError(f"{path}: scale {low[0][0]} layer {low[0][1]} keeps fewer tokens than the "
+                                  f"observation window of {self.window}")
+            return plan
+        drafters = self.drafters if self.drafters is not None else default_drafters(num_layers)
+        return scalekv_plan(schedule, num_layers, self.budget, drafters, self.refiner_decay, self.window)
+
+    def _window(self, schedule: Schedule, scale: int) -> list[int]:
+        h, w = schedule.grids[scale]
+        return grid_window(h, w, self.window)
+
+    def select(self, ctx: StepContext, keys: torch.Tensor, keep: int) -> torch.Tensor:
+        if self.scoring == "original":
+            return self._select_original(ctx, keys, keep)
+        return self._select_improved(ctx, keys, keep)
+
+    def _select_improved(self, ctx: StepContext, keys: torch.Tensor, keep: int) -> torch.Tensor:
+        local = torch.tensor(self._window(ctx.schedule, ctx.scale), device=keys.device)
+        scores = softmax_window_scores(ctx.q[:, :, local], keys)
+        if ctx.positions is None:
+            raise RuntimeError("improved ScaleKV scoring needs the cache to track positions")
+        scores = pool_in_maps(scores, ctx.positions, ctx.schedule, ctx.scale, self.kernel, self.pooling)
+        return topk_keep(scores, keep)
+
+    def _select_original(self, ctx: StepContext, keys: torch.Tensor, keep: int) -> torch.Tensor:
+        B, H, total, c = keys.shape
+        n = ctx.current
+        h, w = ctx.grid
+        g = math.isqrt(self.window)
+        if h >= g and w >= g:
+            local = torch.tensor(grid_window(h, w, self.window), device=keys.device)
+            window = local + ctx.stored
+        else:  # the original falls back to the newest tokens while the map is smaller than the grid
+            size = min(self.window, total)
+            window = torch.arange(total - size, total, device=keys.device)
+            local = (window - (total - n)).clamp(0, n - 1)
+        if ctx.x is None or ctx.w_q is None:
+            raise RuntimeError("original ScaleKV scoring needs the self-attention input and query weight")
+        q = F.linear(ctx.x[:, local].to(ctx.w_q.dtype), ctx.w_q)  # (B, w, C): no bias, norm or RoPE
+        q = q.view(B, -1, H, c).transpose(1, 2).to(keys.dtype)  # (B, H, w, c)
+        logits = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(c)  # (B, H, w, total)
+        logits[..., window] = -torch.inf
+        scores = pool_1d(logits.sum(dim=2), self.kernel, self.pooling)
+        scores[..., window] = -torch.inf
+        return topk_keep(scores, keep, window.expand(B, H, -1))
