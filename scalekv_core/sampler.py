@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .kvcache import CacheConfig, KVCache
 from .kvcache.budget import BudgetPlan
-from .kvcache.cache import KeptRecorder, ScaleUsage
+from .kvcache.cache import AttentionObserver, KeptRecorder, ScaleUsage
 from .model.text_encoder import TextConditioning
 from .model.transformer import Infinity, TextKV
 from .model.rope import rope_table
@@ -95,20 +95,20 @@ ScaleCallback = Callable[[int, int, torch.Tensor], None]
 
 
 def make_cache(model: Infinity, schedule: Schedule, batch_rows: int, config: CacheConfig,
-               record_kept: KeptRecorder | None = None) -> KVCache:
+               record_kept: KeptRecorder | None = None, observer: AttentionObserver | None = None) -> KVCache:
     """The KV cache for one generation: policy and budget plan from `config`, buffers on the model's device."""
     cfg = model.cfg
     policy, plan = config.build(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, batch_rows, model.block_dtype)
     k_dtype, v_dtype = config.storage_dtypes(model.block_dtype)
     return KVCache(plan, policy, schedule, batch_rows, cfg.num_heads, cfg.head_dim, model.pos_start.device,
-                   k_dtype=k_dtype, v_dtype=v_dtype, record_kept=record_kept)
+                   k_dtype=k_dtype, v_dtype=v_dtype, record_kept=record_kept, observer=observer)
 
 
 @torch.no_grad()
 def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings: SamplerSettings,
            vae_patchify: bool, negative: TextConditioning | None = None, keep_logits: bool = False,
            on_scale: ScaleCallback | None = None, cache_config: CacheConfig | None = None,
-           record_kept: KeptRecorder | None = None) -> SampleOutput:
+           record_kept: KeptRecorder | None = None, observer: AttentionObserver | None = None) -> SampleOutput:
     """Generate the bits of every scale for a batch of prompts, as the original sampler does.
 
     `on_scale(scale_index, num_scales, summed_codes)` runs after every scale (progress, previews, interrupts);
@@ -146,7 +146,7 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
 
     cond_vec, gss, ca = model.condition(text, lens)
     rope = rope_table(model.cfg.head_dim, schedule).to(device)
-    cache = make_cache(model, schedule, bs, cache_config or CacheConfig(policy="full"), record_kept)
+    cache = make_cache(model, schedule, bs, cache_config or CacheConfig(policy="full"), record_kept, observer)
     vae_grids = schedule.vae_grids(vae_patchify)
     final_hw = (1, *vae_grids[-1])
     out = SampleOutput(bits=[], bits_vae=[], summed_codes=torch.empty(0), plan=cache.plan,

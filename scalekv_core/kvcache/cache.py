@@ -23,6 +23,8 @@ from .policies.base import EvictionPolicy, StepContext
 
 #: Called with (scale, layer, kept indices (B, H, keep)) whenever a layer decides what to keep.
 KeptRecorder = Callable[[int, int, torch.Tensor], None]
+#: Called after each layer's attention with its queries (B, H, n, c), all its keys (B, H, S+n, c) and S; calibration.
+AttentionObserver = Callable[[int, int, torch.Tensor, torch.Tensor, int], None]
 
 
 @dataclass
@@ -40,7 +42,8 @@ class KVCache:
 
     def __init__(self, plan: BudgetPlan, policy: EvictionPolicy, schedule: Schedule, batch: int, num_heads: int,
                  head_dim: int, device: torch.device | str = "cpu", k_dtype: torch.dtype = torch.float32,
-                 v_dtype: torch.dtype = torch.float32, record_kept: KeptRecorder | None = None) -> None:
+                 v_dtype: torch.dtype = torch.float32, record_kept: KeptRecorder | None = None,
+                 observer: AttentionObserver | None = None) -> None:
         if plan.num_scales != schedule.num_scales:
             raise ValueError(f"budget plan is for {plan.num_scales} scales, the schedule has {schedule.num_scales}")
         self.plan, self.policy, self.schedule = plan, policy, schedule
@@ -49,6 +52,7 @@ class KVCache:
         self.device = torch.device(device)
         self.k_dtype, self.v_dtype = k_dtype, v_dtype
         self.record_kept = record_kept
+        self.observer = observer
         self.track_positions = policy.needs_positions
         L = self.num_layers
         self.keys: list[torch.Tensor | None] = [None] * L
@@ -144,6 +148,8 @@ class KVCache:
             if self.track_positions and not last:
                 self.positions[layer][:, :, S:total] = self._new_positions(n)
             out = _sdpa(q, buf_k[:, :, :total], buf_v[:, :, :total], compute_dtype)
+            if self.observer is not None:
+                self.observer(scale, layer, q, buf_k[:, :, :total], S)
             if not last:
                 self.lengths[layer] = total
             return out
@@ -162,6 +168,8 @@ class KVCache:
             self._ws_pos[:, :, S:total] = self._new_positions(n)
             positions = self._ws_pos[:, :, :total]
         out = _sdpa(q, keys, values, compute_dtype)
+        if self.observer is not None:
+            self.observer(scale, layer, q, keys, S)
 
         keep = self.plan.final_caps[layer] if last and self.plan.final_caps else (
             total if last else self.plan.kept[scale][layer])
