@@ -31,26 +31,23 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
-def _load_pickle(path: Path) -> object:
+def _load_pickle(path: Path, zipped: bool) -> object:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        # mmap only works for torch's zip format; legacy (pre-1.6) files are read in full.
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to load: the file contains pickled code or objects other than tensors, and "
-            f"loading it could run arbitrary code. Only plain state dicts are accepted. Details: {e}") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        # mmap needs the zip format; retry without it for legacy files before calling the file corrupt.
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e2:
-            raise CheckpointError(
-                f"{path}: refused to load: the file contains pickled code or objects other than tensors. "
-                f"Details: {e2}") from e2
-        except Exception:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+        # torch's weights-only unpickler: a class/function reference ("GLOBAL ... not an allowed global") is code;
+        # other refusals (unsupported opcodes) come from corrupt files or hand-made pickles. Neither runs anything.
+        what = ("the file contains pickled code or objects other than tensors, and loading it could run arbitrary "
+                "code" if "global" in str(e).lower() else
+                "the pickle is corrupt or uses constructs that a plain state dict never needs")
+        raise CheckpointError(f"{path}: refused to load: {what}. Only plain state dicts are accepted. "
+                              f"Details: {e}") from e
+    except Exception as e:  # zip/stream errors (RuntimeError), EOFError, OSError, KeyError from garbage, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
 
 
-def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+def _unwrap(obj: object, path: Path, strip_module: bool = True) -> dict[str, torch.Tensor]:
     """Find the state dict inside the original's wrappers ({'vae': ...}, training checkpoints)."""
     while isinstance(obj, Mapping) and obj and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = [k for k in _WRAPPER_KEYS if k in obj]
@@ -66,6 +63,11 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {bad[:10]}")
     sd = dict(obj)
+    return _strip_module(sd) if strip_module else sd
+
+
+def _strip_module(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove a DDP/FSDP 'module.' prefix carried by every key (a partial prefix is left for check_keys to name)."""
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
@@ -85,17 +87,59 @@ def _load_sharded(folder: Path) -> dict[str, torch.Tensor]:
     index = _find_index(folder)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{index}: not a valid shard index (needs a 'weight_map' object): {e}") from e
+    if not isinstance(weight_map, Mapping) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
     sd: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        part = load_state_dict(folder / shard)
+        # The prefix is stripped once for the whole checkpoint, so index and shards agree on the key names.
+        part = _load_file(folder / shard, strip_module=False)
         listed = {k for k, s in weight_map.items() if s == shard}
         missing = listed - set(part)
         if missing:
             raise CheckpointError(f"{folder / shard}: keys listed in {index.name} are absent: {sorted(missing)[:10]}")
         sd.update({k: part[k] for k in listed})
-    return sd
+    return _strip_module(sd)
+
+
+def _sniff(path: Path, size: int) -> str | None:
+    """'safetensors', 'zip' (torch.save), 'pickle' (legacy torch.save) from the first bytes, or None if unknown.
+
+    Renamed files are common (a .safetensors saved as .pth, ...), so content wins over the suffix.
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol >= 2, how legacy torch.save files start
+        return "pickle"
+    return None
+
+
+def _load_file(path: Path, strip_module: bool = True) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint file, found a folder")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    kind = _sniff(path, size)
+    if kind is None:
+        suffix = path.suffix.lower()
+        if suffix in SAFETENSORS_SUFFIXES:
+            kind = "safetensors"  # let safetensors name what is wrong with the header
+        elif suffix in PICKLE_SUFFIXES:
+            kind = "pickle"
+        else:
+            raise CheckpointError(f"{path}: not a recognised checkpoint (expected a .safetensors file or a "
+                                  f"PyTorch .pth/.bin/.ckpt file)")
+    if kind == "safetensors":
+        return _unwrap(_load_safetensors(path), path, strip_module)
+    return _unwrap(_load_pickle(path, zipped=kind == "zip"), path, strip_module)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -105,17 +149,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
         return _load_sharded(path)
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty")
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        return _unwrap(_load_safetensors(path), path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return _unwrap(_load_pickle(path), path)
-    # Unknown suffix: sniff the content. Zip (torch) files start with 'PK'.
-    head = path.read_bytes()[:4]
-    if head[:2] == b"PK":
-        return _unwrap(_load_pickle(path), path)
-    return _unwrap(_load_safetensors(path), path)
+    return _load_file(path)
 
 
 def check_keys(expected: Mapping[str, Sequence[int]], got: Mapping[str, torch.Tensor | Sequence[int]],

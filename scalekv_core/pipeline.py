@@ -1,6 +1,7 @@
 """The Python API: load the three parts from files, then generate images (plus every scale's bits) from prompts."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -10,6 +11,7 @@ import torch
 
 from .kvcache import CacheConfig
 from .kvcache.cache import KeptRecorder
+from .kvcache.memory import MemoryReport, PeakMeter, build_report, plan_memory
 from .loader import load_transformer, load_vae, resolve_precision, vae_patchify_for
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
@@ -28,6 +30,7 @@ class GenerationResult:
     schedule: Schedule
     settings: SamplerSettings
     info: dict = field(default_factory=dict)
+    memory: MemoryReport | None = None
 
     def save_images(self, path: str | Path) -> list[Path]:
         """Write PNGs: `path` itself for one image, `stem_00.png`, `stem_01.png`, ... for a batch."""
@@ -58,6 +61,21 @@ class GenerationResult:
         np.save(folder / "decoded.npy", self.decoded[i].float().cpu().numpy())
         Image.fromarray(self.images[index]).save(folder / "image.png")
         return folder
+
+
+def repeat_each(cond: TextConditioning, times: int) -> TextConditioning:
+    """p1, p2 -> p1, p1, p2, p2: each prompt's rows repeated in place, the order a prompt list gets."""
+    starts = [0]
+    for n in cond.lens:
+        starts.append(starts[-1] + n)
+    parts, lens = [], []
+    for i, n in enumerate(cond.lens):
+        rows = cond.kv_compact[starts[i]:starts[i + 1]]
+        parts += [rows] * times
+        lens += [n] * times
+    packed = torch.cat(parts, dim=0)
+    cu = torch.tensor([0] + [sum(lens[: j + 1]) for j in range(len(lens))], dtype=torch.int32, device=packed.device)
+    return TextConditioning(kv_compact=packed, lens=lens, cu_seqlens=cu, max_len=max(lens))
 
 
 def bits_to_token_ids(bits_vae: torch.Tensor) -> torch.Tensor:
@@ -118,7 +136,7 @@ class InfinityPipeline:
                  top_k: int = 900, top_p: float = 0.97, width: int = 1024, height: int = 1024,
                  schedule: Schedule | None = None, batch: int = 1, keep_logits: bool = False,
                  on_scale: ScaleCallback | None = None, cache: CacheConfig | None = None,
-                 record_kept: KeptRecorder | None = None) -> GenerationResult:
+                 record_kept: KeptRecorder | None = None, memory_report: bool = False) -> GenerationResult:
         """Generate `batch` images per prompt; the same seed and settings give the same image as the original."""
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
@@ -129,16 +147,44 @@ class InfinityPipeline:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             cond = self.encode([p for p in prompts for _ in range(batch)])
         if isinstance(prompt, TextConditioning) and batch > 1:
-            one = cond
-            for _ in range(batch - 1):
-                cond = cond.concat(one)
+            cond = repeat_each(cond, batch)
         neg = None
         if negative_prompt is not None and not (isinstance(negative_prompt, str) and not negative_prompt.strip()):
             neg = negative_prompt if isinstance(negative_prompt, TextConditioning) else self.encode([negative_prompt])
         settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed)
-        samples = sample(self.transformer, cond.to(self.device), schedule, settings, self.vae_patchify,
-                         negative=None if neg is None else neg.to(self.device), keep_logits=keep_logits,
-                         on_scale=on_scale, cache_config=cache, record_kept=record_kept)
+        cache = cache or CacheConfig(policy="full")
+        meter = PeakMeter(self.device)
+        with (meter.measure() if memory_report else contextlib.nullcontext()):
+            samples = sample(self.transformer, cond.to(self.device), schedule, settings, self.vae_patchify,
+                             negative=None if neg is None else neg.to(self.device), keep_logits=keep_logits,
+                             on_scale=on_scale, cache_config=cache, record_kept=record_kept)
         decoded = self.vae.decode(samples.summed_codes.float())
-        return GenerationResult(images=decoded_to_uint8(decoded), decoded=decoded, samples=samples,
-                                schedule=schedule, settings=settings)
+        result = GenerationResult(images=decoded_to_uint8(decoded), decoded=decoded, samples=samples,
+                                  schedule=schedule, settings=settings)
+        if memory_report:
+            result.memory = self.memory_report(samples, cond.batch_size, settings, schedule, meter)
+        return result
+
+    def memory_report(self, samples: SampleOutput, batch: int, settings: SamplerSettings, schedule: Schedule,
+                      meter: PeakMeter | None = None) -> MemoryReport:
+        """Planned and measured memory of a finished generation."""
+        cfg = self.transformer.cfg
+        n = schedule.num_scales
+        cfgs, _ = settings.per_scale(n)
+        rows = batch * (2 if any(c != 1 for c in cfgs) else 1)
+        config = samples.cache_config or CacheConfig(policy="full")
+        k_dtype, v_dtype = config.storage_dtypes(self.transformer.block_dtype)
+        tb = rows * cfg.num_heads * cfg.head_dim * (k_dtype.itemsize + v_dtype.itemsize)
+        report = build_report(samples.plan, samples.usage, schedule, config,
+                              {"depth": cfg.depth, "width": cfg.embed_dim, "heads": cfg.num_heads,
+                               "block_dtype": str(self.transformer.block_dtype).replace("torch.", ""),
+                               "device": str(self.device)}, batch, rows, tb)
+        planned = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule, batch,
+                              config, self.transformer.block_dtype, text_tokens=max(samples.text_len, 1),
+                              cfg=rows > batch)
+        report.planned_peak_mb = planned.sampling_peak_mb
+        if meter is not None and meter.peak_bytes is not None:
+            report.measured_peak_mb = meter.peak_bytes / 2**20
+            report.measurement = meter.method
+            report.sampling_seconds = meter.seconds
+        return report

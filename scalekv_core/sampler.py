@@ -65,6 +65,8 @@ class SampleOutput:
     plan: BudgetPlan | None = None  # how many tokens each layer kept after each scale
     usage: list[ScaleUsage] = field(default_factory=list)  # what the cache really held after each scale
     cache_config: CacheConfig | None = None
+    text_len: int = 0  # longest prompt, in text tokens
+    eviction_seconds: float = 0.0  # time spent scoring and evicting (measured only with time_eviction)
 
 
 def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -108,7 +110,8 @@ def make_cache(model: Infinity, schedule: Schedule, batch_rows: int, config: Cac
 def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings: SamplerSettings,
            vae_patchify: bool, negative: TextConditioning | None = None, keep_logits: bool = False,
            on_scale: ScaleCallback | None = None, cache_config: CacheConfig | None = None,
-           record_kept: KeptRecorder | None = None, observer: AttentionObserver | None = None) -> SampleOutput:
+           record_kept: KeptRecorder | None = None, observer: AttentionObserver | None = None,
+           time_eviction: bool = False) -> SampleOutput:
     """Generate the bits of every scale for a batch of prompts, as the original sampler does.
 
     `on_scale(scale_index, num_scales, summed_codes)` runs after every scale (progress, previews, interrupts);
@@ -147,10 +150,11 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
     cond_vec, gss, ca = model.condition(text, lens)
     rope = rope_table(model.cfg.head_dim, schedule).to(device)
     cache = make_cache(model, schedule, bs, cache_config or CacheConfig(policy="full"), record_kept, observer)
+    cache.time_eviction = time_eviction
     vae_grids = schedule.vae_grids(vae_patchify)
     final_hw = (1, *vae_grids[-1])
     out = SampleOutput(bits=[], bits_vae=[], summed_codes=torch.empty(0), plan=cache.plan,
-                       cache_config=cache_config)
+                       cache_config=cache_config, text_len=max(lens))
     summed: torch.Tensor | None = None
     x = model.start_tokens(cond_vec)
     try:
@@ -189,6 +193,7 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
                 on_scale(si, n, summed.squeeze(-3))
     finally:
         out.usage = cache.usage
+        out.eviction_seconds = cache.eviction_seconds
         cache.release()
     assert summed is not None and d_bits == summed.shape[1]
     out.summed_codes = summed.squeeze(-3)

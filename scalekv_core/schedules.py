@@ -1,6 +1,7 @@
 """The one table of Infinity's resolution schedules: aspect templates, sizes and per-scale token grids."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Token grids (h, w) of the 13 scales of the largest ('1M') schedule, per aspect ratio h/w.
@@ -116,6 +117,10 @@ def schedule_for_pixels(width: int, height: int) -> Schedule:
     if width <= 0 or height <= 0:
         raise ValueError(f"unsupported resolution {width}x{height}: width and height must be positive")
     template = nearest_template(height / width)
+    if abs(math.log((height / width) / template)) > math.log(1.25):
+        raise ValueError(
+            f"unsupported resolution {width}x{height}: aspect ratio h/w = {height / width:.3g} is outside the "
+            f"official templates ({min(TEMPLATES)} to {max(TEMPLATES)})")
     target = width * height
     best: Schedule | None = None
     for size in SIZES:

@@ -347,6 +347,10 @@ def kv_bytes_per_token(num_heads: int, head_dim: int, k_bytes: int, v_bytes: int
     return batch_rows * num_heads * head_dim * (k_bytes + v_bytes)
 
 
+class _Done(Exception):
+    """Internal: leave the parsing block early with `tokens` set."""
+
+
 def parse_budget(spec: str | int | float, schedule: Schedule, num_layers: int | None = None,
                  bytes_per_token_layer: int | None = None) -> int:
     """A budget in tokens per layer from '10%' (of the cache before the last scale), '650' (tokens) or '900MB'.
@@ -362,8 +366,10 @@ def parse_budget(spec: str | int | float, schedule: Schedule, num_layers: int | 
         try:
             if text.endswith("%"):
                 pct = float(text[:-1])
-                if not 0 < pct <= 100:
-                    raise BudgetError(f"budget {spec!r}: a percentage must be in (0, 100]")
+                if pct <= 0:
+                    tokens = 0
+                    raise _Done
+                pct = min(pct, 100.0)
                 exact = pct / 100 * prefix
                 tokens = math.ceil(exact / 50) * 50 if prefix > 5000 else math.ceil(exact)
             elif text.endswith("mb"):
@@ -375,6 +381,10 @@ def parse_budget(spec: str | int | float, schedule: Schedule, num_layers: int | 
                 tokens = int(text[:-6])
             else:
                 tokens = int(float(text))
+        except _Done:
+            pass
+        except BudgetError:
+            raise
         except ValueError as e:
             raise BudgetError(f"budget {spec!r}: expected a percentage ('10%'), tokens ('650') or MB ('900MB')") from e
     if tokens <= 0:

@@ -11,7 +11,8 @@ Buffers are sized to the most the layer holds before its next eviction, and re-s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -53,6 +54,9 @@ class KVCache:
         self.k_dtype, self.v_dtype = k_dtype, v_dtype
         self.record_kept = record_kept
         self.observer = observer
+        #: Seconds spent scoring and evicting, measured only when `time_eviction` is set (it synchronises CUDA).
+        self.time_eviction = False
+        self.eviction_seconds = 0.0
         self.track_positions = policy.needs_positions
         L = self.num_layers
         self.keys: list[torch.Tensor | None] = [None] * L
@@ -190,6 +194,7 @@ class KVCache:
             if self.track_positions:
                 self.positions[layer][:, :, :total].copy_(positions)
         else:
+            t0 = self._clock()
             idx = self._select(layer, q, keys, positions, S, keep, x, w_q)
             if self.record_kept is not None:
                 self.record_kept(scale, layer, idx)
@@ -198,8 +203,15 @@ class KVCache:
             _gather_into(buf_v, values, gather_idx, keep)
             if self.track_positions:
                 self.positions[layer][:, :, :keep] = positions.gather(2, idx)
+            if self.time_eviction:
+                self.eviction_seconds += self._clock() - t0
         self.lengths[layer] = keep
         return out
+
+    def _clock(self) -> float:
+        if self.time_eviction and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _select(self, layer: int, q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor | None, stored: int,
                 keep: int, x: torch.Tensor | None, w_q: torch.Tensor | None) -> torch.Tensor:

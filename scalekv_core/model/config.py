@@ -88,3 +88,22 @@ def detect_infinity_config(shapes: Mapping[str, Sequence[int]], source: str = "c
     return InfinityConfig(depth=n_chunks * per_chunk, embed_dim=embed_dim, num_heads=heads, block_chunks=n_chunks,
                           ffn_hidden=ffn_hidden, text_channels=text_channels, text_maxlen=text_maxlen,
                           pool_heads=pool_heads, d_vae=d_vae, num_levels=levels)
+
+
+def _known(depth: int, width: int, heads: int, chunks: int, d_vae: int, pool_heads: int = 16) -> InfinityConfig:
+    return InfinityConfig(depth=depth, embed_dim=width, num_heads=heads, block_chunks=chunks,
+                          ffn_hidden=round(width * 4 / 256) * 256, text_channels=2048, text_maxlen=512,
+                          pool_heads=pool_heads, d_vae=d_vae)
+
+
+#: The released architectures (from the original's constructors), for planning memory without a checkpoint.
+KNOWN_MODELS: dict[str, InfinityConfig] = {
+    "2b": _known(32, 2048, 16, 8, 32),
+    "8b": _known(40, 3584, 28, 8, 56),
+    "layer12": _known(12, 768, 8, 4, 32),
+    "layer16": _known(16, 1152, 12, 4, 32),
+    "layer24": _known(24, 1536, 16, 4, 32),
+    "layer32": _known(32, 2080, 20, 4, 32),
+    "layer40": _known(40, 2688, 24, 4, 32),
+    "layer48": _known(48, 3360, 28, 4, 32),
+}

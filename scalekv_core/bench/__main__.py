@@ -1,0 +1,6 @@
+"""`python -m scalekv_core.bench kv ...`"""
+import sys
+
+from .kv import main
+
+sys.exit(main())

@@ -1,0 +1,217 @@
+"""Memory accounting: what the cache plans and holds per scale and layer, the measured peak, and a planner.
+
+`MemoryReport` is one JSON-serialisable record per generation (the CLI writes it, the nodes and the widget show
+it). The measured peak is real: `torch.cuda.max_memory_allocated` on CUDA, and the profiler's allocator events
+on CPU. `plan_memory` predicts the same figures from shapes alone, so users can ask what fits before running.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..schedules import Schedule
+from .budget import BudgetPlan
+from .cache import KVCache, ScaleUsage
+from .config import CacheConfig
+
+MiB = 2**20
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+@dataclass
+class ScaleMemory:
+    """One scale: what each layer keeps afterwards (planned and measured) and what the buffers take."""
+
+    scale: int
+    grid: tuple[int, int]
+    new_tokens: int
+    planned_tokens: list[int]
+    held_tokens: list[int]
+    stored_bytes: list[int]
+    allocated_bytes: list[int]
+    full_tokens: int  # what every layer of the full cache would hold after this scale
+
+    @property
+    def total_stored_bytes(self) -> int:
+        return sum(self.stored_bytes)
+
+
+@dataclass
+class MemoryReport:
+    """Planned and measured memory of one generation."""
+
+    policy: dict
+    model: dict
+    schedule: dict
+    batch: int
+    batch_rows: int
+    bytes_per_token_layer: int
+    scales: list[ScaleMemory]
+    analytic_mb: float  # the paper's MB column: peak stored tokens x layers x width x bytes x rows
+    full_analytic_mb: float
+    planned_peak_mb: float | None = None
+    measured_peak_mb: float | None = None  # above what was allocated when sampling started (the weights)
+    measurement: str = ""
+    sampling_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stored_ratio(self) -> float:
+        return self.analytic_mb / self.full_analytic_mb if self.full_analytic_mb else 1.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stored_ratio"] = self.stored_ratio
+        return d
+
+
+def build_report(plan: BudgetPlan, usage: list[ScaleUsage], schedule: Schedule, config: CacheConfig,
+                 model_info: dict, batch: int, batch_rows: int, bytes_per_token_layer: int) -> MemoryReport:
+    """Join the plan with what the cache really held after each scale."""
+    layers = plan.num_layers
+    cum = 0
+    scales = []
+    for si, (h, w) in enumerate(schedule.grids):
+        cum += h * w
+        last = si == schedule.num_scales - 1
+        planned = [0] * layers if last else list(plan.kept[si])
+        u = usage[si] if si < len(usage) else None
+        scales.append(ScaleMemory(
+            scale=si, grid=(h, w), new_tokens=h * w, planned_tokens=planned,
+            held_tokens=list(u.tokens) if u else [],
+            stored_bytes=list(u.stored_bytes) if u else [], allocated_bytes=list(u.allocated_bytes) if u else [],
+            full_tokens=0 if last else cum))
+    peak_tokens = plan.peak_stored_tokens()
+    full_tokens = plan.full_tokens()
+    return MemoryReport(
+        policy=config.to_dict(), model=model_info,
+        schedule={"template": schedule.template, "size": schedule.size, "pixels": list(schedule.pixel_size),
+                  "scales": schedule.num_scales, "tokens": schedule.total_tokens},
+        batch=batch, batch_rows=batch_rows, bytes_per_token_layer=bytes_per_token_layer, scales=scales,
+        analytic_mb=peak_tokens * bytes_per_token_layer / MiB, full_analytic_mb=full_tokens * bytes_per_token_layer / MiB)
+
+
+# ------------------------------------------------------------------------------------------ measurement
+
+
+class PeakMeter:
+    """Measures the peak of allocated memory above the starting point while its block runs."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.peak_bytes: int | None = None
+        self.method = ""
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator["PeakMeter"]:
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                yield self
+            finally:
+                torch.cuda.synchronize(self.device)
+                self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - start
+                self.method = "torch.cuda.max_memory_allocated"
+                self.seconds = time.perf_counter() - t0
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            try:
+                yield self
+            finally:
+                self.seconds = time.perf_counter() - t0
+        self.peak_bytes = _peak_from_profile(prof)
+        self.method = "torch.profiler CPU allocator events"
+
+
+def _peak_from_profile(prof: "torch.profiler.profile") -> int:
+    """Largest running sum of the CPU allocator's alloc/free events, in time order."""
+    events = prof.profiler.kineto_results.events()
+    mem = sorted((e.start_ns(), e.nbytes()) for e in events
+                 if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    cur = peak = 0
+    for _, delta in mem:
+        cur += delta
+        peak = max(peak, cur)
+    return peak
+
+
+# ------------------------------------------------------------------------------------------ planner
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted memory for one generation, before running it."""
+
+    weights_mb: float
+    cache_peak_mb: float  # buffers + workspace at the heaviest scale
+    activations_peak_mb: float
+    sampling_peak_mb: float  # above the weights: cache + activations at the heaviest scale
+    decode_peak_mb: float  # the VAE decoder's activations (a separate, later phase)
+    total_mb: float  # weights + the larger of sampling and decoding
+    per_scale_cache_mb: list[float]
+    analytic_mb: float
+    full_analytic_mb: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _activation_bytes(rows: int, n: int, width: int, ffn: int, text_tokens: int, block_bytes: int, vocab: int) -> int:
+    """Live tensors while one block runs over n tokens, plus the head's logits (a conservative sum)."""
+    fp32 = 4
+    resid = 3 * rows * n * width * fp32  # x, the AdaLN output, the branch output
+    qkv = rows * n * 3 * width * block_bytes + 2 * rows * n * width * fp32 * 2  # qkv + q, k in fp32 (+ RoPE temps)
+    ffn_act = 2 * rows * n * ffn * block_bytes
+    text = 2 * rows * text_tokens * width * max(block_bytes, fp32)
+    logits = 3 * rows * n * vocab * fp32
+    return resid + max(qkv, ffn_act) + text + logits
+
+
+def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, schedule: Schedule, batch: int,
+                config: CacheConfig, block_dtype: torch.dtype = torch.float32, params: int | None = None,
+                vae_params: int = 0, text_tokens: int = 512, cfg: bool = True, vae_base_ch: int = 128,
+                vae_patch: int = 16) -> MemoryPlan:
+    """Predict sampling and decoding memory for a model shape, schedule, batch and cache policy."""
+    rows = batch * (2 if cfg else 1)
+    head_dim = width // num_heads
+    policy, plan = config.build(schedule, depth, num_heads, head_dim, rows, block_dtype)
+    k_dtype, v_dtype = config.storage_dtypes(block_dtype)
+    cache = KVCache(plan, policy, schedule, rows, num_heads, head_dim, "meta", k_dtype, v_dtype)
+    tb = cache.token_bytes
+    pos_bytes_per_token = rows * num_heads * 4 if policy.needs_positions else 0
+    per_scale, peak, act_peak = [], 0, 0
+    block_bytes = _size(block_dtype)
+    prev_alloc = [0] * depth
+    for si, n in enumerate(schedule.tokens_per_scale):
+        alloc = cache.buffer_tokens(si) if si < len(plan.kept) else prev_alloc
+        # Layers re-size one after another; while layer l does, its old and new buffers coexist.
+        worst = max(sum(alloc[:l]) + alloc[l] + (prev_alloc[l] if alloc[l] != prev_alloc[l] else 0)
+                    + sum(prev_alloc[l + 1:]) for l in range(depth))
+        cache_bytes = worst * (tb + pos_bytes_per_token) + cache._ws_tokens * (tb + pos_bytes_per_token)
+        act = _activation_bytes(rows, n, width, ffn, text_tokens, block_bytes, 2 * d_vae)
+        per_scale.append(cache_bytes / MiB)
+        peak = max(peak, cache_bytes + act)
+        act_peak = max(act_peak, act)
+        prev_alloc = alloc
+    H, W = schedule.pixel_size
+    decode = batch * H * W * vae_base_ch * 4 * 4  # ~4 live full-resolution feature maps in fp32
+    weights = 0.0
+    if params is not None:
+        weights = params * block_bytes + vae_params * 4
+    return MemoryPlan(weights_mb=weights / MiB, cache_peak_mb=max(per_scale), activations_peak_mb=act_peak / MiB,
+                      sampling_peak_mb=peak / MiB, decode_peak_mb=decode / MiB,
+                      total_mb=(weights + max(peak, decode)) / MiB, per_scale_cache_mb=per_scale,
+                      analytic_mb=plan.peak_stored_tokens() * tb / MiB, full_analytic_mb=plan.full_tokens() * tb / MiB)

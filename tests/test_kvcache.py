@@ -1,0 +1,246 @@
+"""The KV-cache engine: exactness of the original ScaleKV, budgets honoured, storage behaviour, budget files, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scalekv_core.kvcache import BudgetError, CacheConfig
+from scalekv_core.kvcache.budget import (load_budget_file, plan_from_original_json, plan_to_original_json, preset_path,
+                                         scalekv_plan, parse_budget)
+from scalekv_core.kvcache.memory import PeakMeter, plan_memory
+from scalekv_core.model.text_encoder import TextConditioning
+from scalekv_core.pipeline import InfinityPipeline
+from scalekv_core.schedules import get_schedule
+
+DATA = Path(__file__).parent / "data"
+TINY = DATA / "infinity-tiny"
+MANIFEST = json.loads((TINY / "manifest.json").read_text())
+TINY_SCHEDULE = get_schedule(1.0, "0.06M")
+ONE_K = get_schedule(1.0, "1M")
+POLICIES = ["full", "sliding_window", "streamingllm", "snapkv", "pyramidkv", "scalekv"]
+
+
+@pytest.fixture(scope="module")
+def pipe() -> InfinityPipeline:
+    return InfinityPipeline.from_files(TINY / "infinity_tiny.safetensors", TINY / "vae_tiny.safetensors")
+
+
+def _cond(case: str = "p0_apple_s0_cfg3_tau0.5") -> TextConditioning:
+    return TextConditioning.from_numpy_file(TINY / "full_kv" / case / "text_kv_compact.npy")
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST["runs"]["scalekv"]))
+def test_original_scoring_reproduces_the_original_patch(pipe: InfinityPipeline, case: str) -> None:
+    """Every bit and every kept-position array equals what the released ScaleKV patch produced."""
+    run = MANIFEST["runs"]["scalekv"][case]
+    call, skv = run["autoregressive_infer_cfg_call"], MANIFEST["config"]["scalekv"]
+    ref = TINY / "scalekv" / case
+    kept: dict[tuple[int, int], np.ndarray] = {}
+    config = CacheConfig(policy="scalekv", scoring="original", budget=skv["max_capacity"], window=skv["window_size"],
+                         kernel=skv["kernel_size"], pooling=skv["pooling"], budget_file=str(TINY / skv["budget_file"]))
+    result = pipe.generate(_cond(case), seed=call["g_seed"], cfg=call["cfg_list"], tau=call["tau_list"],
+                           top_k=call["top_k"], top_p=call["top_p"], schedule=TINY_SCHEDULE, cache=config,
+                           record_kept=lambda s, l, idx: kept.__setitem__((s, l), idx.numpy().copy()))
+    for si, bits in enumerate(result.samples.bits):
+        np.testing.assert_array_equal(bits.numpy(), np.load(ref / f"scale_{si:02d}_bits.npy"), err_msg=f"scale {si}")
+    files = sorted(ref.glob("scalekv_kept_s*_l*.npy"))
+    assert len(files) == 16
+    for f in files:
+        s, l = int(f.stem.split("_s")[1][:2]), int(f.stem.split("_l")[1])
+        np.testing.assert_array_equal(kept[(s, l)], np.load(f), err_msg=f.name)
+    assert np.abs(result.decoded[0].numpy() - np.load(ref / "decoded.npy")).max() <= 1e-4
+    # The cache held exactly what the original held after each stored scale.
+    for si, usage in enumerate(result.samples.usage[:-1]):
+        assert usage.tokens == [run["kv_cached_len_after_scale"][str(si)][str(l)] for l in range(4)]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("budget", ["10%", "20%", "60"])
+def test_every_policy_holds_exactly_its_budget(pipe: InfinityPipeline, policy: str, budget: str) -> None:
+    config = CacheConfig(policy=policy, budget=budget, window=4)
+    result = pipe.generate(_cond(), seed=1, schedule=TINY_SCHEDULE, cache=config)
+    plan, usage = result.samples.plan, result.samples.usage
+    tokens = parse_budget(budget, TINY_SCHEDULE)
+    cum = np.cumsum(TINY_SCHEDULE.tokens_per_scale)
+    for si in range(TINY_SCHEDULE.num_scales - 1):
+        assert usage[si].tokens == plan.kept[si], f"scale {si}"
+        for layer, held in enumerate(usage[si].tokens):
+            assert held <= cum[si]
+            if policy in ("sliding_window", "streamingllm", "snapkv"):
+                assert held == min(cum[si], tokens)
+            assert usage[si].stored_bytes[layer] <= usage[si].allocated_bytes[layer]
+    if policy != "full":
+        assert plan.peak_stored_tokens() <= 1.02 * tokens * plan.num_layers
+    # The last scale is never stored: the cache holds after it what it held before it.
+    assert usage[-1].tokens == usage[-2].tokens
+
+
+def test_improved_scoring_tracks_positions_and_keeps_them_sorted(pipe: InfinityPipeline) -> None:
+    kept: dict = {}
+    config = CacheConfig(policy="scalekv", scoring="improved", budget="20%", window=4)
+    pipe.generate(_cond(), seed=2, schedule=TINY_SCHEDULE, cache=config,
+                  record_kept=lambda s, l, idx: kept.__setitem__((s, l), idx.clone()))
+    assert kept
+    for (s, l), idx in kept.items():
+        assert (idx[..., 1:] > idx[..., :-1]).all(), "kept indices must be unique and ascending"
+        assert idx.max() < sum(TINY_SCHEDULE.tokens_per_scale[: s + 1])
+
+
+def test_scoring_modes_differ_and_are_deterministic(pipe: InfinityPipeline) -> None:
+    def run(scoring: str) -> list[torch.Tensor]:
+        config = CacheConfig(policy="scalekv", scoring=scoring, budget="10%", window=4)
+        return pipe.generate(_cond(), seed=3, schedule=TINY_SCHEDULE, cache=config).samples.bits
+
+    a, b, c = run("improved"), run("improved"), run("original")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_full_buffers_are_allocated_once_and_written_in_place(pipe: InfinityPipeline) -> None:
+    from scalekv_core.kvcache.cache import KVCache
+
+    pointers: dict[int, set[int]] = {}
+    original = KVCache.end_scale
+
+    def spy(self: KVCache) -> None:
+        for layer, k in enumerate(self.keys):
+            if k is not None:
+                pointers.setdefault(layer, set()).add(k.data_ptr())
+        original(self)
+
+    KVCache.end_scale = spy  # type: ignore[method-assign]
+    try:
+        pipe.generate(_cond(), seed=0, schedule=TINY_SCHEDULE, cache=CacheConfig(policy="full"))
+    finally:
+        KVCache.end_scale = original  # type: ignore[method-assign]
+    assert pointers and all(len(p) == 1 for p in pointers.values())
+
+
+def test_bf16_storage_halves_key_bytes(pipe: InfinityPipeline) -> None:
+    auto = pipe.generate(_cond(), seed=0, schedule=TINY_SCHEDULE, cache=CacheConfig(policy="full"), memory_report=True)
+    bf16 = pipe.generate(_cond(), seed=0, schedule=TINY_SCHEDULE, cache=CacheConfig(policy="full", kv_dtype="bf16"),
+                         memory_report=True)
+    # fp32 keys + fp32 values (fp32 blocks) = 8 bytes per element; bf16 both = 4.
+    assert bf16.memory.bytes_per_token_layer * 2 == auto.memory.bytes_per_token_layer
+    assert bf16.memory.analytic_mb == pytest.approx(auto.memory.analytic_mb / 2)
+
+
+# ------------------------------------------------------------------------------------------ budgets
+
+
+@pytest.mark.parametrize("name,layers,drafters", [
+    ("infinity-2b-10pct", 32, [[0, 23]] * 11 + [[0]] * 2),
+    ("infinity-8b-10pct", 40, [[0, 1, 2]] * 13),
+])
+def test_budget_rule_regenerates_the_original_files_exactly(name: str, layers: int, drafters: list) -> None:
+    original = json.loads(preset_path(name).read_text())
+    generated = plan_to_original_json(scalekv_plan(ONE_K, layers, 650, drafters))
+    assert json.dumps(generated) == json.dumps(original)
+    # and the file round-trips through the plan
+    plan = plan_from_original_json(original, ONE_K, layers, base_capacity=650)
+    assert plan_to_original_json(plan) == original
+
+
+def test_original_file_applies_as_the_original_does() -> None:
+    plan = load_budget_file(preset_path("infinity-2b-10pct"), ONE_K, 32, base_capacity=650)
+    cum = np.cumsum(ONE_K.tokens_per_scale)
+    for si in range(7):
+        assert plan.kept[si] == [cum[si]] * 32  # nothing dropped while the cache is <= 650 tokens
+    assert plan.kept[7][0] == 920 and plan.kept[7][1] == 632 and plan.kept[7][23] == 920
+    assert plan.kept[11][0] == 6385 and plan.kept[11][23] == 465
+    assert plan.peak_stored_tokens() <= 0.105 * plan.full_tokens()
+
+
+def test_percentages_follow_the_paper() -> None:
+    assert parse_budget("10%", ONE_K) == 650
+    assert parse_budget("20%", ONE_K) == 1300
+    assert parse_budget("650", ONE_K) == 650
+    assert parse_budget("1MB", ONE_K, 32, 2**20 // 32) == 1  # 1 MB over 32 layers at 32 KiB per token-layer
+
+
+def test_budget_for_any_schedule_and_depth() -> None:
+    for size in ("0.25M", "0.60M", "1M"):
+        for template in (1.0, 0.5, 3.0):
+            schedule = get_schedule(template, size)
+            for layers in (12, 32, 40):
+                tokens = parse_budget("10%", schedule)
+                plan = scalekv_plan(schedule, layers, tokens, [0])
+                assert len(plan.kept) == schedule.num_scales - 1
+                for si, row in enumerate(plan.kept):
+                    assert sum(row) <= max(tokens * layers, sum(schedule.tokens_per_scale[: si + 1]) * layers)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_budgets_are_clear_errors(tmp_path: Path, pipe: InfinityPipeline) -> None:
+    with pytest.raises(BudgetError, match="observation window"):
+        CacheConfig(policy="scalekv", budget=8, window=16).build(ONE_K, 32, 16, 128, 2, torch.float32)
+    with pytest.raises(BudgetError, match="positive"):
+        CacheConfig(policy="snapkv", budget=0).build(ONE_K, 32, 16, 128, 2, torch.float32)
+    with pytest.raises(BudgetError, match="positive"):
+        CacheConfig(policy="scalekv", budget="0%").build(ONE_K, 32, 16, 128, 2, torch.float32)
+    with pytest.raises(ValueError, match="unknown KV policy 'h2o'"):
+        CacheConfig(policy="h2o").validate()
+    with pytest.raises(BudgetError, match="another depth"):  # the 2B file on the 4-layer tiny model
+        pipe.generate(_cond(), schedule=TINY_SCHEDULE,
+                      cache=CacheConfig(policy="scalekv", budget=50, budget_file="infinity-2b-10pct"))
+    tiny_file = json.loads((TINY / "scalekv_budget_tiny.json").read_text())
+    with pytest.raises(BudgetError, match="another schedule"):  # the tiny file at 1024x1024
+        plan_from_original_json(tiny_file, ONE_K, 4, base_capacity=50)
+    with pytest.raises(BudgetError, match="another resolution"):  # the 2B file on the 7-scale schedule
+        plan_from_original_json(json.loads(preset_path("infinity-2b-10pct").read_text()), TINY_SCHEDULE, 32, 650)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"Scale 5": {"Block 0": 1, "Max": 48,')
+    with pytest.raises(BudgetError, match=r"bad.json: malformed JSON at line 1"):
+        load_budget_file(bad, TINY_SCHEDULE, 4, 50)
+    broken = dict(tiny_file)
+    broken["Scale 6"] = {**tiny_file["Scale 6"], "Min": "64"}
+    bad.write_text(json.dumps(broken))
+    with pytest.raises(BudgetError, match=r"'Scale 6.Min' must be an integer"):
+        load_budget_file(bad, TINY_SCHEDULE, 4, 50)
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def test_memory_report_is_json_and_agrees_with_the_cache(pipe: InfinityPipeline) -> None:
+    full = pipe.generate(_cond(), seed=0, schedule=TINY_SCHEDULE, cache=CacheConfig(policy="full"), memory_report=True)
+    skv = pipe.generate(_cond(), seed=0, schedule=TINY_SCHEDULE,
+                        cache=CacheConfig(policy="scalekv", budget="10%", window=4), memory_report=True)
+    for r in (full, skv):
+        d = json.loads(json.dumps(r.memory.to_dict()))
+        assert d["measured_peak_mb"] > 0 and d["measurement"]
+        for s in r.memory.scales[:-1]:
+            assert s.held_tokens == s.planned_tokens
+            assert sum(s.stored_bytes) == sum(s.held_tokens) * r.memory.bytes_per_token_layer
+    assert skv.memory.analytic_mb < 0.12 * full.memory.analytic_mb
+    assert skv.memory.measured_peak_mb < full.memory.measured_peak_mb
+
+
+def test_cpu_peak_meter_measures_real_allocations() -> None:
+    meter = PeakMeter("cpu")
+    with meter.measure():
+        a = torch.ones(4 * 2**20 // 4)  # 4 MiB
+        b = torch.ones(2 * 2**20 // 4)  # 2 MiB, both alive
+        del a, b
+        c = torch.ones(2**20 // 4)
+        del c
+    assert 6 * 2**20 <= meter.peak_bytes < 7 * 2**20
+
+
+def test_planner_predicts_the_cache_and_brackets_the_measured_peak(pipe: InfinityPipeline) -> None:
+    cfg = pipe.transformer.cfg
+    for policy in ("full", "scalekv"):
+        config = CacheConfig(policy=policy, budget="10%", window=4)
+        r = pipe.generate(_cond(), seed=0, schedule=TINY_SCHEDULE, cache=config, memory_report=True)
+        plan = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, TINY_SCHEDULE, 1, config,
+                           torch.float32, text_tokens=19)
+        assert plan.analytic_mb == pytest.approx(r.memory.analytic_mb)
+        allocated = [sum(u.allocated_bytes) + u.workspace_bytes for u in r.samples.usage]
+        assert max(allocated) / 2**20 <= plan.cache_peak_mb * 1.0001
+        assert 0.6 * r.memory.measured_peak_mb <= plan.sampling_peak_mb <= 1.6 * r.memory.measured_peak_mb
