@@ -54,3 +54,41 @@ def test_wrong_cfg_list_length_is_a_clear_error(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "cfg list has 2 values" in r.stderr and "7 scales" in r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_scalekv_original_dump_and_memory_report(tmp_path: Path) -> None:
+    """The generator's ScaleKV flags reproduce the original patch's kept positions and write a memory report."""
+    case = "p0_apple_s0_cfg3_tau0.5"
+    ref = DATA / "scalekv" / case
+    r = _run("generate", "--transformer", str(DATA / "infinity_tiny.safetensors"), "--vae",
+             str(DATA / "vae_tiny.safetensors"), "--text-kv", str(ref / "text_kv_compact.npy"), "--seed", "0",
+             "--cfg", "3", "--tau", "0.5", "--width", "256", "--height", "256", "--kv-policy", "scalekv",
+             "--scoring", "original", "--budget", "50", "--budget-file", str(DATA / "scalekv_budget_tiny.json"),
+             "--out", str(tmp_path / "img.png"), "--dump", str(tmp_path / "dump"),
+             "--memory-report", str(tmp_path / "mem.json"))
+    assert r.returncode == 0, r.stderr
+    kept = sorted((tmp_path / "dump").glob("scalekv_kept_*.npy"))
+    assert [p.name for p in kept] == sorted(p.name for p in ref.glob("scalekv_kept_*.npy"))
+    for p in kept:
+        np.testing.assert_array_equal(np.load(p), np.load(ref / p.name), err_msg=p.name)
+    for si in range(7):
+        f = f"scale_{si:02d}_bits.npy"
+        np.testing.assert_array_equal(np.load(tmp_path / "dump" / f), np.load(ref / f))
+    report = json.loads((tmp_path / "mem.json").read_text())
+    assert report["policy"]["policy"] == "scalekv" and report["measured_peak_mb"] > 0
+    assert [s["held_tokens"] for s in report["scales"][3:6]] == [[48, 40, 40, 48], [96, 64, 64, 96], [160, 96, 96, 160]]
+    assert "measured peak" in r.stderr
+
+
+def test_unknown_policy_is_rejected_by_the_cli(tmp_path: Path) -> None:
+    r = _run("generate", "--transformer", "x", "--vae", "y", "--text-kv", "z", "--kv-policy", "h2o")
+    assert r.returncode == 2 and "h2o" in r.stderr
+
+
+def test_plan_command_predicts_memory() -> None:
+    r = _run("plan", "--model", "2b", "--kv-policy", "scalekv", "--budget", "10%", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert 0.095 < plan["analytic_mb"] / plan["full_analytic_mb"] < 0.105
+    # Table 1's MB column: the 2B full cache at batch 1 with CFG is 6425 tokens x 32 layers x 2048 x 6 bytes x 2.
+    assert abs(plan["full_analytic_mb"] - 6425 * 32 * 2048 * 6 * 2 / 2**20) < 1e-6

@@ -138,9 +138,14 @@ class KVCache:
     def begin_scale(self, scale: int) -> None:
         self.scale = scale
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compute_dtype: torch.dtype,
+    def attend(self, layer: int, q: torch.Tensor, kv: list[torch.Tensor], compute_dtype: torch.dtype,
                x: torch.Tensor | None = None, w_q: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of this scale's queries over the layer's cache plus its own keys, then the layer's eviction."""
+        """Attention of this scale's queries over the layer's cache plus its own keys, then the layer's eviction.
+
+        `kv` = [k, v] (B, H, n, c) is emptied once they are copied in, so they do not outlive the copy.
+        """
+        k, v = kv
+        kv.clear()
         scale, S, n = self.scale, self.lengths[layer], k.shape[2]
         total = S + n
         last = scale == self.schedule.num_scales - 1
@@ -149,6 +154,7 @@ class KVCache:
         if self._in_place(layer, scale, S, cap):
             buf_k[:, :, S:total].copy_(k)
             buf_v[:, :, S:total].copy_(v)
+            del k, v
             if self.track_positions and not last:
                 self.positions[layer][:, :, S:total] = self._new_positions(n)
             out = _sdpa(q, buf_k[:, :, :total], buf_v[:, :, :total], compute_dtype)
@@ -164,6 +170,7 @@ class KVCache:
             ws_v[:, :, :S].copy_(buf_v[:, :, :S])
         ws_k[:, :, S:total].copy_(k)
         ws_v[:, :, S:total].copy_(v)
+        del k, v
         keys, values = ws_k[:, :, :total], ws_v[:, :, :total]
         positions = None
         if self.track_positions:

@@ -32,8 +32,22 @@ def rope_table(head_dim: int, schedule: Schedule, base: float = 10000.0) -> torc
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=0)
 
 
+#: Tokens rotated at a time, so the temporaries stay small at large scales (the arithmetic is per element).
+ROPE_CHUNK = 1024
+
+
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate the pairs (x[2p], x[2p+1]) of x (B, H, L, c) by the L rows of `table` (2, L, c/2), in float32."""
+    L = x.shape[-2]
+    if L <= ROPE_CHUNK:
+        return _rotate(x, table)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for s in range(0, L, ROPE_CHUNK):
+        out[..., s:s + ROPE_CHUNK, :] = _rotate(x[..., s:s + ROPE_CHUNK, :], table[:, s:s + ROPE_CHUNK])
+    return out
+
+
+def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     cos, sin = table[0], table[1]
     x = x.float().reshape(*x.shape[:-1], -1, 2)
     x0, x1 = x[..., 0], x[..., 1]

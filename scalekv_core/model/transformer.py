@@ -17,6 +17,9 @@ from .config import InfinityConfig
 from .rope import apply_rope
 
 _MAX_SCALE_MUL = math.log(100.0)
+#: Tokens per FFN / QKV slice; scales up to 32x32 run in one piece, exactly as the original computes them.
+FFN_CHUNK = 1024
+QKV_CHUNK = 1024
 
 
 @dataclass
@@ -124,18 +127,31 @@ class SelfAttention(nn.Module):
     def qkv(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries and keys normalised, scaled and rotated in float32; values in the block's dtype. (B, H, L, c) each."""
         B, L, _ = x.shape
+        H, c = self.num_heads, self.head_dim
         w = self.mat_qkv.weight
-        qkv = F.linear(x.to(w.dtype), w, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
-        q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         scale_mul = self.scale_mul_1H11.float().clamp_max(_MAX_SCALE_MUL).exp()
-        q = F.normalize(q.float(), dim=-1, eps=1e-12).mul(scale_mul)
-        k = F.normalize(k.float(), dim=-1, eps=1e-12)
-        return apply_rope(q, rope), apply_rope(k, rope), v
+        if L <= QKV_CHUNK:
+            qkv = F.linear(x.to(w.dtype), w, bias).view(B, L, 3, H, c).permute(2, 0, 3, 1, 4)  # (3, B, H, L, c)
+            q = F.normalize(qkv[0].float(), dim=-1, eps=1e-12).mul(scale_mul)
+            k = F.normalize(qkv[1].float(), dim=-1, eps=1e-12)
+            return apply_rope(q, rope), apply_rope(k, rope), qkv[2]
+        # Large scales: project a slice of tokens at a time into preallocated q, k, v (no full packed qkv).
+        q = torch.empty(B, H, L, c, device=x.device, dtype=torch.float32)
+        k = torch.empty_like(q)
+        v = torch.empty(B, H, L, c, device=x.device, dtype=w.dtype)
+        for s in range(0, L, QKV_CHUNK):
+            e = min(L, s + QKV_CHUNK)
+            part = F.linear(x[:, s:e].to(w.dtype), w, bias).view(B, e - s, 3, H, c).permute(2, 0, 3, 1, 4)
+            q[:, :, s:e] = apply_rope(F.normalize(part[0].float(), dim=-1, eps=1e-12).mul(scale_mul), rope[:, s:e])
+            k[:, :, s:e] = apply_rope(F.normalize(part[1].float(), dim=-1, eps=1e-12), rope[:, s:e])
+            v[:, :, s:e] = part[2]
+        return q, k, v
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, L, C = x.shape
-        q, k, v = self.qkv(x, rope)
-        out = cached_attention(q, k, v, cache, layer, compute_dtype=self.proj.weight.dtype, x=x,
+        q, *kv = self.qkv(x, rope)  # kv: a list the cache empties, so k and v are freed once stored
+        out = cached_attention(q, kv, cache, layer, compute_dtype=self.proj.weight.dtype, x=x,
                                w_q=self.mat_qkv.weight[:C])
         return _linear(out.transpose(1, 2).reshape(B, L, C), self.proj)
 
@@ -165,13 +181,19 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, gss: torch.Tensor, text: TextKV, rope: torch.Tensor,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
+        """Updates x (B, L, C), float32, in place: the caller hands over a tensor nobody else reads."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + gss).unbind(2)  # (B, 1, C) each
         h = self.sa(ada_layer_norm(x, scale1, shift1, self.eps), rope, cache, layer)
-        x = x + h.float().mul_(gamma1)
-        n = F.layer_norm(x.float(), (x.shape[-1],), self.ca_norm.weight.float(), self.ca_norm.bias.float(), self.eps)
-        x = x + self.ca(n, text).float()
-        h = self.ffn(ada_layer_norm(x, scale2, shift2, self.eps))
-        return x + h.float().mul(gamma2)
+        x.add_(h.float().mul_(gamma1))
+        del h
+        n = F.layer_norm(x, (x.shape[-1],), self.ca_norm.weight.float(), self.ca_norm.bias.float(), self.eps)
+        x.add_(self.ca(n, text).float())
+        del n
+        # The FFN's hidden layer is the largest activation; large scales run it a slice of tokens at a time.
+        for s in range(0, x.shape[1], FFN_CHUNK):
+            xs = x[:, s:s + FFN_CHUNK]
+            xs.add_(self.ffn(ada_layer_norm(xs, scale2, shift2, self.eps)).float().mul_(gamma2))
+        return x
 
 
 class BlockChunk(nn.Module):
@@ -251,7 +273,7 @@ class Infinity(nn.Module):
     def forward_scale(self, x: torch.Tensor, scale_index: int, gss: torch.Tensor, text: TextKV,
                       rope: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """Run every block over one scale's tokens (B, L, C); keys and values accumulate in `cache`."""
-        x = x + self.lvl_embed.weight[scale_index]
+        x = (x + self.lvl_embed.weight[scale_index]).float()  # a fresh tensor: the blocks update it in place
         for layer, block in enumerate(self.blocks):
             x = block(x, gss, text, rope, cache, layer)
         return x

@@ -65,9 +65,12 @@ class ScaleKV(EvictionPolicy):
         drafters = self.drafters if self.drafters is not None else default_drafters(num_layers)
         return scalekv_plan(schedule, num_layers, self.budget, drafters, self.refiner_decay, self.window)
 
-    def _window(self, schedule: Schedule, scale: int) -> list[int]:
-        h, w = schedule.grids[scale]
-        return grid_window(h, w, self.window)
+    def _window(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """The grid window's local indices, made once per map size and device (no host-to-device copy per layer)."""
+        key = (h, w, str(device))
+        if key not in self._windows:
+            self._windows[key] = torch.tensor(grid_window(h, w, self.window), device=device)
+        return self._windows[key]
 
     def select(self, ctx: StepContext, keys: torch.Tensor, keep: int) -> torch.Tensor:
         if self.scoring == "original":
@@ -75,7 +78,7 @@ class ScaleKV(EvictionPolicy):
         return self._select_improved(ctx, keys, keep)
 
     def _select_improved(self, ctx: StepContext, keys: torch.Tensor, keep: int) -> torch.Tensor:
-        local = torch.tensor(self._window(ctx.schedule, ctx.scale), device=keys.device)
+        local = self._window(*ctx.grid, keys.device)
         scores = softmax_window_scores(ctx.q[:, :, local], keys)
         if ctx.positions is None:
             raise RuntimeError("improved ScaleKV scoring needs the cache to track positions")
@@ -88,7 +91,7 @@ class ScaleKV(EvictionPolicy):
         h, w = ctx.grid
         g = math.isqrt(self.window)
         if h >= g and w >= g:
-            local = torch.tensor(grid_window(h, w, self.window), device=keys.device)
+            local = self._window(h, w, keys.device)
             window = local + ctx.stored
         else:  # the original falls back to the newest tokens while the map is smaller than the grid
             size = min(self.window, total)
