@@ -140,3 +140,25 @@ def schedule_for_pixels(width: int, height: int) -> Schedule:
 def all_schedules() -> list[Schedule]:
     """Every (template, size) pair, for tables and tests."""
     return [get_schedule(t, s) for t in TEMPLATES for s in SIZES]
+
+
+def resolution_label(schedule: Schedule) -> str:
+    """'1024x1024 (1:1)': width x height and the aspect, the way a resolution menu lists it."""
+    h, w = schedule.pixel_size
+    aspect = f"{round(w / h, 2):g}:1" if w >= h else f"1:{round(h / w, 2):g}"  # width : height
+    return f"{w}x{h} ({aspect})"
+
+
+def resolution_choices() -> list[str]:
+    """Every official resolution as a menu label, largest size first, square first within a size."""
+    sizes = sorted(SIZES, key=SIZES.get, reverse=True)
+    return [resolution_label(get_schedule(t, s)) for s in sizes for t in TEMPLATES]
+
+
+def schedule_from_label(label: str) -> Schedule:
+    """The schedule a menu label names; an error for a label that is not an official resolution."""
+    for s in all_schedules():
+        if resolution_label(s) == label:
+            return s
+    raise ValueError(f"unsupported resolution {label!r}; choose one of the official templates, e.g. "
+                     f"{resolution_choices()[0]!r}")
