@@ -347,8 +347,11 @@ def kv_bytes_per_token(num_heads: int, head_dim: int, k_bytes: int, v_bytes: int
     return batch_rows * num_heads * head_dim * (k_bytes + v_bytes)
 
 
-class _Done(Exception):
-    """Internal: leave the parsing block early with `tokens` set."""
+def _number(text: str, spec: object) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise BudgetError(f"budget {spec!r}: expected a percentage ('10%'), tokens ('650') or MB ('900MB')") from None
 
 
 def parse_budget(spec: str | int | float, schedule: Schedule, num_layers: int | None = None,
@@ -359,34 +362,21 @@ def parse_budget(spec: str | int | float, schedule: Schedule, num_layers: int | 
     multiple of 50 once the prefix passes 5000 tokens; exact below that).
     """
     prefix = sum(schedule.tokens_per_scale[:-1])
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        tokens = int(spec)
+    text = str(spec).strip().lower().replace(" ", "")
+    if isinstance(spec, bool):
+        raise BudgetError(f"budget {spec!r}: expected a percentage ('10%'), tokens ('650') or MB ('900MB')")
+    if text.endswith("%"):
+        pct = min(_number(text[:-1], spec), 100.0)
+        exact = max(pct, 0.0) / 100 * prefix
+        tokens = math.ceil(exact / 50) * 50 if prefix > 5000 else math.ceil(exact)
+    elif text.endswith("mb"):
+        if num_layers is None or bytes_per_token_layer is None:
+            raise BudgetError("a budget in MB needs the model's size and batch")
+        tokens = int(_number(text[:-2], spec) * 2**20 // (num_layers * bytes_per_token_layer))
+    elif text.endswith("tokens"):
+        tokens = int(_number(text[:-6], spec))
     else:
-        text = str(spec).strip().lower().replace(" ", "")
-        try:
-            if text.endswith("%"):
-                pct = float(text[:-1])
-                if pct <= 0:
-                    tokens = 0
-                    raise _Done
-                pct = min(pct, 100.0)
-                exact = pct / 100 * prefix
-                tokens = math.ceil(exact / 50) * 50 if prefix > 5000 else math.ceil(exact)
-            elif text.endswith("mb"):
-                mb = float(text[:-2])
-                if num_layers is None or bytes_per_token_layer is None:
-                    raise BudgetError("a budget in MB needs the model's size and batch")
-                tokens = int(mb * 2**20 // (num_layers * bytes_per_token_layer))
-            elif text.endswith("tokens"):
-                tokens = int(text[:-6])
-            else:
-                tokens = int(float(text))
-        except _Done:
-            pass
-        except BudgetError:
-            raise
-        except ValueError as e:
-            raise BudgetError(f"budget {spec!r}: expected a percentage ('10%'), tokens ('650') or MB ('900MB')") from e
+        tokens = int(_number(text, spec))
     if tokens <= 0:
         raise BudgetError(f"budget {spec!r} gives {tokens} tokens per layer; it must be positive")
     return min(tokens, prefix)
