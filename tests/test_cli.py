@@ -92,3 +92,24 @@ def test_plan_command_predicts_memory() -> None:
     assert 0.095 < plan["analytic_mb"] / plan["full_analytic_mb"] < 0.105
     # Table 1's MB column: the 2B full cache at batch 1 with CFG is 6425 tokens x 32 layers x 2048 x 6 bytes x 2.
     assert abs(plan["full_analytic_mb"] - 6425 * 32 * 2048 * 6 * 2 / 2**20) < 1e-6
+
+
+def test_calibrate_command_writes_a_budget_file_that_generate_accepts(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple on a wooden table\n\nalien spaceship enterprise\n")
+    out = tmp_path / "budget.json"
+    common = ["--transformer", str(DATA / "infinity_tiny.safetensors"), "--vae", str(DATA / "vae_tiny.safetensors"),
+              "--text-encoder", str(DATA / "t5_tiny"), "--width", "256", "--height", "256"]
+    r = _run("calibrate", *common, "--prompts", str(prompts), "--budget", "48", "--window", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["budget_file"] == str(out) and summary["budget_tokens"] == 48
+    data = json.loads(out.read_text())
+    assert data and all(k.startswith("Scale ") for k in data)
+    assert (tmp_path / "budget.asi.json").exists()
+    r2 = _run("generate", *common, "--prompt", "a red apple", "--kv-policy", "scalekv", "--budget-file", str(out),
+              "--budget", "48", "--window", "4", "--out", str(tmp_path / "img.png"),
+              "--memory-report", str(tmp_path / "mem.json"))
+    assert r2.returncode == 0, r2.stderr
+    report = json.loads((tmp_path / "mem.json").read_text())
+    assert all(s["held_tokens"] == s["planned_tokens"] for s in report["scales"][:-1])
