@@ -149,11 +149,24 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        return self.modulated(x, None, None, 0.0, rope, cache, layer)
+
+    def modulated(self, x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, eps: float,
+                  rope: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        """Attention of AdaLN(x); the normalised input and the queries are dropped as soon as they are used.
+
+        Called directly (not through nn.Module.__call__, whose argument tuple would keep the input alive), so at
+        large scales neither outlives the attention.
+        """
         B, L, C = x.shape
-        q, *kv = self.qkv(x, rope)  # kv: a list the cache empties, so k and v are freed once stored
-        out = cached_attention(q, kv, cache, layer, compute_dtype=self.proj.weight.dtype, x=x,
+        xs = x if scale is None else ada_layer_norm(x, scale, shift, eps)
+        del x
+        q, *kv = self.qkv(xs, rope)  # kv: a list the cache empties, so k and v are freed once stored
+        out = cached_attention(q, kv, cache, layer, compute_dtype=self.proj.weight.dtype, x=xs,
                                w_q=self.mat_qkv.weight[:C])
-        return _linear(out.transpose(1, 2).reshape(B, L, C), self.proj)
+        del q, xs
+        out = out.transpose(1, 2).reshape(B, L, C)
+        return _linear(out, self.proj)
 
 
 class FFN(nn.Module):
@@ -183,7 +196,7 @@ class Block(nn.Module):
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         """Updates x (B, L, C), float32, in place: the caller hands over a tensor nobody else reads."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + gss).unbind(2)  # (B, 1, C) each
-        h = self.sa(ada_layer_norm(x, scale1, shift1, self.eps), rope, cache, layer)
+        h = self.sa.modulated(x, scale1, shift1, self.eps, rope, cache, layer)
         x.add_(h.float().mul_(gamma1))
         del h
         n = F.layer_norm(x, (x.shape[-1],), self.ca_norm.weight.float(), self.ca_norm.bias.float(), self.eps)
