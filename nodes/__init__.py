@@ -1,1 +1,24 @@
-"""ComfyUI node adapters over `scalekv_core` (not written yet: they arrive with the node-pack issue)."""
+"""ComfyUI nodes (V3 API): thin adapters over `scalekv_core`. Imported only inside ComfyUI (see the root __init__)."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import paths
+
+paths.register_folders()  # before the node modules build their file menus
+
+from .cache import ScaleKVCacheConfig, ScaleKVCalibrate  # noqa: E402
+from .loading import InfinityModelLoader, InfinityTextEncode  # noqa: E402
+from .sampling import InfinitySampler  # noqa: E402
+
+NODES: list[type[io.ComfyNode]] = [InfinityModelLoader, InfinityTextEncode, ScaleKVCacheConfig, InfinitySampler,
+                                   ScaleKVCalibrate]
+
+
+class ScaleKVExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> ScaleKVExtension:
+    return ScaleKVExtension()

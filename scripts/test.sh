@@ -3,7 +3,8 @@
 #   1. .venv with torch 2.13.0 (CPU): every test.
 #   2. .venv-torch2.14 with torch 2.14.1: the parity tests again, plus a check that both torch versions
 #      decode the reference cases within 1.4e-5 of each other.
-# Extra arguments go to the first pytest run. SCALEKV_SKIP_TORCH_MATRIX=1 skips step 2.
+#   3. a real ComfyUI 0.3.75 with its own venv (scripts/comfy_host.sh, from PyPI): the node tests in tests/comfy.
+# Extra arguments go to the first pytest run. SCALEKV_SKIP_TORCH_MATRIX=1 skips step 2, SCALEKV_SKIP_COMFY=1 step 3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=out/test
@@ -14,4 +15,10 @@ if [ "${SCALEKV_SKIP_TORCH_MATRIX:-0}" != 1 ]; then
   bash scripts/setup_env.sh .venv-torch2.14 2.14.1
   SCALEKV_PARITY_DUMP="$OUT/torch-2.14.1" SCALEKV_COMPARE_WITH="$OUT/torch-2.13.0" \
     .venv-torch2.14/bin/python -m pytest tests/test_parity.py -rA -q
+fi
+if [ "${SCALEKV_SKIP_COMFY:-0}" != 1 ]; then
+  export COMFY_HOST_DIR=${COMFY_HOST_DIR:-/tmp/scalekv-comfy}
+  export COMFY_VENV=${COMFY_VENV:-$COMFY_HOST_DIR/venv}
+  bash scripts/comfy_host.sh setup
+  SCALEKV_COMFYUI="$COMFY_HOST_DIR/ComfyUI" "$COMFY_VENV/bin/python" -m pytest tests/comfy -q
 fi

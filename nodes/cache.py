@@ -1,0 +1,258 @@
+"""ScaleKV Cache Config and ScaleKV Calibrate: the KV-cache settings and the budget files they can use."""
+from __future__ import annotations
+
+import math
+import os
+
+import comfy.model_management as mm
+import comfy.utils
+from comfy_api.latest import io
+
+from ..scalekv_core.kvcache import CacheConfig
+from ..scalekv_core.kvcache.budget import PRESETS, parse_budget
+from ..scalekv_core.kvcache.calibration import calibrate
+from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES
+from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
+from ..scalekv_core.kvcache.scoring import POOLINGS
+from ..scalekv_core.schedules import resolution_choices, resolution_label, schedule_from_label
+from . import models, paths
+from .io_types import CATEGORY_SCALEKV, CacheConfigType, InfinityModelType, InfinityT5Type
+
+BUDGET_UNITS = ["percent", "tokens", "MB"]
+GENERATED = "generated"
+PRESET_PREFIX = "preset:"
+FILE_PREFIX = "file:"
+#: Policies whose observation window is a √w x √w grid over the token map (so w must be a square).
+GRID_WINDOW_POLICIES = ("scalekv",)
+DEFAULT_RESOLUTION = "1024x1024 (1:1)"
+DEFAULT_CALIBRATION_PROMPTS = "\n".join([
+    "a photo of a red fox standing in fresh snow, morning light",
+    "a lighthouse on a cliff at dusk, oil painting",
+    "a bowl of ramen on a wooden table, top view, studio photo",
+    "portrait of an old sailor with a white beard, dramatic lighting",
+])
+
+
+def budget_source_choices() -> list[str]:
+    return ([GENERATED] + [PRESET_PREFIX + p for p in PRESETS]
+            + [FILE_PREFIX + f for f in paths.budget_file_choices()])
+
+
+def budget_spec(unit: str, budget: float) -> str | int:
+    """The engine's budget string: '10%', 650 (tokens) or '900MB'."""
+    if unit == "percent":
+        return f"{budget:g}%"
+    if unit == "tokens":
+        return int(budget)
+    return f"{budget:g}MB"
+
+
+def budget_settings_problem(policy=None, budget_unit=None, budget=None, window=None, kernel=None,
+                            budget_source=None) -> str | None:
+    """Why these settings can never run, or None. Inputs that arrive through links (None here) are not checked."""
+    if policy is not None and policy not in POLICIES:
+        return f"unknown policy '{policy}'; choose one of {', '.join(POLICIES)}"
+    if budget_unit is not None and budget_unit not in BUDGET_UNITS:
+        return f"unknown budget unit '{budget_unit}'; choose one of {', '.join(BUDGET_UNITS)}"
+    if budget is not None:
+        if not math.isfinite(budget) or budget <= 0:
+            return f"budget must be positive, got {budget:g}"
+        if budget_unit == "percent" and budget > 100:
+            return f"a budget of {budget:g} percent is more than the whole cache; use at most 100"
+        if budget_unit == "tokens" and budget != int(budget):
+            return f"a budget in tokens must be a whole number, got {budget:g}"
+    if window is not None:
+        if window <= 0:
+            return f"window must be positive, got {window}"
+        if policy in GRID_WINDOW_POLICIES and math.isqrt(window) ** 2 != window:
+            return (f"window {window} is not a square number; the {policy} policy observes a √window x √window grid "
+                    f"of the token map: use 4, 9, 16, 25, ...")
+    if kernel is not None and (kernel <= 0 or kernel % 2 == 0):
+        return f"pooling kernel must be a positive odd number, got {kernel}"
+    if budget_source is not None:
+        if budget_source.startswith(FILE_PREFIX):
+            try:
+                paths.resolve_budget_file(budget_source[len(FILE_PREFIX):])
+            except (FileNotFoundError, ValueError) as e:
+                return str(e)
+        elif budget_source != GENERATED and budget_source[len(PRESET_PREFIX):] not in PRESETS:
+            return f"unknown budget source '{budget_source}'; choose one of {', '.join(budget_source_choices())}"
+        if budget_source != GENERATED and policy is not None and policy != "scalekv":
+            return (f"budget source '{budget_source}' is a ScaleKV budget file, which only the scalekv policy uses "
+                    f"(policy is {policy}); choose 'generated' or the scalekv policy")
+    return None
+
+
+def budget_file_for(budget_source: str, budget_file: str | None) -> str | None:
+    """The CacheConfig.budget_file: a full path in models/scalekv, a preset name, or None for a generated plan."""
+    if budget_file is not None and budget_file.strip():
+        name = budget_file.strip()
+        return paths.resolve_budget_file(name[len(FILE_PREFIX):] if name.startswith(FILE_PREFIX) else name)
+    if budget_source.startswith(FILE_PREFIX):
+        return paths.resolve_budget_file(budget_source[len(FILE_PREFIX):])
+    if budget_source.startswith(PRESET_PREFIX):
+        return budget_source[len(PRESET_PREFIX):]
+    return None
+
+
+class ScaleKVCacheConfig(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ScaleKVCacheConfig",
+            display_name="ScaleKV Cache Config",
+            category=CATEGORY_SCALEKV,
+            description="KV-cache settings for the Infinity Sampler: eviction policy, budget, scoring and storage. "
+                        "Leave the sampler's cache_config unconnected for the full cache.",
+            inputs=[
+                io.Combo.Input("policy", options=list(POLICIES), default="scalekv",
+                               tooltip="full keeps everything; scalekv = scale-aware budgets (drafters/refiners)"),
+                io.Combo.Input("budget_unit", options=BUDGET_UNITS, default="percent",
+                               tooltip="percent of the cache before the last scale (10% = 650 tokens at 1024x1024), "
+                                       "tokens per layer, or a memory target in MB"),
+                io.Float.Input("budget", default=10.0, min=0.0, max=1e6, step=0.5,
+                               tooltip="the budget in budget_unit; with a budget file it is also the base capacity "
+                                       "(use the calibration's budget)"),
+                io.Int.Input("window", default=16, min=1, max=4096,
+                             tooltip="observation window in tokens (scalekv: a square number, a grid over the map)"),
+                io.Int.Input("kernel", default=5, min=1, max=63, tooltip="score pooling kernel (odd)"),
+                io.Combo.Input("pooling", options=list(POOLINGS), default="maxpool"),
+                io.Combo.Input("scoring", options=list(SCORINGS), default="improved",
+                               tooltip="improved: real queries, pooling inside each token map; original: as released"),
+                io.Combo.Input("kv_dtype", options=list(KV_DTYPES), default="auto",
+                               tooltip="cache storage; auto = keys fp32, values in the block dtype (the original)"),
+                io.Combo.Input("budget_source", options=budget_source_choices(), default=GENERATED,
+                               tooltip="generated = the rule-based plan; preset:* = the released 10% files "
+                                       "(1024x1024); file:* = a calibration in models/scalekv"),
+                io.Float.Input("refiner_decay", default=0.0, min=0.0, max=1000.0, step=1.0,
+                               tooltip="generated plans: refiner budgets shrink by this many tokens per scale"),
+                io.String.Input("budget_file", optional=True, force_input=True,
+                                tooltip="a budget file name from ScaleKV Calibrate; overrides budget_source"),
+            ],
+            outputs=[CacheConfigType.Output(display_name="cache_config")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, policy=None, budget_unit=None, budget=None, window=None, kernel=None,
+                        budget_source=None) -> bool | str:
+        """Named inputs skip ComfyUI's own min/max/menu checks, so these are checked here (linked ones are None)."""
+        problem = budget_settings_problem(policy, budget_unit, budget, window, kernel, budget_source)
+        return True if problem is None else problem
+
+    @classmethod
+    def fingerprint_inputs(cls, budget_source=None, **_) -> str:
+        """A budget file rewritten in place (a new calibration) must reach the sampler: its mtime is the fingerprint."""
+        if isinstance(budget_source, str) and budget_source.startswith(FILE_PREFIX):
+            try:
+                return f"{os.path.getmtime(paths.resolve_budget_file(budget_source[len(FILE_PREFIX):])):.6f}"
+            except (OSError, ValueError):
+                return "missing"
+        return ""
+
+    @classmethod
+    def execute(cls, policy: str, budget_unit: str, budget: float, window: int, kernel: int, pooling: str,
+                scoring: str, kv_dtype: str, budget_source: str, refiner_decay: float,
+                budget_file: str | None = None) -> io.NodeOutput:
+        problem = budget_settings_problem(policy, budget_unit, budget, window, kernel, budget_source)
+        if problem is None and budget_file and policy != "scalekv":
+            problem = f"budget file '{budget_file}' only applies to the scalekv policy (policy is {policy})"
+        if problem is not None:
+            raise ValueError(problem)
+        config = CacheConfig(policy=policy, budget=budget_spec(budget_unit, budget), window=window, kernel=kernel,
+                             pooling=pooling, scoring=scoring, kv_dtype=kv_dtype,
+                             budget_file=budget_file_for(budget_source, budget_file), refiner_decay=refiner_decay)
+        config.validate()
+        return io.NodeOutput(config)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+#: Budget files this process wrote, by path: a cached Calibrate result whose file has since gone must re-run.
+_written: set[str] = set()
+_generation: dict[str, int] = {}
+
+
+def calibration_file_name(filename_prefix: str, resolution: str, budget: float) -> str:
+    """'<prefix>_<W>x<H>_<budget>pct.json' (resolution and budget in the name: a file fits only those)."""
+    schedule = schedule_from_label(resolution)
+    h, w = schedule.pixel_size
+    return paths.clean_name(f"{filename_prefix.strip()}_{w}x{h}_{budget:g}pct.json")
+
+
+class ScaleKVCalibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ScaleKVCalibrate",
+            display_name="ScaleKV Calibrate",
+            category=CATEGORY_SCALEKV,
+            description="Runs the full cache on a few prompts, measures each layer's attention selectivity, picks "
+                        "the drafter layers and writes a ScaleKV budget file into models/scalekv. Use it in ScaleKV "
+                        "Cache Config (budget_source file:<name>, or link the file name) at the same resolution "
+                        "and budget.",
+            inputs=[
+                InfinityModelType.Input("model"),
+                InfinityT5Type.Input("t5"),
+                io.String.Input("prompts", multiline=True, default=DEFAULT_CALIBRATION_PROMPTS,
+                                tooltip="one prompt per line"),
+                io.Combo.Input("resolution", options=resolution_choices(), default=DEFAULT_RESOLUTION),
+                io.Float.Input("budget", default=10.0, min=0.1, max=100.0, step=0.5,
+                               tooltip="percent of the cache before the last scale"),
+                io.Int.Input("num_drafters", default=0, min=0, max=100000,
+                             tooltip="drafter (scale, layer) pairs in all; 0 = the default (~6.6%)"),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="prompt i uses seed + i"),
+                io.String.Input("filename_prefix", default="scalekv_budget",
+                                tooltip="file name start; resolution and budget are appended"),
+            ],
+            outputs=[io.String.Output(display_name="budget_file")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, budget=None, filename_prefix=None) -> bool | str:
+        if budget is not None and not 0 < budget <= 100:
+            return f"budget must be a percentage in (0, 100], got {budget:g}"
+        if filename_prefix is not None:
+            try:
+                paths.clean_name(filename_prefix)
+            except ValueError as e:
+                return f"filename_prefix: {e}"
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, filename_prefix=None, resolution=None, budget=None, **_) -> int:
+        """Unchanged while the written file exists; a deleted file makes the next run calibrate again."""
+        try:
+            path = paths.budget_output_path(calibration_file_name(filename_prefix, resolution, budget))
+        except Exception:  # a linked (not yet known) or invalid input: validation reports it
+            return 0
+        if path in _written and not os.path.isfile(path):
+            _written.discard(path)
+            _generation[path] = _generation.get(path, 0) + 1
+        return _generation.get(path, 0)
+
+    @classmethod
+    def execute(cls, model: models.InfinityModel, t5: models.InfinityT5, prompts: str, resolution: str,
+                budget: float, num_drafters: int, seed: int, filename_prefix: str) -> io.NodeOutput:
+        lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+        if not lines:
+            raise ValueError("ScaleKV Calibrate needs at least one prompt (one per line)")
+        schedule = schedule_from_label(resolution)
+        tokens = parse_budget(f"{budget:g}%", schedule)
+        name = calibration_file_name(filename_prefix, resolution, budget)
+        conds = [t5.encode([p]) for p in lines]
+        model.load(model.memory_required(schedule, 1, None))
+        pbar = comfy.utils.ProgressBar(len(lines))
+
+        def on_prompt(done: int, total: int) -> None:
+            pbar.update_absolute(done, total)
+            mm.throw_exception_if_processing_interrupted()
+
+        result = calibrate(model.pipeline, conds, schedule, tokens, num_drafters or None, seed, on_prompt=on_prompt)
+        path = paths.budget_output_path(name)
+        result.write(path)
+        _written.add(path)
+        summary = {"budget_file": name, "path": path, "resolution": resolution_label(schedule),
+                   "budget_percent": budget, "budget_tokens": tokens, "prompts": len(lines),
+                   "drafters": result.drafters}
+        return io.NodeOutput(name, ui={"scalekv_calibration": [summary]})

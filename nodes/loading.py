@@ -1,0 +1,64 @@
+"""Infinity Model Loader and Infinity Text Encode."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import models, paths
+from .io_types import CATEGORY, InfinityConditioningType, InfinityModelType, InfinityT5Type
+
+
+class InfinityModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinityModelLoader",
+            display_name="Infinity Model Loader",
+            category=CATEGORY,
+            description="Loads an Infinity transformer (2B file or 8B shard folder), its BSQ-VAE and the T5 text "
+                        "encoder. The architecture is read from the files; the models live in ModelPatchers, so "
+                        "ComfyUI can offload and unload them.",
+            inputs=[
+                io.Combo.Input("transformer", options=paths.transformer_choices(),
+                               tooltip="models/infinity: a checkpoint file or the 8B's shard folder (*.index.json)"),
+                io.Combo.Input("vae", options=paths.vae_choices(),
+                               tooltip="models/infinity or models/vae: the BSQ-VAE that fits the transformer "
+                                       "(2B: infinity_vae_d32reg, 8B: infinity_vae_d56_f8_14_patchify)"),
+                io.Combo.Input("text_encoder", options=paths.text_encoder_choices(),
+                               tooltip="models/text_encoders: a T5 folder (flan-t5-xl) with config.json"),
+                io.Combo.Input("precision", options=models.PRECISION_CHOICES, default="auto",
+                               tooltip="transformer blocks: auto = bf16 on CUDA, fp32 on CPU"),
+            ],
+            outputs=[
+                InfinityModelType.Output(display_name="model"),
+                InfinityT5Type.Output(display_name="t5"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, transformer: str, vae: str, text_encoder: str, precision: str = "auto") -> io.NodeOutput:
+        model = models.load_infinity(paths.resolve_transformer(transformer), paths.resolve_vae(vae), precision)
+        t5 = models.load_t5(paths.resolve_text_encoder(text_encoder), precision)
+        models.check_text_channels(model, t5)
+        return io.NodeOutput(model, t5)
+
+
+class InfinityTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinityTextEncode",
+            display_name="Infinity Text Encode",
+            category=CATEGORY,
+            description="Encodes a prompt with T5 for the Infinity Sampler. A separate node, so T5 can leave the "
+                        "GPU before sampling. For a negative prompt use a second one; leave the sampler's negative "
+                        "unconnected to use the model's learned unconditional embedding.",
+            inputs=[
+                InfinityT5Type.Input("t5"),
+                io.String.Input("prompt", multiline=True, default=""),
+            ],
+            outputs=[InfinityConditioningType.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, t5: models.InfinityT5, prompt: str) -> io.NodeOutput:
+        return io.NodeOutput(t5.encode([prompt]))

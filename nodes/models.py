@@ -1,0 +1,130 @@
+"""What the loader outputs: the engine's pipeline and T5 encoder, each inside a ComfyUI ModelPatcher.
+
+The patchers register the weights with ComfyUI's memory manager: `load_models_gpu` moves them to the compute
+device before use, other models' loads can offload them, and the "unload models" button frees them. Weights are
+loaded on the offload device (as ComfyUI's own loaders do) and always moved whole (`force_full_load`): the engine's
+modules have no partial-offload casting ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+
+from ..scalekv_core.kvcache import CacheConfig
+from ..scalekv_core.kvcache.memory import MiB, plan_memory
+from ..scalekv_core.loader import PRECISIONS, load_transformer, load_vae, resolve_precision, vae_patchify_for
+from ..scalekv_core.model.config import KNOWN_MODELS
+from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
+from ..scalekv_core.pipeline import InfinityPipeline
+from ..scalekv_core.schedules import Schedule
+
+PRECISION_CHOICES = ["auto", *PRECISIONS]
+_DTYPE_NAMES = {v: k for k, v in PRECISIONS.items()}
+
+
+class InfinityModules(torch.nn.Module):
+    """Transformer and VAE under one module, so one ModelPatcher moves and offloads both."""
+
+    def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.vae = vae
+
+
+class T5Module(torch.nn.Module):
+    """Holds the Hugging Face T5 encoder: ModelPatcher sets `.device` on its module, which HF models do not allow."""
+
+    def __init__(self, t5: torch.nn.Module) -> None:
+        super().__init__()
+        self.t5 = t5
+
+
+def _patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+
+
+@dataclass
+class InfinityModel:
+    """INFINITY_MODEL: the pipeline (transformer + VAE), its patcher, and what was loaded."""
+
+    pipeline: InfinityPipeline
+    patcher: object  # comfy.model_patcher.ModelPatcher
+    info: dict = field(default_factory=dict)
+
+    def memory_required(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True) -> int:
+        """Bytes sampling (or decoding, whichever is larger) needs beside the weights, from the engine's planner."""
+        t = self.pipeline.transformer
+        c = t.cfg
+        plan = plan_memory(c.depth, c.embed_dim, c.num_heads, c.ffn_hidden, c.d_vae, schedule, batch,
+                           cache or CacheConfig(policy="full"), t.block_dtype, cfg=cfg,
+                           vae_base_ch=self.pipeline.vae.cfg.base_ch, vae_patch=self.pipeline.vae.cfg.patch_size)
+        return int(max(plan.sampling_peak_mb, plan.decode_peak_mb) * MiB)
+
+    def load(self, memory_required: int = 0) -> None:
+        """Move the weights to the compute device (evicting other models if the memory manager must)."""
+        mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
+
+
+@dataclass
+class InfinityT5:
+    """INFINITY_T5: the T5 encoder and its patcher."""
+
+    encoder: T5TextEncoder
+    patcher: object  # comfy.model_patcher.ModelPatcher
+    info: dict = field(default_factory=dict)
+
+    def encode(self, prompts: list[str]) -> TextConditioning:
+        """T5 features of the prompts, on ComfyUI's intermediate device."""
+        mm.load_models_gpu([self.patcher], force_full_load=True)
+        return self.encoder.encode(list(prompts)).to(mm.intermediate_device())
+
+
+def precision_name(precision: str, device: torch.device) -> str:
+    """'auto' resolved on the device that will run the model (bf16 on CUDA, fp32 on CPU), as the engine rules."""
+    return _DTYPE_NAMES[resolve_precision(precision, device)]
+
+
+def architecture_name(cfg) -> str:
+    for name, known in KNOWN_MODELS.items():
+        if (known.depth, known.embed_dim, known.num_heads, known.d_vae) == (cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.d_vae):
+            return f"infinity-{name}"
+    return "custom"
+
+
+def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto") -> InfinityModel:
+    """Transformer + VAE from files (architecture read off the tensors), checked to fit each other."""
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    prec = precision_name(precision, load_device)
+    transformer = load_transformer(transformer_path, device=offload_device, precision=prec)
+    vae = load_vae(vae_path, device=offload_device)
+    vae_patchify_for(transformer.cfg, vae.cfg, (str(transformer_path), str(vae_path)))  # names both files if not
+    pipeline = InfinityPipeline(transformer, vae)
+    cfg = transformer.cfg
+    info = {"architecture": architecture_name(cfg), "transformer": str(transformer_path), "vae": str(vae_path),
+            "precision": prec, "depth": cfg.depth, "width": cfg.embed_dim, "heads": cfg.num_heads,
+            "bits_per_token": cfg.d_vae, "text_channels": cfg.text_channels,
+            "vae_bits": vae.cfg.codebook_dim, "vae_patch": vae.cfg.patch_size, "patchify": pipeline.vae_patchify,
+            "load_device": str(load_device), "offload_device": str(offload_device)}
+    return InfinityModel(pipeline, _patcher(InfinityModules(transformer, vae), load_device, offload_device), info)
+
+
+def load_t5(folder: str, precision: str = "auto") -> InfinityT5:
+    """T5 encoder from a Hugging Face folder: fp16 when it runs on CUDA (the original's choice) unless fp32 is asked."""
+    load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+    dtype = torch.float16 if torch.device(load_device).type == "cuda" and precision != "fp32" else torch.float32
+    encoder = T5TextEncoder.from_folder(folder, device=offload_device, dtype=dtype)
+    info = {"text_encoder": str(folder), "text_channels": encoder.text_channels, "dtype": _DTYPE_NAMES[dtype],
+            "load_device": str(load_device), "offload_device": str(offload_device)}
+    return InfinityT5(encoder, _patcher(T5Module(encoder.module), load_device, offload_device), info)
+
+
+def check_text_channels(model: InfinityModel, t5: InfinityT5) -> None:
+    """The transformer cross-attends to T5 features of a fixed width: the two must agree."""
+    expected = model.pipeline.transformer.cfg.text_channels
+    if t5.encoder.text_channels != expected:
+        raise ValueError(f"text encoder {t5.info['text_encoder']} gives {t5.encoder.text_channels}-channel features "
+                         f"but the transformer {model.info['transformer']} expects {expected} (flan-t5-xl: 2048)")

@@ -1,0 +1,184 @@
+"""Model folders of the pack: registration in ComfyUI's `folder_paths`, menu choices, and name -> path lookups.
+
+Keys:
+- `infinity` (models/infinity): transformer files, the 8B's shard folders (any folder holding a `*.index.json`),
+  and, accepted too, VAE files.
+- `scalekv` (models/scalekv): budget JSON files written by ScaleKV Calibrate (or copied there by hand).
+- core `vae` (VAE files) and core `text_encoders` (T5 = a sub-folder holding `config.json`).
+
+Registration merges with what is already there (a user's extra_model_paths.yaml is applied before packs
+import): our default folder is appended if missing and the extensions are unioned, never replaced.
+"""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+INFINITY = "infinity"
+SCALEKV = "scalekv"
+VAE = "vae"
+TEXT_ENCODERS = "text_encoders"
+
+BUDGET_EXTENSIONS = {".json"}
+#: Calibration writes `<stem>.asi.json` beside every budget file: the measurements, not a budget.
+SIDECAR_SUFFIX = ".asi.json"
+#: Where ComfyUI's loaders look, shown in errors ("models/infinity") next to the real folders searched.
+FOLDER_LABELS = {INFINITY: "models/infinity", SCALEKV: "models/scalekv", VAE: "models/vae",
+                 TEXT_ENCODERS: "models/text_encoders"}
+
+
+def register_folder(key: str, default_dir: str, extensions: set[str]) -> None:
+    """Add `default_dir` to `key` (kept after folders the user configured) and union the extensions."""
+    paths, exts = folder_paths.folder_names_and_paths.get(key, ([], set()))
+    paths = list(paths)
+    if default_dir not in paths:
+        paths.append(default_dir)
+    folder_paths.folder_names_and_paths[key] = (paths, set(exts) | set(extensions))
+
+
+def register_folders() -> None:
+    register_folder(INFINITY, os.path.join(folder_paths.models_dir, INFINITY), set(folder_paths.supported_pt_extensions))
+    register_folder(SCALEKV, os.path.join(folder_paths.models_dir, SCALEKV), BUDGET_EXTENSIONS)
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+
+def clean_name(name: str) -> str:
+    """A menu name as a relative path; absolute paths and '..' cannot leave the model folders."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("no model name given")
+    rel = os.path.normpath(name.strip().replace("\\", "/"))
+    if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep) or rel.startswith("../"):
+        raise ValueError(f"'{name}' is not a name inside a model folder")
+    return rel
+
+
+def _dirs(key: str) -> list[str]:
+    return folder_paths.get_folder_paths(key) if key in folder_paths.folder_names_and_paths else []
+
+
+def _searched(*keys: str) -> str:
+    dirs = [d for k in keys for d in _dirs(k)]
+    return f"{' or '.join(FOLDER_LABELS.get(k, k) for k in keys)} (searched: {', '.join(dirs) or 'no folders'})"
+
+
+def _is_shard_folder(path: str) -> bool:
+    return os.path.isdir(path) and any(f.endswith(".index.json") for f in os.listdir(path))
+
+
+def _walk_folders(key: str, is_match) -> list[str]:
+    """Relative names of the folders under `key` that `is_match(files)`; found folders are not descended into."""
+    found = set()
+    for base in _dirs(key):
+        if not os.path.isdir(base):
+            continue
+        for root, subdirs, files in os.walk(base, followlinks=True):
+            if root != base and is_match(files):
+                found.add(os.path.relpath(root, base).replace(os.sep, "/"))
+                subdirs[:] = []
+    return sorted(found)
+
+
+def shard_folders() -> list[str]:
+    """Sharded transformers (the 8B): folders under models/infinity holding a `*.index.json`."""
+    return _walk_folders(INFINITY, lambda files: any(f.endswith(".index.json") for f in files))
+
+
+def _files(key: str) -> list[str]:
+    return [f.replace(os.sep, "/") for f in folder_paths.get_filename_list(key)] if key in folder_paths.folder_names_and_paths else []
+
+
+def _looks_like_vae(name: str) -> bool:
+    return "vae" in os.path.basename(name).lower()
+
+
+def infinity_files() -> list[str]:
+    """Checkpoint files in models/infinity, without the shards of shard folders."""
+    shards = shard_folders()
+    return [f for f in _files(INFINITY) if not any(f.startswith(s + "/") for s in shards)]
+
+
+def transformer_choices() -> list[str]:
+    """Transformer files and shard folders of models/infinity; names containing 'vae' last."""
+    names = sorted(set(infinity_files()) | set(shard_folders()))
+    return [n for n in names if not _looks_like_vae(n)] + [n for n in names if _looks_like_vae(n)]
+
+
+def vae_choices() -> list[str]:
+    """VAE-named files of models/infinity, then models/vae, then the other files of models/infinity."""
+    inf = infinity_files()
+    out: list[str] = []
+    for name in [n for n in inf if _looks_like_vae(n)] + _files(VAE) + [n for n in inf if not _looks_like_vae(n)]:
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def text_encoder_choices() -> list[str]:
+    """T5 folders (any folder with a config.json) under models/text_encoders; names containing 't5' first."""
+    names = _walk_folders(TEXT_ENCODERS, lambda files: "config.json" in files)
+    return [n for n in names if "t5" in n.lower()] + [n for n in names if "t5" not in n.lower()]
+
+
+def budget_file_choices() -> list[str]:
+    """Budget files in models/scalekv (the calibration side files excluded)."""
+    return [f for f in _files(SCALEKV) if not f.endswith(SIDECAR_SUFFIX)]
+
+
+# ------------------------------------------------------------------------------------------------ lookups
+
+
+def _require(name: str, what: str, *keys: str) -> str:
+    """An empty menu (no files yet) sends no name: say where the files go instead of 'no name'."""
+    if not isinstance(name, str) or not name.strip():
+        raise FileNotFoundError(f"no {what} selected: none found in {_searched(*keys)}")
+    return clean_name(name)
+
+
+def resolve_transformer(name: str) -> str:
+    rel = _require(name, "Infinity transformer", INFINITY)
+    for base in _dirs(INFINITY):
+        path = os.path.join(base, rel)
+        if os.path.isfile(path) or _is_shard_folder(path):
+            return path
+    raise FileNotFoundError(f"Infinity transformer '{name}' not found in {_searched(INFINITY)}; put the checkpoint "
+                            f"file (or the 8B's shard folder with its *.index.json) there")
+
+
+def resolve_vae(name: str) -> str:
+    rel = _require(name, "VAE", VAE, INFINITY)
+    for base in _dirs(VAE) + _dirs(INFINITY):
+        path = os.path.join(base, rel)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"VAE file '{name}' not found in {_searched(VAE, INFINITY)}")
+
+
+def resolve_text_encoder(name: str) -> str:
+    rel = _require(name, "T5 text encoder folder", TEXT_ENCODERS)
+    for base in _dirs(TEXT_ENCODERS):
+        path = os.path.join(base, rel)
+        if os.path.isdir(path):
+            return path
+    raise FileNotFoundError(f"T5 text encoder folder '{name}' not found in {_searched(TEXT_ENCODERS)}; it is a "
+                            f"Hugging Face folder (config.json, weights, spiece.model) such as flan-t5-xl")
+
+
+def resolve_budget_file(name: str) -> str:
+    rel = _require(name, "budget file", SCALEKV)
+    for base in _dirs(SCALEKV):
+        path = os.path.join(base, rel)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"budget file '{name}' not found in {_searched(SCALEKV)}; run ScaleKV Calibrate or copy "
+                            f"a ScaleKV budget JSON there")
+
+
+def budget_output_path(name: str) -> str:
+    """Where a new budget file goes: the first models/scalekv folder (a user's configured one comes first)."""
+    dirs = _dirs(SCALEKV)
+    if not dirs:
+        raise RuntimeError("no models/scalekv folder is registered")
+    return os.path.join(dirs[0], clean_name(name))

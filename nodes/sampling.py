@@ -1,0 +1,97 @@
+"""Infinity Sampler: conditioning -> IMAGE, with an optional ScaleKV cache, a preview per scale and a memory report."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+import comfy.model_management as mm
+import comfy.utils
+from comfy_api.latest import io
+
+from ..scalekv_core.kvcache import CacheConfig
+from ..scalekv_core.model.text_encoder import TextConditioning
+from ..scalekv_core.schedules import resolution_choices, schedule_from_label
+from . import models
+from .cache import DEFAULT_RESOLUTION
+from .io_types import CATEGORY, CacheConfigType, InfinityConditioningType, InfinityModelType
+
+#: Longest side of the per-scale preview sent with the progress bar.
+PREVIEW_MAX_SIZE = 512
+
+
+def codes_preview(summed_codes: torch.Tensor, pixel_size: tuple[int, int]) -> Image.Image:
+    """A cheap look at the image so far: the first three latent channels of the summed codes as RGB.
+
+    The decoder's input after scale k is upsampled to the final latent grid, so every preview has the same size;
+    the channels are scaled by their largest magnitude and shown nearest-neighbour at the output's aspect. It costs
+    a few small kernels per scale; a VAE decode per scale would repeat the final decode once per scale (13 times at
+    1024x1024). The colours are not the image's: the preview shows where structure appears, scale by scale.
+    """
+    x = summed_codes[0].detach().float()
+    if x.shape[0] < 3:
+        x = x.repeat((3 + x.shape[0] - 1) // x.shape[0], 1, 1)
+    x = x[:3]
+    x = x / x.abs().amax().clamp_min(1e-8)
+    rgb = ((x + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    h, w = pixel_size
+    scale = min(1.0, PREVIEW_MAX_SIZE / max(h, w))
+    return Image.fromarray(np.ascontiguousarray(rgb)).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                              Image.NEAREST)
+
+
+def decoded_to_image(decoded: torch.Tensor) -> torch.Tensor:
+    """The VAE's (B, 3, H, W) in [-1, 1] -> ComfyUI IMAGE (B, H, W, 3) float32 in [0, 1] on the intermediate device.
+
+    SaveImage's clip(255 * x) -> uint8 then gives exactly the engine's PNG bytes (same float32 ops, truncation).
+    """
+    image = ((decoded.float() + 1) / 2).clamp_(0, 1).permute(0, 2, 3, 1).contiguous()
+    return image.to(mm.intermediate_device())
+
+
+class InfinitySampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InfinitySampler",
+            display_name="Infinity Sampler",
+            category=CATEGORY,
+            description="Generates images scale by scale (Infinity's bitwise autoregression), optionally with a "
+                        "compressed ScaleKV cache. Shows a cheap preview per scale (the first three latent channels) "
+                        "and returns the memory report (planned and measured, per scale and layer) as UI output.",
+            inputs=[
+                InfinityModelType.Input("model"),
+                InfinityConditioningType.Input("positive"),
+                InfinityConditioningType.Input("negative", optional=True,
+                                               tooltip="unconnected: the model's learned unconditional embedding"),
+                CacheConfigType.Input("cache_config", optional=True, tooltip="unconnected: the full cache"),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True),
+                io.Float.Input("cfg", default=3.0, min=0.0, max=30.0, step=0.1, tooltip="1 disables guidance"),
+                io.Float.Input("tau", default=0.5, min=0.01, max=5.0, step=0.01, tooltip="sampling temperature"),
+                io.Int.Input("top_k", default=900, min=0, max=100000, tooltip="0 disables top-k"),
+                io.Float.Input("top_p", default=0.97, min=0.0, max=1.0, step=0.01, tooltip="0 disables top-p"),
+                io.Combo.Input("resolution", options=resolution_choices(), default=DEFAULT_RESOLUTION,
+                               tooltip="the official Infinity resolutions (aspect templates x sizes)"),
+                io.Int.Input("batch", default=1, min=1, max=64),
+            ],
+            outputs=[io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def execute(cls, model: models.InfinityModel, positive: TextConditioning, seed: int, cfg: float, tau: float,
+                top_k: int, top_p: float, resolution: str, batch: int, negative: TextConditioning | None = None,
+                cache_config: CacheConfig | None = None) -> io.NodeOutput:
+        schedule = schedule_from_label(resolution)
+        model.load(model.memory_required(schedule, batch * positive.batch_size, cache_config, cfg != 1))
+        pbar = comfy.utils.ProgressBar(schedule.num_scales)
+
+        def on_scale(si: int, n: int, summed_codes: torch.Tensor) -> None:
+            mm.throw_exception_if_processing_interrupted()  # raising here stops sampling; the engine frees the cache
+            pbar.update_absolute(si + 1, n, ("JPEG", codes_preview(summed_codes, schedule.pixel_size), PREVIEW_MAX_SIZE))
+
+        result = model.pipeline.generate(positive, negative, seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
+                                         schedule=schedule, batch=batch, on_scale=on_scale, cache=cache_config,
+                                         memory_report=True)
+        report = result.memory.to_dict()
+        report["model"]["architecture"] = model.info.get("architecture", "")
+        return io.NodeOutput(decoded_to_image(result.decoded), ui={"scalekv_memory": [report]})

@@ -1,0 +1,124 @@
+"""ScaleKV Calibrate: the budget file it writes (the engine's own), its reuse by the config node, and its fingerprint."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from scalekv_core.kvcache import CacheConfig
+from scalekv_core.kvcache.calibration import calibrate
+from scalekv_core.pipeline import InfinityPipeline
+from scalekv_core.schedules import schedule_from_label
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "data" / "infinity-tiny"
+RES = "256x256 (1:1)"
+PROMPTS = "a red fox in the snow\n\n  a lighthouse at dusk  \n"
+
+
+@pytest.fixture
+def scalekv_dir():
+    return pathlib.Path(folder_paths.get_folder_paths("scalekv")[0])
+
+
+def calibrate_inputs(**overrides):
+    base = dict(prompts=PROMPTS, resolution=RES, budget=10.0, num_drafters=0, seed=0, filename_prefix="tiny_calib")
+    base.update(overrides)
+    return base
+
+
+@pytest.fixture
+def calibrated(run, loaded, scalekv_dir):
+    out = run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs())
+    yield out
+    for p in scalekv_dir.glob("tiny_calib*"):
+        p.unlink()
+
+
+def test_writes_the_engines_budget_file(calibrated, scalekv_dir):
+    name = calibrated.result[0]
+    assert name == "tiny_calib_256x256_10pct.json"
+    path = scalekv_dir / name
+    assert path.is_file() and (scalekv_dir / "tiny_calib_256x256_10pct.asi.json").is_file()
+    engine = InfinityPipeline.from_files(TINY / "infinity_tiny.safetensors", TINY / "vae_tiny.safetensors",
+                                         TINY / "t5_tiny")
+    ref = calibrate(engine, ["a red fox in the snow", "a lighthouse at dusk"], schedule_from_label(RES), 27, None, 0)
+    assert json.loads(path.read_text()) == ref.budget_json  # 10% of the 265-token prefix = 27 tokens
+    summary = calibrated.ui["scalekv_calibration"][0]
+    assert summary["budget_file"] == name and summary["budget_tokens"] == 27 and summary["prompts"] == 2
+    assert summary["drafters"] == ref.drafters
+    json.dumps(calibrated.ui)
+
+
+def test_config_node_uses_the_file(calibrated, run, node_classes, loaded, encoded, config_inputs, sampler_inputs):
+    name = calibrated.result[0]
+    options = node_classes["ScaleKVCacheConfig"].GET_NODE_INFO_V1()["input"]["required"]["budget_source"][1]["options"]
+    assert f"file:{name}" in options and not any(o.endswith(".asi.json") for o in options)
+    by_menu = run("ScaleKVCacheConfig", **config_inputs(budget_source=f"file:{name}")).result[0]
+    by_link = run("ScaleKVCacheConfig", **config_inputs(), budget_file=name).result[0]
+    assert by_menu.budget_file == by_link.budget_file == folder_paths.get_full_path("scalekv", name)
+    report = run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=by_link,
+                 **sampler_inputs()).ui["scalekv_memory"][0]
+    assert report["policy"]["budget_file"].endswith(name)
+    compressed = [s for s in report["scales"][:-1] if sum(s["planned_tokens"]) < 4 * s["full_tokens"]]
+    assert compressed and all(s["held_tokens"] == s["planned_tokens"] for s in report["scales"][:-1])
+    _, plan = CacheConfig(budget="10%", budget_file=by_link.budget_file).build(
+        schedule_from_label(RES), 4, 4, 32, 2, torch.float32)  # the engine's reading of the same file
+    assert [s["planned_tokens"] for s in report["scales"][:-1]] == plan.kept
+
+def test_fingerprint_reruns_only_when_the_file_is_gone(run, loaded, scalekv_dir, node_classes):
+    fp = node_classes["ScaleKVCalibrate"].fingerprint_inputs
+    inputs = dict(calibrate_inputs(), model=None, t5=None)  # links are not resolved for fingerprints
+    try:
+        before = fp(**inputs)
+        run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs())
+        assert fp(**inputs) == before  # same inputs, file present: the cached result stands
+        (scalekv_dir / "tiny_calib_256x256_10pct.json").unlink()
+        gone = fp(**inputs)
+        assert gone != before and fp(**inputs) == gone  # a new value, stable until the node runs again
+        run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs())
+        assert fp(**inputs) == gone  # the re-run's result is the cached one now
+        assert fp(**dict(inputs, budget=None)) == 0  # a linked budget: nothing known yet
+    finally:
+        for p in scalekv_dir.glob("tiny_calib*"):
+            p.unlink()
+
+
+@pytest.mark.parametrize("inputs, words", [(dict(budget=0.0), "percentage"), (dict(budget=120.0), "percentage"),
+                                           (dict(filename_prefix="../escape"), "filename_prefix"),
+                                           (dict(filename_prefix="/abs/path"), "filename_prefix")])
+def test_validate_inputs(node_classes, inputs, words):
+    cls = node_classes["ScaleKVCalibrate"]
+    args = dict(budget=10.0, filename_prefix="ok")
+    assert cls.validate_inputs(**args) is True
+    args.update(inputs)
+    message = cls.validate_inputs(**args)
+    assert isinstance(message, str) and words in message
+
+
+def test_no_prompts_and_no_compression_are_errors(run, loaded, scalekv_dir):
+    with pytest.raises(ValueError, match="at least one prompt"):
+        run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs(prompts=" \n \n"))
+    with pytest.raises(ValueError, match="never compresses"):  # 100% keeps everything: nothing to calibrate
+        run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs(budget=100.0))
+    assert not list(scalekv_dir.glob("tiny_calib*"))
+
+
+def test_interrupt_writes_nothing(run, loaded, scalekv_dir, monkeypatch):
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        if value == 1:
+            mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs())
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not list(scalekv_dir.glob("tiny_calib*"))

@@ -1,0 +1,108 @@
+"""Infinity Model Loader and Infinity Text Encode: outputs, ModelPatcher integration, and errors that name the file."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+import comfy.model_management as mm
+import folder_paths
+
+from helpers_tiny import TINY14_VAE, make_tiny_vae_state, save_safetensors
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "data" / "infinity-tiny"
+
+
+@pytest.fixture
+def vae_dir():
+    return pathlib.Path(folder_paths.get_folder_paths("vae")[0])
+
+
+def test_loader_outputs_model_and_t5_with_patchers(pack, loaded):
+    model, t5 = loaded
+    models = pack.nodes.models
+    assert isinstance(model, models.InfinityModel) and isinstance(t5, models.InfinityT5)
+    pipe = model.pipeline
+    assert model.patcher.model.transformer is pipe.transformer and model.patcher.model.vae is pipe.vae
+    assert t5.patcher.model.t5 is t5.encoder.module
+    assert model.info["architecture"] == "custom"  # the tiny model is none of the released ones
+    assert (model.info["depth"], model.info["width"], model.info["heads"], model.info["bits_per_token"]) == (4, 128, 4, 32)
+    assert model.info["precision"] == "fp32"  # auto on CPU
+    assert model.info["transformer"].endswith("infinity/infinity_tiny.safetensors")
+    assert pipe.vae_patchify is False and pipe.text_encoder is None  # T5 is its own output
+    assert t5.info["text_channels"] == pipe.transformer.cfg.text_channels == 256
+    for patcher in (model.patcher, t5.patcher):
+        assert patcher.load_device == mm.get_torch_device() and patcher.model_size() > 0
+
+
+def test_patchers_load_and_unload_through_the_memory_manager(loaded):
+    model, t5 = loaded
+    mm.unload_all_models()
+    model.load()
+    t5.encode(["x"])
+    loaded_now = mm.loaded_models()
+    assert any(p is model.patcher for p in loaded_now) and any(p is t5.patcher for p in loaded_now)
+    mm.unload_all_models()  # what the UI's "unload models" button runs
+    assert not any(p is model.patcher or p is t5.patcher for p in mm.loaded_models())
+    assert model.pipeline.device == mm.unet_offload_device()
+    model.load()  # and it comes back for the next run
+    assert any(p is model.patcher for p in mm.loaded_models())
+
+
+def test_precision_choice_reaches_the_blocks(run):
+    model, _ = run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="vae_tiny.safetensors",
+                   text_encoder="t5_tiny", precision="bf16").result
+    assert model.pipeline.transformer.block_dtype == torch.bfloat16 and model.info["precision"] == "bf16"
+
+
+def test_text_encode_matches_the_engine(run, loaded):
+    from scalekv_core.model.text_encoder import T5TextEncoder
+
+    cond = run("InfinityTextEncode", t5=loaded[1], prompt="a red fox in the snow").result[0]
+    ref = T5TextEncoder.from_folder(TINY / "t5_tiny").encode(["a red fox in the snow"])
+    assert cond.lens == ref.lens and cond.kv_compact.device == mm.intermediate_device()
+    assert torch.equal(cond.kv_compact, ref.kv_compact)
+
+
+def test_missing_transformer_is_named(run):
+    with pytest.raises(FileNotFoundError, match=r"infinity_2b_reg\.pth.*models/infinity"):
+        run("InfinityModelLoader", transformer="infinity_2b_reg.pth", vae="vae_tiny.safetensors",
+            text_encoder="t5_tiny", precision="auto")
+
+
+def test_missing_t5_folder_is_named(run):
+    with pytest.raises(FileNotFoundError, match="flan-t5-xl"):
+        run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="vae_tiny.safetensors",
+            text_encoder="flan-t5-xl", precision="auto")
+
+
+def test_vae_that_does_not_fit_names_both_files(run, vae_dir):
+    """A 14-bit patch-8 VAE (the 8B's kind) with the 32-bit tiny transformer."""
+    path = save_safetensors(make_tiny_vae_state(TINY14_VAE), vae_dir / "vae_tiny14.safetensors")
+    try:
+        with pytest.raises(ValueError) as e:
+            run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="vae_tiny14.safetensors",
+                text_encoder="t5_tiny", precision="auto")
+        assert "vae_tiny14.safetensors" in str(e.value) and "infinity_tiny.safetensors" in str(e.value)
+        assert "does not fit" in str(e.value)
+    finally:
+        path.unlink()
+
+
+def test_corrupt_checkpoint_is_named(run, vae_dir):
+    bad = vae_dir / "truncated_vae.safetensors"
+    bad.write_bytes((TINY / "vae_tiny.safetensors").read_bytes()[:5000])
+    try:
+        with pytest.raises(ValueError, match="truncated_vae.safetensors"):
+            run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="truncated_vae.safetensors",
+                text_encoder="t5_tiny", precision="auto")
+    finally:
+        bad.unlink()
+
+
+def test_transformer_picked_as_vae_is_named(run):
+    with pytest.raises(ValueError, match="infinity_tiny.safetensors"):
+        run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="infinity_tiny.safetensors",
+            text_encoder="t5_tiny", precision="auto")

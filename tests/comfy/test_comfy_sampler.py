@@ -1,0 +1,183 @@
+"""Infinity Sampler: the engine's image bit for bit, the memory report, per-scale progress with previews, interrupts."""
+from __future__ import annotations
+
+import gc
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import comfy.model_management as mm
+import comfy.utils
+
+from scalekv_core.kvcache import CacheConfig
+from scalekv_core.pipeline import InfinityPipeline
+from scalekv_core.schedules import schedule_from_label
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "data" / "infinity-tiny"
+RES = "256x256 (1:1)"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The engine on its own (its own copy of scalekv_core, loaded from the original test files)."""
+    return InfinityPipeline.from_files(TINY / "infinity_tiny.safetensors", TINY / "vae_tiny.safetensors",
+                                       TINY / "t5_tiny")
+
+
+@pytest.fixture
+def progress(monkeypatch):
+    """Record ComfyUI ProgressBar updates as the server's hook receives them."""
+    calls = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        calls.append((value, total, preview))
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    return calls
+
+
+def live_caches() -> list:
+    """Every KV cache object still alive (of any copy of the engine) and the tensors it still holds."""
+    gc.collect()
+    out = []
+    for obj in gc.get_objects():
+        if type(obj).__name__ == "KVCache" and type(obj).__module__.endswith("kvcache.cache"):
+            held = [t for t in (*obj.keys, *obj.values, *obj.positions) if t is not None]
+            out.append((obj, held + [t for t in (obj._ws or ()) if t is not None]))
+    return out
+
+
+def engine_image(engine, prompt="a red fox in the snow", negative=None, cache=None, **kw):
+    settings = dict(seed=7, cfg=3.0, tau=0.5, top_k=900, top_p=0.97, batch=1)
+    settings.update(kw)
+    return engine.generate(prompt, negative, schedule=schedule_from_label(RES), cache=cache, memory_report=True,
+                           **settings)
+
+
+@pytest.mark.parametrize("policy", [None, "scalekv"])
+def test_image_equals_the_engines(run, loaded, encoded, engine, sampler_inputs, config_inputs, progress, policy):
+    config = None if policy is None else run("ScaleKVCacheConfig", **config_inputs()).result[0]
+    out = run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=config, **sampler_inputs())
+    image = out.result[0]
+    assert image.shape == (1, 256, 256, 3) and image.dtype == torch.float32
+    assert image.device == mm.intermediate_device() and 0 <= image.min() and image.max() <= 1
+    ref = engine_image(engine, cache=None if policy is None else CacheConfig())
+    assert torch.equal(image, ((ref.decoded + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1))
+    # What SaveImage writes (clip(255 x) -> uint8) is exactly the engine's PNG.
+    saved = np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)
+    assert np.array_equal(saved, ref.images)
+
+
+def test_memory_report_in_the_ui(run, loaded, encoded, sampler_inputs, config_inputs):
+    config = run("ScaleKVCacheConfig", **config_inputs(budget_unit="tokens", budget=24.0)).result[0]
+    out = run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=config, **sampler_inputs())
+    reports = out.ui["scalekv_memory"]
+    assert len(reports) == 1
+    report = json.loads(json.dumps(reports[0]))  # travels as JSON (ws message, /history)
+    assert report["policy"]["policy"] == "scalekv" and report["policy"]["budget"] == 24
+    assert report["schedule"]["scales"] == 7 and report["schedule"]["pixels"] == [256, 256]
+    scales = report["scales"]
+    assert len(scales) == 7
+    for s in scales[:-1]:
+        assert s["held_tokens"] == s["planned_tokens"]  # the cache held exactly what the plan said, every layer
+        assert len(s["planned_tokens"]) == 4
+    assert any(sum(s["planned_tokens"]) < 4 * s["full_tokens"] for s in scales[:-1])  # it did compress
+    assert report["measured_peak_mb"] > 0 and report["planned_peak_mb"] > 0
+    assert report["analytic_mb"] < report["full_analytic_mb"]
+    assert report["model"]["architecture"] == "custom" and report["batch"] == 1
+
+
+def test_full_cache_report_without_config(run, loaded, encoded, sampler_inputs):
+    report = run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs()).ui["scalekv_memory"][0]
+    assert report["policy"]["policy"] == "full"
+    assert all(s["held_tokens"] == [s["full_tokens"]] * 4 for s in report["scales"][:-1])
+
+
+def test_progress_step_and_preview_per_scale(run, loaded, encoded, sampler_inputs, progress):
+    run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs())
+    assert [(v, t) for v, t, _ in progress] == [(i, 7) for i in range(1, 8)]
+    for _, _, preview in progress:
+        kind, image, size = preview
+        assert kind == "JPEG" and isinstance(image, Image.Image) and image.size == (256, 256) and size == 512
+    first, last = np.asarray(progress[0][2][1]), np.asarray(progress[-1][2][1])
+    assert len(np.unique(first.reshape(-1, 3), axis=0)) == 1  # scale 1 is a single token: one colour
+    assert len(np.unique(last.reshape(-1, 3), axis=0)) > 16  # the last scale has detail
+
+
+def test_negative_prompt_and_batch(run, loaded, encoded, engine, sampler_inputs):
+    negative = run("InfinityTextEncode", t5=loaded[1], prompt="blurry").result[0]
+    image = run("InfinitySampler", model=loaded[0], positive=encoded, negative=negative,
+                **sampler_inputs(batch=2, seed=3)).result[0]
+    assert image.shape == (2, 256, 256, 3)
+    ref = engine_image(engine, negative="blurry", batch=2, seed=3)
+    assert torch.equal(image, ((ref.decoded + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1))
+    assert not torch.equal(image[0], image[1])  # one seed, two different samples
+
+
+def test_seed_changes_the_image(run, loaded, encoded, sampler_inputs):
+    a = run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(seed=1)).result[0]
+    b = run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(seed=2)).result[0]
+    assert not torch.equal(a, b)
+
+
+def test_interrupt_stops_at_the_scale_and_leaves_no_cache(run, loaded, encoded, sampler_inputs, config_inputs,
+                                                           monkeypatch):
+    """ComfyUI's interrupt flag (what /interrupt sets), raised during scale 3, stops the sampler at scale 4."""
+    seen = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        seen.append(value)
+        if value == 3:
+            mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    config = run("ScaleKVCacheConfig", **config_inputs(budget_unit="tokens", budget=24.0)).result[0]
+    assert not live_caches()
+    raised = None
+    try:
+        try:
+            run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=config, **sampler_inputs())
+        except mm.InterruptProcessingException as e:
+            raised = e
+        assert raised is not None and seen == [1, 2, 3]  # the check at scale 4 raised; nothing after it ran
+        # While the traceback keeps the sampler's frames (and so the cache object) alive, its memory is gone already.
+        alive = live_caches()
+        assert len(alive) == 1 and not alive[0][1]
+        del raised, alive
+        assert not live_caches()  # and once the exception is dropped, the cache object itself
+    finally:
+        mm.interrupt_current_processing(False)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    image = run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=config, **sampler_inputs()).result[0]
+    assert image.shape == (1, 256, 256, 3)  # the next run works
+
+
+def test_bad_resolution_and_budget_are_errors(run, loaded, encoded, sampler_inputs, config_inputs):
+    with pytest.raises(ValueError, match="unsupported resolution"):
+        run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(resolution="100x100"))
+    config = run("ScaleKVCacheConfig", **config_inputs(budget_unit="tokens", budget=8.0)).result[0]
+    with pytest.raises(ValueError, match="observation window"):  # 8 tokens < the 16-token window
+        run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=config, **sampler_inputs())
+    assert not live_caches()
+
+
+def test_budget_file_drives_the_cache(run, loaded, encoded, sampler_inputs, config_inputs, engine):
+    import folder_paths
+
+    path = pathlib.Path(folder_paths.get_folder_paths("scalekv")[0]) / "tiny_budget.json"
+    path.write_text((TINY / "scalekv_budget_tiny.json").read_text())
+    try:
+        config = run("ScaleKVCacheConfig", **config_inputs(budget_unit="tokens", budget=50.0,
+                                                           budget_source="file:tiny_budget.json")).result[0]
+        out = run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=config, **sampler_inputs())
+        ref = engine_image(engine, cache=CacheConfig(budget=50, budget_file=str(TINY / "scalekv_budget_tiny.json")))
+        assert torch.equal(out.result[0], ((ref.decoded + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1))
+        planned = [s["planned_tokens"] for s in out.ui["scalekv_memory"][0]["scales"]]
+        assert planned == [s.planned_tokens for s in ref.memory.scales]
+    finally:
+        path.unlink()
