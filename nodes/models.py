@@ -19,7 +19,7 @@ from ..scalekv_core.kvcache.memory import MiB, plan_memory
 from ..scalekv_core.loader import PRECISIONS, load_transformer, load_vae, resolve_precision, vae_patchify_for
 from ..scalekv_core.model.config import KNOWN_MODELS
 from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
-from ..scalekv_core.pipeline import InfinityPipeline
+from ..scalekv_core.pipeline import InfinityPipeline, check_text_width
 from ..scalekv_core.schedules import Schedule
 
 PRECISION_CHOICES = ["auto", *PRECISIONS]
@@ -124,7 +124,4 @@ def load_t5(folder: str, precision: str = "auto") -> InfinityT5:
 
 def check_text_channels(model: InfinityModel, t5: InfinityT5) -> None:
     """The transformer cross-attends to T5 features of a fixed width: the two must agree."""
-    expected = model.pipeline.transformer.cfg.text_channels
-    if t5.encoder.text_channels != expected:
-        raise ValueError(f"text encoder {t5.info['text_encoder']} gives {t5.encoder.text_channels}-channel features "
-                         f"but the transformer {model.info['transformer']} expects {expected} (flan-t5-xl: 2048)")
+    check_text_width(model.pipeline.transformer, t5.encoder, model.info["transformer"], t5.info["text_encoder"])

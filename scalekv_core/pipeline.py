@@ -91,6 +91,14 @@ def decoded_to_uint8(decoded: torch.Tensor) -> np.ndarray:
     return img.cpu().numpy()
 
 
+def check_text_width(transformer: Infinity, encoder: T5TextEncoder, transformer_name: str, encoder_name: str) -> None:
+    """The transformer cross-attends to T5 features of a fixed width; a different T5 is an error naming both."""
+    expected = transformer.cfg.text_channels
+    if encoder.text_channels != expected:
+        raise ValueError(f"text encoder {encoder_name} gives {encoder.text_channels}-channel features but the "
+                         f"transformer {transformer_name} expects {expected} (flan-t5-xl: 2048)")
+
+
 class InfinityPipeline:
     """Transformer, VAE and (optionally) T5 on one device, with the original sampler."""
 
@@ -115,9 +123,7 @@ class InfinityPipeline:
         if text_encoder is not None:
             te_dtype = torch.float16 if dtype != torch.float32 and torch.device(device).type == "cuda" else torch.float32
             te = T5TextEncoder.from_folder(text_encoder, device=device, dtype=te_dtype)
-            if te.text_channels != model.cfg.text_channels:
-                raise ValueError(f"text encoder {text_encoder} gives {te.text_channels}-channel features but the "
-                                 f"transformer {transformer} expects {model.cfg.text_channels} (flan-t5-xl: 2048)")
+            check_text_width(model, te, str(transformer), str(text_encoder))
         return cls(model, vae_model, te)
 
     @property
