@@ -98,6 +98,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="block precision")
     _add_cache_flags(p, default_policy="scalekv")
     p.add_argument("--json", action="store_true", help="print the full plan as JSON")
+    p.add_argument("--table", action="store_true",
+                   help="print a Markdown table for 2B and 8B at 512/768/1024, batch 1 and 4, full vs ScaleKV")
 
 
 def _plan(a: argparse.Namespace) -> int:
@@ -109,14 +111,31 @@ def _plan(a: argparse.Namespace) -> int:
 
     import torch
 
-    cfg = KNOWN_MODELS[a.model]
-    with torch.device("meta"):
-        params = sum(p.numel() for p in Infinity(cfg).parameters())
-    schedule = schedule_for_pixels(a.width, a.height)
-    vae = 110_118_051 if cfg.d_vae == 32 else 81_624_209
-    plan = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule, a.batch,
-                       _cache_config(a), PRECISIONS[a.dtype], params=params, vae_params=vae,
-                       vae_patch=8 if cfg.d_vae == 56 else 16)
+    def predict(model: str, width: int, height: int, batch: int, config):
+        cfg = KNOWN_MODELS[model]
+        with torch.device("meta"):
+            params = sum(p.numel() for p in Infinity(cfg).parameters())
+        schedule = schedule_for_pixels(width, height)
+        vae = 110_118_051 if cfg.d_vae == 32 else 81_624_209  # the released VAEs' parameter counts
+        return schedule, plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule,
+                                     batch, config, PRECISIONS[a.dtype], params=params, vae_params=vae,
+                                     vae_patch=8 if cfg.d_vae == 56 else 16)
+
+    if a.table:
+        from .kvcache import CacheConfig
+
+        print(f"| model | image | batch | full cache: KV / total | ScaleKV 20%: KV / total | ScaleKV 10%: KV / total |")
+        print("|---|---|---|---|---|---|")
+        for model in ("2b", "8b"):
+            for side in (512, 768, 1024):
+                for batch in (1, 4):
+                    cells = []
+                    for policy, budget in (("full", "10%"), ("scalekv", "20%"), ("scalekv", "10%")):
+                        _, pl = predict(model, side, side, batch, CacheConfig(policy=policy, budget=budget))
+                        cells.append(f"{pl.analytic_mb / 1024:.1f} / {pl.total_mb / 1024:.1f} GB")
+                    print(f"| Infinity-{model} | {side}x{side} | {batch} | " + " | ".join(cells) + " |")
+        return 0
+    schedule, plan = predict(a.model, a.width, a.height, a.batch, _cache_config(a))
     if a.json:
         print(json.dumps(plan.to_dict(), indent=1))
     else:
