@@ -113,3 +113,14 @@ def test_calibrate_command_writes_a_budget_file_that_generate_accepts(tmp_path: 
     assert r2.returncode == 0, r2.stderr
     report = json.loads((tmp_path / "mem.json").read_text())
     assert all(s["held_tokens"] == s["planned_tokens"] for s in report["scales"][:-1])
+
+
+def test_plan_table_lists_every_model_size_and_batch() -> None:
+    r = _run("plan", "--table")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| Infinity-")]
+    assert len(rows) == 12
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        full_kv, skv20_kv, skv10_kv = (float(cells[i].split(" / ")[0]) for i in (3, 4, 5))
+        assert skv10_kv < skv20_kv < full_kv
