@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .kvcache import CacheConfig
+from .kvcache.budget import kv_bytes_per_token
 from .kvcache.cache import KeptRecorder
 from .kvcache.memory import MemoryReport, PeakMeter, build_report, plan_memory
 from .loader import load_transformer, load_vae, resolve_precision, vae_patchify_for
@@ -180,7 +181,7 @@ class InfinityPipeline:
         rows = batch * (2 if any(c != 1 for c in cfgs) else 1)
         config = samples.cache_config or CacheConfig(policy="full")
         k_dtype, v_dtype = config.storage_dtypes(self.transformer.block_dtype)
-        tb = rows * cfg.num_heads * cfg.head_dim * (k_dtype.itemsize + v_dtype.itemsize)
+        tb = kv_bytes_per_token(cfg.num_heads, cfg.head_dim, k_dtype.itemsize, v_dtype.itemsize, rows)
         report = build_report(samples.plan, samples.usage, schedule, config,
                               {"depth": cfg.depth, "width": cfg.embed_dim, "heads": cfg.num_heads,
                                "block_dtype": str(self.transformer.block_dtype).replace("torch.", ""),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..schedules import Schedule
-from .budget import BudgetPlan
+from .budget import BudgetPlan, kv_bytes_per_token
 from .policies.base import EvictionPolicy, StepContext
 
 #: Called with (scale, layer, kept indices (B, H, keep)) whenever a layer decides what to keep.
@@ -115,8 +115,8 @@ class KVCache:
     @property
     def token_bytes(self) -> int:
         """Bytes of one cached token in one layer (keys + values, all rows and heads)."""
-        per = self.batch * self.num_heads * self.head_dim
-        return per * (torch.empty(0, dtype=self.k_dtype).element_size() + torch.empty(0, dtype=self.v_dtype).element_size())
+        return kv_bytes_per_token(self.num_heads, self.head_dim, self.k_dtype.itemsize, self.v_dtype.itemsize,
+                                  self.batch)
 
     # ------------------------------------------------------------------ storage
 

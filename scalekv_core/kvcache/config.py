@@ -66,8 +66,7 @@ class CacheConfig:
     def budget_tokens(self, schedule: Schedule, num_layers: int, num_heads: int, head_dim: int, batch_rows: int,
                       block_dtype: torch.dtype) -> int:
         k, v = self.storage_dtypes(block_dtype)
-        per = kv_bytes_per_token(num_heads, head_dim, torch.empty(0, dtype=k).element_size(),
-                                 torch.empty(0, dtype=v).element_size(), batch_rows)
+        per = kv_bytes_per_token(num_heads, head_dim, k.itemsize, v.itemsize, batch_rows)
         return parse_budget(self.budget, schedule, num_layers, per)
 
     def build(self, schedule: Schedule, num_layers: int, num_heads: int, head_dim: int, batch_rows: int,
