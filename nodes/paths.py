@@ -137,43 +137,33 @@ def _require(name: str, what: str, *keys: str) -> str:
     return clean_name(name)
 
 
-def resolve_transformer(name: str) -> str:
-    rel = _require(name, "Infinity transformer", INFINITY)
-    for base in _dirs(INFINITY):
+def _find(name: str, what: str, keys: tuple[str, ...], accept, hint: str = "") -> str:
+    """The first of the folders registered under `keys` holding `name` in the accepted form, or an error naming it."""
+    rel = _require(name, what, *keys)
+    for base in [d for key in keys for d in _dirs(key)]:
         path = os.path.join(base, rel)
-        if os.path.isfile(path) or _is_shard_folder(path):
+        if accept(path):
             return path
-    raise FileNotFoundError(f"Infinity transformer '{name}' not found in {_searched(INFINITY)}; put the checkpoint "
-                            f"file (or the 8B's shard folder with its *.index.json) there")
+    raise FileNotFoundError(f"{what} '{name}' not found in {_searched(*keys)}{hint}")
+
+
+def resolve_transformer(name: str) -> str:
+    return _find(name, "Infinity transformer", (INFINITY,), lambda p: os.path.isfile(p) or _is_shard_folder(p),
+                 "; put the checkpoint file (or the 8B's shard folder with its *.index.json) there")
 
 
 def resolve_vae(name: str) -> str:
-    rel = _require(name, "VAE", VAE, INFINITY)
-    for base in _dirs(VAE) + _dirs(INFINITY):
-        path = os.path.join(base, rel)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"VAE file '{name}' not found in {_searched(VAE, INFINITY)}")
+    return _find(name, "VAE file", (VAE, INFINITY), os.path.isfile)
 
 
 def resolve_text_encoder(name: str) -> str:
-    rel = _require(name, "T5 text encoder folder", TEXT_ENCODERS)
-    for base in _dirs(TEXT_ENCODERS):
-        path = os.path.join(base, rel)
-        if os.path.isdir(path):
-            return path
-    raise FileNotFoundError(f"T5 text encoder folder '{name}' not found in {_searched(TEXT_ENCODERS)}; it is a "
-                            f"Hugging Face folder (config.json, weights, spiece.model) such as flan-t5-xl")
+    return _find(name, "T5 text encoder folder", (TEXT_ENCODERS,), os.path.isdir,
+                 "; it is a Hugging Face folder (config.json, weights, spiece.model) such as flan-t5-xl")
 
 
 def resolve_budget_file(name: str) -> str:
-    rel = _require(name, "budget file", SCALEKV)
-    for base in _dirs(SCALEKV):
-        path = os.path.join(base, rel)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"budget file '{name}' not found in {_searched(SCALEKV)}; run ScaleKV Calibrate or copy "
-                            f"a ScaleKV budget JSON there")
+    return _find(name, "budget file", (SCALEKV,), os.path.isfile,
+                 "; run ScaleKV Calibrate or copy a ScaleKV budget JSON there")
 
 
 def budget_output_path(name: str) -> str:
