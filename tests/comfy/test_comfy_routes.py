@@ -1,0 +1,250 @@
+"""POST /scalekv/plan, the budget widget's route, over HTTP (an aiohttp app holding the pack's route, in-process).
+
+The answers are checked against direct calls to the engine's planner and against numbers known without it: the
+paper's 650-token 10% budget at 1024x1024, the 6425-token prefix, the released 2B budget file's Max/Min, the tiny
+model's shape from its config.json. Bad settings answer 400 with the cache-config node's own validation message.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+import folder_paths
+from scalekv_core.kvcache import CacheConfig
+from scalekv_core.kvcache.memory import plan_memory
+from scalekv_core.model.config import KNOWN_MODELS
+from scalekv_core.schedules import schedule_from_label
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "data" / "infinity-tiny"
+PRESET_2B = REPO / "scalekv_core" / "kvcache" / "presets" / "infinity-2b-10pct.json"
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def routes(pack):
+    return importlib.import_module(f"{pack.__name__}.nodes.routes")
+
+
+@pytest.fixture(scope="module")
+def post(routes):
+    """post(body) -> (status, json) through a real aiohttp server holding only the pack's route."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    def _post(body, raw: bytes | None = None):
+        async def go():
+            table = web.RouteTableDef()
+            assert routes.register(table)
+            app = web.Application()
+            app.add_routes(table)
+            async with TestClient(TestServer(app)) as client:
+                if raw is not None:
+                    r = await client.post(routes.PLAN_ROUTE, data=raw, headers={"Content-Type": "application/json"})
+                else:
+                    r = await client.post(routes.PLAN_ROUTE, json=body)
+                return r.status, await r.json()
+
+        return asyncio.run(go())
+
+    return _post
+
+
+def core_plan(model: str, resolution: str, config: CacheConfig, batch: int = 1, cfg: bool = True,
+              dtype: torch.dtype = torch.float32):
+    """The engine's own answer: (plan, memory plan), as the sampler would build them."""
+    c = KNOWN_MODELS[model] if isinstance(model, str) else model
+    schedule = schedule_from_label(resolution)
+    rows = batch * (2 if cfg else 1)
+    _, plan = config.build(schedule, c.depth, c.num_heads, c.head_dim, rows, dtype)
+    memory = plan_memory(c.depth, c.embed_dim, c.num_heads, c.ffn_hidden, c.d_vae, schedule, batch, config, dtype,
+                         cfg=cfg)
+    return plan, memory
+
+
+def assert_rows_equal_plan(answer: dict, plan, memory) -> None:
+    rows = answer["scales"]
+    assert len(rows) == len(plan.kept) == answer["num_scales"] - 1  # the last scale is never stored
+    tb = answer["token_bytes"]
+    full = 0
+    for si, (row, kept) in enumerate(zip(rows, plan.kept)):
+        full += plan.tokens_per_scale[si]
+        ds = sorted(plan.drafters[si])
+        rs = [i for i in range(plan.num_layers) if i not in ds]
+        assert row["full_tokens"] == full
+        assert row["drafters"] == len(ds) and row["drafter_layers"] == ds and row["refiners"] == len(rs)
+        assert row["drafter_tokens"] == (max(kept[i] for i in ds) if ds else None)
+        assert row["refiner_tokens"] == max(kept[i] for i in rs)
+        assert row["refiner_tokens_min"] == min(kept[i] for i in rs)
+        assert row["stored_tokens"] == sum(kept)
+        assert row["drafter_mb"] + row["refiner_mb"] == pytest.approx(row["stored_mb"])
+        assert row["stored_mb"] == pytest.approx(sum(kept) * tb / MiB)
+        assert row["full_mb"] == pytest.approx(full * plan.num_layers * tb / MiB)
+        assert row["buffer_mb"] == pytest.approx(memory.per_scale_cache_mb[si])
+    totals = answer["totals"]
+    assert totals["stored_peak_mb"] == pytest.approx(memory.analytic_mb)
+    assert totals["full_mb"] == pytest.approx(memory.full_analytic_mb)
+    assert totals["planned_peak_mb"] == pytest.approx(memory.sampling_peak_mb)
+    assert totals["cache_peak_mb"] == pytest.approx(memory.cache_peak_mb)
+    assert max(r["stored_mb"] for r in rows) == pytest.approx(totals["stored_peak_mb"])
+
+
+def test_default_2b_1024_is_the_papers_10_percent(post):
+    status, answer = post({"resolution": "1024x1024 (1:1)", "model": "2b", "precision": "bf16"})
+    assert status == 200, answer
+    assert answer["budget_tokens"] == 650  # the paper: 10% of the 6425-token prefix, rounded up to 50
+    assert answer["scales"][-1]["full_tokens"] == 6425
+    # bf16 blocks, auto storage: fp32 keys + bf16 values; CFG doubles the rows: 2 x 16 heads x 128 x (4 + 2) bytes
+    assert answer["token_bytes"] == 2 * 16 * 128 * 6
+    assert answer["totals"]["full_mb"] == pytest.approx(6425 * 32 * 24576 / MiB)  # 4818.75 MB
+    assert answer["scales"][-1]["drafters"] == 2  # the 2B's default drafters, as the released files chose
+    plan, memory = core_plan("2b", "1024x1024 (1:1)", CacheConfig(policy="scalekv", budget="10%"),
+                             dtype=torch.bfloat16)
+    assert_rows_equal_plan(answer, plan, memory)
+
+
+@pytest.mark.parametrize("body, model, config, batch, cfg", [
+    (dict(policy="pyramidkv", budget_unit="tokens", budget=300, window=16, resolution="512x512 (1:1)", model="8b",
+          batch=2), "8b", CacheConfig(policy="pyramidkv", budget=300, window=16), 2, True),
+    (dict(policy="snapkv", budget_unit="MB", budget=200, kv_dtype="bf16", resolution="1024x1024 (1:1)", cfg=1.0),
+     "2b", CacheConfig(policy="snapkv", budget="200MB", kv_dtype="bf16"), 1, False),
+    (dict(policy="full"), "2b", CacheConfig(policy="full"), 1, True),
+    (dict(policy="scalekv", budget=20, refiner_decay=30, window=9, resolution="768x768 (1:1)"), "2b",
+     CacheConfig(policy="scalekv", budget="20%", window=9, refiner_decay=30.0), 1, True),
+])
+def test_answers_equal_the_engine_planner(post, body, model, config, batch, cfg):
+    status, answer = post({**body, "precision": "fp32"})
+    assert status == 200, answer
+    plan, memory = core_plan(model, body.get("resolution", "1024x1024 (1:1)"), config, batch, cfg)
+    assert_rows_equal_plan(answer, plan, memory)
+    assert answer["batch_rows"] == batch * (2 if cfg else 1)
+
+
+def test_mb_budget_fits_the_memory_target(post):
+    status, answer = post({"policy": "snapkv", "budget_unit": "MB", "budget": 200, "precision": "fp32"})
+    assert status == 200, answer
+    assert answer["totals"]["stored_peak_mb"] <= 200
+    assert answer["totals"]["stored_peak_mb"] > 199  # one token per layer more would not fit
+
+
+def test_preset_capacities_are_the_released_files(post):
+    status, answer = post({"budget_source": "preset:infinity-2b-10pct", "model": "2b"})
+    assert status == 200, answer
+    preset = json.loads(PRESET_2B.read_text())
+    compressed = 0
+    for row in answer["scales"]:
+        entry = preset.get(f"Scale {row['scale'] + 2}")
+        if row["full_tokens"] <= 650:  # the base capacity: nothing dropped yet
+            assert row["refiner_tokens"] == row["full_tokens"]
+            continue
+        compressed += 1
+        assert row["drafters"] == entry["High"]
+        assert row["drafter_tokens"] == min(entry["Max"], row["full_tokens"])
+        assert row["refiner_tokens"] == row["refiner_tokens_min"] == min(entry["Min"], row["full_tokens"])
+    assert compressed == 5
+
+
+def test_loader_file_gives_the_tiny_models_shape(post):
+    tiny = json.loads((TINY / "config.json").read_text())["infinity_model_kwargs"]
+    status, answer = post({"transformer": "infinity_tiny.safetensors", "resolution": "256x256 (1:1)",
+                           "budget_unit": "tokens", "budget": 48, "window": 4})
+    assert status == 200, answer
+    m = answer["model"]
+    assert (m["depth"], m["width"], m["heads"]) == (tiny["depth"], tiny["embed_dim"], tiny["num_heads"])
+    assert m["source"] == "infinity_tiny.safetensors" and m["block_dtype"] == "float32"  # auto on the CPU
+    assert answer["num_scales"] == 7 and answer["scales"][-1]["full_tokens"] == 1 + 4 + 16 + 36 + 64 + 144
+    from scalekv_core.loader import load_transformer
+
+    cfg = load_transformer(TINY / "infinity_tiny.safetensors").cfg
+    plan, memory = core_plan(cfg, "256x256 (1:1)", CacheConfig(policy="scalekv", budget=48, window=4))
+    assert_rows_equal_plan(answer, plan, memory)
+
+
+def test_pth_transformer_is_read_without_loading_it(post):
+    folder = pathlib.Path(folder_paths.get_folder_paths("infinity")[0])
+    target = folder / "tiny_copy.pth"
+    shutil.copy(TINY / "infinity_tiny.pth", target)
+    try:
+        status, answer = post({"transformer": "tiny_copy.pth", "resolution": "256x256 (1:1)"})
+    finally:
+        target.unlink()
+    assert status == 200, answer
+    assert (answer["model"]["depth"], answer["model"]["width"]) == (4, 128)
+
+
+def test_report_rows_join_measured_with_planned(post, run, loaded, encoded, config_inputs, sampler_inputs):
+    """The widget's figures before a run (from the loader's file) are what the run then holds and reports."""
+    settings = dict(policy="scalekv", budget_unit="tokens", budget=48.0, window=4)
+    config = run("ScaleKVCacheConfig", **config_inputs(**settings)).result[0]
+    out = run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=config,
+              **sampler_inputs(seed=3))
+    [report] = out.ui["scalekv_memory"]
+    status, measured = post({"report": report})
+    assert status == 200, measured
+    status, planned = post({**settings, "transformer": "infinity_tiny.safetensors", "resolution": "256x256 (1:1)"})
+    assert status == 200, planned
+    assert measured["mode"] == "report" and planned["mode"] == "plan"
+    keys = ("full_tokens", "drafters", "drafter_tokens", "refiner_tokens", "stored_tokens", "stored_mb", "full_mb")
+    assert [{k: r[k] for k in keys} for r in measured["scales"]] == [{k: r[k] for k in keys} for r in planned["scales"]]
+    for row, s in zip(measured["scales"], report["scales"]):
+        m = row["measured"]
+        assert m["stored_mb"] == pytest.approx(sum(s["stored_bytes"]) / MiB)
+        assert m["stored_tokens"] == sum(s["held_tokens"]) == row["stored_tokens"]
+        assert m["matches_plan"] is True
+    assert any(r["drafters"] for r in measured["scales"])  # drafters known although the report has no list
+    assert measured["measured"]["peak_mb"] == report["measured_peak_mb"] > 0
+    assert measured["totals"]["planned_peak_mb"] == report["planned_peak_mb"]
+
+
+def node_message(node_classes, **fields) -> str:
+    result = node_classes["ScaleKVCacheConfig"].validate_inputs(**fields)
+    assert isinstance(result, str), result
+    return result
+
+
+@pytest.mark.parametrize("fields", [
+    dict(budget=0.0), dict(budget=150.0, budget_unit="percent"), dict(budget=10.5, budget_unit="tokens"),
+    dict(window=5), dict(kernel=4), dict(policy="nope"), dict(budget_unit="GB"),
+    dict(policy="snapkv", budget_source="preset:infinity-2b-10pct"), dict(budget_source="file:missing.json"),
+])
+def test_bad_settings_are_400_with_the_nodes_message(post, node_classes, fields):
+    status, answer = post(fields)
+    assert status == 400
+    expected = node_message(node_classes, **{"policy": "scalekv", "budget_unit": "percent", "budget": 10.0,
+                                             "window": 16, "kernel": 5, "budget_source": "generated", **fields})
+    assert answer == {"error": expected}
+
+
+@pytest.mark.parametrize("body, words", [
+    (dict(resolution="100x100 (1:1)"), "resolution: unsupported resolution '100x100 (1:1)'"),
+    (dict(model="70b"), "model: unknown model '70b'"),
+    (dict(budget="ten"), "budget: expected a number, got 'ten'"),
+    (dict(window=True), "window: expected a number, got True"),
+    (dict(batch=0), "batch: expected 1 to 64, got 0"),
+    (dict(transformer="nothing_here.safetensors"), "nothing_here.safetensors"),
+    (dict(precision="fp8"), "precision: unknown precision 'fp8'"),
+    (dict(budget_source="preset:infinity-8b-10pct", model="2b"), "another depth"),  # 40-layer file, 32 layers
+    (dict(report=[1, 2]), "report: expected"),
+    (dict(report={"scales": []}), "report: not a ScaleKV memory report"),
+])
+def test_bad_requests_name_the_field(post, body, words):
+    status, answer = post(body)
+    assert status == 400, answer
+    assert words in answer["error"], answer
+
+
+def test_body_that_is_not_json_is_400(post):
+    status, answer = post(None, raw=b"{nope")
+    assert status == 400 and "not JSON" in answer["error"]
+    status, answer = post([1, 2])
+    assert status == 400 and "expected a JSON object" in answer["error"]
+
+
+def test_register_needs_a_running_server(routes):
+    assert routes.register() is False  # in-process tests have no PromptServer routes: nothing is registered
