@@ -10,6 +10,8 @@ from .io_types import CATEGORY, InfinityConditioningType, InfinityModelType, Inf
 class InfinityModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        # The embedded default model (default_model/) is preselected when installed: a fresh install runs as is.
+        transformers, vaes, encoders = paths.transformer_choices(), paths.vae_choices(), paths.text_encoder_choices()
         return io.Schema(
             node_id="InfinityModelLoader",
             display_name="Infinity Model Loader",
@@ -18,12 +20,14 @@ class InfinityModelLoader(io.ComfyNode):
                         "encoder. The architecture is read from the files; the models live in ModelPatchers, so "
                         "ComfyUI can offload and unload them.",
             inputs=[
-                io.Combo.Input("transformer", options=paths.transformer_choices(),
+                io.Combo.Input("transformer", options=transformers,
+                               default=paths.default_choice(transformers, paths.DEFAULT_TRANSFORMER),
                                tooltip="models/infinity: a checkpoint file or the 8B's shard folder (*.index.json)"),
-                io.Combo.Input("vae", options=paths.vae_choices(),
+                io.Combo.Input("vae", options=vaes, default=paths.default_choice(vaes, paths.DEFAULT_VAE),
                                tooltip="models/infinity or models/vae: the BSQ-VAE that fits the transformer "
                                        "(2B: infinity_vae_d32reg, 8B: infinity_vae_d56_f8_14_patchify)"),
-                io.Combo.Input("text_encoder", options=paths.text_encoder_choices(),
+                io.Combo.Input("text_encoder", options=encoders,
+                               default=paths.default_choice(encoders, paths.DEFAULT_TEXT_ENCODER),
                                tooltip="models/text_encoders: a T5 folder (flan-t5-xl) with config.json"),
                 io.Combo.Input("precision", options=models.PRECISION_CHOICES, default="auto",
                                tooltip="transformer blocks: auto = bf16 on CUDA, fp32 on CPU"),

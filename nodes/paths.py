@@ -8,6 +8,10 @@ Keys:
 
 Registration merges with what is already there (a user's extra_model_paths.yaml is applied before packs
 import): our default folder is appended if missing and the extensions are unioned, never replaced.
+
+The embedded default model (`default_model/` in the pack: infinity/, vae/, text_encoders/) is registered last for
+its three keys, so a fresh install has a model in every menu while a user's file of the same name still wins.
+`SCALEKV_DEFAULT_MODEL_DIR` points at another folder with that layout (tests use it; empty = none).
 """
 from __future__ import annotations
 
@@ -23,6 +27,14 @@ TEXT_ENCODERS = "text_encoders"
 BUDGET_EXTENSIONS = {".json"}
 #: Calibration writes `<stem>.asi.json` beside every budget file: the measurements, not a budget.
 SIDECAR_SUFFIX = ".asi.json"
+#: The embedded default model: folder in the pack, and the names its files have in the menus.
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODEL_ENV = "SCALEKV_DEFAULT_MODEL_DIR"
+DEFAULT_TRANSFORMER = "infinity_shapes.safetensors"
+DEFAULT_VAE = "infinity_shapes_vae.safetensors"
+DEFAULT_TEXT_ENCODER = "t5_shapes"
+#: Sub-folder of default_model/ registered under each key.
+DEFAULT_MODEL_SUBDIRS = {INFINITY: "infinity", VAE: "vae", TEXT_ENCODERS: "text_encoders"}
 #: Where ComfyUI's loaders look, shown in errors ("models/infinity") next to the real folders searched.
 FOLDER_LABELS = {INFINITY: "models/infinity", SCALEKV: "models/scalekv", VAE: "models/vae",
                  TEXT_ENCODERS: "models/text_encoders"}
@@ -37,9 +49,21 @@ def register_folder(key: str, default_dir: str, extensions: set[str]) -> None:
     folder_paths.folder_names_and_paths[key] = (paths, set(exts) | set(extensions))
 
 
+def default_model_dir() -> str | None:
+    """The embedded model's folder: the pack's default_model/, or SCALEKV_DEFAULT_MODEL_DIR (empty: none)."""
+    override = os.environ.get(DEFAULT_MODEL_ENV)
+    if override is None:
+        return os.path.join(PACK_DIR, "default_model")
+    return os.path.abspath(override) if override.strip() else None
+
+
 def register_folders() -> None:
     register_folder(INFINITY, os.path.join(folder_paths.models_dir, INFINITY), set(folder_paths.supported_pt_extensions))
     register_folder(SCALEKV, os.path.join(folder_paths.models_dir, SCALEKV), BUDGET_EXTENSIONS)
+    root = default_model_dir()
+    if root is not None:  # last: the user's folders and ComfyUI's own are searched first (their extensions kept)
+        for key, sub in DEFAULT_MODEL_SUBDIRS.items():
+            register_folder(key, os.path.join(root, sub), set())
 
 
 # ------------------------------------------------------------------------------------------------ names
@@ -120,6 +144,11 @@ def text_encoder_choices() -> list[str]:
     """T5 folders (any folder with a config.json) under models/text_encoders; names containing 't5' first."""
     names = _walk_folders(TEXT_ENCODERS, lambda files: "config.json" in files)
     return [n for n in names if "t5" in n.lower()] + [n for n in names if "t5" not in n.lower()]
+
+
+def default_choice(choices: list[str], name: str) -> str | None:
+    """The embedded model's name as a menu default when it is installed; else None (the menu's first entry)."""
+    return name if name in choices else None
 
 
 def budget_file_choices() -> list[str]:

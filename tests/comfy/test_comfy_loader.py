@@ -106,3 +106,25 @@ def test_transformer_picked_as_vae_is_named(run):
     with pytest.raises(ValueError, match="infinity_tiny.safetensors"):
         run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="infinity_tiny.safetensors",
             text_encoder="t5_tiny", precision="auto")
+
+
+def test_loader_preselects_the_embedded_default_model_which_loads(pack, node_classes, run, monkeypatch, tmp_path):
+    """A fresh install: with default_model/ present, the loader's menus default to it and run as they are."""
+    from test_comfy_paths import isolate_folders, make_default_model
+
+    paths = pack.nodes.paths
+    isolate_folders(paths, monkeypatch)
+    keys = ("transformer", "vae", "text_encoder")
+    loader = node_classes["InfinityModelLoader"]
+    inputs = loader.GET_NODE_INFO_V1()["input"]["required"]
+    assert not any("default" in inputs[k][1] for k in keys)  # none installed: the menus' first entries
+
+    monkeypatch.setenv("SCALEKV_DEFAULT_MODEL_DIR", str(make_default_model(tmp_path / "default_model")))
+    paths.register_folders()
+    inputs = loader.GET_NODE_INFO_V1()["input"]["required"]
+    defaults = {k: inputs[k][1]["default"] for k in keys}
+    assert defaults == {"transformer": "infinity_shapes.safetensors", "vae": "infinity_shapes_vae.safetensors",
+                        "text_encoder": "t5_shapes"}
+    model, t5 = run("InfinityModelLoader", **defaults, precision="auto").result
+    assert model.info["transformer"] == str(tmp_path / "default_model" / "infinity" / "infinity_shapes.safetensors")
+    assert t5.info["text_channels"] == model.pipeline.transformer.cfg.text_channels

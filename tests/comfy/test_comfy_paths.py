@@ -26,6 +26,7 @@ def test_registration_merges_with_a_users_yaml(paths, monkeypatch, tmp_path):
     """A key the user configured keeps their folders first; ours is appended once; extensions are unioned."""
     fnp = dict(folder_paths.folder_names_and_paths)
     monkeypatch.setattr(folder_paths, "folder_names_and_paths", fnp)
+    monkeypatch.setenv("SCALEKV_DEFAULT_MODEL_DIR", "")  # no embedded model: see the default-model tests below
     fnp["infinity"] = ([str(tmp_path / "user_infinity")], {".gguf"})  # as extra_model_paths.yaml would leave it
     fnp.pop("scalekv", None)
     paths.register_folders()
@@ -37,7 +38,7 @@ def test_registration_merges_with_a_users_yaml(paths, monkeypatch, tmp_path):
     assert fnp["vae"] == folder_paths.folder_names_and_paths["vae"]  # core keys untouched
 
 
-def test_test_session_folders_come_first(paths, models_dir):
+def test_test_session_folders_come_first(paths, models_dir, without_embedded_model):
     """conftest registered the temporary models folder like a user's yaml; the pack appended ComfyUI/models/*."""
     for key in ("infinity", "scalekv"):
         dirs = folder_paths.get_folder_paths(key)
@@ -46,7 +47,27 @@ def test_test_session_folders_come_first(paths, models_dir):
     assert paths.budget_output_path("x.json") == str(models_dir / "scalekv" / "x.json")
 
 
-def test_choices_list_files_shard_folders_and_t5_folders(paths, models_dir):
+def isolate_folders(paths, monkeypatch) -> dict:
+    """For one test: a copy of the registered folders less the embedded model's (the pack added them at import)
+    and an empty file-list cache (ComfyUI's cache would otherwise keep listing a removed folder's files)."""
+    root = paths.default_model_dir()
+    fnp = dict(folder_paths.folder_names_and_paths)
+    if root is not None:
+        for key, sub in paths.DEFAULT_MODEL_SUBDIRS.items():
+            dirs, exts = fnp[key]
+            fnp[key] = ([d for d in dirs if d != os.path.join(root, sub)], exts)
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", fnp)
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return fnp
+
+
+@pytest.fixture
+def without_embedded_model(paths, monkeypatch):
+    """The menus as they are without default_model/ (whether or not its trained files are checked out)."""
+    isolate_folders(paths, monkeypatch)
+
+
+def test_choices_list_files_shard_folders_and_t5_folders(paths, models_dir, without_embedded_model):
     sd = load_file(str(TINY_TRANSFORMER))
     folder = save_sharded(sd, models_dir / "infinity" / "tiny_sharded", n_shards=2)
     vae_copy = models_dir / "infinity" / "my_vae_copy.safetensors"
@@ -119,3 +140,92 @@ def test_a_shard_folder_without_index_is_not_a_transformer(paths, models_dir):
     finally:
         (folder / "model-00001-of-00002.safetensors").unlink()
         folder.rmdir()
+
+
+# ------------------------------------------------------------------------------------------- embedded default model
+
+TINY = pathlib.Path(__file__).resolve().parents[2] / "tests" / "data" / "infinity-tiny"
+
+
+def make_default_model(root: pathlib.Path) -> pathlib.Path:
+    """default_model/'s layout (infinity/, vae/, text_encoders/) with the tiny files under the shipped names."""
+    for sub in ("infinity", "vae", "text_encoders"):
+        (root / sub).mkdir(parents=True)
+    os.symlink(TINY / "infinity_tiny.safetensors", root / "infinity" / "infinity_shapes.safetensors")
+    os.symlink(TINY / "vae_tiny.safetensors", root / "vae" / "infinity_shapes_vae.safetensors")
+    os.symlink(TINY / "t5_tiny", root / "text_encoders" / "t5_shapes")
+    return root
+
+
+@pytest.fixture
+def embedded(paths, monkeypatch, tmp_path):
+    """A default_model folder with the tiny files, registered as the pack does at import (on a copy of the folders)."""
+    isolate_folders(paths, monkeypatch)
+    root = make_default_model(tmp_path / "default_model")
+    monkeypatch.setenv("SCALEKV_DEFAULT_MODEL_DIR", str(root))
+    paths.register_folders()
+    return root
+
+
+def test_embedded_model_folders_come_after_the_users_and_comfyuis(paths, embedded, models_dir):
+    paths.register_folders()  # a second import adds nothing
+    for key, sub in (("infinity", "infinity"), ("vae", "vae"), ("text_encoders", "text_encoders")):
+        dirs = folder_paths.get_folder_paths(key)
+        assert dirs[0] == str(models_dir / key)  # conftest's folders, registered like a user's yaml
+        assert dirs[-1] == str(embedded / sub) and dirs.count(str(embedded / sub)) == 1
+    assert folder_paths.get_folder_paths("infinity")[-2] == os.path.join(folder_paths.models_dir, "infinity")
+    assert ".safetensors" in folder_paths.folder_names_and_paths["vae"][1]  # core extensions kept
+
+
+def test_embedded_model_is_in_the_menus_and_resolves(paths, embedded):
+    assert "infinity_shapes.safetensors" in paths.transformer_choices()
+    assert "infinity_shapes_vae.safetensors" in paths.vae_choices()
+    assert "t5_shapes" in paths.text_encoder_choices()
+    assert paths.resolve_transformer("infinity_shapes.safetensors") == str(embedded / "infinity" / "infinity_shapes.safetensors")
+    assert paths.resolve_vae("infinity_shapes_vae.safetensors") == str(embedded / "vae" / "infinity_shapes_vae.safetensors")
+    assert paths.resolve_text_encoder("t5_shapes") == str(embedded / "text_encoders" / "t5_shapes")
+
+
+def test_a_users_file_of_the_same_name_wins_over_the_embedded_one(paths, embedded, models_dir):
+    mine = models_dir / "infinity" / "infinity_shapes.safetensors"
+    mine.write_bytes(b"the user's own")
+    try:
+        assert paths.transformer_choices().count("infinity_shapes.safetensors") == 1
+        assert paths.resolve_transformer("infinity_shapes.safetensors") == str(mine)
+    finally:
+        mine.unlink()
+
+
+def test_the_embedded_model_folder_is_the_packs_unless_overridden(paths, monkeypatch, tmp_path):
+    fnp = isolate_folders(paths, monkeypatch)
+    monkeypatch.delenv("SCALEKV_DEFAULT_MODEL_DIR", raising=False)
+    assert paths.default_model_dir() == str(pathlib.Path(__file__).resolve().parents[2] / "default_model")
+    monkeypatch.setenv("SCALEKV_DEFAULT_MODEL_DIR", str(tmp_path))
+    assert paths.default_model_dir() == str(tmp_path)
+    monkeypatch.setenv("SCALEKV_DEFAULT_MODEL_DIR", "")
+    assert paths.default_model_dir() is None
+    before = {k: list(fnp[k][0]) for k in ("vae", "text_encoders")}
+    paths.register_folders()
+    assert {k: fnp[k][0] for k in ("vae", "text_encoders")} == before  # nothing embedded registered
+
+
+def test_a_missing_embedded_file_is_named_with_every_folder_searched(paths, monkeypatch, tmp_path):
+    """A fresh clone before the trained files exist: the error names the default_model folder among the searched."""
+    isolate_folders(paths, monkeypatch)
+    monkeypatch.setenv("SCALEKV_DEFAULT_MODEL_DIR", str(tmp_path / "empty_default_model"))
+    paths.register_folders()
+    assert "infinity_shapes.safetensors" not in paths.transformer_choices()
+    with pytest.raises(FileNotFoundError) as e:
+        paths.resolve_transformer("infinity_shapes.safetensors")
+    assert str(tmp_path / "empty_default_model" / "infinity") in str(e.value)
+
+
+def test_the_checked_out_default_model_is_complete(paths):
+    """default_model/ ships all three parts or none: a half-copied checkout would fail only at the first run."""
+    root = pathlib.Path(__file__).resolve().parents[2] / "default_model"
+    parts = [root / "infinity" / "infinity_shapes.safetensors", root / "vae" / "infinity_shapes_vae.safetensors",
+             root / "text_encoders" / "t5_shapes" / "config.json"]
+    present = [p.exists() for p in parts]
+    if not any(present):
+        pytest.skip("default_model/ holds no trained files yet (bash scripts/train_default.sh writes them)")
+    assert all(present), f"default_model/ is incomplete: missing {[str(p) for p, ok in zip(parts, present) if not ok]}"
