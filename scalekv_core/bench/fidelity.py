@@ -93,6 +93,7 @@ def build_parser(prog: str = "python -m scalekv_core.bench fidelity") -> argpars
 
 
 def parse_policies(text: str) -> list[str]:
+    """Table-row labels from --policies, rejecting unknown names up front rather than after hours of sampling."""
     labels = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in labels if t not in POLICY_SPECS]
     if bad or not labels:
@@ -102,6 +103,7 @@ def parse_policies(text: str) -> list[str]:
 
 
 def parse_budgets(text: str) -> list[str]:
+    """Budget strings from --budgets, kept as typed so the table shows them as the user wrote them."""
     budgets = [t.strip() for t in text.split(",") if t.strip()]
     if not budgets:
         raise ValueError(f"--budgets {text!r} names no budget")
