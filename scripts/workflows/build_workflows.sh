@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Regenerates the example workflows (workflows/*.json) and their thumbnails (workflows/*.jpg) in the real
+# frontend: a headless ComfyUI 0.3.75 (frontend 1.32.9, scripts/comfy_host.sh) with this pack mounted, on a free
+# port with its own state folder, and build_workflows.mjs in headless Chromium. The server is stopped on exit.
+#
+#   bash scripts/workflows/build_workflows.sh
+#
+# The graphs only name the model files; when default_model/ has no trained files yet, tiny stand-ins under the
+# same names (tests/data/infinity-tiny) fill the loader's menus. Needs node, /usr/bin/chromium and playwright-core
+# (in .browser/ or /tmp/pw; scripts/setup_browser.sh installs both when present).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+
+work=$(mktemp -d /tmp/scalekv-workflows-XXXXXX)
+export COMFY_STATE=$work/state COMFY_MOUNT_PACK=1
+export COMFY_PORT=${COMFY_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+cleanup() { bash scripts/comfy_host.sh stop || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+if [ ! -f default_model/infinity/infinity_shapes.safetensors ]; then
+  tiny=$ROOT/tests/data/infinity-tiny
+  mkdir -p "$work"/default_model/{infinity,vae,text_encoders}
+  ln -s "$tiny/infinity_tiny.safetensors" "$work/default_model/infinity/infinity_shapes.safetensors"
+  ln -s "$tiny/vae_tiny.safetensors" "$work/default_model/vae/infinity_shapes_vae.safetensors"
+  ln -s "$tiny/t5_tiny" "$work/default_model/text_encoders/t5_shapes"
+  export SCALEKV_DEFAULT_MODEL_DIR=$work/default_model
+  echo "[build_workflows] default_model/ has no trained files: tiny stand-ins fill the menus" >&2
+fi
+if [ ! -d .browser/node_modules/playwright-core ] && [ ! -d /tmp/pw/node_modules/playwright-core ] \
+   && [ -z "${PLAYWRIGHT_DIR:-}" ] && [ -f scripts/setup_browser.sh ]; then
+  bash scripts/setup_browser.sh
+fi
+
+bash scripts/comfy_host.sh setup
+bash scripts/comfy_host.sh start
+node scripts/workflows/build_workflows.mjs --url "http://127.0.0.1:$COMFY_PORT" --out "$ROOT/workflows"
