@@ -1,14 +1,74 @@
 #!/usr/bin/env bash
-# The main job from a fresh clone: set up .venv and generate an image with the command-line generator
-# on the tiny reference model shipped in tests/data (real weights go in the same flags), with ScaleKV at 10%,
-# writing out/image.png, out/memory_report.json and the per-scale arrays in out/dump/.
-#   scripts/generate.sh [extra generate flags, e.g. --prompt "..." --seed 3]
+# The main job from a fresh clone, through ComfyUI: set up the ComfyUI host (scripts/comfy_host.sh setup:
+# ComfyUI 0.3.75 and its venv), start it headless with this pack mounted on a free port, run the example workflow
+# workflows/scalekv_text_to_image.json (ScaleKV at 10%) through scripts/run_workflow.py on the embedded default
+# model (default_model/), and write out/image.png and out/memory_report.json. The server is stopped on exit,
+# also when something fails.
+#
+#   bash scripts/generate.sh [--prompt "a small yellow star at the center on a black background"] [--seed 7]
+#                            [--negative-prompt TEXT]
+#
+# Environment: COMFY_PORT (default: a free port), SCALEKV_DEFAULT_MODEL_DIR (another folder with default_model/'s
+# layout), and scripts/comfy_host.sh's COMFY_HOST_DIR / COMFY_VENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh .venv 2.13.0
-M=tests/data/infinity-tiny
-.venv/bin/python -m scalekv_core generate \
-  --transformer "$M/infinity_tiny.safetensors" --vae "$M/vae_tiny.safetensors" --text-encoder "$M/t5_tiny" \
-  --prompt "a red apple on a wooden table" --seed 0 --cfg 3 --tau 0.5 --width 256 --height 256 \
-  --kv-policy scalekv --budget 10% --memory-report out/memory_report.json \
-  --out out/image.png --dump out/dump "$@"
+ROOT=$(pwd)
+WORKFLOW=workflows/scalekv_text_to_image.json
+OUT=out
+
+overrides=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prompt|--negative-prompt|--seed)
+      [ $# -ge 2 ] || { echo "generate.sh: $1 needs a value" >&2; exit 2; }
+      overrides+=("$1" "$2"); shift 2 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "generate.sh: unknown argument '$1' (accepted: --prompt, --negative-prompt, --seed)" >&2; exit 2 ;;
+  esac
+done
+
+model=${SCALEKV_DEFAULT_MODEL_DIR:-default_model}
+for f in infinity/infinity_shapes.safetensors vae/infinity_shapes_vae.safetensors text_encoders/t5_shapes/config.json; do
+  if [ ! -e "$model/$f" ]; then
+    echo "generate.sh: the embedded default model is incomplete: $model/$f is missing (see default_model/README.md;" \
+         "bash scripts/train_default.sh retrains it)" >&2
+    exit 1
+  fi
+done
+
+bash scripts/comfy_host.sh setup
+VENV=${COMFY_VENV:-${COMFY_HOST_DIR:-/tmp/scalekv-comfy}/venv}
+work=$(mktemp -d /tmp/scalekv-generate-XXXXXX)
+export COMFY_STATE=$work/state COMFY_MOUNT_PACK=1
+export COMFY_PORT=${COMFY_PORT:-$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+[ "$model" = default_model ] || export SCALEKV_DEFAULT_MODEL_DIR=$(cd "$model" && pwd)  # the server runs elsewhere
+cleanup() {
+  local rc=$?
+  if [ "$rc" != 0 ] && [ -f "$COMFY_STATE/server.log" ]; then
+    echo "generate.sh: failed; the server log ends with:" >&2
+    tail -25 "$COMFY_STATE/server.log" >&2
+  fi
+  bash scripts/comfy_host.sh stop || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+bash scripts/comfy_host.sh start
+"$VENV/bin/python" scripts/run_workflow.py "$WORKFLOW" --url "http://127.0.0.1:$COMFY_PORT" --out "$work/run" \
+  ${overrides[@]+"${overrides[@]}"} > "$work/summary.json"
+
+mkdir -p "$OUT"
+"$VENV/bin/python" - "$work/summary.json" "$OUT" <<'EOF'
+import json, shutil, sys
+summary, out = json.load(open(sys.argv[1])), sys.argv[2]
+images, reports = summary["images"], summary["memory_reports"]
+if len(images) != 1 or len(reports) != 1:
+    sys.exit(f"generate.sh: expected one image and one memory report, got {len(images)} and {len(reports)}")
+shutil.copyfile(images[0]["path"], f"{out}/image.png")
+shutil.copyfile(reports[0]["path"], f"{out}/memory_report.json")
+r = json.load(open(f"{out}/memory_report.json"))
+peak = r.get("measured_peak_mb")
+print(f"wrote {out}/image.png and {out}/memory_report.json: {r['policy']['policy']} {r['policy']['budget']}, "
+      f"KV cache {r['analytic_mb']:.3f} MB of {r['full_analytic_mb']:.3f} MB full ({100 * r['stored_ratio']:.1f}%)"
+      + (f", measured peak {peak:.1f} MB" if peak is not None else ""))
+EOF
