@@ -161,7 +161,8 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
         for si, (h, w) in enumerate(schedule.grids):
             start = schedule.offsets[si]
             cache.begin_scale(si)
-            hidden = model.forward_scale(x, si, gss, ca, rope[:, start:start + h * w], cache)
+            hidden = None  # the previous scale's hidden state must not live on through this larger one
+            hidden = model.forward_scale(x, si, gss, ca, rope[:, start:start + h * w], cache)  # updates x in place
             cache.end_scale()
             if use_cfg and cfgs[si] != 1:
                 logits = model.logits(hidden, cond_vec).mul(1 / taus[si])

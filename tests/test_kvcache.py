@@ -244,3 +244,44 @@ def test_planner_predicts_the_cache_and_brackets_the_measured_peak(pipe: Infinit
         allocated = [sum(u.allocated_bytes) + u.workspace_bytes for u in r.samples.usage]
         assert max(allocated) / 2**20 <= plan.cache_peak_mb * 1.0001
         assert 0.6 * r.memory.measured_peak_mb <= plan.sampling_peak_mb <= 1.6 * r.memory.measured_peak_mb
+
+
+@pytest.mark.parametrize("policy", ["full", "scalekv"])
+def test_sliced_projection_into_the_cache_keeps_every_bit(pipe: InfinityPipeline, policy: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large scales project keys and values a slice at a time straight into the cache; tiny chunks force that path."""
+    from scalekv_core.model import transformer
+
+    config = CacheConfig(policy=policy, budget="20%", window=4)
+    whole = pipe.generate(_cond(), seed=1, schedule=TINY_SCHEDULE, cache=config)
+    monkeypatch.setattr(transformer, "QKV_CHUNK", 7)
+    monkeypatch.setattr(transformer, "FFN_CHUNK", 7)
+    sliced = pipe.generate(_cond(), seed=1, schedule=TINY_SCHEDULE, cache=config)
+    assert len(whole.samples.bits) == TINY_SCHEDULE.num_scales
+    for si, (a, b) in enumerate(zip(whole.samples.bits, sliced.samples.bits)):
+        assert torch.equal(a, b), f"scale {si}"
+
+
+def test_new_keys_go_straight_into_cache_storage() -> None:
+    """The views a step writes into are the layer's buffer or the shared workspace, never a separate tensor."""
+    from scalekv_core.kvcache.budget import uniform_plan
+    from scalekv_core.kvcache.cache import KVCache
+    from scalekv_core.kvcache.policies.sliding_window import SlidingWindow
+
+    sched = TINY_SCHEDULE
+    cache = KVCache(uniform_plan(sched, 2, 20), SlidingWindow(), sched, batch=1, num_heads=2, head_dim=4)
+    with pytest.raises(RuntimeError, match="without new_slots"):
+        cache.attend(0, torch.zeros(1, 2, 1, 4), torch.float32)
+    for si, n in enumerate(sched.tokens_per_scale):
+        cache.begin_scale(si)
+        for layer in range(2):
+            k, v = cache.new_slots(layer, n)
+            owned = [*(cache._ws or ()), cache.keys[layer], cache.values[layer]]
+            storages = {t.untyped_storage().data_ptr() for t in owned if t is not None}
+            assert k.untyped_storage().data_ptr() in storages and v.untyped_storage().data_ptr() in storages
+            k.copy_(torch.nn.functional.normalize(torch.randn_like(k), dim=-1))
+            v.copy_(torch.randn_like(v))
+            out = cache.attend(layer, torch.randn(1, 2, n, 4), torch.float32)
+            assert out.shape == (1, 2, n, 4)
+        cache.end_scale()
+    assert all(t <= 20 for t in cache.usage[-2].tokens)

@@ -1,7 +1,8 @@
 """The one KV-cache type: per-layer buffers sized from the budget plan, written in place, evicted in place.
 
 Memory model, per layer and scale (S stored tokens, n new ones, `keep` to hold afterwards):
-- When nothing is dropped and the buffer has room, the new keys and values are written after the stored ones
+- The scale's keys and values are projected straight into their place (`new_slots`), never held beside it.
+- When nothing is dropped and the buffer has room, that place is after the stored tokens in the layer's buffer
   and attention reads the buffer directly (the full cache never copies).
 - Otherwise the step runs in one workspace shared by all layers: stored + new tokens are laid out there,
   attention reads them, the policy picks `keep` of them, and those are gathered straight into the layer's
@@ -16,9 +17,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-
 from ..schedules import Schedule
+from .attention import sdpa
 from .budget import BudgetPlan, kv_bytes_per_token
 from .policies.base import EvictionPolicy, StepContext
 
@@ -68,6 +68,8 @@ class KVCache:
         self._ws_tokens = self._workspace_tokens()
         self._ws: tuple[torch.Tensor, torch.Tensor] | None = None
         self._ws_pos: torch.Tensor | None = None
+        #: (layer, scale, stored, new, in place) between new_slots() and attend().
+        self._step: tuple[int, int, int, int, bool] | None = None
 
     # ------------------------------------------------------------------ planning
 
@@ -138,39 +140,53 @@ class KVCache:
     def begin_scale(self, scale: int) -> None:
         self.scale = scale
 
-    def attend(self, layer: int, q: torch.Tensor, kv: list[torch.Tensor], compute_dtype: torch.dtype,
-               x: torch.Tensor | None = None, w_q: torch.Tensor | None = None) -> torch.Tensor:
+    def new_slots(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (B, H, n, c) where this scale's keys and values for `layer` must be written before `attend`.
+
+        The projection writes straight into them, so no separate copy of the scale's keys and values ever exists:
+        they go after the stored tokens in the layer's buffer when it has room and nothing is dropped, else after
+        a copy of the stored tokens in the shared workspace.
+        """
+        scale, S = self.scale, self.lengths[layer]
+        total = S + n
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        cap = 0 if buf_k is None else buf_k.shape[2]
+        in_place = self._in_place(layer, scale, S, cap)
+        if in_place:
+            dst_k, dst_v = buf_k, buf_v
+        else:
+            dst_k, dst_v = self._workspace()
+            if S:
+                dst_k[:, :, :S].copy_(buf_k[:, :, :S])
+                dst_v[:, :, :S].copy_(buf_v[:, :, :S])
+        self._step = (layer, scale, S, n, in_place)
+        return dst_k[:, :, S:total], dst_v[:, :, S:total]
+
+    def attend(self, layer: int, q: torch.Tensor, compute_dtype: torch.dtype, x: torch.Tensor | None = None,
+               w_q: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of this scale's queries over the layer's cache plus its own keys, then the layer's eviction.
 
-        `kv` = [k, v] (B, H, n, c) is emptied once they are copied in, so they do not outlive the copy.
+        The keys and values must already be in the views `new_slots(layer, n)` returned. `x` and `w_q` (the
+        self-attention input and query weight) are read by the original ScaleKV scoring.
         """
-        k, v = kv
-        kv.clear()
-        scale, S, n = self.scale, self.lengths[layer], k.shape[2]
+        if self._step is None or self._step[:2] != (layer, self.scale):
+            raise RuntimeError(f"attend(layer {layer}) at scale {self.scale} without new_slots() for it first")
+        _, scale, S, n, in_place = self._step
+        self._step = None
         total = S + n
         last = scale == self.schedule.num_scales - 1
         buf_k, buf_v = self.keys[layer], self.values[layer]
-        cap = 0 if buf_k is None else buf_k.shape[2]
-        if self._in_place(layer, scale, S, cap):
-            buf_k[:, :, S:total].copy_(k)
-            buf_v[:, :, S:total].copy_(v)
-            del k, v
+        if in_place:
             if self.track_positions and not last:
                 self.positions[layer][:, :, S:total] = self._new_positions(n)
-            out = _sdpa(q, buf_k[:, :, :total], buf_v[:, :, :total], compute_dtype)
+            out = sdpa(q, buf_k[:, :, :total], buf_v[:, :, :total], compute_dtype)
             if self.observer is not None:
                 self.observer(scale, layer, q, buf_k[:, :, :total], S)
             if not last:
                 self.lengths[layer] = total
             return out
 
-        ws_k, ws_v = self._workspace()
-        if S:
-            ws_k[:, :, :S].copy_(buf_k[:, :, :S])
-            ws_v[:, :, :S].copy_(buf_v[:, :, :S])
-        ws_k[:, :, S:total].copy_(k)
-        ws_v[:, :, S:total].copy_(v)
-        del k, v
+        ws_k, ws_v = self._ws
         keys, values = ws_k[:, :, :total], ws_v[:, :, :total]
         positions = None
         if self.track_positions:
@@ -178,7 +194,7 @@ class KVCache:
                 self._ws_pos[:, :, :S].copy_(self.positions[layer][:, :, :S])
             self._ws_pos[:, :, S:total] = self._new_positions(n)
             positions = self._ws_pos[:, :, :total]
-        out = _sdpa(q, keys, values, compute_dtype)
+        out = sdpa(q, keys, values, compute_dtype)
         if self.observer is not None:
             self.observer(scale, layer, q, keys, S)
 
@@ -253,12 +269,8 @@ class KVCache:
         L = self.num_layers
         self.keys, self.values, self.positions = [None] * L, [None] * L, [None] * L
         self._ws, self._ws_pos = None, None
+        self._step = None
         self.lengths = [0] * L
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Every query of the scale sees every key given, no mask; keys are cos-normalised so the scale is 1."""
-    return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=1.0)
 
 
 def _gather_into(dst: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, keep: int) -> None:

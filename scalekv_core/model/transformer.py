@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kvcache import KVCache, cached_attention
+from ..kvcache import KVCache, sdpa
 from .config import InfinityConfig
 from .rope import apply_rope
 
@@ -124,8 +124,13 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def qkv(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries and keys normalised, scaled and rotated in float32; values in the block's dtype. (B, H, L, c) each."""
+    def qkv(self, x: torch.Tensor, rope: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys normalised, scaled and rotated in float32; values in the block's dtype. (B, H, L, c) each.
+
+        With `into` (the cache's slots for this scale), keys and values are written there and those views returned,
+        so at large scales no full-size key or value tensor exists beside the cache.
+        """
         B, L, _ = x.shape
         H, c = self.num_heads, self.head_dim
         w = self.mat_qkv.weight
@@ -134,18 +139,23 @@ class SelfAttention(nn.Module):
         if L <= QKV_CHUNK:
             qkv = F.linear(x.to(w.dtype), w, bias).view(B, L, 3, H, c).permute(2, 0, 3, 1, 4)  # (3, B, H, L, c)
             q = F.normalize(qkv[0].float(), dim=-1, eps=1e-12).mul(scale_mul)
-            k = F.normalize(qkv[1].float(), dim=-1, eps=1e-12)
-            return apply_rope(q, rope), apply_rope(k, rope), qkv[2]
+            k = apply_rope(F.normalize(qkv[1].float(), dim=-1, eps=1e-12), rope)
+            if into is None:
+                return apply_rope(q, rope), k, qkv[2]
+            into[0].copy_(k)
+            into[1].copy_(qkv[2])
+            return apply_rope(q, rope), into[0], into[1]
         # Large scales: project a slice of tokens at a time into preallocated q, k, v (no full packed qkv).
         q = torch.empty(B, H, L, c, device=x.device, dtype=torch.float32)
-        k = torch.empty_like(q)
-        v = torch.empty(B, H, L, c, device=x.device, dtype=w.dtype)
+        k, v = into if into is not None else (torch.empty_like(q), torch.empty(B, H, L, c, device=x.device,
+                                                                              dtype=w.dtype))
         for s in range(0, L, QKV_CHUNK):
             e = min(L, s + QKV_CHUNK)
             part = F.linear(x[:, s:e].to(w.dtype), w, bias).view(B, e - s, 3, H, c).permute(2, 0, 3, 1, 4)
             q[:, :, s:e] = apply_rope(F.normalize(part[0].float(), dim=-1, eps=1e-12).mul(scale_mul), rope[:, s:e])
             k[:, :, s:e] = apply_rope(F.normalize(part[1].float(), dim=-1, eps=1e-12), rope[:, s:e])
             v[:, :, s:e] = part[2]
+            del part
         return q, k, v
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -161,10 +171,15 @@ class SelfAttention(nn.Module):
         B, L, C = x.shape
         xs = x if scale is None else ada_layer_norm(x, scale, shift, eps)
         del x
-        q, *kv = self.qkv(xs, rope)  # kv: a list the cache empties, so k and v are freed once stored
-        out = cached_attention(q, kv, cache, layer, compute_dtype=self.proj.weight.dtype, x=xs,
-                               w_q=self.mat_qkv.weight[:C])
-        del q, xs
+        dtype = self.proj.weight.dtype
+        if cache is None:
+            q, k, v = self.qkv(xs, rope)
+            del xs
+            out = sdpa(q, k, v, dtype)
+        else:
+            q = self.qkv(xs, rope, into=cache.new_slots(layer, L))[0]
+            out = cache.attend(layer, q, dtype, x=xs, w_q=self.mat_qkv.weight[:C])
+        del q
         out = out.transpose(1, 2).reshape(B, L, C)
         return _linear(out, self.proj)
 
@@ -285,8 +300,15 @@ class Infinity(nn.Module):
 
     def forward_scale(self, x: torch.Tensor, scale_index: int, gss: torch.Tensor, text: TextKV,
                       rope: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Run every block over one scale's tokens (B, L, C); keys and values accumulate in `cache`."""
-        x = (x + self.lvl_embed.weight[scale_index]).float()  # a fresh tensor: the blocks update it in place
+        """Run every block over one scale's tokens (B, L, C); keys and values accumulate in `cache`.
+
+        A float32 `x` that needs no gradient is consumed: updated in place and returned as the hidden state.
+        """
+        lvl = self.lvl_embed.weight[scale_index]
+        if x.dtype == torch.float32 and not x.requires_grad:
+            x.add_(lvl)  # the caller hands x over: no second scale-sized tensor beside it
+        else:
+            x = (x + lvl).float()  # a fresh tensor: the blocks update it in place
         for layer, block in enumerate(self.blocks):
             x = block(x, gss, text, rope, cache, layer)
         return x
