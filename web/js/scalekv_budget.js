@@ -1,0 +1,383 @@
+// ScaleKV budget widget: the KV cache per scale, drawn on the ScaleKV Cache Config node (live, from its widgets)
+// and on the Infinity Sampler after a run (planned beside measured, from its "scalekv_memory" UI output).
+//
+// Every number comes from the pack's route POST /scalekv/plan (nodes/routes.py), which asks the engine's planner;
+// this file only gathers widget values from the graph, formats the answer and draws bar widths.
+// DOM widgets only (canvas draw() widgets are not repainted in Nodes 2.0), never serialized into the prompt.
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
+
+const EXTENSION = "scalekv.budget_widget";
+const ROUTE = "/scalekv/plan";
+const CONFIG = "ScaleKVCacheConfig";
+const SAMPLER = "InfinitySampler";
+const LOADER = "InfinityModelLoader";
+const WIDGET = "scalekv_budget";
+const CONFIG_FIELDS = ["policy", "budget_unit", "budget", "window", "kernel", "pooling", "scoring", "kv_dtype",
+  "budget_source", "refiner_decay"];
+const DEFAULT_MODEL = "2b";
+const DEFAULT_RESOLUTION = "1024x1024 (1:1)";
+const DEBOUNCE_MS = 250;
+const POLL_MS = 400; // Nodes 2.0 and programmatic edits change values without calling widget callbacks
+const MIN_WIDTH = 460; // room for the per-scale columns
+
+const CSS = `
+.skv-root { font: 10px/1.35 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; color: var(--input-text, #ddd);
+  background: rgba(0,0,0,0.25); border-radius: 4px; padding: 4px 6px; box-sizing: border-box; width: 100%;
+  overflow: hidden; pointer-events: auto; }
+.skv-head { display: flex; flex-wrap: wrap; gap: 2px 8px; align-items: center; margin-bottom: 3px; }
+.skv-head b { color: #fff; font-weight: 600; }
+.skv-head select { font: inherit; background: #222; color: #ddd; border: 1px solid #555; border-radius: 3px; padding: 0 2px; }
+.skv-dim { opacity: 0.65; }
+.skv-grid { display: grid; grid-template-columns: 52px minmax(40px, 1fr) repeat(4, auto); column-gap: 6px; row-gap: 1px;
+  align-items: center; }
+.skv-grid.skv-with-measured { grid-template-columns: 52px minmax(40px, 1fr) repeat(6, auto); }
+.skv-grid > .skv-h { opacity: 0.65; font-size: 9px; }
+.skv-grid > .skv-n { text-align: right; white-space: nowrap; }
+.skv-bars { position: relative; height: 10px; }
+.skv-bar { position: absolute; left: 0; border-radius: 1px; min-width: 1px; }
+.skv-bar-full { top: 0; height: 10px; background: rgba(160,160,160,0.28); }
+.skv-bar-d { top: 1px; height: 4px; background: #f0a040; }
+.skv-bar-r { top: 5px; height: 4px; background: #4aa3f0; }
+.skv-bar-m { top: 0; height: 10px; border-right: 2px solid #7fdc7f; background: transparent; }
+.skv-key { display: inline-block; width: 8px; height: 6px; margin-right: 2px; border-radius: 1px; }
+.skv-foot { margin-top: 3px; display: flex; flex-wrap: wrap; gap: 0 10px; }
+.skv-measured { color: #9fe39f; }
+.skv-error { color: #ff8a80; white-space: normal; }
+.skv-note { opacity: 0.8; white-space: normal; }
+`;
+
+function injectCss() {
+  if (document.getElementById("scalekv-budget-css")) return;
+  const style = document.createElement("style");
+  style.id = "scalekv-budget-css";
+  style.textContent = CSS;
+  document.head.appendChild(style);
+}
+
+// ------------------------------------------------------------------------------------------ formatting
+
+const tok = (n) => (n === null || n === undefined ? "–" : String(n));
+function mb(v) {
+  if (v === null || v === undefined || Number.isNaN(v)) return "–";
+  const a = Math.abs(v);
+  return a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 1 ? v.toFixed(2) : v.toFixed(3);
+}
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+const pct = (part, whole) => (whole > 0 ? Math.max(0, Math.min(100, (100 * part) / whole)) : 0);
+
+// ------------------------------------------------------------------------------------------ graph reading
+
+const widgetValue = (node, name) => node?.widgets?.find((w) => w.name === name)?.value;
+function inputNode(node, name) {
+  const slot = node?.findInputSlot?.(name);
+  return slot === undefined || slot < 0 ? null : node.getInputNode(slot);
+}
+function connectedSampler(config) {
+  const outs = config.getOutputNodes?.(0) || [];
+  return outs.find((n) => n.type === SAMPLER || n.comfyClass === SAMPLER) || null;
+}
+const isType = (node, type) => node && (node.type === type || node.comfyClass === type);
+
+// What the cache-config widget plans for: its widgets, plus the connected sampler's resolution/batch/cfg and the
+// loader's transformer file, or the defaults the widget's header offers when they are not connected.
+function configRequest(node, state) {
+  const body = {};
+  for (const f of CONFIG_FIELDS) {
+    const v = widgetValue(node, f);
+    if (v !== undefined) body[f] = v;
+  }
+  const ctx = { sampler: false, loader: false, samplerId: null };
+  const sampler = connectedSampler(node);
+  if (sampler) {
+    ctx.sampler = true;
+    ctx.samplerId = sampler.id;
+    body.resolution = widgetValue(sampler, "resolution");
+    body.batch = widgetValue(sampler, "batch");
+    body.cfg = widgetValue(sampler, "cfg");
+    const loader = inputNode(sampler, "model");
+    if (isType(loader, LOADER) && widgetValue(loader, "transformer")) {
+      ctx.loader = true;
+      body.transformer = widgetValue(loader, "transformer");
+      body.precision = widgetValue(loader, "precision");
+    }
+  }
+  if (!ctx.sampler) body.resolution = state.resolution;
+  if (!ctx.loader) body.model = state.model;
+  return { body, ctx };
+}
+
+// ------------------------------------------------------------------------------------------ drawing
+
+function headerSelect(options, value, label, onChange) {
+  const s = el("select");
+  s.title = label;
+  for (const o of options) {
+    const opt = el("option", null, o.label ?? o);
+    opt.value = o.value ?? o;
+    s.appendChild(opt);
+  }
+  s.value = value;
+  s.addEventListener("change", () => onChange(s.value));
+  for (const ev of ["pointerdown", "mousedown", "wheel"]) s.addEventListener(ev, (e) => e.stopPropagation());
+  return s;
+}
+
+function drawHeader(root, state, answer, ctx) {
+  const head = el("div", "skv-head");
+  const m = answer.model || {};
+  const name = (m.name || m.architecture || "").replace(/^infinity-/, "Infinity-").replace(/-(\d+)b$/, "-$1B");
+  const modelBox = el("span", "skv-model");
+  if (ctx && !ctx.loader && answer.mode === "plan") {
+    modelBox.append(headerSelect((answer.choices?.models || [DEFAULT_MODEL]).map((v) => ({
+      value: v, label: `Infinity-${v.toUpperCase()}` })), state.model, "model shape (no loader connected)",
+    (v) => { state.model = v; state.schedule(0); }));
+    modelBox.append(el("span", "skv-dim", " (default)"));
+  } else {
+    modelBox.append(el("b", null, name || "model"));
+    const src = m.source && m.source !== "default" ? ` ${m.source}` : "";
+    modelBox.append(el("span", "skv-dim", `${src} · ${m.depth} layers`));
+  }
+  head.append(modelBox);
+  const resBox = el("span", "skv-resolution");
+  if (ctx && !ctx.sampler && answer.mode === "plan") {
+    resBox.append(headerSelect(answer.choices?.resolutions || [DEFAULT_RESOLUTION], state.resolution,
+      "resolution (no sampler connected)", (v) => { state.resolution = v; state.schedule(0); }));
+    resBox.append(el("span", "skv-dim", " (default)"));
+  } else {
+    resBox.append(el("b", null, answer.resolution));
+  }
+  head.append(resBox);
+  head.append(el("span", "skv-dim", `batch ${answer.batch} · ${answer.batch_rows} rows`));
+  const budget = answer.budget_tokens !== null && answer.budget_tokens !== undefined
+    ? `${answer.policy} · ${answer.budget_tokens} tokens/layer` : `${answer.policy}`;
+  head.append(el("span", "skv-budget", budget));
+  root.append(head);
+}
+
+function drawRows(root, answer) {
+  const measured = answer.mode === "report";
+  const grid = el("div", "skv-grid" + (measured ? " skv-with-measured" : ""));
+  const heads = ["scale", "", "drafters", "refiners", "MB", "full MB"];
+  if (measured) heads.push("held", "meas. MB");
+  for (const h of heads) grid.append(el("span", "skv-h" + (h && h !== "scale" ? " skv-n" : ""), h));
+  if (answer.policy !== "scalekv") grid.children[3].textContent = "layers";
+  const rows = answer.scales || [];
+  const maxFull = Math.max(1, ...rows.map((r) => r.full_tokens));
+  for (const r of rows) {
+    const label = el("span", "skv-scale", `${r.scale} `);
+    label.append(el("span", "skv-dim", `${r.grid[0]}×${r.grid[1]}`));
+    label.dataset.scale = r.scale;
+    grid.append(label);
+    const bars = el("div", "skv-bars");
+    bars.title = `scale ${r.scale}: full cache ${r.full_tokens} tokens/layer; drafters ${tok(r.drafter_tokens)}, ` +
+      `refiners ${tok(r.refiner_tokens)} tokens; buffers ${mb(r.buffer_mb)} MB`;
+    const full = el("div", "skv-bar skv-bar-full");
+    full.style.width = `${pct(r.full_tokens, maxFull)}%`;
+    bars.append(full);
+    if (r.drafter_tokens !== null) {
+      const d = el("div", "skv-bar skv-bar-d");
+      d.style.width = `${pct(r.drafter_tokens, maxFull)}%`;
+      bars.append(d);
+    }
+    const rr = el("div", "skv-bar skv-bar-r");
+    rr.style.width = `${pct(r.refiner_tokens, maxFull)}%`;
+    bars.append(rr);
+    if (measured && r.measured) {
+      const held = el("div", "skv-bar skv-bar-m");
+      held.style.width = `${pct(Math.max(r.measured.drafter_tokens ?? 0, r.measured.refiner_tokens ?? 0), maxFull)}%`;
+      bars.append(held);
+    }
+    grid.append(bars);
+    const dText = r.drafters ? `${r.drafters}×${tok(r.drafter_tokens)}` : "–";
+    const rText = r.refiners ? `${r.refiners}×${r.refiner_tokens_min !== r.refiner_tokens
+      ? `${r.refiner_tokens_min}…${r.refiner_tokens}` : tok(r.refiner_tokens)}` : "–";
+    grid.append(el("span", "skv-n skv-d", dText), el("span", "skv-n skv-r", rText),
+      el("span", "skv-n skv-mb", mb(r.stored_mb)), el("span", "skv-n skv-full skv-dim", mb(r.full_mb)));
+    if (measured) {
+      const m = r.measured || {};
+      grid.append(el("span", "skv-n skv-held skv-measured", m.matches_plan ? "= plan" : tok(m.stored_tokens)),
+        el("span", "skv-n skv-meas skv-measured", mb(m.stored_mb)));
+    }
+  }
+  root.append(grid);
+}
+
+function drawFooter(root, answer, lastRun) {
+  const t = answer.totals || {};
+  const foot = el("div", "skv-foot");
+  const stored = el("span", null, "cache ");
+  stored.append(el("b", "skv-stored-peak", mb(t.stored_peak_mb)), ` MB of `, el("span", "skv-full-total", mb(t.full_mb)),
+    ` MB full (${(100 * (t.stored_ratio ?? 1)).toFixed(1)}%)`);
+  const peak = el("span", null, "planned peak ");
+  peak.append(el("b", "skv-planned-peak", mb(t.planned_peak_mb)), " MB");
+  foot.append(stored, peak);
+  root.append(foot);
+  const m = answer.measured;
+  if (m) {
+    const line = el("div", "skv-foot skv-measured");
+    const p = el("span", null, "measured peak ");
+    p.append(el("b", "skv-measured-peak", mb(m.peak_mb)), " MB");
+    const s = el("span", null, "stored ");
+    s.append(el("b", "skv-measured-stored", mb(m.stored_peak_mb)), " MB");
+    line.append(p, s, el("span", "skv-match", m.matches_plan ? "held = plan" : "held ≠ plan"));
+    if (m.sampling_seconds) line.append(el("span", "skv-dim", `${m.sampling_seconds.toFixed(2)} s`));
+    line.title = m.measurement || "";
+    root.append(line);
+  } else if (lastRun) {
+    const line = el("div", "skv-foot skv-measured skv-last-run");
+    const p = el("span", null, "last run: measured peak ");
+    p.append(el("b", "skv-measured-peak", mb(lastRun.measured_peak_mb)), " MB (planned ",
+      el("span", null, mb(lastRun.planned_peak_mb)), " MB)");
+    line.append(p);
+    root.append(line);
+  }
+  if (answer.note) root.append(el("div", "skv-note", answer.note));
+}
+
+function draw(state) {
+  const root = state.root;
+  root.replaceChildren();
+  if (state.error) {
+    root.append(el("div", "skv-error", state.error));
+  } else if (!state.answer) {
+    root.append(el("div", "skv-note skv-dim", state.placeholder));
+  } else {
+    drawHeader(root, state, state.answer, state.ctx);
+    drawRows(root, state.answer);
+    // a run's figures belong to the sampler that made them: not shown once the config feeds another (or none)
+    const lastRun = state.lastRun && state.ctx?.samplerId === state.lastRun.samplerId ? state.lastRun : null;
+    drawFooter(root, state.answer, lastRun);
+  }
+  root.dataset.state = state.error ? "error" : state.answer ? state.answer.mode : "empty";
+  root.dataset.version = String(++state.version);
+  fitNode(state);
+}
+
+// Height the widget asks for: measured from its content (the node grows, never shrinks under the user's size).
+function fitNode(state) {
+  const node = state.node;
+  requestAnimationFrame(() => {
+    const h = Math.ceil(state.root.scrollHeight) + 16; // the frontend keeps a margin of the widget's height
+    if (Math.abs(h - state.height) < 2) return;
+    state.height = h;
+    const want = node.computeSize?.();
+    if (want && node.size && (node.size[1] < want[1] || node.size[0] < want[0])) {
+      node.setSize([Math.max(node.size[0], want[0]), Math.max(node.size[1], want[1])]);
+    }
+    node.setDirtyCanvas?.(true, true);
+  });
+}
+
+// ------------------------------------------------------------------------------------------ requests
+
+async function fetchPlan(state, body) {
+  const seq = ++state.seq;
+  let answer = null;
+  let error = null;
+  try {
+    const r = await api.fetchApi(ROUTE, { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body) });
+    const data = await r.json().catch(() => ({ error: `HTTP ${r.status}` }));
+    if (r.ok) answer = data;
+    else error = data.error || `HTTP ${r.status}`;
+  } catch (e) {
+    error = `ScaleKV plan unavailable: ${e?.message || e}`;
+  }
+  if (seq !== state.seq) return; // a newer request was sent meanwhile
+  state.answer = answer;
+  state.error = error;
+  draw(state);
+}
+
+function attach(node, kind) {
+  injectCss();
+  const root = el("div", "skv-root");
+  root.dataset.scalekv = kind;
+  const state = {
+    node, kind, root, answer: null, error: null, ctx: null, key: null, seq: 0, version: 0, height: 0,
+    model: DEFAULT_MODEL, resolution: DEFAULT_RESOLUTION, report: null, lastRun: null, timer: null, watched: null,
+    placeholder: kind === CONFIG ? "planning the cache…" : "ScaleKV memory: planned and measured figures after a run",
+  };
+  // One request per settled set of values: edits restart the debounce timer, identical values send nothing.
+  state.refresh = () => {
+    if (state.kind !== CONFIG) return;
+    const { body, ctx } = configRequest(node, state);
+    const key = JSON.stringify(body);
+    if (key === state.key) return;
+    state.key = key;
+    state.ctx = ctx;
+    fetchPlan(state, body);
+  };
+  state.schedule = (delay = DEBOUNCE_MS) => {
+    clearTimeout(state.timer);
+    state.timer = setTimeout(state.refresh, delay);
+  };
+  state.watch = () => { // values changed without a callback: seen by comparing them with the last request
+    if (state.kind !== CONFIG || !node.graph) return;
+    const key = JSON.stringify(configRequest(node, state).body);
+    if (key !== state.key && key !== state.watched) {
+      state.watched = key;
+      state.schedule();
+    }
+  };
+  const widget = node.addDOMWidget(WIDGET, "scalekv_budget", root, {
+    serialize: false, hideOnZoom: false,
+    getValue: () => undefined, setValue: () => {},
+    getMinHeight: () => Math.max(state.height, 28),
+  });
+  widget.serialize = false; // not in widgets_values either
+  if (node.size && node.size[0] < MIN_WIDTH) node.size = [MIN_WIDTH, node.size[1]];
+  state.widget = widget;
+  node.__scalekv = state;
+  if (kind === CONFIG) {
+    for (const w of node.widgets || []) {
+      if (!CONFIG_FIELDS.includes(w.name)) continue;
+      const orig = w.callback;
+      w.callback = function () { const r = orig?.apply(this, arguments); state.schedule(); return r; };
+    }
+  }
+  // Values changed by Vue widgets (Nodes 2.0), by other nodes (sampler, loader) or by scripts: watched by value.
+  const poll = setInterval(state.watch, POLL_MS);
+  const onRemoved = node.onRemoved;
+  node.onRemoved = function () { clearInterval(poll); clearTimeout(state.timer); return onRemoved?.apply(this, arguments); };
+  draw(state);
+  if (kind === CONFIG) state.schedule(0);
+  return state;
+}
+
+function showReport(sampler, report) {
+  const state = sampler.__scalekv;
+  if (!state || !report) return;
+  state.report = report;
+  state.ctx = null;
+  fetchPlan(state, { report });
+  const config = inputNode(sampler, "cache_config");
+  if (config?.__scalekv) {
+    config.__scalekv.lastRun = { measured_peak_mb: report.measured_peak_mb, planned_peak_mb: report.planned_peak_mb,
+      samplerId: sampler.id };
+    draw(config.__scalekv);
+  }
+}
+
+app.registerExtension({
+  name: EXTENSION,
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name !== SAMPLER) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const r = onExecuted?.apply(this, arguments);
+      showReport(this, message?.scalekv_memory?.[0]);
+      return r;
+    };
+  },
+  nodeCreated(node) {
+    if (isType(node, CONFIG)) attach(node, CONFIG);
+    else if (isType(node, SAMPLER)) attach(node, SAMPLER);
+  },
+});
