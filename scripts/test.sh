@@ -20,5 +20,6 @@ if [ "${SCALEKV_SKIP_COMFY:-0}" != 1 ]; then
   export COMFY_HOST_DIR=${COMFY_HOST_DIR:-/tmp/scalekv-comfy}
   export COMFY_VENV=${COMFY_VENV:-$COMFY_HOST_DIR/venv}
   bash scripts/comfy_host.sh setup
+  bash scripts/setup_browser.sh  # chromium + playwright-core for tests/comfy/test_comfy_browser.py
   SCALEKV_COMFYUI="$COMFY_HOST_DIR/ComfyUI" "$COMFY_VENV/bin/python" -m pytest tests/comfy -q
 fi

@@ -1,0 +1,350 @@
+#!/usr/bin/env node
+// The ScaleKV budget widget in the real ComfyUI frontend, headless Chromium (playwright-core), both display modes.
+//
+//   node tests/browser/widget_check.mjs --url http://127.0.0.1:8188 --out out/browser [--modes classic,vue]
+//        [--docs docs/images] [--timeout 120]
+//
+// For each mode (classic canvas, Nodes 2.0 = Comfy.VueNodes.Enabled) it builds the pack's graph in the page with
+// LiteGraph.createNode (tiny model files, 256x256), then records what the widgets show:
+//   initial   the cache-config widget's rows for budget 48 tokens, window 4
+//   budget    after the user types 24 into the budget widget (classic: the canvas's value prompt; Nodes 2.0: the
+//             Vue number input), so the widget must follow a real edit
+//   invalid   after a script sets window = 5 without calling any callback (the value watch must see it): the error
+//   executed  after a queued run (Run through app.queuePrompt): the sampler's widget with measured figures and the
+//             cache-config widget's last-run line
+// Screenshots go to --out; with --docs, one PNG per node (classic mode, cropped to the node) goes there.
+// It prints one JSON summary (also written to <out>/summary.json); the numbers are checked by the pytest driver
+// (tests/comfy/test_comfy_browser.py) against the engine's planner. Exit 0 only if every step completed with no
+// page error and no extension load error.
+// playwright-core is resolved from PLAYWRIGHT_CORE_DIR (a node_modules folder), else .browser/node_modules.
+import { createRequire } from 'node:module';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const REPO = path.resolve(HERE, '..', '..');
+const modulesDir = process.env.PLAYWRIGHT_CORE_DIR || path.join(REPO, '.browser', 'node_modules');
+const { chromium } = createRequire(path.join(modulesDir, 'noop.js'))('playwright-core');
+
+const argv = process.argv.slice(2);
+const opt = (k, d) => { const i = argv.indexOf(k); return i >= 0 ? argv[i + 1] : d; };
+const base = opt('--url', 'http://127.0.0.1:8188').replace(/\/$/, '');
+const out = path.resolve(opt('--out', path.join(REPO, 'out', 'browser')));
+const docs = opt('--docs', null);
+const modes = opt('--modes', 'classic,vue').split(',');
+const timeout = Number(opt('--timeout', '120')) * 1000;
+fs.mkdirSync(out, { recursive: true });
+if (docs) fs.mkdirSync(docs, { recursive: true });
+
+// A new seed per mode and per call: an identical prompt would be served from the server's cache, with no run.
+const SEEDS = { classic: Date.now() % 1000000, vue: (Date.now() % 1000000) + 1 };
+const t0 = Date.now();
+const summary = { url: base, modes: {}, page_errors: [], extension_errors: [], console_errors: [], shots: [], docs: [] };
+
+async function settings(values) {
+  const r = await fetch(`${base}/api/settings`, { method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify(values) });
+  if (!r.ok) throw new Error(`POST /api/settings: HTTP ${r.status}`);
+}
+
+// In the page: the graph loader -> text encode x2 -> cache config -> sampler -> preview, laid out left to right.
+// Widget values are set in the page before the graph is reloaded from its own serialization: Nodes 2.0 does not
+// show later programmatic changes in its Vue widgets (a documented Nodes 2.0 behaviour).
+async function buildGraph(page, seed) {
+  return page.evaluate(async (seed) => {
+    const app = window.comfyAPI.app.app;
+    const LG = window.LiteGraph;
+    app.graph.clear();
+    const make = (type, pos, width, values = {}) => {
+      const n = LG.createNode(type);
+      if (!n) throw new Error(`node type ${type} is not registered`);
+      for (const [k, v] of Object.entries(values)) {
+        const w = n.widgets.find((x) => x.name === k);
+        if (!w) throw new Error(`${type} has no widget ${k}`);
+        w.value = v;
+      }
+      n.pos = pos;
+      if (width) n.size = [width, n.size[1]];
+      app.graph.add(n);
+      return n;
+    };
+    const loader = make('InfinityModelLoader', [10, 10], 330, { transformer: 'infinity_tiny.safetensors',
+      vae: 'vae_tiny.safetensors', text_encoder: 't5_tiny', precision: 'auto' });
+    const pos = make('InfinityTextEncode', [10, 260], 330, { prompt: 'a red fox in the snow' });
+    const neg = make('InfinityTextEncode', [10, 540], 330, { prompt: 'blurry' });
+    const config = make('ScaleKVCacheConfig', [370, 10], 470, { policy: 'scalekv', budget_unit: 'tokens', budget: 48,
+      window: 4, kernel: 5 });
+    const sampler = make('InfinitySampler', [870, 10], 470, { seed, resolution: '256x256 (1:1)', batch: 1, cfg: 3 });
+    const preview = make('PreviewImage', [1370, 10], 200);
+    loader.connect(0, sampler, sampler.findInputSlot('model'));
+    loader.connect(1, pos, 0);
+    loader.connect(1, neg, 0);
+    pos.connect(0, sampler, sampler.findInputSlot('positive'));
+    neg.connect(0, sampler, sampler.findInputSlot('negative'));
+    config.connect(0, sampler, sampler.findInputSlot('cache_config'));
+    sampler.connect(0, preview, 0);
+    const ids = { loader: loader.id, pos: pos.id, neg: neg.id, config: config.id, sampler: sampler.id,
+      preview: preview.id };
+    // Loaded as a saved workflow would be: Nodes 2.0 places nodes added one by one on its own, a loaded graph
+    // keeps its layout, and the widget must pick up values that arrive after the node was created.
+    const workflow = JSON.parse(JSON.stringify(app.graph.serialize()));
+    await app.loadGraphData(workflow);
+    const c = app.canvas;
+    c.ds.scale = 1;
+    c.ds.offset = [70, 110];
+    c.setDirty(true, true);
+    return ids;
+  }, seed);
+}
+
+// What one node's budget widget shows, read back from its DOM.
+async function readWidget(page, nodeId) {
+  return page.evaluate((id) => {
+    const node = window.comfyAPI.app.app.graph.getNodeById(id);
+    const root = node?.__scalekv?.root;
+    if (!root) return null;
+    const all = (sel) => [...root.querySelectorAll(sel)].map((e) => e.textContent.trim());
+    const one = (sel) => root.querySelector(sel)?.textContent.trim() ?? null;
+    const rect = root.getBoundingClientRect();
+    const vw = window.innerWidth;
+    const vh = window.innerHeight;
+    return {
+      state: root.dataset.state, version: Number(root.dataset.version),
+      visible: rect.width > 100 && rect.height > 40 && rect.left >= 0 && rect.top >= 0 && rect.right <= vw
+        && rect.bottom <= vh && getComputedStyle(root).visibility !== 'hidden' && root.offsetParent !== null,
+      rect: [rect.left, rect.top, rect.width, rect.height],
+      header: one('.skv-head'), model: one('.skv-model'), resolution: one('.skv-resolution'), budget: one('.skv-budget'),
+      model_choice: root.querySelector('.skv-model select')?.value ?? null,
+      resolution_choice: root.querySelector('.skv-resolution select')?.value ?? null,
+      scales: all('.skv-scale'), drafters: all('.skv-d'), refiners: all('.skv-r'), mb: all('.skv-mb'),
+      full_mb: all('.skv-full'), held: all('.skv-held'), measured_mb: all('.skv-meas'),
+      stored_peak: one('.skv-stored-peak'), full_total: one('.skv-full-total'), planned_peak: one('.skv-planned-peak'),
+      measured_peak: one('.skv-measured-peak'), measured_stored: one('.skv-measured-stored'), match: one('.skv-match'),
+      last_run: one('.skv-last-run'), error: one('.skv-error'),
+    };
+  }, nodeId);
+}
+
+// Wait until the widget has drawn something newer than `after` in the given state.
+async function waitWidget(page, nodeId, after, state, extra = null) {
+  await page.waitForFunction(({ id, after, state, extra }) => {
+    const root = window.comfyAPI.app.app.graph.getNodeById(id)?.__scalekv?.root;
+    if (!root || Number(root.dataset.version) <= after || root.dataset.state !== state) return false;
+    if (root.getBoundingClientRect().height + 1 < root.scrollHeight) return false; // the node has not grown yet
+    return !extra || root.textContent.includes(extra);
+  }, { id: nodeId, after, state, extra }, { timeout, polling: 100 });
+  return readWidget(page, nodeId);
+}
+
+// A user edit of a number widget: classic = click the widget's middle on the canvas, type into LiteGraph's value
+// prompt, Enter; Nodes 2.0 = type into the node's Vue number input, Enter.
+async function typeNumber(page, mode, nodeId, name, value) {
+  if (mode === 'vue') {
+    const input = page.locator(`[data-node-id="${nodeId}"] input[aria-label="${name}"]`);
+    await input.click();
+    await input.press('Control+A');
+    await input.pressSequentially(String(value)); // PrimeVue's InputNumber parses keystrokes; fill() is ignored
+    await input.press('Enter');
+    await input.press('Tab');
+    return;
+  }
+  const xy = await page.evaluate(({ id, name }) => {
+    const app = window.comfyAPI.app.app;
+    const node = app.graph.getNodeById(id);
+    const w = node.widgets.find((x) => x.name === name);
+    const h = window.LiteGraph.NODE_WIDGET_HEIGHT;
+    const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0] / 2, node.pos[1] + w.y + h / 2]);
+    const r = app.canvas.canvas.getBoundingClientRect();
+    return [r.left + x, r.top + y];
+  }, { id: nodeId, name });
+  await page.mouse.click(xy[0], xy[1]);
+  const prompt = page.locator('.graphdialog input.value');
+  await prompt.waitFor({ timeout: 5000 });
+  await prompt.fill(String(value));
+  await prompt.press('Enter');
+}
+
+// A node's rectangle on screen: the Vue element in Nodes 2.0, else title bar + body from the canvas transform.
+async function nodeClip(page, nodeId) {
+  return page.evaluate((id) => {
+    const app = window.comfyAPI.app.app;
+    const node = app.graph.getNodeById(id);
+    const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+    const ds = app.canvas.ds;
+    const r = app.canvas.canvas.getBoundingClientRect();
+    const [x, y] = ds.convertOffsetToCanvas([node.pos[0], node.pos[1] - title]);
+    const pad = 6;
+    return { x: Math.max(0, r.left + x - pad), y: Math.max(0, r.top + y - pad),
+      width: node.size[0] * ds.scale + 2 * pad, height: (node.size[1] + title) * ds.scale + 2 * pad };
+  }, nodeId);
+}
+
+async function shot(page, name) {
+  const p = path.join(out, `${name}.png`);
+  await page.screenshot({ path: p });
+  summary.shots.push(p);
+}
+
+async function runMode(browser, mode) {
+  const res = { steps: {}, timings_ms: {} };
+  summary.modes[mode] = res;
+  await settings({ 'Comfy.TutorialCompleted': true, 'Comfy.VueNodes.Enabled': mode === 'vue',
+    'Comfy.Notification.ShowVersionUpdates': false });
+  const ctx = await browser.newContext({ viewport: { width: 1680, height: 1000 } });
+  await ctx.addInitScript(() => { try { localStorage.setItem('vueNodesBannerDismissed', 'true'); } catch {} });
+  const page = await ctx.newPage();
+  page.on('pageerror', (e) => summary.page_errors.push(`${mode}: ${String(e.message).slice(0, 500)}`));
+  page.on('console', (m) => {
+    if (m.type() !== 'error') return;
+    const text = m.text().slice(0, 300);
+    summary.console_errors.push(`${mode}: ${text}`);
+    if (/Error loading extension|already registered/.test(text)) summary.extension_errors.push(`${mode}: ${text}`);
+  });
+  try {
+    await page.goto(`${base}/`, { waitUntil: 'domcontentloaded', timeout });
+    await page.waitForFunction(() => window.comfyAPI?.app?.app?.graph && window.LiteGraph, null, { timeout });
+    await page.waitForTimeout(1000); // extensions' setup()
+    res.extensions = await page.evaluate(() => window.comfyAPI.app.app.extensions.map((e) => e.name)
+      .filter((n) => n.startsWith('scalekv')));
+    res.vue_nodes = await page.evaluate(() => !!document.querySelector('.graph-canvas-container, body')
+      && window.comfyAPI.app.app.ui.settings.getSettingValue('Comfy.VueNodes.Enabled'));
+    await page.evaluate(() => {
+      const { api } = window.comfyAPI.api;
+      window.__skv = { events: [] };
+      for (const t of ['execution_start', 'execution_success', 'execution_error', 'execution_interrupted'])
+        api.addEventListener(t, (e) => window.__skv.events.push([t, e.detail]));
+    });
+    res.timings_ms.app_ready = Date.now() - t0;
+    const ids = await buildGraph(page, SEEDS[mode]);
+    res.ids = ids;
+    res.steps.initial = await waitWidget(page, ids.config, 0, 'plan', 'infinity_tiny.safetensors');
+    res.steps.sampler_before_run = await readWidget(page, ids.sampler);
+    await page.waitForTimeout(300);
+    await shot(page, `${mode}_initial`);
+
+    let v = res.steps.initial.version;
+    await typeNumber(page, mode, ids.config, 'budget', 24);
+    res.steps.budget = await waitWidget(page, ids.config, v, 'plan', '24 tokens/layer');
+    res.steps.budget_widget_value = await page.evaluate((id) => window.comfyAPI.app.app.graph.getNodeById(id)
+      .widgets.find((w) => w.name === 'budget').value, ids.config);
+    await shot(page, `${mode}_budget`);
+
+    v = res.steps.budget.version;
+    await page.evaluate((id) => { window.comfyAPI.app.app.graph.getNodeById(id).widgets
+      .find((w) => w.name === 'window').value = 5; }, ids.config);
+    res.steps.invalid = await waitWidget(page, ids.config, v, 'error');
+    await shot(page, `${mode}_invalid`);
+    v = res.steps.invalid.version;
+    await page.evaluate((id) => { window.comfyAPI.app.app.graph.getNodeById(id).widgets
+      .find((w) => w.name === 'window').value = 4; }, ids.config);
+    res.steps.restored = await waitWidget(page, ids.config, v, 'plan', '24 tokens/layer');
+
+    res.api_prompt = await page.evaluate(async () => (await window.comfyAPI.app.app.graphToPrompt()).output);
+    const before = await readWidget(page, ids.sampler);
+    const configBefore = await readWidget(page, ids.config);
+    await page.evaluate(async () => { await window.comfyAPI.app.app.queuePrompt(0, 1); });
+    await page.waitForFunction(() => window.__skv.events.some(([t]) =>
+      ['execution_success', 'execution_error', 'execution_interrupted'].includes(t)), null, { timeout });
+    const events = await page.evaluate(() => window.__skv.events);
+    res.exec_events = events.map(([t, d]) => (t === 'execution_error' ? [t, d] : t));
+    res.prompt_id = events.find(([t]) => t === 'execution_start')?.[1]?.prompt_id ?? null;
+    if (!events.some(([t]) => t === 'execution_success')) throw new Error(`run failed: ${JSON.stringify(res.exec_events)}`);
+    res.steps.executed = await waitWidget(page, ids.sampler, before.version, 'report');
+    await page.waitForFunction(({ id, after }) => Number(window.comfyAPI.app.app.graph.getNodeById(id)
+      .__scalekv.root.dataset.version) > after, { id: ids.config, after: configBefore.version }, { timeout });
+    res.steps.config_after_run = await readWidget(page, ids.config);
+    await page.waitForTimeout(500);
+    await shot(page, `${mode}_executed`);
+    res.timings_ms.executed = Date.now() - t0;
+    if (docs && mode === 'classic') await docShots(page, ids, ['loader', 'text_encode', 'sampler', 'calibrate']);
+
+    // No sampler downstream: the widget falls back to the defaults its header offers (2B, 1024x1024), and the
+    // user can pick another model shape there.
+    v = (await readWidget(page, ids.config)).version;
+    await page.evaluate((id) => { window.comfyAPI.app.app.graph.getNodeById(id).disconnectOutput(0); }, ids.config);
+    res.steps.defaults = await waitWidget(page, ids.config, v, 'plan', '(default)');
+    await shot(page, `${mode}_defaults`);
+    v = res.steps.defaults.version;
+    await page.locator(`.skv-root[data-scalekv="ScaleKVCacheConfig"] .skv-model select`).selectOption('8b');
+    res.steps.defaults_8b = await waitWidget(page, ids.config, v, 'plan', '(default)');
+    await shot(page, `${mode}_defaults_8b`);
+
+    if (docs && mode === 'classic') await docShots(page, ids, ['cache_config']);
+  } finally {
+    await ctx.close();
+  }
+}
+
+// One PNG per node for the README, cropped to the node (the calibrate node is added for its picture only).
+async function docShots(page, ids, which) {
+  const calibrate = !which.includes('calibrate') ? null : await page.evaluate((ids) => {
+    const app = window.comfyAPI.app.app;
+    const n = window.LiteGraph.createNode('ScaleKVCalibrate');
+    n.pos = [1370, 330];
+    n.size = [360, n.size[1]];
+    app.graph.add(n);
+    const loader = app.graph.getNodeById(ids.loader);
+    loader.connect(0, n, n.findInputSlot('model'));
+    loader.connect(1, n, n.findInputSlot('t5'));
+    app.canvas.deselectAll?.();
+    app.canvas.setDirty(true, true);
+    return n.id;
+  }, ids);
+  await page.waitForTimeout(400);
+  const names = { loader: ids.loader, text_encode: ids.pos, sampler: ids.sampler, calibrate, cache_config: ids.config };
+  for (const name of which) {
+    const id = names[name];
+    if (name === 'cache_config') { // shown as a user would first see it: 2B at 1024x1024, the paper's 10%
+      const v = (await readWidget(page, id)).version;
+      await page.evaluate((id) => {
+        const node = window.comfyAPI.app.app.graph.getNodeById(id);
+        const set = (k, x) => { node.widgets.find((w) => w.name === k).value = x; };
+        set('budget_unit', 'percent'); set('budget', 10); set('window', 16);
+        const state = node.__scalekv;
+        state.model = '2b';
+        state.schedule(0);
+      }, id);
+      await waitWidget(page, id, v, 'plan', '650 tokens/layer'); // the paper's 10% of 6425 tokens
+    }
+    // each node moved to the same clear spot of the viewport, away from the toolbars, toasts and minimap
+    await page.evaluate((id) => {
+      const app = window.comfyAPI.app.app;
+      const node = app.graph.getNodeById(id);
+      app.canvas.ds.scale = 1;
+      app.canvas.ds.offset = [400 - node.pos[0], 140 - node.pos[1]];
+      app.canvas.setDirty(true, true);
+    }, id);
+    await page.waitForTimeout(400);
+    const p = path.join(docs, `node_${name}.png`);
+    await page.screenshot({ path: p, clip: await nodeClip(page, id) });
+    summary.docs.push(p);
+  }
+  await page.evaluate(() => {
+    const c = window.comfyAPI.app.app.canvas;
+    c.ds.offset = [70, 110];
+    c.setDirty(true, true);
+  });
+  await page.waitForTimeout(300);
+}
+
+let rc = 0;
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium', headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'],
+});
+try {
+  for (const mode of modes) await runMode(browser, mode);
+} catch (e) {
+  summary.fatal = String(e?.stack || e);
+  rc = 2;
+} finally {
+  await browser.close();
+}
+if (summary.page_errors.length || summary.extension_errors.length) rc = rc || 1;
+summary.ok = rc === 0;
+summary.seconds = (Date.now() - t0) / 1000;
+fs.writeFileSync(path.join(out, 'summary.json'), JSON.stringify(summary, null, 1));
+console.log(JSON.stringify(summary));
+process.exit(rc);

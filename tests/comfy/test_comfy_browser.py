@@ -1,0 +1,239 @@
+"""The budget widget in a real browser: ComfyUI's own frontend (1.32.9) in headless Chromium, classic and Nodes 2.0.
+
+A real ComfyUI server with this pack mounted (the `server` fixture of test_comfy_server.py, on a free port) serves
+the frontend; tests/browser/widget_check.mjs (playwright-core) builds the graph in the page, edits the budget as a
+user would, queues a run and reads back what the widgets show. These tests compare that text with the engine's
+planner called here directly, and with the memory report the run left in /history. Screenshots: out/browser/.
+
+Needs chromium (/usr/bin/chromium or $CHROMIUM), node and playwright-core (.browser/node_modules, or
+$PLAYWRIGHT_CORE_DIR): `bash scripts/setup_browser.sh` installs them; without them the tests skip, saying so.
+SCALEKV_DOCS_IMAGES=docs/images also rewrites the README's node pictures (classic mode, one PNG per node).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from scalekv_core.kvcache import CacheConfig
+from scalekv_core.kvcache.budget import kv_bytes_per_token
+from scalekv_core.kvcache.memory import plan_memory
+from scalekv_core.loader import load_transformer
+from scalekv_core.model.config import KNOWN_MODELS
+from scalekv_core.schedules import schedule_from_label
+from test_comfy_server import server  # noqa: F401  (the real ComfyUI with this pack and the tiny models)
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "data" / "infinity-tiny"
+CHECK = REPO / "tests" / "browser" / "widget_check.mjs"
+OUT = REPO / "out" / "browser"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+RES = "256x256 (1:1)"
+MODES = ("classic", "vue")
+MiB = 2**20
+#: What the check sets in the page: budget 48 tokens and window 4, then the user types 24 into the budget.
+SETTINGS = dict(policy="scalekv", budget=48, window=4, kernel=5)
+EDITED_BUDGET = 24
+TIMEOUT = 240
+
+
+def playwright_modules() -> pathlib.Path | None:
+    """The node_modules folder holding playwright-core: $PLAYWRIGHT_CORE_DIR, .browser/, then $NODE_PATH."""
+    candidates = [os.environ.get("PLAYWRIGHT_CORE_DIR"), str(REPO / ".browser" / "node_modules"),
+                  *os.environ.get("NODE_PATH", "").split(os.pathsep)]
+    for c in candidates:
+        if c and (pathlib.Path(c) / "playwright-core" / "package.json").is_file():
+            return pathlib.Path(c)
+    return None
+
+
+def missing_browser() -> str | None:
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        return f"chromium not found at {CHROMIUM}: run `bash scripts/setup_browser.sh` (or set CHROMIUM)"
+    if shutil.which("node") is None:
+        return "node not found, so playwright-core cannot run: run `bash scripts/setup_browser.sh`"
+    if playwright_modules() is None:
+        return ("playwright-core not found in .browser/node_modules, $PLAYWRIGHT_CORE_DIR or $NODE_PATH: "
+                "run `bash scripts/setup_browser.sh`")
+    return None
+
+
+pytestmark = pytest.mark.skipif(missing_browser() is not None, reason=str(missing_browser()))
+
+
+@pytest.fixture(scope="module")
+def page_run(server):  # noqa: F811  (the imported fixture)
+    """One browser session over both display modes; its JSON summary (steps, texts, prompt ids, screenshots)."""
+    shutil.rmtree(OUT, ignore_errors=True)
+    cmd = ["node", str(CHECK), "--url", server.url, "--out", str(OUT), "--modes", ",".join(MODES),
+           "--timeout", "90"]
+    docs = os.environ.get("SCALEKV_DOCS_IMAGES")
+    if docs:
+        cmd += ["--docs", str((REPO / docs).resolve())]
+    env = {**os.environ, "PLAYWRIGHT_CORE_DIR": str(playwright_modules()), "CHROMIUM": CHROMIUM}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"widget_check.mjs printed no summary (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    summary = json.loads(lines[-1])
+    assert proc.returncode == 0 and summary["ok"], json.dumps(
+        {k: summary.get(k) for k in ("fatal", "page_errors", "extension_errors")}, indent=1) + \
+        f"\nserver log tail:\n{server.log.read_text()[-3000:]}"
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- expectations
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    return load_transformer(TINY / "infinity_tiny.safetensors").cfg
+
+
+def expected(cfg, budget: int, resolution: str = RES) -> dict:
+    """The engine's own plan for the check's graph: CFG on (2 rows), fp32 blocks (auto on the CPU server)."""
+    schedule = schedule_from_label(resolution)
+    config = CacheConfig(policy="scalekv", budget=budget, window=SETTINGS["window"], kernel=SETTINGS["kernel"])
+    _, plan = config.build(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, 2, torch.float32)
+    memory = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule, 1, config,
+                         torch.float32)
+    tb = kv_bytes_per_token(cfg.num_heads, cfg.head_dim, 4, 4, 2)  # auto storage on fp32 blocks: fp32 keys and values
+    rows, full = [], 0
+    for si, kept in enumerate(plan.kept):
+        full += schedule.tokens_per_scale[si]
+        ds = sorted(plan.drafters[si])
+        rs = [i for i in range(cfg.depth) if i not in ds]
+        lo, hi = min(kept[i] for i in rs), max(kept[i] for i in rs)
+        rows.append({"scale": f"{si} {schedule.grids[si][0]}×{schedule.grids[si][1]}",
+                     "drafters": f"{len(ds)}×{max(kept[i] for i in ds)}" if ds else "–",
+                     "refiners": f"{len(rs)}×{hi}" if lo == hi else f"{len(rs)}×{lo}…{hi}",
+                     "mb": sum(kept) * tb / MiB, "full_mb": full * cfg.depth * tb / MiB})
+    return {"rows": rows, "stored_peak": memory.analytic_mb, "full_total": memory.full_analytic_mb,
+            "planned_peak": memory.sampling_peak_mb}
+
+
+def assert_shown(text: str, value: float) -> None:
+    """A figure as the widget prints it equals `value` to the digits it shows."""
+    assert re.fullmatch(r"\d+(\.\d+)?", text), text
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    assert abs(float(text) - value) <= 0.5 * 10 ** -decimals + 1e-9, (text, value)
+    assert decimals >= 2 or value >= 10, (text, value)  # small figures keep three significant digits
+
+
+def assert_widget_shows(widget: dict, exp: dict) -> None:
+    assert widget["state"] == "plan", widget
+    assert widget["scales"] == [r["scale"] for r in exp["rows"]]
+    assert widget["drafters"] == [r["drafters"] for r in exp["rows"]]
+    assert widget["refiners"] == [r["refiners"] for r in exp["rows"]]
+    for text, r in zip(widget["mb"], exp["rows"]):
+        assert_shown(text, r["mb"])
+    for text, r in zip(widget["full_mb"], exp["rows"]):
+        assert_shown(text, r["full_mb"])
+    assert_shown(widget["stored_peak"], exp["stored_peak"])
+    assert_shown(widget["full_total"], exp["full_total"])
+    assert_shown(widget["planned_peak"], exp["planned_peak"])
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+def test_page_loads_the_extension_without_errors(page_run):
+    for mode in MODES:
+        res = page_run["modes"][mode]
+        assert res["extensions"] == ["scalekv.budget_widget"], res["extensions"]
+        assert res["vue_nodes"] is (mode == "vue")
+    assert page_run["page_errors"] == [] and page_run["extension_errors"] == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_widget_shows_the_planners_numbers(page_run, tiny_cfg, mode):
+    initial = page_run["modes"][mode]["steps"]["initial"]
+    assert initial["visible"], initial["rect"]
+    assert "infinity_tiny.safetensors" in initial["model"] and "4 layers" in initial["model"]  # the loader's file
+    assert initial["resolution"] == RES  # the sampler's resolution, not the widget's default
+    assert initial["budget"] == f"scalekv · {SETTINGS['budget']} tokens/layer"
+    assert_widget_shows(initial, expected(tiny_cfg, SETTINGS["budget"]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_widget_follows_a_budget_edit(page_run, tiny_cfg, mode):
+    steps = page_run["modes"][mode]["steps"]
+    assert steps["budget_widget_value"] == EDITED_BUDGET
+    edited = steps["budget"]
+    assert edited["budget"] == f"scalekv · {EDITED_BUDGET} tokens/layer"
+    assert_widget_shows(edited, expected(tiny_cfg, EDITED_BUDGET))
+    assert edited["mb"] != steps["initial"]["mb"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_invalid_setting_shows_the_nodes_message(page_run, node_classes, mode):
+    steps = page_run["modes"][mode]["steps"]
+    message = node_classes["ScaleKVCacheConfig"].validate_inputs(policy="scalekv", budget_unit="tokens",
+                                                                 budget=float(EDITED_BUDGET), window=5, kernel=5,
+                                                                 budget_source="generated")
+    assert isinstance(message, str)
+    assert steps["invalid"]["state"] == "error" and steps["invalid"]["error"] == message
+    assert steps["restored"]["state"] == "plan"  # window back to 4: the plan again
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_without_a_sampler_the_widget_offers_defaults(page_run, mode):
+    steps = page_run["modes"][mode]["steps"]
+    shown = steps["defaults"]
+    assert "(default)" in shown["model"] and "(default)" in shown["resolution"]
+    assert (shown["model_choice"], shown["resolution_choice"]) == ("2b", "1024x1024 (1:1)")
+    assert_widget_shows(shown, expected(KNOWN_MODELS["2b"], EDITED_BUDGET, "1024x1024 (1:1)"))
+    assert len(shown["scales"]) == 12  # 13 scales at 1024x1024, the last never stored
+    assert shown["last_run"] is None  # the tiny run's figures are not the 2B plan's
+    picked = steps["defaults_8b"]  # the user picks 8B in the header
+    assert picked["model_choice"] == "8b"
+    assert_widget_shows(picked, expected(KNOWN_MODELS["8b"], EDITED_BUDGET, "1024x1024 (1:1)"))
+
+
+def test_widget_is_not_sent_with_the_prompt(page_run):
+    for mode in MODES:
+        prompt = page_run["modes"][mode]["api_prompt"]
+        [config] = [n for n in prompt.values() if n["class_type"] == "ScaleKVCacheConfig"]
+        assert set(config["inputs"]) == {"policy", "budget_unit", "budget", "window", "kernel", "pooling", "scoring",
+                                         "kv_dtype", "budget_source", "refiner_decay"}
+        assert config["inputs"]["budget"] == EDITED_BUDGET and config["inputs"]["window"] == 4
+        [sampler] = [n for n in prompt.values() if n["class_type"] == "InfinitySampler"]
+        assert not any("scalekv" in k for k in sampler["inputs"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_run_shows_measured_figures(page_run, server, tiny_cfg, mode):  # noqa: F811
+    res = page_run["modes"][mode]
+    assert res["exec_events"] == ["execution_start", "execution_success"]
+    history = server.history(res["prompt_id"])
+    [report] = history["outputs"][str(res["ids"]["sampler"])]["scalekv_memory"]
+    shown = res["steps"]["executed"]
+    assert shown["state"] == "report" and shown["visible"], shown["rect"]
+    exp = expected(tiny_cfg, EDITED_BUDGET)
+    assert shown["drafters"] == [r["drafters"] for r in exp["rows"]]  # the run's plan is the one shown before it
+    stored = report["scales"][:-1]
+    assert len(shown["measured_mb"]) == len(stored) == len(exp["rows"])
+    for text, s in zip(shown["measured_mb"], stored):
+        assert_shown(text, sum(s["stored_bytes"]) / MiB)
+    assert shown["held"] == ["= plan"] * len(stored)
+    assert all(s["held_tokens"] == s["planned_tokens"] for s in stored)
+    assert_shown(shown["measured_peak"], report["measured_peak_mb"])
+    assert_shown(shown["planned_peak"], report["planned_peak_mb"])
+    assert_shown(shown["measured_stored"], max(sum(s["stored_bytes"]) for s in stored) / MiB)
+    assert shown["match"] == "held = plan"
+    after = res["steps"]["config_after_run"]
+    assert after["last_run"].startswith("last run: measured peak") and after["measured_peak"] == shown["measured_peak"]
+
+
+def test_screenshots_are_kept(page_run):
+    names = {pathlib.Path(p).name for p in page_run["shots"]}
+    for mode in MODES:
+        for step in ("initial", "budget", "invalid", "executed", "defaults", "defaults_8b"):
+            assert f"{mode}_{step}.png" in names
+    for p in page_run["shots"]:
+        assert pathlib.Path(p).stat().st_size > 20_000, p  # a rendered page, not a blank one
