@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -105,11 +106,18 @@ def _polygon_mask(dy: np.ndarray, dx: np.ndarray, radii: list[float], start: flo
     return side * inside_sign >= 0
 
 
+@lru_cache(maxsize=4)
+def _pixel_centers(size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    yy.flags.writeable = xx.flags.writeable = False
+    return yy, xx
+
+
 def shape_mask(shape: Shape, size: int) -> np.ndarray:
     """Boolean (size, size) mask of the pixels a shape covers."""
     cy, cx = shape_center(shape.position, size)
     r = shape_radius(shape.size, size)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    yy, xx = _pixel_centers(size)
     dy, dx = yy - cy, xx - cx
     if shape.kind == "circle":
         return dy * dy + dx * dx <= r * r

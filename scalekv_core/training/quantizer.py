@@ -1,0 +1,87 @@
+"""Multi-scale bit quantization for training, built from the sampler's own operations.
+
+Tokenizing an image (`quantize_multiscale`) and rebuilding the transformer's per-scale inputs from bits
+(`teacher_inputs`) use the same `bits_to_codes` and trilinear resampling as `scalekv_core.sampler.sample`,
+so the input a scale sees in training is exactly the one inference feeds it after sampling the same bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.vae import bits_to_codes
+from ..schedules import Schedule
+
+
+@dataclass
+class Quantized:
+    """An image's bits per scale and the summed codes the decoder reads."""
+
+    bits: list[torch.Tensor]  # per scale (B, h*w, d) uint8, transformer token order (row-major)
+    summed: torch.Tensor  # (B, d, H, W) float32: what the sampler hands the VAE decoder
+
+
+def _accumulate(summed: torch.Tensor | None, codes: torch.Tensor, last: bool, final_hw: tuple[int, int, int]
+                ) -> torch.Tensor:
+    """summed += codes, upsampled to the final grid (trilinear), except at the last scale: the sampler's update."""
+    up = codes if last else F.interpolate(codes, size=final_hw, mode="trilinear")
+    return up if summed is None else summed + up
+
+
+def _codes(bits: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h*w, d) bits -> (B, d, 1, h, w) unit codes."""
+    B, _, d = bits.shape
+    return bits_to_codes(bits.reshape(B, h, w, d).unsqueeze(1))
+
+
+def quantize_multiscale(z: torch.Tensor, schedule: Schedule) -> Quantized:
+    """Residual sign quantization over the schedule's grids, as Infinity's MultiScaleBSQ tokenizes latents.
+
+    Scale k takes the sign of the residual (latent minus everything coded so far), area-downsampled to its grid.
+    The last scale's grid must be the latent's own size.
+    """
+    B, d, H, W = z.shape
+    if tuple(schedule.grids[-1]) != (H, W):
+        raise ValueError(f"latent grid {H}x{W} does not match the schedule's last scale {schedule.grids[-1]}")
+    z = z.detach().float()
+    n = schedule.num_scales
+    final_hw = (1, H, W)
+    summed: torch.Tensor | None = None
+    bits: list[torch.Tensor] = []
+    for si, (h, w) in enumerate(schedule.grids):
+        resid = z if summed is None else z - summed.squeeze(2)
+        r = F.interpolate(resid, size=(h, w), mode="area") if (h, w) != (H, W) else resid
+        b = (r > 0).permute(0, 2, 3, 1).reshape(B, h * w, d).to(torch.uint8)
+        bits.append(b)
+        summed = _accumulate(summed, _codes(b, h, w), si == n - 1, final_hw)
+    assert summed is not None
+    return Quantized(bits=bits, summed=summed.squeeze(2))
+
+
+def teacher_inputs(bits: list[torch.Tensor], schedule: Schedule, num_scales: int | None = None) -> list[torch.Tensor]:
+    """Inputs (B, h*w, d) of scales 1..n-1 given every earlier scale's bits, exactly as the sampler builds them.
+
+    `num_scales` < the schedule's length gives the first scales' inputs only; they are still accumulated on the
+    schedule's final grid, as in a full generation.
+    """
+    n = schedule.num_scales if num_scales is None else num_scales
+    if len(bits) < n - 1:
+        raise ValueError(f"need bits of at least {n - 1} scales, got {len(bits)}")
+    H, W = schedule.grids[-1]
+    summed: torch.Tensor | None = None
+    out: list[torch.Tensor] = []
+    for si in range(n - 1):
+        h, w = schedule.grids[si]
+        summed = _accumulate(summed, _codes(bits[si], h, w), False, (1, H, W))
+        nxt = F.interpolate(summed, size=(1, *schedule.grids[si + 1]), mode="trilinear").squeeze(-3)
+        B, d = nxt.shape[:2]
+        out.append(nxt.reshape(B, d, -1).permute(0, 2, 1))
+    return out
+
+
+def straight_through(z: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, Quantized]:
+    """Quantized latent that passes the decoder's gradient straight to z, plus the bits."""
+    q = quantize_multiscale(z, schedule)
+    return z + (q.summed - z).detach(), q

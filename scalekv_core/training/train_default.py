@@ -1,0 +1,147 @@
+"""Train the default model from nothing: data set, VAE, then transformer + T5, written in the users' file layout.
+
+    python -m scalekv_core.training train --out default_model            # the committed weights
+    python -m scalekv_core.training train --out /tmp/smoke --preset smoke # seconds, for tests
+
+Same seed, same torch version and same thread count give the same weights: every random draw comes from a
+seeded generator and the thread count is fixed (`--threads`); CPU float reductions depend on the thread count.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from ..model.config import InfinityConfig
+from ..model.vae import VAEConfig
+from ..schedules import Schedule, get_schedule
+from . import shapes
+from . import text_encoder_training as te
+from .dataset import tokenize_scenes
+from .transformer_training import DEFAULT_TRANSFORMER, Phase, TransformerTrainConfig, train_transformer
+from .vae_training import DEFAULT_VAE, VAETrainConfig, train_vae
+
+TRANSFORMER_FILE = Path("infinity") / "infinity_shapes.safetensors"
+VAE_FILE = Path("vae") / "infinity_shapes_vae.safetensors"
+T5_FOLDER = Path("text_encoders") / "t5_shapes"
+LOG_FILE = Path("infinity") / "infinity_shapes_training.json"
+
+
+@dataclass
+class Recipe:
+    """Everything that decides the weights."""
+
+    seed: int = 0
+    train_scenes: int = 2000
+    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+    transformer: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
+    vae_config: VAEConfig = DEFAULT_VAE
+    transformer_config: InfinityConfig = DEFAULT_TRANSFORMER
+    t5: dict = field(default_factory=lambda: {"layers": 2, "heads": 4, "d_ff": 256})
+
+
+def preset(name: str, seed: int = 0) -> Recipe:
+    """'default': the committed model (~45-60 min on 2 CPU cores). 'smoke': a few steps of everything."""
+    if name == "default":
+        r = Recipe(seed=seed)
+    elif name == "smoke":
+        r = Recipe(seed=seed, train_scenes=16, vae=VAETrainConfig(steps=3, batch=2, crop=4, log_every=1),
+                   transformer=TransformerTrainConfig(phases=[Phase(3, 4, 3), Phase(2, 2, 7)], warmup=2,
+                                                      log_every=1),
+                   vae_config=VAEConfig(codebook_dim=8, patch_size=16, base_ch=24, num_res_blocks=0,
+                                        ch_mult=(1, 1, 1, 1, 1)),
+                   transformer_config=InfinityConfig(depth=2, embed_dim=32, num_heads=2, block_chunks=2,
+                                                     ffn_hidden=64, text_channels=32, text_maxlen=512,
+                                                     pool_heads=2, d_vae=8),
+                   t5={"layers": 1, "heads": 2, "d_ff": 32})
+    else:
+        raise ValueError(f"unknown preset {name!r}; choose default or smoke")
+    r.vae.seed = r.transformer.seed = seed
+    return r
+
+
+def _save(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # clone: the VAE's 'quantize' aliases 'quantizer', and safetensors refuses shared storage
+    save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(path), metadata=metadata)
+
+
+def _key(*parts: object) -> str:
+    """Stable hash of everything that decides a stage's result (recipe parts, torch version, threads)."""
+    text = json.dumps([json.loads(json.dumps(asdict(p) if hasattr(p, "__dataclass_fields__") else p, default=str))
+                       for p in parts], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _vae_and_tokens(recipe: Recipe, schedule: Schedule, threads: int, cache: Path | None,
+                    log: Callable[[str], None]):
+    """Stage 1 and 2 (VAE, tokenized data set), reused from `cache` when the same recipe already made them."""
+    from .dataset import TokenSet
+    from .vae_training import init_vae
+    key = _key(recipe.vae, recipe.vae_config, recipe.train_scenes, recipe.seed, torch.__version__, threads)
+    path = None if cache is None else cache / f"vae_tokens_{key}.pt"
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=False)
+        vae = init_vae(recipe.vae_config, 0)
+        vae.load_state_dict(saved["vae"])
+        log(f"reusing VAE and tokens from {path} (recipe key {key})")
+        return vae.eval().requires_grad_(False), saved["vae_history"], TokenSet(**saved["tokens"]), saved["times"]
+    times: dict[str, float] = {}
+    t0 = time.time()
+    vae, vae_hist = train_vae(schedule, recipe.vae, recipe.vae_config, log=log)
+    times["vae_s"] = time.time() - t0
+    t1 = time.time()
+    data = tokenize_scenes(vae, shapes.scenes(recipe.train_scenes, recipe.seed, "train"), schedule)
+    times["dataset_s"] = time.time() - t1
+    log(f"tokenized {len(data)} training scenes in {times['dataset_s']:.0f}s")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"vae": vae.state_dict(), "vae_history": vae_hist, "times": times,
+                    "tokens": {"captions": data.captions, "bits": data.bits}}, path)
+    return vae, vae_hist, data, times
+
+
+def train_default(out: str | Path, recipe: Recipe, threads: int = 2, log: Callable[[str], None] = print,
+                  cache: str | Path | None = None) -> dict:
+    """Run the whole recipe and write the three model files plus a JSON log; returns the log.
+
+    With `cache`, the VAE and the tokenized data set are stored there and reused by a later run of the same
+    recipe (same key), so transformer settings can be tried without retraining the VAE; the logged times are
+    the stages' own, wherever they ran.
+    """
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    out = Path(out)
+    schedule: Schedule = get_schedule(1.0, "0.06M")
+    vae, vae_hist, data, times = _vae_and_tokens(recipe, schedule, threads, None if cache is None else Path(cache),
+                                                 log)
+    t2 = time.time()
+    model, t5, tr_hist = train_transformer(data, schedule, recipe.transformer, recipe.transformer_config,
+                                           t5_kwargs=recipe.t5, log=log)
+    times = dict(times)
+    times["transformer_s"] = time.time() - t2
+    times["total_s"] = times["vae_s"] + times["dataset_s"] + times["transformer_s"]
+
+    record = {
+        "recipe": json.loads(json.dumps(asdict(recipe), default=str)),
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
+        "vae_final": vae_hist[-1], "transformer_final": tr_hist[-1],
+        "vae_history": vae_hist[:: max(1, len(vae_hist) // 50)],
+        "transformer_history": tr_hist[:: max(1, len(tr_hist) // 100)],
+    }
+    meta = {"format": "pt", "trained_by": "scalekv_core.training", "seed": str(recipe.seed),
+            "total_seconds": f"{times['total_s']:.0f}"}
+    _save(model.state_dict(), out / TRANSFORMER_FILE, meta)
+    _save(vae.state_dict(), out / VAE_FILE, meta)
+    te.save_t5(t5, out / T5_FOLDER)
+    (out / LOG_FILE).write_text(json.dumps(record, indent=1))
+    log(f"wrote {out / TRANSFORMER_FILE}, {out / VAE_FILE}, {out / T5_FOLDER} in {times['total_s']:.0f}s total")
+    return record

@@ -1,0 +1,132 @@
+"""Training the Infinity transformer (scalekv_core.model.transformer.Infinity) and its T5 jointly.
+
+Objective: Infinity's teacher-forced bit cross-entropy. Every scale's input is built from the ground-truth bits
+of the earlier scales exactly as the sampler builds it from sampled bits (`quantizer.teacher_inputs`), and all
+scales run in one block-causal pass (`teacher_forcing`). A fraction of captions is replaced by the learned
+`cfg_uncond` rows, the unconditional input classifier-free guidance uses at inference. Training runs in phases:
+first only the coarse scales (cheap, and where the prompt decides layout and colour), then all of them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..model.config import InfinityConfig
+from ..model.text_encoder import TextConditioning
+from ..model.transformer import Infinity
+from ..schedules import Schedule
+from . import text_encoder_training as te
+from .dataset import TokenSet
+from .teacher_forcing import bit_loss, teacher_forced_logits
+
+#: The default model: 4 blocks (2 chunks) of width 128, 4 heads of 32, T5 width 128, 16 bits per token.
+DEFAULT_TRANSFORMER = InfinityConfig(depth=4, embed_dim=128, num_heads=4, block_chunks=2, ffn_hidden=512,
+                                     text_channels=128, text_maxlen=512, pool_heads=4, d_vae=16)
+
+
+@dataclass
+class Phase:
+    """`steps` optimizer steps of `batch` images, each over the first `num_scales` scales."""
+
+    steps: int
+    batch: int
+    num_scales: int
+
+
+@dataclass
+class TransformerTrainConfig:
+    phases: list[Phase] = field(default_factory=lambda: [Phase(500, 32, 4), Phase(120, 16, 5), Phase(100, 8, 7)])
+    lr: float = 1.5e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    cfg_dropout: float = 0.1  # fraction of captions replaced by the unconditional embedding
+    seed: int = 0
+    log_every: int = 25
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+
+def init_transformer(cfg: InfinityConfig, seed: int) -> Infinity:
+    """Small-normal weights, zero biases, AdaLN modulation starting near identity with gates at 0.2."""
+    torch.manual_seed(seed)
+    model = Infinity(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "cfg_uncond":
+                p.normal_(0.0, 1.0)  # lives in T5-output space, which is RMS-normalised to ~1
+            elif name.endswith("scale_mul_1H11"):
+                continue  # keeps log(4), the original's init
+            elif name.endswith("ca_norm.weight") or name.endswith("text_norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("ada_gss"):
+                p.zero_()
+                p[:, :, 0:2] = 0.2  # gamma1, gamma2
+            elif name.startswith("head_nm.") or name.startswith("shared_ada_lin."):
+                p.zero_() if name.endswith("bias") else p.normal_(0.0, 0.002)
+            elif p.ndim >= 2 or name in ("pos_start",):
+                torch.nn.init.trunc_normal_(p, std=0.02)
+            else:
+                p.zero_()
+    return model
+
+
+def _with_uncond(model: Infinity, cond: TextConditioning, drop: np.ndarray) -> TextConditioning:
+    """Replace the dropped captions' rows by cfg_uncond[:len], as the sampler builds its unconditional half."""
+    if not drop.any():
+        return cond
+    parts, start = [], 0
+    for i, n in enumerate(cond.lens):
+        parts.append(model.cfg_uncond[:n] if drop[i] else cond.kv_compact[start:start + n])
+        start += n
+    return TextConditioning._from_parts(torch.cat(parts), list(cond.lens), cond.kv_compact.device)
+
+
+def train_transformer(data: TokenSet, schedule: Schedule, tc: TransformerTrainConfig,
+                      cfg: InfinityConfig = DEFAULT_TRANSFORMER, t5_kwargs: dict | None = None,
+                      log: Callable[[str], None] = print) -> tuple[Infinity, torch.nn.Module, list[dict]]:
+    """Joint training of transformer and T5 on the token set; returns both (eval mode) and the loss history."""
+    model = init_transformer(cfg, tc.seed).train()
+    t5 = te.build_t5(tc.seed + 1, d_model=cfg.text_channels, **(t5_kwargs or {})).train()
+    tokenizer = te.load_tokenizer()
+    params = list(model.parameters()) + list(t5.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.97))
+    total = tc.total_steps
+
+    def lr_at(s: int) -> float:
+        return min(1.0, (s + 1) / tc.warmup) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s, total) / total)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    rng = np.random.default_rng([tc.seed, 201])
+    history: list[dict] = []
+    t0, step = time.time(), 0
+    for phase in tc.phases:
+        for _ in range(phase.steps):
+            index = rng.choice(len(data), size=phase.batch, replace=False)
+            drop = rng.random(phase.batch) < tc.cfg_dropout
+            captions, bits = data.batch(index)
+            ids, mask = te.tokenize(tokenizer, captions)
+            cond = _with_uncond(model, te.encode(t5, ids, mask), drop)
+            logits = teacher_forced_logits(model, cond.kv_compact, cond.lens, bits, schedule, phase.num_scales)
+            loss, per_scale = bit_loss(logits, bits, schedule)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 2.0)
+            opt.step()
+            sched.step()
+            history.append({"step": step, "scales": phase.num_scales, "loss": float(loss.detach()),
+                            "per_scale": per_scale})
+            if step % tc.log_every == 0 or step == total - 1:
+                log(f"transformer step {step}/{total} ({phase.num_scales} scales, batch {phase.batch}) "
+                    f"loss {history[-1]['loss']:.4f} per scale {' '.join(f'{v:.3f}' for v in per_scale)} "
+                    f"({time.time() - t0:.0f}s)")
+            step += 1
+    return model.eval().requires_grad_(False), t5.eval().requires_grad_(False), history

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Retrain the default model (default_model/{infinity,vae,text_encoders}) from scratch on the CPU, then measure
+# its prompt following over 100 held-out captions and redraw the sample grid in the docs.
+#   bash scripts/train_default.sh [OUT_DIR]      (default: default_model; about 45-60 min on 2 CPU cores)
+# Same seed, torch version and thread count give the same weights.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-default_model}
+PY=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=.
+"$PY" -m scalekv_core.training train --out "$OUT" --seed 0 --threads 2
+"$PY" -m scalekv_core.training eval --model "$OUT" -n 100 --json "$OUT/infinity/infinity_shapes_eval.json"
+"$PY" -m scalekv_core.training samples --model "$OUT" --out docs/images/default_model_samples.png
