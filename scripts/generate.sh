@@ -6,28 +6,31 @@
 # also when something fails.
 #
 #   bash scripts/generate.sh [--prompt "a small yellow star at the center on a black background"] [--seed 7]
-#                            [--negative-prompt TEXT]
+#                            [--negative-prompt TEXT] [--out DIR (default: out)]
 #
 # Environment: COMFY_PORT (default: a free port), SCALEKV_DEFAULT_MODEL_DIR (another folder with default_model/'s
 # layout), and scripts/comfy_host.sh's COMFY_HOST_DIR / COMFY_VENV.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORKFLOW=workflows/scalekv_text_to_image.json
-OUT=out
+OUT=$ROOT/out
 
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --prompt|--negative-prompt|--seed)
+    --prompt|--negative-prompt|--seed|--out)
       [ $# -ge 2 ] || { echo "generate.sh: $1 needs a value" >&2; exit 2; }
-      overrides+=("$1" "$2"); shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "generate.sh: unknown argument '$1' (accepted: --prompt, --negative-prompt, --seed)" >&2; exit 2 ;;
+      if [ "$1" = --out ]; then case $2 in /*) OUT=$2 ;; *) OUT=$PWD/$2 ;; esac; else overrides+=("$1" "$2"); fi
+      shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "generate.sh: unknown argument '$1' (accepted: --prompt, --negative-prompt, --seed, --out)" >&2; exit 2 ;;
   esac
 done
+[ -n "${SCALEKV_DEFAULT_MODEL_DIR:-}" ] || unset SCALEKV_DEFAULT_MODEL_DIR  # empty would register no model at all
+model=${SCALEKV_DEFAULT_MODEL_DIR:-$ROOT/default_model}
+case $model in /*) ;; *) model=$PWD/$model ;; esac
+cd "$ROOT"
 
-model=${SCALEKV_DEFAULT_MODEL_DIR:-default_model}
 for f in infinity/infinity_shapes.safetensors vae/infinity_shapes_vae.safetensors text_encoders/t5_shapes/config.json; do
   if [ ! -e "$model/$f" ]; then
     echo "generate.sh: the embedded default model is incomplete: $model/$f is missing (see default_model/README.md;" \
@@ -41,7 +44,7 @@ VENV=${COMFY_VENV:-${COMFY_HOST_DIR:-/tmp/scalekv-comfy}/venv}
 work=$(mktemp -d /tmp/scalekv-generate-XXXXXX)
 export COMFY_STATE=$work/state COMFY_MOUNT_PACK=1
 export COMFY_PORT=${COMFY_PORT:-$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-[ "$model" = default_model ] || export SCALEKV_DEFAULT_MODEL_DIR=$(cd "$model" && pwd)  # the server runs elsewhere
+[ -z "${SCALEKV_DEFAULT_MODEL_DIR:-}" ] || export SCALEKV_DEFAULT_MODEL_DIR=$model  # absolute: the server runs elsewhere
 cleanup() {
   local rc=$?
   if [ "$rc" != 0 ] && [ -f "$COMFY_STATE/server.log" ]; then

@@ -12,8 +12,10 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import urllib.request
 
 import numpy as np
 import pytest
@@ -81,8 +83,9 @@ def read_image(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def reference(engine, cache: CacheConfig, negative: str | None = NEGATIVE) -> np.ndarray:
-    result = engine.generate(PROMPT, negative, seed=SAMPLER["seed"], cfg=SAMPLER["cfg"], tau=SAMPLER["tau"],
+def reference(engine, cache: CacheConfig, negative: str | None = NEGATIVE, prompt: str = PROMPT,
+              seed: int = SAMPLER["seed"]) -> np.ndarray:
+    result = engine.generate(prompt, negative, seed=seed, cfg=SAMPLER["cfg"], tau=SAMPLER["tau"],
                              top_k=SAMPLER["top_k"], top_p=SAMPLER["top_p"], schedule=schedule_from_label(RES),
                              cache=cache, batch=1)
     return result.images[0]
@@ -207,6 +210,37 @@ def test_calibrate_then_generate_uses_the_calibrated_budget_file(comfy, engine, 
     saved = read_image(image["path"])
     assert_generated(saved)
     assert np.array_equal(saved, reference(engine, calibrated, negative=None))
+
+
+def test_generate_sh_runs_the_main_job_and_stops_its_server(engine, tmp_path):
+    """The README's main command, with --prompt/--seed, on stand-ins under the default model's names."""
+    comfyui = pathlib.Path(os.environ.get("SCALEKV_COMFYUI", "/tmp/scalekv-comfy/ComfyUI"))
+    host = comfyui.parent
+    if not (pathlib.Path(sys.prefix) == host / "venv" and (host / "venv" / ".scalekv-comfy-setup").is_file()):
+        pytest.skip(f"generate.sh sets up its own host with scripts/comfy_host.sh; this run's ComfyUI ({comfyui}, "
+                    f"python {sys.prefix}) is not one")
+    model = tmp_path / "default_model"
+    for sub in ("infinity", "vae", "text_encoders"):
+        (model / sub).mkdir(parents=True)
+    os.symlink(TINY / "infinity_tiny.safetensors", model / "infinity" / DEFAULT_NAMES["transformer"])
+    os.symlink(TINY / "vae_tiny.safetensors", model / "vae" / DEFAULT_NAMES["vae"])
+    os.symlink(TINY / "t5_tiny", model / "text_encoders" / DEFAULT_NAMES["text_encoder"])
+    env = {**os.environ, "SCALEKV_DEFAULT_MODEL_DIR": str(model), "COMFY_HOST_DIR": str(host),
+           "COMFY_VENV": str(host / "venv"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("COMFY_PORT", None)
+    other = "a small yellow star at the center on a black background"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "generate.sh"), "--prompt", other, "--seed", "4",
+                           "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved = read_image(tmp_path / "out" / "image.png")
+    assert_generated(saved)
+    assert np.array_equal(saved, reference(engine, SCALEKV_10, prompt=other, seed=4))
+    assert_report_follows_the_plan(json.loads((tmp_path / "out" / "memory_report.json").read_text()), engine,
+                                   SCALEKV_10)
+    [url] = re.findall(r"server up on (http://127\.0\.0\.1:\d+)", proc.stderr)
+    assert "stopped pid" in proc.stderr
+    with pytest.raises(OSError):  # nothing answers there any more
+        urllib.request.urlopen(url + "/system_stats", timeout=5)
 
 
 # ------------------------------------------------------------------------------------------------ failures
