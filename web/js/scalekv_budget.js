@@ -92,7 +92,8 @@ function configRequest(node, state) {
     const v = widgetValue(node, f);
     if (v !== undefined) body[f] = v;
   }
-  const ctx = { sampler: false, loader: false, samplerId: null };
+  const linked = node.inputs?.find((i) => i.name === "budget_file")?.link;
+  const ctx = { sampler: false, loader: false, samplerId: null, budgetFileLinked: linked !== null && linked !== undefined };
   const sampler = connectedSampler(node);
   if (sampler) {
     ctx.sampler = true;
@@ -111,6 +112,9 @@ function configRequest(node, state) {
   if (!ctx.loader) body.model = state.model;
   return { body, ctx };
 }
+
+// What decides the drawing: the request, and whether a budget file arrives through a link (a note then).
+const requestKey = (body, ctx) => JSON.stringify([body, ctx.budgetFileLinked]);
 
 // ------------------------------------------------------------------------------------------ drawing
 
@@ -253,6 +257,9 @@ function draw(state) {
     // a run's figures belong to the sampler that made them: not shown once the config feeds another (or none)
     const lastRun = state.lastRun && state.ctx?.samplerId === state.lastRun.samplerId ? state.lastRun : null;
     drawFooter(root, state.answer, lastRun);
+    if (state.ctx?.budgetFileLinked) {
+      root.append(el("div", "skv-note", "budget_file is linked: the run uses that file; this is budget_source's plan"));
+    }
   }
   root.dataset.state = state.error ? "error" : state.answer ? state.answer.mode : "empty";
   root.dataset.version = String(++state.version);
@@ -308,7 +315,7 @@ function attach(node, kind) {
   state.refresh = () => {
     if (state.kind !== CONFIG) return;
     const { body, ctx } = configRequest(node, state);
-    const key = JSON.stringify(body);
+    const key = requestKey(body, ctx);
     if (key === state.key) return;
     state.key = key;
     state.ctx = ctx;
@@ -320,7 +327,8 @@ function attach(node, kind) {
   };
   state.watch = () => { // values changed without a callback: seen by comparing them with the last request
     if (state.kind !== CONFIG || !node.graph) return;
-    const key = JSON.stringify(configRequest(node, state).body);
+    const { body, ctx } = configRequest(node, state);
+    const key = requestKey(body, ctx);
     if (key !== state.key && key !== state.watched) {
       state.watched = key;
       state.schedule();
