@@ -224,7 +224,8 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
     model.update(depth=cfg.depth, width=cfg.embed_dim, heads=cfg.num_heads, block_dtype=_dtype_name(block_dtype))
     return {
         "mode": "plan", "model": model, "resolution": resolution_label(schedule), "num_scales": schedule.num_scales,
-        "batch": batch, "batch_rows": rows, "policy": config.policy, "budget": budget_spec(s["budget_unit"], s["budget"]),
+        "batch": batch, "batch_rows": rows, "policy": config.policy,
+        "budget": budget_spec(s["budget_unit"], s["budget"]),
         "budget_tokens": budget_tokens, "budget_source": plan.source, "token_bytes": tb,
         "scales": scale_rows(schedule.grids, plan.kept, plan.drafters, tb, memory.per_scale_cache_mb),
         "totals": {"stored_peak_mb": memory.analytic_mb, "full_mb": memory.full_analytic_mb,

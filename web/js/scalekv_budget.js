@@ -27,7 +27,8 @@ const CSS = `
   overflow: hidden; pointer-events: auto; }
 .skv-head { display: flex; flex-wrap: wrap; gap: 2px 8px; align-items: center; margin-bottom: 3px; }
 .skv-head b { color: #fff; font-weight: 600; }
-.skv-head select { font: inherit; background: #222; color: #ddd; border: 1px solid #555; border-radius: 3px; padding: 0 2px; }
+.skv-head select { font: inherit; background: #222; color: #ddd; border: 1px solid #555; border-radius: 3px;
+  padding: 0 2px; }
 .skv-dim { opacity: 0.65; }
 .skv-grid { display: grid; grid-template-columns: 52px minmax(40px, 1fr) repeat(4, auto); column-gap: 6px; row-gap: 1px;
   align-items: center; }
