@@ -30,6 +30,9 @@ if not (COMFYUI / "main.py").is_file():
     pytest.exit(f"ComfyUI not found at {COMFYUI}: run `bash scripts/comfy_host.sh setup` or set SCALEKV_COMFYUI "
                 f"to a ComfyUI checkout", returncode=4)
 
+# The tests register their own models; the embedded default model (default_model/) stays out of every menu.
+os.environ["SCALEKV_DEFAULT_MODEL_DIR"] = ""
+
 sys.path.insert(0, str(COMFYUI))
 sys.path.insert(0, str(REPO / "tests"))  # helpers_tiny
 
