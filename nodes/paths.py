@@ -111,7 +111,21 @@ def shard_folders() -> list[str]:
 
 
 def _files(key: str) -> list[str]:
-    return [f.replace(os.sep, "/") for f in folder_paths.get_filename_list(key)] if key in folder_paths.folder_names_and_paths else []
+    """ComfyUI's cached listing of `key`, rebuilt when one of its folders was deleted while the server runs."""
+    if key not in folder_paths.folder_names_and_paths:
+        return []
+    try:
+        names = folder_paths.get_filename_list(key)
+    except FileNotFoundError:
+        # ComfyUI checks the cached listing by the mtime of every folder it saw, and a deleted folder makes that
+        # check raise (0.3.75 and 0.33.0): drop the stale entry; a fresh scan skips folders that are not there.
+        folder_paths.filename_list_cache.pop(key, None)
+        try:
+            names = folder_paths.get_filename_list(key)
+        except FileNotFoundError:  # deleted again mid-scan: an empty menu now, listed afresh next time
+            folder_paths.filename_list_cache.pop(key, None)
+            return []
+    return [f.replace(os.sep, "/") for f in names]
 
 
 def _looks_like_vae(name: str) -> bool:

@@ -229,3 +229,34 @@ def test_the_checked_out_default_model_is_complete(paths):
     if not any(present):
         pytest.skip("default_model/ holds no trained files yet (bash scripts/train_default.sh writes them)")
     assert all(present), f"default_model/ is incomplete: missing {[str(p) for p, ok in zip(parts, present) if not ok]}"
+
+
+# ------------------------------------------------------------------------------------------- folders that vanish
+
+
+def test_a_model_folder_deleted_while_the_server_runs_drops_out_of_the_menus(paths, models_dir, monkeypatch, tmp_path,
+                                                                               node_classes):
+    """ComfyUI keeps each listing with the mtime of every folder it saw and re-checks them on the next listing; a
+    deleted folder made that check raise FileNotFoundError, and /object_info failed for ScaleKV Cache Config."""
+    fnp = isolate_folders(paths, monkeypatch)
+    extra = tmp_path / "scalekv_extra"
+    extra.mkdir()
+    (extra / "gone.json").write_text("{}")
+    kept = models_dir / "scalekv" / "kept.json"
+    kept.write_text("{}")
+    fnp["scalekv"] = ([*fnp["scalekv"][0], str(extra)], fnp["scalekv"][1])
+    try:
+        assert {"gone.json", "kept.json"} <= set(paths.budget_file_choices())
+        assert str(extra) in folder_paths.filename_list_cache["scalekv"][1]  # ComfyUI cached it with its mtime
+        (extra / "gone.json").unlink()
+        extra.rmdir()
+        choices = paths.budget_file_choices()
+        assert "gone.json" not in choices and "kept.json" in choices
+        options = node_classes["ScaleKVCacheConfig"].GET_SCHEMA().inputs
+        source = next(i for i in options if i.id == "budget_source")
+        assert "file:kept.json" in source.options and "file:gone.json" not in source.options
+        extra.mkdir()  # the folder comes back: listed again
+        (extra / "back.json").write_text("{}")
+        assert "back.json" in paths.budget_file_choices()
+    finally:
+        kept.unlink()
