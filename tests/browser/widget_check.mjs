@@ -141,8 +141,11 @@ async function waitWidget(page, nodeId, after, state, extra = null) {
 // prompt, Enter; Nodes 2.0 = type into the node's Vue number input, Enter.
 async function typeNumber(page, mode, nodeId, name, value) {
   if (mode === 'vue') {
-    const input = page.locator(`[data-node-id="${nodeId}"] input[aria-label="${name}"]`);
-    await input.click();
+    // Frontend 1.32: the input carries the aria-label; 1.49: its container does (the input is a spinbutton).
+    const input = page.locator(`[data-node-id="${nodeId}"] input[aria-label="${name}"], `
+      + `[data-node-id="${nodeId}"] [aria-label="${name}"] input`).first();
+    // 1.49 lays a scrub overlay (drag to change) over the input: a user's click lands on it and focuses the input.
+    await input.click({ force: true });
     await input.press('Control+A');
     await input.pressSequentially(String(value)); // PrimeVue's InputNumber parses keystrokes; fill() is ignored
     await input.press('Enter');
@@ -203,7 +206,9 @@ async function runMode(browser, mode) {
   });
   try {
     await page.goto(`${base}/`, { waitUntil: 'domcontentloaded', timeout });
-    await page.waitForFunction(() => window.comfyAPI?.app?.app?.graph && window.LiteGraph, null, { timeout });
+    // Frontend 1.49 (ComfyUI 0.33) has app.graph before it registers the node types from /object_info.
+    await page.waitForFunction(() => window.comfyAPI?.app?.app?.graph
+      && window.LiteGraph?.registered_node_types?.InfinityModelLoader, null, { timeout });
     await page.waitForTimeout(1000); // extensions' setup()
     res.extensions = await page.evaluate(() => window.comfyAPI.app.app.extensions.map((e) => e.name)
       .filter((n) => n.startsWith('scalekv')));
