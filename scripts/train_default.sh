@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 OUT=${1:-default_model}
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=.
-"$PY" -m scalekv_core.training train --out "$OUT" --seed 0 --threads 2
+"$PY" -m scalekv_core.training train --out "$OUT" --seed 0 --threads 1
 "$PY" -m scalekv_core.training eval --model "$OUT" -n 100 --json "$OUT/infinity/infinity_shapes_eval.json"
 "$PY" -m scalekv_core.training samples --model "$OUT" --out docs/images/default_model_samples.png

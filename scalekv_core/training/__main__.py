@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out", default="default_model", help="folder that receives infinity/, vae/, text_encoders/")
     tr.add_argument("--preset", default="default", choices=["default", "smoke"])
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--threads", type=int, default=2)
+    tr.add_argument("--threads", type=int, default=1, help="torch threads (the weights depend on it; 1 is fastest "
+                    "on a shared 2-core machine)")
     tr.add_argument("--cache", help="folder to keep/reuse the trained VAE and tokenized data of the same recipe")
     ev = sub.add_parser("eval", help="prompt-following score over held-out captions")
     ev.add_argument("--model", default="default_model", help="folder with the three model parts")
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--model", default="default_model")
     sm.add_argument("--out", default="docs/images/default_model_samples.png")
     sm.add_argument("-n", type=int, default=8)
+    for p in (ev, sm):
+        p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
 
     if args.cmd == "train":
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                                cache=args.cache)
         print(json.dumps(record["seconds"]))
         return 0
+    import torch
+    torch.set_num_threads(args.threads)
     from .prompt_following import evaluate, load_default, sample_grid
     pipe = load_default(args.model)
     if args.cmd == "eval":
