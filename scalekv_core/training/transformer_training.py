@@ -39,7 +39,7 @@ class Phase:
 
 @dataclass
 class TransformerTrainConfig:
-    phases: list[Phase] = field(default_factory=lambda: [Phase(1200, 32, 4), Phase(200, 16, 5), Phase(150, 8, 7)])
+    phases: list[Phase] = field(default_factory=lambda: [Phase(2000, 32, 4), Phase(150, 16, 5), Phase(100, 8, 7)])
     lr: float = 1.5e-3
     weight_decay: float = 0.01
     warmup: int = 30
