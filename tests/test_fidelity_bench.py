@@ -301,3 +301,45 @@ def test_reduced_benchmark_run(tmp_path: Path) -> None:
 
     with Image.open(out / "fidelity_psnr.png") as im:
         assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_calibration_captions_never_overlap_the_evaluated_pairs() -> None:
+    from scalekv_core.training import shapes
+    calib = set(fidelity.calibration_captions(64))
+    assert len(calib) > 32
+    assert calib.isdisjoint(c for c, _ in shapes.eval_pairs(200, 0))
+
+
+def test_calibrated_row_uses_the_drafters_calibrate_picks(tmp_path: Path) -> None:
+    """The scalekv-calibrated row runs ScaleKV with the drafters `calibrate` measures on training captions."""
+    from scalekv_core.kvcache import CacheConfig
+    from scalekv_core.kvcache.calibration import calibrate
+    from scalekv_core.pipeline import InfinityPipeline
+    from scalekv_core.schedules import schedule_for_pixels
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\n")
+    out = tmp_path / "fid"
+    r = subprocess.run([sys.executable, "-m", "scalekv_core.bench", "fidelity", *TINY_FLAGS, "--prompts", str(prompts),
+                        "--num-pairs", "1", "--budgets", "10%", "--policies", "scalekv-improved,scalekv-calibrated",
+                        "--calibration-captions", "2", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "fidelity.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the bench's --threads default: same floats, same choice
+    try:
+        pipe = InfinityPipeline.from_files(TINY / "infinity_tiny.safetensors", TINY / "vae_tiny.safetensors",
+                                           TINY / "t5_tiny")
+        schedule = schedule_for_pixels(256, 256)
+        tokens, window = data["meta"]["budget_tokens"]["10%"], data["meta"]["window"]
+        want = calibrate(pipe, fidelity.calibration_captions(2), schedule, tokens, window=window, cfg=3.0, tau=1.0,
+                         top_k=900, top_p=0.97).drafters
+        row = next(x for x in data["rows"] if x["policy"] == "scalekv-calibrated")
+        caption, seed = row["caption"], row["seed"]
+        full = pipe.generate(caption, seed=seed, cfg=3.0, tau=1.0, schedule=schedule, cache=CacheConfig(policy="full"))
+        mine = pipe.generate(caption, seed=seed, cfg=3.0, tau=1.0, schedule=schedule,
+                             cache=CacheConfig(policy="scalekv", budget="10%", window=window, drafters=want))
+    finally:
+        torch.set_num_threads(threads)
+    assert data["meta"]["calibrated_drafters"] == {"10%": want}
+    assert row["psnr"] == pytest.approx(float(psnr(to_unit(mine.images), to_unit(full.images))[0]))

@@ -14,7 +14,8 @@ def _bench_args(prompts: Path, out: Path) -> list[str]:
     return ["-m", "scalekv_core.bench", "fidelity",
             "--transformer", str(TINY / "infinity_tiny.safetensors"), "--vae", str(TINY / "vae_tiny.safetensors"),
             "--text-encoder", str(TINY / "t5_tiny"), "--prompts", str(prompts), "--num-pairs", "3",
-            "--budgets", "10%", "--policies", "sliding_window,scalekv-improved", "--device", "cpu",
+            "--budgets", "10%", "--policies", "sliding_window,scalekv-improved,scalekv-calibrated",
+            "--calibration-captions", "2", "--device", "cpu",
             "--out", str(out)]
 
 
@@ -34,9 +35,12 @@ def test_two_gloo_ranks_gather_the_single_process_rows(tmp_path: Path) -> None:
     a = json.loads((single / "fidelity.json").read_text())
     b = json.loads((sharded / "fidelity.json").read_text())
     assert a["world_size"] == 1 and b["world_size"] == 2
-    assert len(a["rows"]) == 6
-    assert [(r["pair"], r["policy"]) for r in b["rows"]] == [(p, l) for p in range(3)
-                                                           for l in ("sliding_window", "scalekv-improved")]
+    assert len(a["rows"]) == 9
+    assert [(r["pair"], r["policy"]) for r in b["rows"]] == [(p, l) for p in range(3) for l in
+                                                           ("sliding_window", "scalekv-improved", "scalekv-calibrated")]
+    # rank 0 calibrates once and every rank uses its drafters
+    assert "scalekv-calibrated: measuring attention" in r2.stdout and "[rank 1/2]" not in r2.stdout.split("measuring")[0]
+    assert b["meta"]["calibrated_drafters"] == a["meta"]["calibrated_drafters"] is not None
     assert b["rows"] == a["rows"]  # every metric and memory figure, bit for bit
     assert b["aggregate"] == a["aggregate"]
     # only rank 0 writes: one set of outputs in the folder

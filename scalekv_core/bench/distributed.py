@@ -83,6 +83,15 @@ def gather_to_main(obj: Any, shard: Shard) -> list[Any] | None:
     return out
 
 
+def broadcast_from_main(obj: Any, shard: Shard) -> Any:
+    """Rank 0's object on every rank, so a choice made once (e.g. calibrated drafters) is the same everywhere."""
+    if shard.world_size == 1:
+        return obj
+    box = [obj if shard.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def finish(shard: Shard) -> None:
     """Wait for every rank (so none exits while rank 0 still writes) and end the group this module started."""
     if shard.initialized and dist.is_initialized():

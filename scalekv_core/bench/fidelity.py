@@ -42,8 +42,11 @@ POLICY_SPECS: dict[str, tuple[str, str]] = {
     "sliding_window": ("sliding_window", "improved"), "streamingllm": ("streamingllm", "improved"),
     "snapkv": ("snapkv", "improved"), "pyramidkv": ("pyramidkv", "improved"),
     "scalekv-original": ("scalekv", "original"), "scalekv-improved": ("scalekv", "improved"),
+    "scalekv-calibrated": ("scalekv", "improved"),
     "full": ("full", "improved"),
 }
+#: Rows whose drafters come from `calibrate` on this model (per budget) instead of the policy's default choice.
+CALIBRATED = "scalekv-calibrated"
 DEFAULT_POLICIES = [k for k in POLICY_SPECS if k != "full"]
 WARMUP_CAPTION = "warm-up"
 WINDOWS = (16, 9, 4, 1)
@@ -83,6 +86,9 @@ def build_parser(prog: str = "python -m scalekv_core.bench fidelity") -> argpars
     k.add_argument("--kernel", type=int, default=5)
     k.add_argument("--pooling", default="maxpool")
     k.add_argument("--kv-dtype", default="auto")
+    k.add_argument("--calibration-captions", type=int, default=16,
+                   help=f"training-split captions (scalekv_core.training.shapes) that {CALIBRATED} measures attention "
+                        "on to pick its drafters, once per budget; never the evaluated pairs")
     w = p.add_argument_group("optional metrics (skipped with a note when the weights are not on disk)")
     w.add_argument("--alexnet-weights", help=f"torchvision AlexNet state dict (default: torch hub cache {ALEXNET_FILES[0]})")
     w.add_argument("--lpips-weights", help="LPIPS v0.1 AlexNet linear layers (default: torch hub cache alex.pth)")
@@ -171,14 +177,47 @@ class _Optional:
             self.notes.append("FID skipped: no Inception-V3 weights (--inception-weights) found locally")
 
 
-def _configs(a: argparse.Namespace, labels: list[str], budgets: list[str], window: int) -> list[tuple[str, str, CacheConfig]]:
+def _configs(a: argparse.Namespace, labels: list[str], budgets: list[str], window: int,
+             drafters: dict[str, list[list[int]]] | None = None) -> list[tuple[str, str, CacheConfig]]:
     out = []
     for budget in budgets:
         for label in labels:
             policy, scoring = POLICY_SPECS[label]
+            chosen = (drafters or {}).get(budget) if label == CALIBRATED else None
+            if label == CALIBRATED and chosen is None:
+                raise ValueError(f"{CALIBRATED} at budget {budget} has no calibrated drafters")
             out.append((label, budget, CacheConfig(policy=policy, budget=budget, scoring=scoring, window=window,
-                                                   kernel=a.kernel, pooling=a.pooling, kv_dtype=a.kv_dtype)))
+                                                   kernel=a.kernel, pooling=a.pooling, kv_dtype=a.kv_dtype,
+                                                   drafters=chosen)))
     return out
+
+
+def calibration_captions(n: int) -> list[str]:
+    """Captions from the shapes training split, disjoint from `eval_pairs`' held-out captions."""
+    if n < 1:
+        raise ValueError(f"--calibration-captions must be >= 1, got {n}")
+    try:
+        shapes = importlib.import_module("scalekv_core.training.shapes")
+    except ImportError as e:
+        raise RuntimeError(f"{CALIBRATED} needs scalekv_core.training.shapes for its captions ({e})") from None
+    return [shapes.caption(sc) for sc in shapes.scenes(n, 0, "train")]
+
+
+def calibrated_drafters(a: argparse.Namespace, pipe: Any, schedule: Any, tokens: dict[str, int], window: int,
+                        shard: distributed.Shard) -> dict[str, list[list[int]]]:
+    """Drafters per budget from `calibrate` on rank 0 (training captions, the run's sampling), shared with all ranks."""
+    from ..kvcache.calibration import calibrate
+    chosen: dict[str, list[list[int]]] | None = None
+    if shard.is_main:
+        captions = calibration_captions(a.calibration_captions)
+        chosen = {}
+        for budget, n in tokens.items():
+            print(f"{CALIBRATED}: measuring attention on {len(captions)} training captions for budget {budget} "
+                  f"({n} tokens)", flush=True)
+            res = calibrate(pipe, captions, schedule, n, window=window, cfg=a.cfg, tau=a.tau, top_k=a.top_k,
+                            top_p=a.top_p)
+            chosen[budget] = res.drafters
+    return distributed.broadcast_from_main(chosen, shard)
 
 
 def _budget_tokens(pipe: Any, schedule: Any, budget: str, rows: int) -> int:
@@ -206,7 +245,8 @@ def evaluate_shard(a: argparse.Namespace, shard: distributed.Shard, pairs: list[
     rows_per_image = 2 if a.cfg != 1 else 1
     tokens = {b: _budget_tokens(pipe, schedule, b, rows_per_image) for b in budgets}
     window = a.window or _auto_window(list(tokens.values()))
-    configs = _configs(a, labels, budgets, window)
+    drafters = calibrated_drafters(a, pipe, schedule, tokens, window, shard) if CALIBRATED in labels else None
+    configs = _configs(a, labels, budgets, window, drafters)
     for label, budget, config in configs:  # every configuration must build before hours are spent on the others
         try:
             cfg = pipe.transformer.cfg
@@ -269,6 +309,7 @@ def evaluate_shard(a: argparse.Namespace, shard: distributed.Shard, pairs: list[
             "schedule": {"pixels": list(schedule.pixel_size), "scales": schedule.num_scales,
                          "tokens": schedule.total_tokens, "prefix_tokens": sum(schedule.tokens_per_scale[:-1])},
             "window": window, "budget_tokens": tokens, "notes": optional.notes,
+            "calibrated_drafters": drafters,
             "peak_measurement": "torch.cuda.max_memory_allocated" if shard.device.startswith("cuda")
             else "torch.profiler CPU allocator events"}
     return {"rank": shard.rank, "rows": rows, "features": feats, "meta": meta}
