@@ -38,8 +38,8 @@ def test_two_gloo_ranks_gather_the_single_process_rows(tmp_path: Path) -> None:
     assert len(a["rows"]) == 9
     assert [(r["pair"], r["policy"]) for r in b["rows"]] == [(p, l) for p in range(3) for l in
                                                            ("sliding_window", "scalekv-improved", "scalekv-calibrated")]
-    # rank 0 calibrates once and every rank uses its drafters
-    assert "scalekv-calibrated: measuring attention" in r2.stdout and "[rank 1/2]" not in r2.stdout.split("measuring")[0]
+    # rank 0 calibrates once (one budget) and every rank uses its drafters
+    assert r2.stdout.count("scalekv-calibrated: measuring attention") == 1
     assert b["meta"]["calibrated_drafters"] == a["meta"]["calibrated_drafters"] is not None
     assert b["rows"] == a["rows"]  # every metric and memory figure, bit for bit
     assert b["aggregate"] == a["aggregate"]
