@@ -120,7 +120,7 @@ def _token_set(n: int = 24) -> TokenSet:
 
 
 def _train(seed: int, steps: int = 12):
-    tc = TransformerTrainConfig(phases=[Phase(steps, 8, 3)], warmup=2, seed=seed, lr=3e-3, log_every=1000, flip_max=0.0)
+    tc = TransformerTrainConfig(phases=[Phase(steps, 8, 3)], warmup=2, seed=seed, lr=3e-3, log_every=1000)
     return train_transformer(_token_set(), SCHEDULE, tc, TINY, t5_kwargs={"layers": 1, "heads": 2, "d_ff": 32},
                              log=lambda s: None)
 
@@ -161,62 +161,18 @@ def test_smoke_recipe_writes_loadable_files(tmp_path):
 
 def test_colour_codec_init_round_trips_colours():
     """The constructed VAE decodes the multi-scale quantized latent back to the scenes' colours."""
-    from scalekv_core.training.prompt_following import evaluate_reconstructions
-    from scalekv_core.training.vae_init import colour_codec_init
-    from scalekv_core.training.vae_training import DEFAULT_VAE, init_vae
-    vae = colour_codec_init(init_vae(DEFAULT_VAE, 0)).eval()
-    report = evaluate_reconstructions(vae, n=4)
-    assert report.total >= 10 and report.score >= 0.8, report.as_dict()
-    # and a random VAE of the same shape does not: the construction is what carries the colour
-    assert evaluate_reconstructions(init_vae(DEFAULT_VAE, 0).eval(), n=4).score < 0.5
-
-
-def test_colour_codec_colour_does_not_depend_on_the_rest_of_the_picture():
-    """GroupNorm takes its statistics over the whole picture; the codec's (v, -v, K) groups keep a shape's colour.
-
-    With (v, +1, -1) groups an orange square on black came back yellow: the group mean followed the background.
-    """
-    import torch
     from scalekv_core.training import shapes
-    from scalekv_core.training.prompt_following import dominant_color
+    from scalekv_core.training.prompt_following import check_image
     from scalekv_core.training.vae_init import colour_codec_init
-    from scalekv_core.training.vae_training import DEFAULT_VAE, images_to_tensor, init_vae
+    from scalekv_core.training.vae_training import DEFAULT_VAE, init_vae, reconstruct
     vae = colour_codec_init(init_vae(DEFAULT_VAE, 0)).eval()
-    for shape_colour in ("orange", "purple", "green"):
-        centres = []
-        for background in ("black", "white", "yellow", "blue"):
-            img = np.empty((128, 128, 3), dtype=np.uint8)
-            img[:] = shapes.PALETTE[background]
-            img[32:96, 32:96] = shapes.PALETTE[shape_colour]
-            with torch.no_grad():
-                out = vae.decode(vae.encode(images_to_tensor(img[None])))
-            rgb = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()[0]
-            assert dominant_color(rgb[48:80, 48:80]) == shape_colour, (shape_colour, background)
-            centres.append(rgb[64, 64].astype(int))
-        spread = np.ptp(np.stack(centres), axis=0).max()
-        assert spread <= 6, (shape_colour, centres)  # the same colour, within a few levels, on every background
-
-
-def test_self_correction_flips_history_and_later_scales_correct_it():
-    """Bitwise self-correction: flipped history bits, and the next scale's targets code the residual they leave."""
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(3, 8, 16, 16, generator=g)
-    plain = quantize_multiscale(z, SCHEDULE)
-    assert plain.history is None
-    none = quantize_multiscale(z, SCHEDULE, flip=torch.zeros(3), generator=torch.Generator().manual_seed(1))
-    assert all(torch.equal(a, b) for a, b in zip(none.bits, plain.bits))
-    assert all(torch.equal(a, b) for a, b in zip(none.history, plain.bits))
-    q = quantize_multiscale(z, SCHEDULE, flip=torch.tensor([0.0, 0.2, 0.5]),
-                            generator=torch.Generator().manual_seed(1))
-    for k in range(SCHEDULE.num_scales - 1):
-        flipped = (q.history[k] != q.bits[k]).float().mean((1, 2))
-        assert flipped[0] == 0 and flipped[2] > flipped[1]
-    assert torch.equal(q.history[-1], q.bits[-1])  # the last scale is never flipped: nothing comes after it
-    rate = float(torch.cat([(h != b).float().flatten(1) for h, b in zip(q.history[4:-1], q.bits[4:-1])], 1)[2].mean())
-    assert 0.4 < rate < 0.6
-    # scale 1's targets are the signs of the residual left by the *flipped* scale-0 codes
-    resid = z - _up(q.history[0], SCHEDULE.grids[0])
-    want = (torch.nn.functional.interpolate(resid, size=SCHEDULE.grids[1], mode="area") > 0)
-    assert torch.equal(q.bits[1].bool(), want.permute(0, 2, 3, 1).reshape(3, -1, 8))
-    with pytest.raises(ValueError, match=r"one probability per image"):
-        quantize_multiscale(z, SCHEDULE, flip=torch.zeros(2))
+    scene_list = shapes.scenes(4, seed=0, split="heldout")
+    images = np.stack([shapes.render(s) for s in scene_list])
+    rec = reconstruct(vae, images, SCHEDULE)
+    checks = [c for s, img in zip(scene_list, rec) for c in check_image(s, img)]
+    assert sum(c.ok for c in checks) / len(checks) >= 0.75, checks
+    # and a random VAE of the same shape does not: the construction is what carries the colour
+    rand = init_vae(DEFAULT_VAE, 0).eval()
+    rec = reconstruct(rand, images, SCHEDULE)
+    checks = [c for s, img in zip(scene_list, rec) for c in check_image(s, img)]
+    assert sum(c.ok for c in checks) / len(checks) < 0.5

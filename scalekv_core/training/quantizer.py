@@ -21,7 +21,6 @@ class Quantized:
 
     bits: list[torch.Tensor]  # per scale (B, h*w, d) uint8, transformer token order (row-major)
     summed: torch.Tensor  # (B, d, H, W) float32: what the sampler hands the VAE decoder
-    history: list[torch.Tensor] | None = None  # the bits with self-correction flips (None: no flips, = bits)
 
 
 def _accumulate(summed: torch.Tensor | None, codes: torch.Tensor, last: bool, final_hw: tuple[int, int, int]
@@ -37,41 +36,28 @@ def _codes(bits: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return bits_to_codes(bits.reshape(B, h, w, d).unsqueeze(1))
 
 
-def quantize_multiscale(z: torch.Tensor, schedule: Schedule, flip: torch.Tensor | None = None,
-                        generator: torch.Generator | None = None) -> Quantized:
+def quantize_multiscale(z: torch.Tensor, schedule: Schedule) -> Quantized:
     """Residual sign quantization over the schedule's grids, as Infinity's MultiScaleBSQ tokenizes latents.
 
     Scale k takes the sign of the residual (latent minus everything coded so far), area-downsampled to its grid.
     The last scale's grid must be the latent's own size.
-
-    `flip` (B,) turns on Infinity's bitwise self-correction: every bit of scales 0..n-2 of image i is flipped with
-    probability flip[i] before it joins the coded sum (`history`), so the later scales' bits are the ones that
-    correct those mistakes. A model trained on (history as input, bits as target) learns to repair its own
-    sampling errors instead of compounding them.
     """
     B, d, H, W = z.shape
     if tuple(schedule.grids[-1]) != (H, W):
         raise ValueError(f"latent grid {H}x{W} does not match the schedule's last scale {schedule.grids[-1]}")
-    if flip is not None and flip.shape != (B,):
-        raise ValueError(f"flip must hold one probability per image, shape ({B},), got {tuple(flip.shape)}")
     z = z.detach().float()
     n = schedule.num_scales
     final_hw = (1, H, W)
     summed: torch.Tensor | None = None
     bits: list[torch.Tensor] = []
-    history: list[torch.Tensor] = []
     for si, (h, w) in enumerate(schedule.grids):
         resid = z if summed is None else z - summed.squeeze(2)
         r = F.interpolate(resid, size=(h, w), mode="area") if (h, w) != (H, W) else resid
         b = (r > 0).permute(0, 2, 3, 1).reshape(B, h * w, d).to(torch.uint8)
         bits.append(b)
-        if flip is not None and si < n - 1:
-            wrong = torch.rand(b.shape, generator=generator) < flip.to(torch.float32)[:, None, None]
-            b = b ^ wrong.to(torch.uint8)
-        history.append(b)
         summed = _accumulate(summed, _codes(b, h, w), si == n - 1, final_hw)
     assert summed is not None
-    return Quantized(bits=bits, summed=summed.squeeze(2), history=history if flip is not None else None)
+    return Quantized(bits=bits, summed=summed.squeeze(2))
 
 
 def teacher_inputs(bits: list[torch.Tensor], schedule: Schedule, num_scales: int | None = None) -> list[torch.Tensor]:

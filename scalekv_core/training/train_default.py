@@ -41,7 +41,7 @@ class Recipe:
     """Everything that decides the weights."""
 
     seed: int = 0
-    train_scenes: int = 3000
+    train_scenes: int = 2000
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     transformer: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
     vae_config: VAEConfig = DEFAULT_VAE
@@ -50,13 +50,13 @@ class Recipe:
 
 
 def preset(name: str, seed: int = 0) -> Recipe:
-    """'default': the committed model (~60 min on one CPU core). 'smoke': a few steps of everything."""
+    """'default': the committed model (~45-60 min on 2 CPU cores). 'smoke': a few steps of everything."""
     if name == "default":
         r = Recipe(seed=seed)
     elif name == "smoke":
         r = Recipe(seed=seed, train_scenes=16, vae=VAETrainConfig(init="random", steps=3, batch=2, crop=4, log_every=1),
                    transformer=TransformerTrainConfig(phases=[Phase(3, 4, 3), Phase(2, 2, 7)], warmup=2,
-                                                      flip_max=0.2, log_every=1),
+                                                      log_every=1),
                    vae_config=VAEConfig(codebook_dim=8, patch_size=16, base_ch=24, num_res_blocks=0,
                                         ch_mult=(1, 1, 1, 1, 1)),
                    transformer_config=InfinityConfig(depth=2, embed_dim=32, num_heads=2, block_chunks=2,
@@ -87,8 +87,7 @@ def _vae_and_tokens(recipe: Recipe, schedule: Schedule, threads: int, cache: Pat
     """Stage 1 and 2 (VAE, tokenized data set), reused from `cache` when the same recipe already made them."""
     from .dataset import TokenSet
     from .vae_training import init_vae
-    key = _key(recipe.vae, recipe.vae_config, recipe.train_scenes, recipe.seed, torch.__version__, threads,
-               recipe.transformer.flip_max > 0)
+    key = _key(recipe.vae, recipe.vae_config, recipe.train_scenes, recipe.seed, torch.__version__, threads)
     path = None if cache is None else cache / f"vae_tokens_{key}.pt"
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=False)
@@ -101,14 +100,13 @@ def _vae_and_tokens(recipe: Recipe, schedule: Schedule, threads: int, cache: Pat
     vae, vae_hist = train_vae(schedule, recipe.vae, recipe.vae_config, log=log)
     times["vae_s"] = time.time() - t0
     t1 = time.time()
-    data = tokenize_scenes(vae, shapes.scenes(recipe.train_scenes, recipe.seed, "train"), schedule,
-                           keep_latents=recipe.transformer.flip_max > 0)
+    data = tokenize_scenes(vae, shapes.scenes(recipe.train_scenes, recipe.seed, "train"), schedule)
     times["dataset_s"] = time.time() - t1
     log(f"tokenized {len(data)} training scenes in {times['dataset_s']:.0f}s")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"vae": vae.state_dict(), "vae_history": vae_hist, "times": times,
-                    "tokens": {"captions": data.captions, "bits": data.bits, "latents": data.latents}}, path)
+                    "tokens": {"captions": data.captions, "bits": data.bits}}, path)
     return vae, vae_hist, data, times
 
 

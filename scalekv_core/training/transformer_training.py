@@ -3,9 +3,7 @@
 Objective: Infinity's teacher-forced bit cross-entropy. Every scale's input is built from the ground-truth bits
 of the earlier scales exactly as the sampler builds it from sampled bits (`quantizer.teacher_inputs`), and all
 scales run in one block-causal pass (`teacher_forcing`). A fraction of captions is replaced by the learned
-`cfg_uncond` rows, the unconditional input classifier-free guidance uses at inference. With `flip_max` > 0 the
-inputs come from randomly flipped history bits and the targets are the bits that correct them (Infinity's
-bitwise self-correction), so the model learns to repair its own sampling errors. Training runs in phases:
+`cfg_uncond` rows, the unconditional input classifier-free guidance uses at inference. Training runs in phases:
 first only the coarse scales (cheap, and where the prompt decides layout and colour), then all of them.
 """
 from __future__ import annotations
@@ -23,7 +21,6 @@ from ..model.transformer import Infinity
 from ..schedules import Schedule
 from . import text_encoder_training as te
 from .dataset import TokenSet
-from .quantizer import quantize_multiscale
 from .teacher_forcing import bit_loss, teacher_forced_logits
 
 #: The default model: 4 blocks (2 chunks) of width 128, 4 heads of 32, T5 width 128, 16 bits per token.
@@ -42,15 +39,11 @@ class Phase:
 
 @dataclass
 class TransformerTrainConfig:
-    phases: list[Phase] = field(default_factory=lambda: [Phase(1200, 32, 4), Phase(1100, 16, 7)])
+    phases: list[Phase] = field(default_factory=lambda: [Phase(2000, 32, 4), Phase(150, 16, 5), Phase(100, 8, 7)])
     lr: float = 1.5e-3
     weight_decay: float = 0.01
     warmup: int = 30
     cfg_dropout: float = 0.1  # fraction of captions replaced by the unconditional embedding
-    #: bitwise self-correction: each image's history bits are flipped with a probability drawn from [0, flip_max)
-    #: and the later scales' targets re-quantized to correct them (needs the token set's latents); 0 = off. Off in
-    #: the committed recipe: 0.15 and 0.3 scored lower on prompt following (docs/training.md)
-    flip_max: float = 0.0
     seed: int = 0
     log_every: int = 25
 
@@ -120,15 +113,9 @@ def train_transformer(data: TokenSet, schedule: Schedule, tc: TransformerTrainCo
             index = rng.choice(len(data), size=phase.batch, replace=False)
             drop = rng.random(phase.batch) < tc.cfg_dropout
             captions, bits = data.batch(index)
-            coded = bits  # what the inputs are built from: the bits, or with self-correction their flipped copy
-            if tc.flip_max > 0:
-                flip = torch.from_numpy(rng.random(phase.batch) * tc.flip_max)
-                gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-                q = quantize_multiscale(data.latents_of(index), schedule, flip=flip, generator=gen)
-                bits, coded = q.bits, q.history
             ids, mask = te.tokenize(tokenizer, captions)
             cond = _with_uncond(model, te.encode(t5, ids, mask), drop)
-            logits = teacher_forced_logits(model, cond.kv_compact, cond.lens, coded, schedule, phase.num_scales)
+            logits = teacher_forced_logits(model, cond.kv_compact, cond.lens, bits, schedule, phase.num_scales)
             loss, per_scale = bit_loss(logits, bits, schedule)
             opt.zero_grad(set_to_none=True)
             loss.backward()
