@@ -24,9 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--cfg", type=float, default=3.0)
     ev.add_argument("--tau", type=float, default=0.5)
     ev.add_argument("--json", help="write the per-caption results here")
-    ev.add_argument("--reconstructions", action="store_true",
-                    help="score the VAE's quantized reconstructions of the held-out scenes instead of generations: "
-                         "the ceiling a perfect transformer would reach")
     sm = sub.add_parser("samples", help="PNG grid of samples for held-out captions")
     sm.add_argument("--model", default="default_model")
     sm.add_argument("--out", default="docs/images/default_model_samples.png")
@@ -43,15 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
     torch.set_num_threads(args.threads)
-    from .prompt_following import evaluate, evaluate_reconstructions, load_default, sample_grid
+    from .prompt_following import evaluate, load_default, sample_grid
     pipe = load_default(args.model)
     if args.cmd == "eval":
-        if args.reconstructions:
-            report = evaluate_reconstructions(pipe.vae, n=args.n, seed=args.seed)
-        else:
-            report = evaluate(pipe, n=args.n, seed=args.seed, cfg=args.cfg, tau=args.tau)
-        what = "VAE reconstructions" if args.reconstructions else "prompt following"
-        print(f"{what}: {report.score:.3f} ({report.passed}/{report.total} checks, {args.n} captions)")
+        report = evaluate(pipe, n=args.n, seed=args.seed, cfg=args.cfg, tau=args.tau)
+        print(f"prompt following: {report.score:.3f} ({report.passed}/{report.total} checks, {args.n} captions)")
         for k, v in report.by_kind().items():
             print(f"  {k}: {v:.3f}")
         if args.json:

@@ -135,25 +135,6 @@ def evaluate(pipe, n: int = 100, seed: int = 0, cfg: float = 3.0, tau: float = 0
     return report
 
 
-def evaluate_reconstructions(vae, n: int = 100, seed: int = 0, chunk: int = 20) -> Report:
-    """The ceiling for any transformer: the same checks on the VAE's multi-scale quantized held-out scenes."""
-    import torch
-
-    from ..schedules import get_schedule
-    from .vae_training import reconstruct
-    schedule = get_schedule(1.0, "0.06M")
-    scene_list = shapes.scenes(n, seed, "heldout")
-    report = Report()
-    for s in range(0, n, chunk):
-        part = scene_list[s:s + chunk]
-        with torch.no_grad():
-            images = reconstruct(vae, np.stack([shapes.render(sc, 256) for sc in part]), schedule)
-        for sc, img in zip(part, images):
-            report.captions.append(shapes.caption(sc))
-            report.checks.append(check_image(sc, img))
-    return report
-
-
 def sample_grid(pipe, out: str | Path, n: int = 8, seed: int = 0, columns: int = 4, cfg: float = 3.0,
                 tau: float = 0.5) -> Path:
     """A PNG of generated images for held-out captions, each captioned, for the docs."""

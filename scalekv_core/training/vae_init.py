@@ -4,11 +4,8 @@ Trained from random weights on this CPU budget, the small VAE only learns "warm 
 gets: GroupNorm with a few channels per group normalises a flat region to (almost) a constant, so gradients
 barely carry its colour. This init routes colour around that problem, with the real modules and no new layers:
 
-- Channels come in GroupNorm groups of three, (v, -v, K): the group's mean is K/3 whatever the picture holds,
-  and the constant K (a conv bias) dominates its variance, so the normalised value is a fixed, nearly linear
-  function of the colour component v. (GroupNorm's statistics are taken over the whole picture: with helpers
-  (v, +1, -1), the mean v/3 was the picture's average colour, and a shape's colour came out shifted by about
-  half its difference from the background, e.g. orange on black decoded as yellow.)
+- Channels come in GroupNorm groups of three, (value, +1, -1): the two constant helpers (conv biases) make the
+  group's normalised value a monotonic function of the colour component instead of a constant.
 - The encoder copies R, G, B into three such groups, and every stride-2 conv averages 2x2, so the latent cell
   sees its 16x16 patch's mean colour. The residual branches of all ResBlocks start at zero (identity).
 - The 16 latent channels are a thermometer code: channel k is sign-centred at a threshold t_k of one colour
@@ -35,23 +32,19 @@ THRESHOLDS: tuple[tuple[int, float], ...] = tuple(
                                           (2, (50, 90, 120, 170, 210, 238)))
     for v in levels)
 _OUT_BIAS = 3.0  # output-norm bias that puts swish in its nearly linear range
-_HELPER = 24.0  # the constant channel K of every (v, -v, K) group; large, so a picture's spread of v barely
-#: moves the group's variance
-_NORM_GAIN = _HELPER * math.sqrt(2.0) / 3.0  # the group's standard deviation at v = 0: gain * normalised v ~ v
-_Z_SCALE = 0.45  # latent magnitude of a full-range colour difference (the 7 codes sum to at most 7/4 per channel);
-#: small, so the few scales fine enough to see a shape can move a channel from the background's value to the shape's own
+_Z_SCALE = 1.2  # latent magnitude of a full-range colour difference (the 7 codes sum to at most 7/4 per channel)
 
 
 def _gn_value(v: torch.Tensor) -> torch.Tensor:
-    """Normalised first entry of the group (v, -v, K) of a flat picture, as GroupNorm computes it."""
-    m = _HELPER / 3
-    var = ((v - m) ** 2 + (-v - m) ** 2 + (_HELPER - m) ** 2) / 3
+    """Normalised first entry of the group (v, 1, -1), as GroupNorm computes it."""
+    m = v / 3
+    var = ((v - m) ** 2 + (1 - m) ** 2 + (-1 - m) ** 2) / 3
     return (v - m) / torch.sqrt(var + 1e-6)
 
 
 def _chain(v: torch.Tensor) -> torch.Tensor:
-    """Value channel -> what leaves an output norm (gain _NORM_GAIN, offset removed, bias _OUT_BIAS) + swish."""
-    x = _NORM_GAIN * _gn_value(v) + _HELPER / 3 + _OUT_BIAS
+    """Value channel -> what leaves an output norm + swish (bias _OUT_BIAS)."""
+    x = _gn_value(v) + _OUT_BIAS
     return x * torch.sigmoid(x)
 
 
@@ -83,18 +76,12 @@ def _zero_residuals(module: torch.nn.Module) -> None:
 
 
 def _set_helpers(conv: torch.nn.Conv2d, groups: int) -> None:
-    """Channels 3g+1 and 3g+2 of the first `groups` groups: minus the value channel 3g, and the constant K."""
+    """Channels 3g+1 and 3g+2 of the first `groups` groups: constants +1 and -1 (bias only)."""
     for g in range(groups):
-        conv.weight[3 * g + 1] = -conv.weight[3 * g]
-        conv.bias[3 * g + 1] = -conv.bias[3 * g]
+        conv.weight[3 * g + 1].zero_()
         conv.weight[3 * g + 2].zero_()
-        conv.bias[3 * g + 2] = _HELPER
-
-
-def _set_out_norm(norm: torch.nn.GroupNorm) -> None:
-    """Gain that undoes the group's spread, and a bias that removes its mean K/3 and adds _OUT_BIAS."""
-    norm.weight.fill_(_NORM_GAIN)
-    norm.bias.fill_(_HELPER / 3 + _OUT_BIAS)
+        conv.bias[3 * g + 1] = 1.0
+        conv.bias[3 * g + 2] = -1.0
 
 
 @torch.no_grad()
@@ -121,7 +108,8 @@ def colour_codec_init(vae: BSQVAE) -> BSQVAE:
         if level.downsample is not None:
             _avg_down(level.downsample.conv.conv)
     _zero_residuals(enc)
-    _set_out_norm(enc.norm_out.norm)
+    enc.norm_out.norm.weight.fill_(1.0)
+    enc.norm_out.norm.bias.fill_(_OUT_BIAS)
     grid = torch.linspace(-1, 1, 201)
     lo, hi = float(_chain(grid).min()), float(_chain(grid).max())
     alpha = 2 * _Z_SCALE / (hi - lo)
@@ -154,7 +142,8 @@ def colour_codec_init(vae: BSQVAE) -> BSQVAE:
     for level in dec.up:
         if level.upsample is not None:
             _identity_conv(level.upsample.conv.conv)
-    _set_out_norm(dec.norm_out.norm)
+    dec.norm_out.norm.weight.fill_(1.0)
+    dec.norm_out.norm.bias.fill_(_OUT_BIAS)
     # conv_out: image = a * chain(v) + b per component, least squares over the grid (v ~ the colour itself)
     a, bb = torch.linalg.lstsq(A, grid[:, None]).solution[:, 0].tolist()
     w = torch.zeros_like(dec.conv_out.conv.weight)

@@ -120,4 +120,4 @@ def reconstruct(vae: BSQVAE, images: np.ndarray, schedule: Schedule) -> np.ndarr
     from .quantizer import quantize_multiscale
     q = quantize_multiscale(vae.encode(images_to_tensor(images)), schedule)
     y = vae.decode(q.summed)
-    return ((y + 1) / 2).permute(0, 2, 3, 1).mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
+    return ((y + 1) / 2).permute(0, 2, 3, 1).mul(255).to(torch.uint8).numpy()
