@@ -117,7 +117,7 @@ def train_vae(schedule: Schedule, tc: VAETrainConfig, cfg: VAEConfig = DEFAULT_V
 @torch.no_grad()
 def reconstruct(vae: BSQVAE, images: np.ndarray, schedule: Schedule) -> np.ndarray:
     """Encode, quantize over all scales and decode: what a perfect transformer would produce."""
+    from ..pipeline import decoded_to_uint8
     from .quantizer import quantize_multiscale
     q = quantize_multiscale(vae.encode(images_to_tensor(images)), schedule)
-    y = vae.decode(q.summed)
-    return ((y + 1) / 2).permute(0, 2, 3, 1).mul(255).to(torch.uint8).numpy()
+    return decoded_to_uint8(vae.decode(q.summed))
