@@ -260,17 +260,22 @@ def _fake_metric_weights(folder: Path) -> list[str]:
             "--inception-weights", str(folder / "inception.pt")]
 
 
-def test_reduced_benchmark_run(tmp_path: Path) -> None:
+def _run_bench(tmp_path: Path, captions: list[str], *flags: str) -> tuple[str, dict]:
+    """The benchmark as a user runs it, on the tiny model with these captions (seed = line index): stdout, JSON."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle on a blue background\na small green square\n")
-    out = tmp_path / "fid"
+    prompts.write_text("".join(c + "\n" for c in captions))
     r = subprocess.run([sys.executable, "-m", "scalekv_core.bench", "fidelity", *TINY_FLAGS, "--prompts", str(prompts),
-                        "--num-pairs", "2", "--budgets", "10%", "--policies", "full,snapkv,scalekv-improved",
-                        *_fake_metric_weights(tmp_path), "--out", str(out)],
+                        "--num-pairs", str(len(captions)), "--budgets", "10%", *flags, "--out", str(tmp_path / "fid")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "skipped" not in r.stdout
-    data = json.loads((out / "fidelity.json").read_text())
+    return r.stdout, json.loads((tmp_path / "fid" / "fidelity.json").read_text())
+
+
+def test_reduced_benchmark_run(tmp_path: Path) -> None:
+    out = tmp_path / "fid"
+    stdout, data = _run_bench(tmp_path, ["a red circle on a blue background", "a small green square"],
+                              "--policies", "full,snapkv,scalekv-improved", *_fake_metric_weights(tmp_path))
+    assert "skipped" not in stdout
     rows = data["rows"]
     assert [(x["pair"], x["policy"]) for x in rows] == [(p, l) for p in (0, 1)
                                                       for l in ("full", "snapkv", "scalekv-improved")]
@@ -316,15 +321,8 @@ def test_calibrated_row_uses_the_drafters_calibrate_picks(tmp_path: Path) -> Non
     from scalekv_core.kvcache.calibration import calibrate
     from scalekv_core.pipeline import InfinityPipeline
     from scalekv_core.schedules import schedule_for_pixels
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle on a blue background\n")
-    out = tmp_path / "fid"
-    r = subprocess.run([sys.executable, "-m", "scalekv_core.bench", "fidelity", *TINY_FLAGS, "--prompts", str(prompts),
-                        "--num-pairs", "1", "--budgets", "10%", "--policies", "scalekv-improved,scalekv-calibrated",
-                        "--calibration-captions", "2", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    data = json.loads((out / "fidelity.json").read_text())
+    _, data = _run_bench(tmp_path, ["a red circle on a blue background"],
+                         "--policies", "scalekv-improved,scalekv-calibrated", "--calibration-captions", "2")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the bench's --threads default: same floats, same choice
     try:
