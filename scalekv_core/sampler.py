@@ -94,6 +94,8 @@ def _uncond_text(model: Infinity, cond: TextConditioning) -> torch.Tensor:
 
 
 ScaleCallback = Callable[[int, int, torch.Tensor], None]
+#: bits_hook(scale_index, drawn_bits (B, h*w*d) long) -> the bits the scale keeps (same shape)
+BitsHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def make_cache(model: Infinity, schedule: Schedule, batch_rows: int, config: CacheConfig,
@@ -111,11 +113,12 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
            vae_patchify: bool, negative: TextConditioning | None = None, keep_logits: bool = False,
            on_scale: ScaleCallback | None = None, cache_config: CacheConfig | None = None,
            record_kept: KeptRecorder | None = None, observer: AttentionObserver | None = None,
-           time_eviction: bool = False) -> SampleOutput:
+           time_eviction: bool = False, bits_hook: BitsHook | None = None) -> SampleOutput:
     """Generate the bits of every scale for a batch of prompts, as the original sampler does.
 
     `on_scale(scale_index, num_scales, summed_codes)` runs after every scale (progress, previews, interrupts);
-    an exception it raises stops sampling and frees the cache.
+    an exception it raises stops sampling and frees the cache. `bits_hook` may replace a scale's drawn bits
+    before they are used (diagnostics: hand the first scales the ground truth and sample the rest).
     """
     settings.validate()
     n = schedule.num_scales
@@ -172,7 +175,10 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
             logits = logits.reshape(B, -1, 2)
             if keep_logits:
                 out.logits.append(logits.clone())
-            bits = sample_bits(logits, settings.top_k, settings.top_p, generator).reshape(B, h * w, d_vae)
+            bits = sample_bits(logits, settings.top_k, settings.top_p, generator)
+            if bits_hook is not None:
+                bits = bits_hook(si, bits)
+            bits = bits.reshape(B, h * w, d_vae)
             out.bits.append(bits.to(torch.uint8))
             grid = bits.reshape(B, h, w, d_vae)
             if vae_patchify:

@@ -146,6 +146,128 @@ def test_bit_loss_weighs_scales_equally():
     assert abs(float(loss) - 6 / 7 * math.log(2)) < 1e-4
 
 
+def test_bit_loss_shape_weight_counts_shape_tokens_more():
+    d, w = 3, 4.0
+    logits = torch.zeros(1, 521, 2 * d)
+    logits[..., 0::2] = 5.0  # every bit confidently right (the targets are all 0) ...
+    bits = [torch.zeros(1, h * w_, d, dtype=torch.uint8) for h, w_ in SCHEDULE.grids]
+    last = 521 - 256
+    logits[0, last:last + 4, 0::2] = 0.0
+    logits[0, last:last + 4, 1::2] = 10.0  # ... except 4 tokens of the last scale, confidently wrong
+    focus = [torch.zeros(1, n, dtype=torch.bool) for n in SCHEDULE.tokens_per_scale]
+    focus[-1][0, :4] = True  # and those 4 touch a shape
+    good, bad = math.log1p(math.exp(-5.0)), math.log1p(math.exp(10.0))
+    plain, per_scale = bit_loss(logits, bits, SCHEDULE)
+    weighted, per_scale_w = bit_loss(logits, bits, SCHEDULE, focus, shape_weight=w)
+    assert per_scale_w == per_scale  # the logged per-scale means stay plain
+    assert abs(per_scale[-1] - (4 * bad + 252 * good) / 256) < 1e-4
+    last_weighted = (4 * (1 + w) * bad + 252 * good) / (4 * (1 + w) + 252)
+    assert abs(float(weighted) - (6 * good + last_weighted) / 7) < 1e-4
+    assert float(weighted) > float(plain)
+    assert float(bit_loss(logits, bits, SCHEDULE, focus, shape_weight=0.0)[0]) == float(plain)
+    with pytest.raises(ValueError, match="shape_tokens"):
+        bit_loss(logits, bits, SCHEDULE, None, shape_weight=w)
+
+
+def test_requantize_corrects_the_history_it_is_given():
+    from scalekv_core.training.quantizer import requantize
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 16, 16, generator=g)
+    q = quantize_multiscale(z, SCHEDULE)
+    # the latent's own bits as history: the targets are its bits
+    same = requantize(z, SCHEDULE, q.bits[:-1])
+    assert all(torch.equal(a, b) for a, b in zip(same, q.bits))
+    # flip every bit of the 1x1 scale: scale 0's target is unchanged, scale 1's now points back the other way
+    wrong = [q.bits[0] ^ 1] + q.bits[1:-1]
+    fixed = requantize(z, SCHEDULE, wrong)
+    assert torch.equal(fixed[0], q.bits[0])
+    assert not torch.equal(fixed[1], q.bits[1])
+    # and the codes summed with the corrected scale 1 end closer to the latent than with its old bits
+    from scalekv_core.training.quantizer import teacher_inputs
+    target = torch.nn.functional.interpolate(z, size=SCHEDULE.grids[2], mode="area").reshape(2, 4, -1).transpose(1, 2)
+
+    def err(b1):
+        return float((teacher_inputs(wrong[:1] + [b1], SCHEDULE, 3)[1] - target).square().sum())
+
+    assert err(fixed[1]) < err(q.bits[1])
+    with pytest.raises(ValueError, match="history"):
+        requantize(z, SCHEDULE, q.bits + q.bits)
+
+
+def test_self_correction_trains_and_is_reproducible():
+    from scalekv_core.training.transformer_training import _own_history
+    data = _token_set(16)
+    g = torch.Generator().manual_seed(9)
+    data.latents = torch.randn(16, TINY.d_vae, 16, 16, generator=g)
+    data.bits = quantize_multiscale(data.latents, SCHEDULE).bits
+    tc = TransformerTrainConfig(phases=[Phase(4, 8, 4)], warmup=1, seed=0, lr=3e-3, log_every=1000,
+                                self_correct=0.5)
+    kw = {"t5_kwargs": {"layers": 1, "heads": 2, "d_ff": 32}, "log": lambda s: None}
+    m1, _, h1 = train_transformer(data, SCHEDULE, tc, TINY, **kw)
+    m2, _, h2 = train_transformer(data, SCHEDULE, tc, TINY, **kw)
+    assert [h["loss"] for h in h1] == [h["loss"] for h in h2]
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    # rows chosen for self-correction get the model's bits as history and re-quantized targets; the others keep theirs
+    model = _random_model(0)
+    cond = _text([5] * 4)
+    bits = [b[:4] for b in data.bits]
+    own = torch.tensor([True, False, True, False])
+    history, targets = _own_history(model, cond, bits, data.latents[:4], own, SCHEDULE, 4,
+                                    torch.Generator().manual_seed(0))
+    assert len(history) == 4 and len(targets) == 4
+    for k in range(3):
+        assert torch.equal(history[k][~own], bits[k][~own]) and torch.equal(targets[k][~own], bits[k][~own])
+    assert any(not torch.equal(history[k][own], bits[k][own]) for k in range(3))  # a random model errs
+    from scalekv_core.training.quantizer import requantize
+    assert all(torch.equal(t[own], r) for t, r in zip(targets, requantize(data.latents[:4][own], SCHEDULE,
+                                                                           [h[own] for h in history[:3]])))
+
+
+def test_shape_tokens_are_the_patches_a_shape_touches():
+    from scalekv_core.training import shapes
+    from scalekv_core.training.dataset import shape_tokens
+    scene = shapes.Scene(shapes=(shapes.Shape("square", "red", "top left", "small"),), background=("blue",))
+    masks = shape_tokens(scene, SCHEDULE)
+    assert [m.shape[0] for m in masks] == list(SCHEDULE.tokens_per_scale)
+    assert bool(masks[0][0])  # the single 1x1 token sees every shape
+    assert masks[1].tolist() == [True, False, False, False]  # 2x2: only the top-left quadrant
+    # 16x16: exactly the 16-pixel patches that hold a pixel of the square
+    pix = shapes.shape_mask(scene.shapes[0], 256).reshape(16, 16, 16, 16).any(axis=(1, 3))
+    assert 0 < pix.sum() < 40
+    assert torch.equal(masks[-1].reshape(16, 16), torch.from_numpy(pix))
+
+
+def test_refine_stage_from_a_saved_first_stage_equals_the_whole_run(tmp_path):
+    """`stage1_from` skips the first stage only if the folder's log shows this recipe made it; same weights."""
+    from safetensors.torch import load_file
+    from scalekv_core.training.train_default import T5_FOLDER, TRANSFORMER_FILE, preset, train_default
+
+    def with_refine(seed: int = 0):
+        r = preset("smoke", seed)
+        r.refine = TransformerTrainConfig(phases=[Phase(2, 2, 7)], warmup=1, shape_weight=2.0, log_every=1,
+                                          seed=seed + 1)
+        return r
+
+    quiet = {"threads": 1, "log": lambda s: None}
+    whole = train_default(tmp_path / "whole", with_refine(), cache=tmp_path / "cache", **quiet)
+    assert "refine_s" in whole["seconds"] and len(whole["refine_history"]) == 2
+    train_default(tmp_path / "first", preset("smoke"), **quiet)
+    # the cached token set (written by the whole run) must carry the shape tokens the refine stage weighs
+    resumed = train_default(tmp_path / "resumed", with_refine(), stage1_from=tmp_path / "first",
+                            cache=tmp_path / "cache", **quiet)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert resumed["stage1_from"] == str(tmp_path / "first")
+    first = load_file(str(tmp_path / "first" / TRANSFORMER_FILE))
+    for name in (TRANSFORMER_FILE, T5_FOLDER / "model.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not torch.equal(first["head.weight"], load_file(str(tmp_path / "whole" / TRANSFORMER_FILE))["head.weight"])
+    with pytest.raises(ValueError, match="'seed'"):
+        train_default(tmp_path / "other", with_refine(seed=3), stage1_from=tmp_path / "first", **quiet)
+    with pytest.raises(FileNotFoundError, match="no training log"):
+        train_default(tmp_path / "other", with_refine(), stage1_from=tmp_path / "nothing", **quiet)
+
+
 def test_smoke_recipe_writes_loadable_files(tmp_path):
     """The whole recipe in seconds: files in the users' layout that InfinityPipeline.from_files loads and runs."""
     from scalekv_core.pipeline import InfinityPipeline

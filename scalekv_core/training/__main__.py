@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--threads", type=int, default=1, help="torch threads (the weights depend on it; 1 is fastest "
                     "on a shared 2-core machine)")
     tr.add_argument("--cache", help="folder to keep/reuse the trained VAE and tokenized data of the same recipe")
+    tr.add_argument("--stage1-from", metavar="FOLDER", help="take the first transformer stage from a model folder "
+                    "this recipe's first stage wrote (its training log is checked) and run only the refine stage; "
+                    "the weights equal a whole run's")
     ev = sub.add_parser("eval", help="prompt-following score over held-out captions")
     ev.add_argument("--model", default="default_model", help="folder with the three model parts")
     ev.add_argument("-n", type=int, default=100, help="number of held-out captions")
@@ -24,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--cfg", type=float, default=3.0)
     ev.add_argument("--tau", type=float, default=0.5)
     ev.add_argument("--json", help="write the per-caption results here")
+    ev.add_argument("--truth-scales", type=int, default=0, metavar="K", help="diagnosis: the first K scales get "
+                    "each scene's ground-truth bits, the rest are sampled (7 = the VAE's own ceiling)")
     sm = sub.add_parser("samples", help="PNG grid of samples for held-out captions")
     sm.add_argument("--model", default="default_model")
     sm.add_argument("--out", default="docs/images/default_model_samples.png")
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "train":
         from .train_default import preset, train_default
         record = train_default(args.out, preset(args.preset, args.seed), threads=args.threads,
-                               cache=args.cache)
+                               cache=args.cache, stage1_from=args.stage1_from)
         print(json.dumps(record["seconds"]))
         return 0
     import torch
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from .prompt_following import evaluate, load_default, sample_grid
     pipe = load_default(args.model)
     if args.cmd == "eval":
-        report = evaluate(pipe, n=args.n, seed=args.seed, cfg=args.cfg, tau=args.tau)
+        report = evaluate(pipe, n=args.n, seed=args.seed, cfg=args.cfg, tau=args.tau, truth_scales=args.truth_scales)
         print(f"prompt following: {report.score:.3f} ({report.passed}/{report.total} checks, {args.n} captions)")
         for k, v in report.by_kind().items():
             print(f"  {k}: {v:.3f}")

@@ -123,11 +123,51 @@ def generate_for(pipe, pairs: list[tuple[str, int]], cfg: float = 3.0, tau: floa
                           cache=CacheConfig(policy="full")).images[0] for cap, seed in pairs]
 
 
-def evaluate(pipe, n: int = 100, seed: int = 0, cfg: float = 3.0, tau: float = 0.5) -> Report:
-    """Prompt-following over the first n held-out captions of `shapes.eval_pairs`."""
+def generate_with_truth(pipe, scene: shapes.Scene, caption: str, seed: int, truth_scales: int, cfg: float = 3.0,
+                        tau: float = 0.5) -> np.ndarray:
+    """One 256x256 image whose first `truth_scales` scales are the scene's own quantized bits, the rest sampled.
+
+    Tells where generation goes wrong: if handing the model the truth up to scale k fixes an image, the error
+    was made at or before scale k. With 0 it is `generate_for`'s image (same seed and settings).
+    """
+    import torch
+
+    from ..pipeline import decoded_to_uint8
+    from ..sampler import SamplerSettings, sample
+    from ..schedules import schedule_for_pixels
+    from .quantizer import quantize_multiscale
+    from .vae_training import images_to_tensor
+    if pipe.vae_patchify:
+        raise ValueError("generate_with_truth quantizes unpatchified latents; this VAE patchifies")
+    schedule = schedule_for_pixels(256, 256)
+    if not 0 <= truth_scales <= schedule.num_scales:
+        raise ValueError(f"truth_scales must be in 0..{schedule.num_scales}, got {truth_scales}")
+    device = pipe.device
+    with torch.no_grad():
+        z = pipe.vae.encode(images_to_tensor(shapes.render(scene, 256)[None]).to(device))
+        truth = quantize_multiscale(z, schedule).bits
+
+        def hook(si: int, drawn: torch.Tensor) -> torch.Tensor:
+            return truth[si].reshape(drawn.shape).to(drawn) if si < truth_scales else drawn
+
+        settings = SamplerSettings(cfg=cfg, tau=tau, top_k=900, top_p=0.97, seed=seed)
+        out = sample(pipe.transformer, pipe.encode([caption]).to(device), schedule, settings, pipe.vae_patchify,
+                     bits_hook=hook)
+        return decoded_to_uint8(pipe.vae.decode(out.summed_codes.float()))[0]
+
+
+def evaluate(pipe, n: int = 100, seed: int = 0, cfg: float = 3.0, tau: float = 0.5, truth_scales: int = 0) -> Report:
+    """Prompt-following over the first n held-out captions of `shapes.eval_pairs`.
+
+    `truth_scales` > 0 hands the first scales the ground truth (`generate_with_truth`), for diagnosis.
+    """
     scene_list = shapes.scenes(n, seed, "heldout")
     pairs = shapes.eval_pairs(n, seed)
-    images = generate_for(pipe, pairs, cfg=cfg, tau=tau)
+    if truth_scales:
+        images = [generate_with_truth(pipe, sc, cap, sd, truth_scales, cfg=cfg, tau=tau)
+                  for sc, (cap, sd) in zip(scene_list, pairs)]
+    else:
+        images = generate_for(pipe, pairs, cfg=cfg, tau=tau)
     report = Report()
     for sc, (cap, _), img in zip(scene_list, pairs, images):
         report.captions.append(cap)

@@ -60,6 +60,30 @@ def quantize_multiscale(z: torch.Tensor, schedule: Schedule) -> Quantized:
     return Quantized(bits=bits, summed=summed.squeeze(2))
 
 
+def requantize(z: torch.Tensor, schedule: Schedule, history: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Target bits of scales 0..len(history) when scales 0..len(history)-1 were coded with `history`.
+
+    Scale k's target is the sign of what is left of the latent after the codes the sampler really summed, so a
+    model trained on (history as input, these as targets) learns to correct its own earlier bits. With the
+    latent's own bits as history this is `quantize_multiscale`.
+    """
+    B, d, H, W = z.shape
+    n = len(history) + 1
+    if n > schedule.num_scales:
+        raise ValueError(f"history of {len(history)} scales, but the schedule has {schedule.num_scales}")
+    z = z.detach().float()
+    summed: torch.Tensor | None = None
+    targets: list[torch.Tensor] = []
+    for si in range(n):
+        h, w = schedule.grids[si]
+        resid = z if summed is None else z - summed.squeeze(2)
+        r = F.interpolate(resid, size=(h, w), mode="area") if (h, w) != (H, W) else resid
+        targets.append((r > 0).permute(0, 2, 3, 1).reshape(B, h * w, d).to(torch.uint8))
+        if si < n - 1:
+            summed = _accumulate(summed, _codes(history[si], h, w), si == schedule.num_scales - 1, (1, H, W))
+    return targets
+
+
 def teacher_inputs(bits: list[torch.Tensor], schedule: Schedule, num_scales: int | None = None) -> list[torch.Tensor]:
     """Inputs (B, h*w, d) of scales 1..n-1 given every earlier scale's bits, exactly as the sampler builds them.
 

@@ -63,18 +63,31 @@ def teacher_forced_logits(model: Infinity, text_tokens: torch.Tensor, lens: list
     return model.logits(x, cond)
 
 
-def bit_loss(logits: torch.Tensor, bits: list[torch.Tensor], schedule: Schedule) -> tuple[torch.Tensor, list[float]]:
+def bit_loss(logits: torch.Tensor, bits: list[torch.Tensor], schedule: Schedule,
+             shape_tokens: list[torch.Tensor] | None = None, shape_weight: float = 0.0
+             ) -> tuple[torch.Tensor, list[float]]:
     """Cross-entropy on every bit, averaged per scale and then over scales, so coarse scales weigh as much as fine.
 
     The coarse scales carry the layout and colours a prompt names; averaging per token would let the 16x16 scale
-    (half of all tokens) dominate. Returns the loss and each scale's mean for logging.
+    (half of all tokens) dominate. With `shape_weight` w, a token that touches a shape (`shape_tokens`, per scale
+    (B, h*w) bool) weighs 1 + w in its scale's mean: shapes cover a few percent of a picture, and a mean over all
+    tokens barely notices their errors. Returns the loss and each scale's plain mean for logging.
     """
     B, L, V = logits.shape
     sizes = [n for n in _prefix(schedule.tokens_per_scale, L)]
     target = torch.cat(bits[:len(sizes)], dim=1).long()  # (B, L, d)
     ce = F.cross_entropy(logits.reshape(B, L, V // 2, 2).permute(0, 3, 1, 2), target, reduction="none")  # (B, L, d)
-    per_scale = [part.mean() for part in ce.split(sizes, dim=1)]
-    return torch.stack(per_scale).mean(), [float(p.detach()) for p in per_scale]
+    parts = ce.split(sizes, dim=1)
+    plain = [float(part.detach().mean()) for part in parts]
+    if shape_weight == 0.0:
+        return torch.stack([part.mean() for part in parts]).mean(), plain
+    if shape_tokens is None:
+        raise ValueError("shape_weight needs shape_tokens")
+    weighted = []
+    for part, focus in zip(parts, shape_tokens):
+        w = 1.0 + shape_weight * focus.to(part.device, part.dtype)  # (B, n)
+        weighted.append((part.mean(-1) * w).sum() / w.sum())
+    return torch.stack(weighted).mean(), plain
 
 
 def _prefix(tokens_per_scale: tuple[int, ...], L: int) -> list[int]:

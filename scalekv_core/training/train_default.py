@@ -34,6 +34,7 @@ TRANSFORMER_FILE = Path("infinity") / "infinity_shapes.safetensors"
 VAE_FILE = Path("vae") / "infinity_shapes_vae.safetensors"
 T5_FOLDER = Path("text_encoders") / "t5_shapes"
 LOG_FILE = Path("infinity") / "infinity_shapes_training.json"
+_TOKENS_FORMAT = 3  # cached token sets: 2 added shape_tokens, 3 latents
 
 
 @dataclass
@@ -44,15 +45,19 @@ class Recipe:
     train_scenes: int = 2000
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     transformer: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
+    #: a second stage from the first one's weights (fresh optimizer and schedule), or None
+    refine: TransformerTrainConfig | None = None
     vae_config: VAEConfig = DEFAULT_VAE
     transformer_config: InfinityConfig = DEFAULT_TRANSFORMER
     t5: dict = field(default_factory=lambda: {"layers": 2, "heads": 4, "d_ff": 256})
 
 
 def preset(name: str, seed: int = 0) -> Recipe:
-    """'default': the committed model (~45-60 min on 2 CPU cores). 'smoke': a few steps of everything."""
+    """'default': the committed model (about 55 min on one core). 'smoke': a few steps of everything."""
     if name == "default":
-        r = Recipe(seed=seed)
+        r = Recipe(seed=seed, train_scenes=8000, transformer=TransformerTrainConfig(shape_weight=4.0),
+                   refine=TransformerTrainConfig(phases=[Phase(300, 32, 4), Phase(600, 8, 7)], lr=5e-4,
+                                                 shape_weight=4.0, self_correct=0.5, log_every=50))
     elif name == "smoke":
         r = Recipe(seed=seed, train_scenes=16, vae=VAETrainConfig(init="random", steps=3, batch=2, crop=4, log_every=1),
                    transformer=TransformerTrainConfig(phases=[Phase(3, 4, 3), Phase(2, 2, 7)], warmup=2,
@@ -66,6 +71,8 @@ def preset(name: str, seed: int = 0) -> Recipe:
     else:
         raise ValueError(f"unknown preset {name!r}; choose default or smoke")
     r.vae.seed = r.transformer.seed = seed
+    if r.refine is not None:
+        r.refine.seed = seed + 1  # its own batch and caption-dropout stream
     return r
 
 
@@ -87,7 +94,8 @@ def _vae_and_tokens(recipe: Recipe, schedule: Schedule, threads: int, cache: Pat
     """Stage 1 and 2 (VAE, tokenized data set), reused from `cache` when the same recipe already made them."""
     from .dataset import TokenSet
     from .vae_training import init_vae
-    key = _key(recipe.vae, recipe.vae_config, recipe.train_scenes, recipe.seed, torch.__version__, threads)
+    key = _key(recipe.vae, recipe.vae_config, recipe.train_scenes, recipe.seed, torch.__version__, threads,
+               _TOKENS_FORMAT)
     path = None if cache is None else cache / f"vae_tokens_{key}.pt"
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=False)
@@ -106,17 +114,46 @@ def _vae_and_tokens(recipe: Recipe, schedule: Schedule, threads: int, cache: Pat
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"vae": vae.state_dict(), "vae_history": vae_hist, "times": times,
-                    "tokens": {"captions": data.captions, "bits": data.bits}}, path)
+                    "tokens": {"captions": data.captions, "bits": data.bits, "shape_tokens": data.shape_tokens,
+                               "latents": data.latents}},
+                   path)
     return vae, vae_hist, data, times
 
 
+def _load_stage1(folder: Path, recipe: Recipe, log: Callable[[str], None]):
+    """The first stage's transformer and T5 from a folder that the same recipe's first stage wrote."""
+    from transformers import T5EncoderModel
+    from safetensors.torch import load_file
+    from .transformer_training import init_transformer
+    log_path = folder / LOG_FILE
+    if not log_path.is_file():
+        raise FileNotFoundError(f"{log_path}: no training log, so the weights in {folder} cannot be checked")
+    made_by = json.loads(log_path.read_text())["recipe"]
+    wanted = json.loads(json.dumps(asdict(recipe), default=str))
+    # a log written before a field existed holds that field's default
+    defaults = json.loads(json.dumps(asdict(TransformerTrainConfig()), default=str))
+    made_by["transformer"] = {**{k: v for k, v in defaults.items() if k != "seed"}, **made_by.get("transformer", {})}
+    for key in ("seed", "train_scenes", "vae", "vae_config", "transformer", "transformer_config", "t5"):
+        if made_by.get(key) != wanted[key]:
+            raise ValueError(f"{log_path}: its recipe's '{key}' differs from this recipe's, so {folder} is not this "
+                             f"recipe's first stage ({made_by.get(key)} != {wanted[key]})")
+    model = init_transformer(recipe.transformer_config, recipe.transformer.seed)
+    model.load_state_dict(load_file(str(folder / TRANSFORMER_FILE)), strict=True)
+    t5 = T5EncoderModel.from_pretrained(folder / T5_FOLDER, local_files_only=True).float()
+    record = json.loads(log_path.read_text())
+    log(f"first stage from {folder} (trained in {record['seconds']['transformer_s']:.0f}s)")
+    return model, t5, record
+
+
 def train_default(out: str | Path, recipe: Recipe, threads: int = 1, log: Callable[[str], None] = print,
-                  cache: str | Path | None = None) -> dict:
+                  cache: str | Path | None = None, stage1_from: str | Path | None = None) -> dict:
     """Run the whole recipe and write the three model files plus a JSON log; returns the log.
 
     With `cache`, the VAE and the tokenized data set are stored there and reused by a later run of the same
     recipe (same key), so transformer settings can be tried without retraining the VAE; the logged times are
-    the stages' own, wherever they ran.
+    the stages' own, wherever they ran. With `stage1_from`, the first transformer stage is read from a folder
+    this recipe's first stage wrote (its log is checked), and only `recipe.refine` runs: same seed, torch and
+    threads give the same weights as the whole run.
     """
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -124,12 +161,23 @@ def train_default(out: str | Path, recipe: Recipe, threads: int = 1, log: Callab
     schedule: Schedule = get_schedule(1.0, "0.06M")
     vae, vae_hist, data, times = _vae_and_tokens(recipe, schedule, threads, None if cache is None else Path(cache),
                                                  log)
-    t2 = time.time()
-    model, t5, tr_hist = train_transformer(data, schedule, recipe.transformer, recipe.transformer_config,
-                                           t5_kwargs=recipe.t5, log=log)
     times = dict(times)
-    times["transformer_s"] = time.time() - t2
-    times["total_s"] = times["vae_s"] + times["dataset_s"] + times["transformer_s"]
+    if stage1_from is not None:
+        model, t5, stage1 = _load_stage1(Path(stage1_from), recipe, log)
+        tr_hist = stage1["transformer_history"]
+        times["transformer_s"] = stage1["seconds"]["transformer_s"]
+    else:
+        t2 = time.time()
+        model, t5, tr_hist = train_transformer(data, schedule, recipe.transformer, recipe.transformer_config,
+                                               t5_kwargs=recipe.t5, log=log)
+        times["transformer_s"] = time.time() - t2
+    refine_hist: list[dict] = []
+    if recipe.refine is not None:
+        t3 = time.time()
+        model, t5, refine_hist = train_transformer(data, schedule, recipe.refine, recipe.transformer_config,
+                                                   log=log, init=(model, t5))
+        times["refine_s"] = time.time() - t3
+    times["total_s"] = sum(v for k, v in times.items() if k != "total_s")
 
     record = {
         "recipe": json.loads(json.dumps(asdict(recipe), default=str)),
@@ -137,8 +185,13 @@ def train_default(out: str | Path, recipe: Recipe, threads: int = 1, log: Callab
         "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
         "vae_final": vae_hist[-1] if vae_hist else None, "transformer_final": tr_hist[-1],
         "vae_history": vae_hist[:: max(1, len(vae_hist) // 50)],
-        "transformer_history": tr_hist[:: max(1, len(tr_hist) // 100)],
+        "transformer_history": tr_hist if stage1_from is not None else tr_hist[:: max(1, len(tr_hist) // 100)],
     }
+    if refine_hist:
+        record["refine_final"] = refine_hist[-1]
+        record["refine_history"] = refine_hist[:: max(1, len(refine_hist) // 100)]
+    if stage1_from is not None:
+        record["stage1_from"] = str(stage1_from)
     meta = {"format": "pt", "trained_by": "scalekv_core.training", "seed": str(recipe.seed),
             "total_seconds": f"{times['total_s']:.0f}"}
     _save(model.state_dict(), out / TRANSFORMER_FILE, meta)

@@ -21,6 +21,7 @@ from ..model.transformer import Infinity
 from ..schedules import Schedule
 from . import text_encoder_training as te
 from .dataset import TokenSet
+from .quantizer import requantize
 from .teacher_forcing import bit_loss, teacher_forced_logits
 
 #: The default model: 4 blocks (2 chunks) of width 128, 4 heads of 32, T5 width 128, 16 bits per token.
@@ -44,6 +45,9 @@ class TransformerTrainConfig:
     weight_decay: float = 0.01
     warmup: int = 30
     cfg_dropout: float = 0.1  # fraction of captions replaced by the unconditional embedding
+    shape_weight: float = 0.0  # extra loss weight of tokens that touch a shape (see teacher_forcing.bit_loss)
+    #: fraction of images whose earlier scales are the model's own bits, with targets that correct them
+    self_correct: float = 0.0
     seed: int = 0
     log_every: int = 25
 
@@ -87,12 +91,44 @@ def _with_uncond(model: Infinity, cond: TextConditioning, drop: np.ndarray) -> T
     return TextConditioning._from_parts(torch.cat(parts), list(cond.lens), cond.kv_compact.device)
 
 
+@torch.no_grad()
+def _own_history(model: Infinity, cond: TextConditioning, bits: list[torch.Tensor], latents: torch.Tensor,
+                 own: torch.Tensor, schedule: Schedule, num_scales: int, draw: torch.Generator
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Inputs and targets for self-correction: rows in `own` get the model's sampled bits as their earlier scales.
+
+    Like Infinity's bitwise self-correction, but the flips are the model's own mistakes (drawn from its
+    teacher-forced predictions), which sit on the nearly tied bits, not uniform noise. The targets are
+    re-quantized from the latent after those bits, so the later scales learn to undo them.
+    """
+    n = num_scales
+    logits = teacher_forced_logits(model, cond.kv_compact.detach(), cond.lens, bits, schedule, n)
+    B, L, V = logits.shape
+    p_one = logits.reshape(B, L, V // 2, 2).float().softmax(-1)[..., 1]
+    drawn = (torch.rand(p_one.shape, generator=draw) < p_one).to(torch.uint8)
+    sizes = list(schedule.tokens_per_scale[:n])
+    mine = [torch.where(own[:, None, None], d, b) for d, b in zip(drawn.split(sizes, dim=1), bits[:n])]
+    fixed = requantize(latents, schedule, mine[:n - 1])
+    targets = [torch.where(own[:, None, None], t, b) for t, b in zip(fixed, bits[:n])]
+    return mine[:n - 1] + [bits[n - 1]], targets
+
+
 def train_transformer(data: TokenSet, schedule: Schedule, tc: TransformerTrainConfig,
                       cfg: InfinityConfig = DEFAULT_TRANSFORMER, t5_kwargs: dict | None = None,
-                      log: Callable[[str], None] = print) -> tuple[Infinity, torch.nn.Module, list[dict]]:
-    """Joint training of transformer and T5 on the token set; returns both (eval mode) and the loss history."""
-    model = init_transformer(cfg, tc.seed).train()
-    t5 = te.build_t5(tc.seed + 1, d_model=cfg.text_channels, **(t5_kwargs or {})).train()
+                      log: Callable[[str], None] = print,
+                      init: tuple[Infinity, torch.nn.Module] | None = None
+                      ) -> tuple[Infinity, torch.nn.Module, list[dict]]:
+    """Joint training of transformer and T5 on the token set; returns both (eval mode) and the loss history.
+
+    `init` continues from a trained (transformer, T5) pair, with a fresh optimizer and learning-rate schedule.
+    """
+    if init is None:
+        model = init_transformer(cfg, tc.seed)
+        t5 = te.build_t5(tc.seed + 1, d_model=cfg.text_channels, **(t5_kwargs or {}))
+    else:
+        model, t5 = init
+    model = model.train().requires_grad_(True)
+    t5 = t5.train().requires_grad_(True)
     tokenizer = te.load_tokenizer()
     params = list(model.parameters()) + list(t5.parameters())
     decay = [p for p in params if p.ndim >= 2]
@@ -106,6 +142,7 @@ def train_transformer(data: TokenSet, schedule: Schedule, tc: TransformerTrainCo
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = np.random.default_rng([tc.seed, 201])
+    draw = torch.Generator().manual_seed(tc.seed * 1000 + 202)  # the model's own bits for self-correction
     history: list[dict] = []
     t0, step = time.time(), 0
     for phase in tc.phases:
@@ -115,8 +152,15 @@ def train_transformer(data: TokenSet, schedule: Schedule, tc: TransformerTrainCo
             captions, bits = data.batch(index)
             ids, mask = te.tokenize(tokenizer, captions)
             cond = _with_uncond(model, te.encode(t5, ids, mask), drop)
-            logits = teacher_forced_logits(model, cond.kv_compact, cond.lens, bits, schedule, phase.num_scales)
-            loss, per_scale = bit_loss(logits, bits, schedule)
+            inputs = targets = bits
+            if tc.self_correct:
+                own = torch.from_numpy(rng.random(phase.batch) < tc.self_correct)
+                if bool(own.any()):
+                    inputs, targets = _own_history(model, cond, bits, data.latent_batch(index), own, schedule,
+                                                    phase.num_scales, draw)
+            logits = teacher_forced_logits(model, cond.kv_compact, cond.lens, inputs, schedule, phase.num_scales)
+            focus = data.shape_token_batch(index) if tc.shape_weight else None
+            loss, per_scale = bit_loss(logits, targets, schedule, focus, tc.shape_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 2.0)
