@@ -55,7 +55,7 @@ class InfinityTextEncode(io.ComfyNode):
             category=CATEGORY,
             description="Encodes a prompt with T5 for the Infinity Sampler. A separate node, so T5 can leave the "
                         "GPU before sampling. For a negative prompt use a second one; leave the sampler's negative "
-                        "unconnected to use the model's learned unconditional embedding.",
+                        "unconnected, or its prompt empty, to use the model's learned unconditional embedding.",
             inputs=[
                 InfinityT5Type.Input("t5"),
                 io.String.Input("prompt", multiline=True, default=""),
@@ -65,4 +65,7 @@ class InfinityTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, t5: models.InfinityT5, prompt: str) -> io.NodeOutput:
-        return io.NodeOutput(t5.encode([prompt]))
+        cond = t5.encode([prompt])
+        if not prompt.strip():  # as a negative: none (the sampler uses the learned unconditional embedding)
+            cond = models.BlankPrompt(cond.kv_compact, cond.lens, cond.cu_seqlens, cond.max_len)
+        return io.NodeOutput(cond)

@@ -26,6 +26,10 @@ PRECISION_CHOICES = ["auto", *PRECISIONS]
 _DTYPE_NAMES = {v: k for k, v in PRECISIONS.items()}
 
 
+class BlankPrompt(TextConditioning):
+    """A blank prompt's features. As a negative it means none, as the original's empty negative_prompt does."""
+
+
 class InfinityModules(torch.nn.Module):
     """Transformer and VAE under one module, so one ModelPatcher moves and offloads both."""
 

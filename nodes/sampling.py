@@ -82,6 +82,8 @@ class InfinitySampler(io.ComfyNode):
                 top_k: int, top_p: float, resolution: str, batch: int, negative: TextConditioning | None = None,
                 cache_config: CacheConfig | None = None) -> io.NodeOutput:
         schedule = schedule_from_label(resolution)
+        if isinstance(negative, models.BlankPrompt):
+            negative = None  # an empty negative prompt means none, as in the original and the engine's generate()
         model.load(model.memory_required(schedule, batch * positive.batch_size, cache_config, cfg != 1))
         pbar = comfy.utils.ProgressBar(schedule.num_scales)
 

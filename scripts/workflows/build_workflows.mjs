@@ -36,7 +36,7 @@ const LOADER = { transformer: 'infinity_shapes.safetensors', vae: 'infinity_shap
 const RESOLUTION = '256x256 (1:1)';
 // Captions of the kind the default model was trained on (scalekv_core/training/shapes.py).
 const PROMPT = 'a large red circle at the top left on a blue background';
-const NEGATIVE = 'a white background';
+const NEGATIVE = '';  // empty: none, the learned unconditional embedding (the default model knows no other)
 const CALIBRATION_PROMPTS = [
   'a large red circle at the top left on a blue background',
   'a small yellow star at the center on a black background',

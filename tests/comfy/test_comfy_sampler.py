@@ -119,6 +119,20 @@ def test_negative_prompt_and_batch(run, loaded, encoded, engine, sampler_inputs)
     assert not torch.equal(image[0], image[1])  # one seed, two different samples
 
 
+def test_blank_negative_prompt_means_none(run, loaded, encoded, sampler_inputs):
+    """As in the original: an empty negative prompt is no negative (the learned unconditional embedding)."""
+    plain = run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(seed=3)).result[0]
+    for text in ("", "  \n"):
+        blank = run("InfinityTextEncode", t5=loaded[1], prompt=text).result[0]
+        image = run("InfinitySampler", model=loaded[0], positive=encoded, negative=blank,
+                    **sampler_inputs(seed=3)).result[0]
+        assert torch.equal(image, plain), repr(text)
+    # a blank *positive* prompt is still encoded and sampled from, as the original does
+    blank_pos = run("InfinityTextEncode", t5=loaded[1], prompt="").result[0]
+    image = run("InfinitySampler", model=loaded[0], positive=blank_pos, **sampler_inputs(seed=3)).result[0]
+    assert image.shape == plain.shape and not torch.equal(image, plain)
+
+
 def test_seed_changes_the_image(run, loaded, encoded, sampler_inputs):
     a = run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(seed=1)).result[0]
     b = run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(seed=2)).result[0]

@@ -37,7 +37,7 @@ DEFAULT_NAMES = {"transformer": "infinity_shapes.safetensors", "vae": "infinity_
                  "text_encoder": "t5_shapes"}
 RES = "256x256 (1:1)"
 PROMPT = "a large red circle at the top left on a blue background"
-NEGATIVE = "a white background"
+NEGATIVE = ""  # the example workflow leaves its negative prompt empty: no negative
 SAMPLER = dict(seed=3, cfg=3.0, tau=0.5, top_k=900, top_p=0.97, resolution=RES, batch=1)
 SCALEKV_10 = CacheConfig(policy="scalekv", budget="10%")
 
