@@ -17,7 +17,7 @@ from .loader import load_transformer, load_vae, resolve_precision, vae_patchify_
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
 from .model.vae import BSQVAE
-from .sampler import SampleOutput, SamplerSettings, ScaleCallback, sample
+from .sampler import BitsHook, SampleOutput, SamplerSettings, ScaleCallback, sample
 from .schedules import Schedule, schedule_for_pixels
 
 
@@ -143,8 +143,12 @@ class InfinityPipeline:
                  top_k: int = 900, top_p: float = 0.97, width: int = 1024, height: int = 1024,
                  schedule: Schedule | None = None, batch: int = 1, keep_logits: bool = False,
                  on_scale: ScaleCallback | None = None, cache: CacheConfig | None = None,
-                 record_kept: KeptRecorder | None = None, memory_report: bool = False) -> GenerationResult:
-        """Generate `batch` images per prompt; the same seed and settings give the same image as the original."""
+                 record_kept: KeptRecorder | None = None, memory_report: bool = False,
+                 bits_hook: BitsHook | None = None) -> GenerationResult:
+        """Generate `batch` images per prompt; the same seed and settings give the same image as the original.
+
+        `bits_hook` is the sampler's (diagnostics: replace a scale's drawn bits).
+        """
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         schedule = schedule or schedule_for_pixels(width, height)
@@ -164,7 +168,7 @@ class InfinityPipeline:
         with (meter.measure() if memory_report else contextlib.nullcontext()):
             samples = sample(self.transformer, cond.to(self.device), schedule, settings, self.vae_patchify,
                              negative=None if neg is None else neg.to(self.device), keep_logits=keep_logits,
-                             on_scale=on_scale, cache_config=cache, record_kept=record_kept)
+                             on_scale=on_scale, cache_config=cache, record_kept=record_kept, bits_hook=bits_hook)
         decoded = self.vae.decode(samples.summed_codes.float())
         result = GenerationResult(images=decoded_to_uint8(decoded), decoded=decoded, samples=samples,
                                   schedule=schedule, settings=settings)

@@ -31,21 +31,25 @@ class TokenSet:
         return len(self.captions)
 
     def batch(self, index: np.ndarray) -> tuple[list[str], list[torch.Tensor]]:
-        idx = torch.from_numpy(np.asarray(index, dtype=np.int64))
+        idx = _rows(index)
         return [self.captions[i] for i in index], [b[idx] for b in self.bits]
 
     def shape_token_batch(self, index: np.ndarray) -> list[torch.Tensor]:
         """The `shape_tokens` rows of `index`, per scale."""
         if self.shape_tokens is None:
             raise ValueError("this token set has no shape_tokens (made by an older tokenize_scenes); rebuild it")
-        idx = torch.from_numpy(np.asarray(index, dtype=np.int64))
+        idx = _rows(index)
         return [m[idx] for m in self.shape_tokens]
 
     def latent_batch(self, index: np.ndarray) -> torch.Tensor:
         """The latents of `index`."""
         if self.latents is None:
             raise ValueError("this token set keeps no latents (made by an older tokenize_scenes); rebuild it")
-        return self.latents[torch.from_numpy(np.asarray(index, dtype=np.int64))]
+        return self.latents[_rows(index)]
+
+
+def _rows(index: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(index, dtype=np.int64))
 
 
 def shape_tokens(scene: shapes.Scene, schedule: Schedule) -> list[torch.Tensor]:

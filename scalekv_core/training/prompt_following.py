@@ -132,8 +132,7 @@ def generate_with_truth(pipe, scene: shapes.Scene, caption: str, seed: int, trut
     """
     import torch
 
-    from ..pipeline import decoded_to_uint8
-    from ..sampler import SamplerSettings, sample
+    from ..kvcache import CacheConfig
     from ..schedules import schedule_for_pixels
     from .quantizer import quantize_multiscale
     from .vae_training import images_to_tensor
@@ -142,18 +141,15 @@ def generate_with_truth(pipe, scene: shapes.Scene, caption: str, seed: int, trut
     schedule = schedule_for_pixels(256, 256)
     if not 0 <= truth_scales <= schedule.num_scales:
         raise ValueError(f"truth_scales must be in 0..{schedule.num_scales}, got {truth_scales}")
-    device = pipe.device
     with torch.no_grad():
-        z = pipe.vae.encode(images_to_tensor(shapes.render(scene, 256)[None]).to(device))
+        z = pipe.vae.encode(images_to_tensor(shapes.render(scene, 256)[None]).to(pipe.device))
         truth = quantize_multiscale(z, schedule).bits
 
-        def hook(si: int, drawn: torch.Tensor) -> torch.Tensor:
-            return truth[si].reshape(drawn.shape).to(drawn) if si < truth_scales else drawn
+    def hook(si: int, drawn: torch.Tensor) -> torch.Tensor:
+        return truth[si].reshape(drawn.shape).to(drawn) if si < truth_scales else drawn
 
-        settings = SamplerSettings(cfg=cfg, tau=tau, top_k=900, top_p=0.97, seed=seed)
-        out = sample(pipe.transformer, pipe.encode([caption]).to(device), schedule, settings, pipe.vae_patchify,
-                     bits_hook=hook)
-        return decoded_to_uint8(pipe.vae.decode(out.summed_codes.float()))[0]
+    return pipe.generate(caption, seed=seed, cfg=cfg, tau=tau, width=256, height=256,
+                         cache=CacheConfig(policy="full"), bits_hook=hook).images[0]
 
 
 def evaluate(pipe, n: int = 100, seed: int = 0, cfg: float = 3.0, tau: float = 0.5, truth_scales: int = 0) -> Report:

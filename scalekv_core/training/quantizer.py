@@ -36,27 +36,38 @@ def _codes(bits: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return bits_to_codes(bits.reshape(B, h, w, d).unsqueeze(1))
 
 
+def _residual_bits(z: torch.Tensor, schedule: Schedule, num_scales: int,
+                   history: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Bits of the first scales, each the sign of the latent minus the codes summed before it; and that sum.
+
+    A scale's codes join the sum from its own bits, or from `history` for the scales it covers.
+    """
+    B, d, H, W = z.shape
+    z = z.detach().float()
+    summed: torch.Tensor | None = None
+    bits: list[torch.Tensor] = []
+    for si in range(num_scales):
+        h, w = schedule.grids[si]
+        resid = z if summed is None else z - summed.squeeze(2)
+        r = F.interpolate(resid, size=(h, w), mode="area") if (h, w) != (H, W) else resid
+        b = (r > 0).permute(0, 2, 3, 1).reshape(B, h * w, d).to(torch.uint8)
+        bits.append(b)
+        coded = history[si] if history is not None and si < len(history) else b
+        summed = _accumulate(summed, _codes(coded, h, w), si == schedule.num_scales - 1, (1, H, W))
+    assert summed is not None
+    return bits, summed
+
+
 def quantize_multiscale(z: torch.Tensor, schedule: Schedule) -> Quantized:
     """Residual sign quantization over the schedule's grids, as Infinity's MultiScaleBSQ tokenizes latents.
 
     Scale k takes the sign of the residual (latent minus everything coded so far), area-downsampled to its grid.
     The last scale's grid must be the latent's own size.
     """
-    B, d, H, W = z.shape
+    H, W = z.shape[-2:]
     if tuple(schedule.grids[-1]) != (H, W):
         raise ValueError(f"latent grid {H}x{W} does not match the schedule's last scale {schedule.grids[-1]}")
-    z = z.detach().float()
-    n = schedule.num_scales
-    final_hw = (1, H, W)
-    summed: torch.Tensor | None = None
-    bits: list[torch.Tensor] = []
-    for si, (h, w) in enumerate(schedule.grids):
-        resid = z if summed is None else z - summed.squeeze(2)
-        r = F.interpolate(resid, size=(h, w), mode="area") if (h, w) != (H, W) else resid
-        b = (r > 0).permute(0, 2, 3, 1).reshape(B, h * w, d).to(torch.uint8)
-        bits.append(b)
-        summed = _accumulate(summed, _codes(b, h, w), si == n - 1, final_hw)
-    assert summed is not None
+    bits, summed = _residual_bits(z, schedule, schedule.num_scales)
     return Quantized(bits=bits, summed=summed.squeeze(2))
 
 
@@ -67,21 +78,9 @@ def requantize(z: torch.Tensor, schedule: Schedule, history: list[torch.Tensor])
     model trained on (history as input, these as targets) learns to correct its own earlier bits. With the
     latent's own bits as history this is `quantize_multiscale`.
     """
-    B, d, H, W = z.shape
-    n = len(history) + 1
-    if n > schedule.num_scales:
+    if len(history) + 1 > schedule.num_scales:
         raise ValueError(f"history of {len(history)} scales, but the schedule has {schedule.num_scales}")
-    z = z.detach().float()
-    summed: torch.Tensor | None = None
-    targets: list[torch.Tensor] = []
-    for si in range(n):
-        h, w = schedule.grids[si]
-        resid = z if summed is None else z - summed.squeeze(2)
-        r = F.interpolate(resid, size=(h, w), mode="area") if (h, w) != (H, W) else resid
-        targets.append((r > 0).permute(0, 2, 3, 1).reshape(B, h * w, d).to(torch.uint8))
-        if si < n - 1:
-            summed = _accumulate(summed, _codes(history[si], h, w), si == schedule.num_scales - 1, (1, H, W))
-    return targets
+    return _residual_bits(z, schedule, len(history) + 1, history)[0]
 
 
 def teacher_inputs(bits: list[torch.Tensor], schedule: Schedule, num_scales: int | None = None) -> list[torch.Tensor]:

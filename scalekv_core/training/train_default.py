@@ -128,7 +128,8 @@ def _load_stage1(folder: Path, recipe: Recipe, log: Callable[[str], None]):
     log_path = folder / LOG_FILE
     if not log_path.is_file():
         raise FileNotFoundError(f"{log_path}: no training log, so the weights in {folder} cannot be checked")
-    made_by = json.loads(log_path.read_text())["recipe"]
+    record = json.loads(log_path.read_text())
+    made_by = record["recipe"]
     wanted = json.loads(json.dumps(asdict(recipe), default=str))
     # a log written before a field existed holds that field's default
     defaults = json.loads(json.dumps(asdict(TransformerTrainConfig()), default=str))
@@ -140,7 +141,6 @@ def _load_stage1(folder: Path, recipe: Recipe, log: Callable[[str], None]):
     model = init_transformer(recipe.transformer_config, recipe.transformer.seed)
     model.load_state_dict(load_file(str(folder / TRANSFORMER_FILE)), strict=True)
     t5 = T5EncoderModel.from_pretrained(folder / T5_FOLDER, local_files_only=True).float()
-    record = json.loads(log_path.read_text())
     log(f"first stage from {folder} (trained in {record['seconds']['transformer_s']:.0f}s)")
     return model, t5, record
 
