@@ -102,15 +102,18 @@ def _own_history(model: Infinity, cond: TextConditioning, bits: list[torch.Tenso
     re-quantized from the latent after those bits, so the later scales learn to undo them.
     """
     n = num_scales
-    logits = teacher_forced_logits(model, cond.kv_compact.detach(), cond.lens, bits, schedule, n)
+    if n < 2:  # no earlier scale to replace
+        return bits[:n], bits[:n]
+    # the last scale's bits are never history, so its logits are not computed
+    logits = teacher_forced_logits(model, cond.kv_compact.detach(), cond.lens, bits, schedule, n - 1)
     B, L, V = logits.shape
     p_one = logits.reshape(B, L, V // 2, 2).float().softmax(-1)[..., 1]
     drawn = (torch.rand(p_one.shape, generator=draw) < p_one).to(torch.uint8)
-    sizes = list(schedule.tokens_per_scale[:n])
-    mine = [torch.where(own[:, None, None], d, b) for d, b in zip(drawn.split(sizes, dim=1), bits[:n])]
-    fixed = requantize(latents, schedule, mine[:n - 1])
+    sizes = list(schedule.tokens_per_scale[:n - 1])
+    mine = [torch.where(own[:, None, None], d, b) for d, b in zip(drawn.split(sizes, dim=1), bits[:n - 1])]
+    fixed = requantize(latents, schedule, mine)
     targets = [torch.where(own[:, None, None], t, b) for t, b in zip(fixed, bits[:n])]
-    return mine[:n - 1] + [bits[n - 1]], targets
+    return mine + [bits[n - 1]], targets
 
 
 def train_transformer(data: TokenSet, schedule: Schedule, tc: TransformerTrainConfig,
