@@ -82,10 +82,14 @@ def _save(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | No
     save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(path), metadata=metadata)
 
 
+def _as_json(obj: object) -> object:
+    """A dataclass or value as plain JSON values, the form the training log stores and compares."""
+    return json.loads(json.dumps(asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj, default=str))
+
+
 def _key(*parts: object) -> str:
     """Stable hash of everything that decides a stage's result (recipe parts, torch version, threads)."""
-    text = json.dumps([json.loads(json.dumps(asdict(p) if hasattr(p, "__dataclass_fields__") else p, default=str))
-                       for p in parts], sort_keys=True)
+    text = json.dumps([_as_json(p) for p in parts], sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -130,9 +134,9 @@ def _load_stage1(folder: Path, recipe: Recipe, log: Callable[[str], None]):
         raise FileNotFoundError(f"{log_path}: no training log, so the weights in {folder} cannot be checked")
     record = json.loads(log_path.read_text())
     made_by = record["recipe"]
-    wanted = json.loads(json.dumps(asdict(recipe), default=str))
+    wanted = _as_json(recipe)
     # a log written before a field existed holds that field's default
-    defaults = json.loads(json.dumps(asdict(TransformerTrainConfig()), default=str))
+    defaults = _as_json(TransformerTrainConfig())
     made_by["transformer"] = {**{k: v for k, v in defaults.items() if k != "seed"}, **made_by.get("transformer", {})}
     for key in ("seed", "train_scenes", "vae", "vae_config", "transformer", "transformer_config", "t5"):
         if made_by.get(key) != wanted[key]:
@@ -180,7 +184,7 @@ def train_default(out: str | Path, recipe: Recipe, threads: int = 1, log: Callab
     times["total_s"] = sum(v for k, v in times.items() if k != "total_s")
 
     record = {
-        "recipe": json.loads(json.dumps(asdict(recipe), default=str)),
+        "recipe": _as_json(recipe),
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
         "vae_final": vae_hist[-1] if vae_hist else None, "transformer_final": tr_hist[-1],
