@@ -63,16 +63,23 @@ def shape_tokens(scene: shapes.Scene, schedule: Schedule) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def encode_scenes(vae: BSQVAE, scene_list: list[shapes.Scene], schedule: Schedule,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Scenes -> (latents, every scale's bits): the same tokens for the training set and for diagnosis."""
+    px = schedule.pixel_size[0]
+    x = images_to_tensor(np.stack([shapes.render(sc, px) for sc in scene_list])).to(device)
+    z = vae.encode(x.contiguous(memory_format=torch.channels_last))  # faster CPU convolutions
+    return z, quantize_multiscale(z, schedule).bits
+
+
+@torch.no_grad()
 def tokenize_scenes(vae: BSQVAE, scene_list: list[shapes.Scene], schedule: Schedule, chunk: int = 32) -> TokenSet:
     """Render, encode and quantize every scene; bits (8 KB per image), shape tokens and latents (16 KB) are kept."""
-    px = schedule.pixel_size[0]
     parts: list[list[torch.Tensor]] = []
     latents: list[torch.Tensor] = []
     for s in range(0, len(scene_list), chunk):
-        imgs = np.stack([shapes.render(sc, px) for sc in scene_list[s:s + chunk]])
-        x = images_to_tensor(imgs).contiguous(memory_format=torch.channels_last)  # faster CPU convolutions
-        z = vae.encode(x)
-        parts.append(quantize_multiscale(z, schedule).bits)
+        z, bits = encode_scenes(vae, scene_list[s:s + chunk], schedule)
+        parts.append(bits)
         latents.append(z.float().contiguous())
     bits = [torch.cat([p[k] for p in parts]) for k in range(schedule.num_scales)]
     masks = [shape_tokens(sc, schedule) for sc in scene_list]

@@ -134,16 +134,13 @@ def generate_with_truth(pipe, scene: shapes.Scene, caption: str, seed: int, trut
 
     from ..kvcache import CacheConfig
     from ..schedules import schedule_for_pixels
-    from .quantizer import quantize_multiscale
-    from .vae_training import images_to_tensor
+    from .dataset import encode_scenes
     if pipe.vae_patchify:
         raise ValueError("generate_with_truth quantizes unpatchified latents; this VAE patchifies")
     schedule = schedule_for_pixels(256, 256)
     if not 0 <= truth_scales <= schedule.num_scales:
         raise ValueError(f"truth_scales must be in 0..{schedule.num_scales}, got {truth_scales}")
-    with torch.no_grad():
-        z = pipe.vae.encode(images_to_tensor(shapes.render(scene, 256)[None]).to(pipe.device))
-        truth = quantize_multiscale(z, schedule).bits
+    truth = encode_scenes(pipe.vae, [scene], schedule, pipe.device)[1]
 
     def hook(si: int, drawn: torch.Tensor) -> torch.Tensor:
         return truth[si].reshape(drawn.shape).to(drawn) if si < truth_scales else drawn

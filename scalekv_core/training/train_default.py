@@ -102,7 +102,7 @@ def _vae_and_tokens(recipe: Recipe, schedule: Schedule, threads: int, cache: Pat
                _TOKENS_FORMAT)
     path = None if cache is None else cache / f"vae_tokens_{key}.pt"
     if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)  # tensors, lists and numbers only: no pickled code runs
         vae = init_vae(recipe.vae_config, 0)
         vae.load_state_dict(saved["vae"])
         log(f"reusing VAE and tokens from {path} (recipe key {key})")
