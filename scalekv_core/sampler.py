@@ -90,7 +90,7 @@ def _uncond_text(model: Infinity, cond: TextConditioning) -> torch.Tensor:
     if max(cond.lens) > limit:
         raise ValueError(f"a prompt has {max(cond.lens)} text tokens but the model's unconditional embedding "
                          f"has {limit} rows")
-    return torch.cat([model.cfg_uncond[:n] for n in cond.lens], dim=0).to(cond.kv_compact)
+    return torch.cat([model.cfg_uncond[:n] for n in cond.lens], dim=0).to(cond.kv_compact.dtype)
 
 
 ScaleCallback = Callable[[int, int, torch.Tensor], None]
@@ -132,7 +132,7 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
     text, lens = cond.kv_compact.to(device), list(cond.lens)
     if use_cfg:
         if negative is None:
-            uncond = _uncond_text(model, cond)
+            uncond = _uncond_text(model, cond).to(device)
         else:
             if negative.batch_size == 1 and B > 1:
                 one = negative

@@ -1,0 +1,134 @@
+"""The CUDA path against the original's reference outputs (skipped without a GPU; run on a lent one).
+
+A CUDA generator draws other random numbers than the CPU one the references were made with, so the bits cannot
+be compared directly. Instead each scale is handed the original's bits (the sampler's `bits_hook`), and what the
+GPU computes from them is compared: the logits at every scale, the kept positions of the original ScaleKV scoring,
+the decoded image. Then what only a GPU can show: a seed repeats its image, and the planner brackets the peak
+that `torch.cuda.max_memory_allocated` measures.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scalekv_core.kvcache import CacheConfig
+from scalekv_core.kvcache.memory import plan_memory
+from scalekv_core.kvcache.policies import scalekv as scalekv_policy
+from scalekv_core.model.text_encoder import TextConditioning
+from scalekv_core.pipeline import InfinityPipeline
+from scalekv_core.sampler import SamplerSettings, sample
+from scalekv_core.schedules import get_schedule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TINY = Path(__file__).parent / "data" / "infinity-tiny"
+MANIFEST = json.loads((TINY / "manifest.json").read_text())
+SCHEDULE = get_schedule(1.0, MANIFEST["config"]["pn"])
+
+
+@pytest.fixture(scope="module")
+def pipe() -> InfinityPipeline:
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: the reference is CPU float32
+    torch.backends.cudnn.allow_tf32 = False
+    return InfinityPipeline.from_files(TINY / "infinity_tiny.safetensors", TINY / "vae_tiny.safetensors",
+                                       TINY / "t5_tiny", device="cuda", precision="fp32")
+
+
+def _forced(ref: Path):
+    """A bits_hook that replaces each scale's drawn bits by the original's."""
+    def hook(si: int, drawn: torch.Tensor) -> torch.Tensor:
+        bits = torch.from_numpy(np.load(ref / f"scale_{si:02d}_bits.npy")).to(drawn.device, drawn.dtype)
+        return bits.reshape(drawn.shape)
+    return hook
+
+
+def _run(pipe: InfinityPipeline, kind: str, case: str, **kw):
+    call = MANIFEST["runs"][kind][case]["autoregressive_infer_cfg_call"]
+    cond = TextConditioning.from_numpy_file(TINY / "full_kv" / case / "text_kv_compact.npy")
+    return pipe.generate(cond, seed=call["g_seed"], cfg=call["cfg_list"], tau=call["tau_list"], top_k=call["top_k"],
+                         top_p=call["top_p"], schedule=SCHEDULE, bits_hook=_forced(TINY / kind / case), **kw)
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST["runs"]["full_kv"]))
+def test_cuda_logits_and_image_match_the_original_given_its_bits(pipe: InfinityPipeline, case: str) -> None:
+    ref = TINY / "full_kv" / case
+    r = _run(pipe, "full_kv", case, keep_logits=True)
+    for si, logits in enumerate(r.samples.logits):
+        diff = np.abs(logits.cpu().numpy() - np.load(ref / f"scale_{si:02d}_logits.npy")).max()
+        assert diff <= 1e-3, f"scale {si}: logits differ by {diff:.3g}"
+    assert np.abs(r.decoded.cpu().numpy() - np.load(ref / "decoded.npy")).max() <= 1e-3
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST["runs"]["scalekv"]))
+def test_cuda_original_scalekv_keeps_the_original_positions(pipe: InfinityPipeline, case: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept positions equal the original's up to the first place where pooled scores tie at the cut: CUDA's top-k
+    breaks ties otherwise than the CPU's, so there both choices must carry the same scores. From then on the caches
+    hold different tokens and later choices may legitimately differ."""
+    skv = MANIFEST["config"]["scalekv"]
+    config = CacheConfig(policy="scalekv", scoring="original", budget=skv["max_capacity"], window=skv["window_size"],
+                         kernel=skv["kernel_size"], pooling=skv["pooling"], budget_file=str(TINY / skv["budget_file"]))
+    last_scores: list[torch.Tensor] = []
+    real_topk_keep = scalekv_policy.topk_keep
+
+    def topk_keep(scores: torch.Tensor, keep: int, forced: torch.Tensor | None = None) -> torch.Tensor:
+        last_scores[:] = [scores.cpu().clone()]
+        return real_topk_keep(scores, keep, forced)
+
+    monkeypatch.setattr(scalekv_policy, "topk_keep", topk_keep)
+    kept: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    r = _run(pipe, "scalekv", case, cache=config,
+             record_kept=lambda s, l, idx: kept.__setitem__((s, l), (idx.cpu().numpy().copy(), last_scores[0].numpy())))
+    files = sorted((TINY / "scalekv" / case).glob("scalekv_kept_s*_l*.npy"))
+    assert len(files) == 16
+    for f in files:  # in sampling order: scale, then layer
+        s, l = int(f.stem.split("_s")[1][:2]), int(f.stem.split("_l")[1])
+        ours, scores = kept[(s, l)]
+        theirs = np.load(f)
+        assert ours.shape == theirs.shape, f.name
+        if np.array_equal(ours, theirs):
+            continue
+        for b, h in zip(*np.nonzero((ours != theirs).any(-1))):
+            mine, orig = np.sort(scores[b, h, ours[b, h]]), np.sort(scores[b, h, theirs[b, h]])
+            np.testing.assert_array_equal(mine, orig, err_msg=f"{f.name} row {b} head {h}: not a tie")
+        break
+    assert np.abs(r.decoded.cpu().numpy() - np.load(TINY / "scalekv" / case / "decoded.npy")).max() <= 1e-3
+
+
+def test_cuda_sampler_takes_text_from_the_cpu(pipe: InfinityPipeline) -> None:
+    """The sampler moves CPU text (and the learned unconditional rows) to the model's GPU itself."""
+    cond = TextConditioning.from_numpy_file(TINY / "full_kv" / "p0_apple_s0_cfg3_tau0.5" / "text_kv_compact.npy")
+    settings = SamplerSettings(cfg=3.0, tau=1.0, seed=0)
+    on_cpu = sample(pipe.transformer, cond, SCHEDULE, settings, pipe.vae_patchify)
+    on_gpu = sample(pipe.transformer, cond.to("cuda"), SCHEDULE, settings, pipe.vae_patchify)
+    for x, y in zip(on_cpu.bits, on_gpu.bits):
+        assert x.is_cuda and torch.equal(x, y)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_seed_repeats_its_image(precision: str) -> None:
+    p = InfinityPipeline.from_files(TINY / "infinity_tiny.safetensors", TINY / "vae_tiny.safetensors",
+                                    TINY / "t5_tiny", device="cuda", precision=precision)
+    config = CacheConfig(policy="scalekv", budget="10%", window=4)
+    a = p.generate("a red apple", seed=7, schedule=SCHEDULE, cache=config)
+    b = p.generate("a red apple", seed=7, schedule=SCHEDULE, cache=config)
+    for x, y in zip(a.samples.bits, b.samples.bits):
+        assert torch.equal(x, y)
+    assert np.array_equal(a.images[0], b.images[0])
+
+
+def test_cuda_planner_brackets_the_measured_peak(pipe: InfinityPipeline) -> None:
+    cfg = pipe.transformer.cfg
+    cond = TextConditioning.from_numpy_file(TINY / "full_kv" / "p0_apple_s0_cfg3_tau0.5" / "text_kv_compact.npy")
+    for policy in ("full", "scalekv"):
+        config = CacheConfig(policy=policy, budget="10%", window=4)
+        r = pipe.generate(cond, seed=0, schedule=SCHEDULE, cache=config, memory_report=True)
+        assert r.memory.measurement.startswith("torch.cuda.max_memory_allocated"), r.memory.measurement
+        plan = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, SCHEDULE, 1, config,
+                           torch.float32, text_tokens=cond.max_len)
+        assert plan.analytic_mb == pytest.approx(r.memory.analytic_mb)
+        assert 0.6 * r.memory.measured_peak_mb <= plan.sampling_peak_mb <= 1.6 * r.memory.measured_peak_mb
