@@ -285,3 +285,30 @@ def test_new_keys_go_straight_into_cache_storage() -> None:
             assert out.shape == (1, 2, n, 4)
         cache.end_scale()
     assert all(t <= 20 for t in cache.usage[-2].tokens)
+
+
+@pytest.mark.parametrize("policy", ["full", "sliding_window"])
+def test_last_scale_frees_each_layer_once_read(policy: str) -> None:
+    """Nothing reads a layer's cache after the last scale's attention, so its memory goes back at once (in place
+    for `full`, as soon as it is copied into the workspace for an evicting policy)."""
+    from scalekv_core.kvcache.budget import full_plan, uniform_plan
+    from scalekv_core.kvcache.cache import KVCache
+    from scalekv_core.kvcache.policies.full import FullCache
+    from scalekv_core.kvcache.policies.sliding_window import SlidingWindow
+
+    sched, layers = TINY_SCHEDULE, 3
+    plan = full_plan(sched, layers) if policy == "full" else uniform_plan(sched, layers, 20)
+    cache = KVCache(plan, FullCache() if policy == "full" else SlidingWindow(), sched, batch=1, num_heads=2,
+                    head_dim=4)
+    last = sched.num_scales - 1
+    for si, n in enumerate(sched.tokens_per_scale):
+        cache.begin_scale(si)
+        for layer in range(layers):
+            k, v = cache.new_slots(layer, n)
+            k.copy_(torch.nn.functional.normalize(torch.randn_like(k), dim=-1))
+            v.copy_(torch.randn_like(v))
+            cache.attend(layer, torch.randn(1, 2, n, 4), torch.float32)
+            held = [cache.keys[j] is not None for j in range(layers)]
+            expected = [j > layer if si == last else (si > 0 or j <= layer) for j in range(layers)]
+            assert held == expected, (si, layer)
+        cache.end_scale()

@@ -159,6 +159,8 @@ class KVCache:
             if S:
                 dst_k[:, :, :S].copy_(buf_k[:, :, :S])
                 dst_v[:, :, :S].copy_(buf_v[:, :, :S])
+            if scale == self.schedule.num_scales - 1:  # the last scale reads the buffer once: the copy is it
+                self.keys[layer] = self.values[layer] = None
         self._step = (layer, scale, S, n, in_place)
         return dst_k[:, :, S:total], dst_v[:, :, S:total]
 
@@ -182,7 +184,9 @@ class KVCache:
             out = sdpa(q, buf_k[:, :, :total], buf_v[:, :, :total], compute_dtype)
             if self.observer is not None:
                 self.observer(scale, layer, q, buf_k[:, :, :total], S)
-            if not last:
+            if last:  # nothing reads this layer's cache again: its memory serves the layers still to come
+                self.keys[layer] = self.values[layer] = self.positions[layer] = None
+            else:
                 self.lengths[layer] = total
             return out
 
@@ -194,6 +198,8 @@ class KVCache:
                 self._ws_pos[:, :, :S].copy_(self.positions[layer][:, :, :S])
             self._ws_pos[:, :, S:total] = self._new_positions(n)
             positions = self._ws_pos[:, :, :total]
+            if last:
+                self.positions[layer] = None
         out = sdpa(q, keys, values, compute_dtype)
         if self.observer is not None:
             self.observer(scale, layer, q, keys, S)

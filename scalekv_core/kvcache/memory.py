@@ -196,10 +196,15 @@ def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, sc
     block_bytes = _size(block_dtype)
     prev_alloc = [0] * depth
     for si, n in enumerate(schedule.tokens_per_scale):
-        alloc = cache.buffer_tokens(si) if si < len(plan.kept) else prev_alloc
-        # Layers re-size one after another; while layer l does, its old and new buffers coexist.
-        worst = max(sum(alloc[:l]) + alloc[l] + (prev_alloc[l] if alloc[l] != prev_alloc[l] else 0)
-                    + sum(prev_alloc[l + 1:]) for l in range(depth))
+        if si < len(plan.kept):
+            alloc = cache.buffer_tokens(si)
+            # Layers re-size one after another; while layer l does, its old and new buffers coexist.
+            worst = max(sum(alloc[:l]) + alloc[l] + (prev_alloc[l] if alloc[l] != prev_alloc[l] else 0)
+                        + sum(prev_alloc[l + 1:]) for l in range(depth))
+        else:  # the last scale frees each layer's buffer once read: layers before l hold nothing
+            alloc, stored = prev_alloc, plan.kept[-1]
+            worst = max(sum(alloc[l + 1:]) + (alloc[l] if cache._in_place(l, si, stored[l], alloc[l]) else 0)
+                        for l in range(depth))
         cache_bytes = worst * (tb + pos_bytes_per_token) + cache._ws_tokens * (tb + pos_bytes_per_token)
         act = _activation_bytes(rows, n, width, ffn, text_tokens, block_bytes, 2 * d_vae)
         per_scale.append(cache_bytes / MiB)
