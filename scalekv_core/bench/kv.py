@@ -97,18 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--device", default="cpu")
     k.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--batch", type=int, default=1, help="images per run (one prompt repeated)")
     k.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     k.add_argument("--no-timing", action="store_true",
                    help="measure memory only (one run per configuration): for full-size models on a CPU")
     k.add_argument("--json", help="also write every figure here")
     a = p.parse_args(argv)
 
+    if a.batch < 1:
+        p.error(f"--batch must be at least 1, got {a.batch}")
     torch.manual_seed(a.seed)
     model, cond, patchify = _load(a)
+    one = cond
+    for _ in range(a.batch - 1):
+        cond = cond.concat(one)
     schedule = get_schedule(1.0, a.size)
     cfg = model.cfg
     print(f"model {a.model} ({cfg.describe()}), {schedule.pixel_size[1]}x{schedule.pixel_size[0]}, "
-          f"device {a.device}, blocks {a.dtype}, torch {torch.__version__}", flush=True)
+          f"batch {a.batch}, device {a.device}, blocks {a.dtype}, torch {torch.__version__}", flush=True)
 
     def measure(config: CacheConfig) -> dict:
         mem = _run(model, cond, schedule, config, patchify, a.device, measure_memory=True)
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(0 if a.no_timing else max(1, a.repeats)):
             r = _run(model, cond, schedule, config, patchify, a.device, measure_memory=False)
             best = r if best is None or r["seconds"] < best["seconds"] else best
-        planned = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule, 1, config,
+        planned = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule, a.batch, config,
                               model.block_dtype, text_tokens=cond.max_len)
         return {**best, "peak_bytes": mem["peak_bytes"], "method": mem["method"],
                 "stored_bytes": planned.analytic_mb * 2**20, "planned_peak_bytes": planned.sampling_peak_mb * 2**20}

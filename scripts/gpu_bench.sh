@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU figures in docs/benchmarks.md, in one go on a CUDA machine: the CUDA tests, one image from the embedded
+# model, then the full-size KV benchmarks (2B every policy and budget, 2B original scoring, 2B timing with 10
+# repeats and a profile of where the time goes, 8B, 8B at batch 4).
+# Usage: [ONLY="kv_8b kv_8b_batch4"] bash scripts/gpu_bench.sh [OUT_DIR] [PYTHON]   (defaults: out/gpu, python3).
+# Each step has its own log; a failing step is reported and the next one still runs. ONLY names the steps to run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-out/gpu}
+py=${2:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+    echo "== $name: $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    grep -v "^USDT" "$out/$name.log" | tail -n 25
+    echo "== $name: rc=$rc in $((SECONDS - t0)) s"
+    [ "$rc" -eq 0 ] || failed+=("$name")
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$py" -c "import torch, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', platform.python_version())"
+} | tee "$out/machine.txt"
+
+step test_cuda 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step generate_cuda 60 "$py" -m scalekv_core generate \
+    --transformer default_model/infinity/infinity_shapes.safetensors \
+    --vae default_model/vae/infinity_shapes_vae.safetensors --text-encoder default_model/text_encoders/t5_shapes \
+    --prompt "a large red circle at the top left on a blue background" --seed 3 --cfg 3 --tau 0.5 \
+    --width 256 --height 256 --kv-policy scalekv --budget 10% --device cuda \
+    --memory-report "$out/memory_report_cuda.json" --out "$out/image_cuda.png"
+bench=("$py" -m scalekv_core.bench kv --size 1M --device cuda --dtype bf16 --repeats 3)
+step kv_2b 360 "${bench[@]}" --model 2b --json "$out/bench_kv_2b_cuda.json"
+step kv_2b_original 120 "${bench[@]}" --model 2b --policies scalekv --budgets 10% --scoring original \
+    --json "$out/bench_kv_2b_cuda_original.json"
+step kv_2b_timing 180 "${bench[@]}" --model 2b --policies sliding_window,scalekv --budgets 10% --repeats 10 \
+    --json "$out/bench_kv_2b_cuda_timing.json"
+step profile_2b 120 "$py" scripts/profile_kv.py --model 2b --size 1M --policies full,sliding_window,scalekv --budget 10%
+bench8=("$py" -m scalekv_core.bench kv --size 1M --device cuda --dtype bf16 --repeats 2 --model 8b --policies scalekv)
+step kv_8b 240 "${bench8[@]}" --budgets 4%,10%,20% --json "$out/bench_kv_8b_cuda.json"
+step kv_8b_batch4 300 "${bench8[@]}" --budgets 10% --batch 4 --json "$out/bench_kv_8b_b4_cuda.json"
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAILED steps: ${failed[*]}"
+    exit 1
+fi
+echo "all steps passed; logs and JSON in $out"
