@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures in docs/benchmarks.md, in one go on a CUDA machine: the CUDA tests, one image from the embedded
 # model, then the full-size KV benchmarks (2B every policy and budget, 2B original scoring, 2B timing with 10
-# repeats and a profile of where the time goes, 8B, 8B at batch 4).
+# repeats and a profile of where the time goes, 8B, 8B at batch 4), and the fidelity benchmark through torchrun
+# (NCCL) against one plain process.
 # Usage: [ONLY="kv_8b kv_8b_batch4"] bash scripts/gpu_bench.sh [OUT_DIR] [PYTHON]   (defaults: out/gpu, python3).
 # Each step has its own log; a failing step is reported and the next one still runs. ONLY names the steps to run.
 set -uo pipefail
@@ -46,6 +47,10 @@ step profile_2b 120 "$py" scripts/profile_kv.py --model 2b --size 1M --policies 
 bench8=("$py" -m scalekv_core.bench kv --size 1M --device cuda --dtype bf16 --repeats 2 --model 8b --policies scalekv)
 step kv_8b 240 "${bench8[@]}" --budgets 4%,10%,20% --json "$out/bench_kv_8b_cuda.json"
 step kv_8b_batch4 300 "${bench8[@]}" --budgets 10% --batch 4 --json "$out/bench_kv_8b_b4_cuda.json"
+fid=(-m scalekv_core.bench fidelity --num-pairs 24 --budgets 10%)
+step fidelity_nccl 240 torchrun --standalone --nproc_per_node=1 "${fid[@]}" --out "$out/fidelity_nccl"
+step fidelity_single 240 "$py" "${fid[@]}" --out "$out/fidelity_single"
+step fidelity_equal 10 diff "$out/fidelity_nccl/fidelity.md" "$out/fidelity_single/fidelity.md"
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED steps: ${failed[*]}"
