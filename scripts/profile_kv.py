@@ -36,7 +36,8 @@ def main() -> int:
     model, cond, patchify = _load(args)
     schedule = get_schedule(1.0, a.size)
     settings = SamplerSettings(cfg=3.0, tau=1.0, seed=0)
-    print(f"{'policy':<16}{'wall s':>8}{'kernels s':>11}{'busy %':>8}{'launches':>10}", flush=True)
+    print(f"{'policy':<16}{'wall s':>8}{'kernels s':>11}{'busy %':>8}{'launches':>10}  (wall time under the profiler)",
+          flush=True)
     for policy in a.policies.split(","):
         config = CacheConfig(policy=policy, budget=None if policy == "full" else a.budget, scoring=a.scoring)
         sample(model, cond, schedule, settings, patchify, cache_config=config)  # warm-up
