@@ -85,7 +85,7 @@ def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch
 
 
 def _uncond_text(model: Infinity, cond: TextConditioning) -> torch.Tensor:
-    """The unconditional rows: each prompt's tokens replaced by the learned `cfg_uncond` prefix of its length."""
+    """Each prompt's unconditional rows: the learned `cfg_uncond` prefix of its length, on the model's device."""
     limit = model.cfg_uncond.shape[0]
     if max(cond.lens) > limit:
         raise ValueError(f"a prompt has {max(cond.lens)} text tokens but the model's unconditional embedding "
@@ -132,7 +132,7 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
     text, lens = cond.kv_compact.to(device), list(cond.lens)
     if use_cfg:
         if negative is None:
-            uncond = _uncond_text(model, cond).to(device)
+            uncond = _uncond_text(model, cond)
         else:
             if negative.batch_size == 1 and B > 1:
                 one = negative
