@@ -1,4 +1,4 @@
-"""python -m scalekv_core.training train|eval|samples: retrain the default model and measure it."""
+"""python -m scalekv_core.training train|eval|samples|binding: retrain the default model and measure it."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--model", default="default_model")
     sm.add_argument("--out", default="docs/images/default_model_samples.png")
     sm.add_argument("-n", type=int, default=8)
-    for p in (ev, sm):
+    bp = sub.add_parser("binding", help="diagnosis: train a fresh probe on a model's frozen T5 features and "
+                        "report how well they say each position's colour (held-out captions)")
+    bp.add_argument("--model", default="default_model")
+    bp.add_argument("--steps", type=int, default=2000)
+    bp.add_argument("--seed", type=int, default=0)
+    for p in (ev, sm, bp):
         p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
 
@@ -45,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
     torch.set_num_threads(args.threads)
+    if args.cmd == "binding":
+        from transformers import T5EncoderModel
+        from .text_binding import frozen_probe
+        from .text_encoder_training import load_tokenizer
+        from .train_default import T5_FOLDER
+        t5 = T5EncoderModel.from_pretrained(Path(args.model) / T5_FOLDER, local_files_only=True, use_safetensors=True)
+        result = frozen_probe(t5.float().eval(), load_tokenizer(Path(args.model) / T5_FOLDER), steps=args.steps,
+                              seed=args.seed)
+        print("T5 binding probe (held-out): " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+        return 0
     from .prompt_following import evaluate, load_default, sample_grid
     pipe = load_default(args.model)
     if args.cmd == "eval":
@@ -52,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prompt following: {report.score:.3f} ({report.passed}/{report.total} checks, {args.n} captions)")
         for k, v in report.by_kind().items():
             print(f"  {k}: {v:.3f}")
+        for k, v in report.shapes_by_count().items():
+            print(f"  shapes, captions with {k}: {v:.3f}")
         if args.json:
             Path(args.json).write_text(json.dumps(report.as_dict(), indent=1))
         return 0

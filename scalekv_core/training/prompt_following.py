@@ -63,8 +63,18 @@ class Report:
                 out.setdefault(c.kind, []).append(c.ok)
         return {k: sum(v) / len(v) for k, v in out.items()}
 
+    def shapes_by_count(self) -> dict[str, float]:
+        """Shape checks split by how many shapes the caption names: two-shape captions test colour binding."""
+        out: dict[str, list[bool]] = {}
+        for cs in self.checks:
+            shape_checks = [c.ok for c in cs if c.kind == "shape"]
+            out.setdefault(f"{len(shape_checks)} shape" + ("s" if len(shape_checks) != 1 else ""), []).extend(
+                shape_checks)
+        return {k: sum(v) / len(v) for k, v in sorted(out.items()) if v}
+
     def as_dict(self) -> dict:
         return {"score": self.score, "passed": self.passed, "checks": self.total, "by_kind": self.by_kind(),
+                "shapes_by_count": self.shapes_by_count(),
                 "captions": [{"caption": cap, "checks": [dict(asdict(c), ok=c.ok) for c in cs]}
                              for cap, cs in zip(self.captions, self.checks)]}
 

@@ -49,10 +49,14 @@ def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor
     return tok.input_ids, tok.attention_mask
 
 
+def features(module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Padded (B, T, C) T5 features, differentiable; the binding probe reads these."""
+    return module(input_ids=ids, attention_mask=mask)["last_hidden_state"].float()
+
+
 def encode(module, ids: torch.Tensor, mask: torch.Tensor) -> TextConditioning:
     """Packed T5 features, differentiable (T5TextEncoder.encode is the no-grad inference twin)."""
-    hidden = module(input_ids=ids, attention_mask=mask)["last_hidden_state"].float()
-    return TextConditioning.from_padded(hidden, mask)
+    return TextConditioning.from_padded(features(module, ids, mask), mask)
 
 
 def save_t5(module, folder: Path) -> Path:

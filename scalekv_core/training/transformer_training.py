@@ -23,6 +23,7 @@ from . import text_encoder_training as te
 from .dataset import TokenSet
 from .quantizer import requantize
 from .teacher_forcing import bit_loss, teacher_forced_logits
+from .text_binding import BindingProbe
 
 #: The default model: 4 blocks (2 chunks) of width 128, 4 heads of 32, T5 width 128, 16 bits per token.
 DEFAULT_TRANSFORMER = InfinityConfig(depth=4, embed_dim=128, num_heads=4, block_chunks=2, ffn_hidden=512,
@@ -48,6 +49,8 @@ class TransformerTrainConfig:
     shape_weight: float = 0.0  # extra loss weight of tokens that touch a shape (see teacher_forcing.bit_loss)
     #: fraction of images whose earlier scales are the model's own bits, with targets that correct them
     self_correct: float = 0.0
+    #: weight of the T5 binding objective (text_binding.BindingProbe: each position's colour), 0 for none
+    binding_weight: float = 0.0
     seed: int = 0
     log_every: int = 25
 
@@ -133,7 +136,8 @@ def train_transformer(data: TokenSet, schedule: Schedule, tc: TransformerTrainCo
     model = model.train().requires_grad_(True)
     t5 = t5.train().requires_grad_(True)
     tokenizer = te.load_tokenizer()
-    params = list(model.parameters()) + list(t5.parameters())
+    probe = BindingProbe(cfg.text_channels, tc.seed * 1000 + 203) if tc.binding_weight else None
+    params = list(model.parameters()) + list(t5.parameters()) + ([] if probe is None else list(probe.parameters()))
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
@@ -154,7 +158,8 @@ def train_transformer(data: TokenSet, schedule: Schedule, tc: TransformerTrainCo
             drop = rng.random(phase.batch) < tc.cfg_dropout
             captions, bits = data.batch(index)
             ids, mask = te.tokenize(tokenizer, captions)
-            cond = _with_uncond(model, te.encode(t5, ids, mask), drop)
+            hidden = te.features(t5, ids, mask)
+            cond = _with_uncond(model, TextConditioning.from_padded(hidden, mask), drop)
             inputs = targets = bits
             if tc.self_correct:
                 own = torch.from_numpy(rng.random(phase.batch) < tc.self_correct)
@@ -164,16 +169,22 @@ def train_transformer(data: TokenSet, schedule: Schedule, tc: TransformerTrainCo
             logits = teacher_forced_logits(model, cond.kv_compact, cond.lens, inputs, schedule, phase.num_scales)
             focus = data.shape_token_batch(index) if tc.shape_weight else None
             loss, per_scale = bit_loss(logits, targets, schedule, focus, tc.shape_weight)
+            record = {}
+            if probe is not None:
+                bind, exact = probe.loss(hidden, mask, captions)
+                record = {"binding": float(bind.detach()), "binding_exact": exact}
+                loss = loss + tc.binding_weight * bind
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 2.0)
             opt.step()
             sched.step()
             history.append({"step": step, "scales": phase.num_scales, "loss": float(loss.detach()),
-                            "per_scale": per_scale})
+                            "per_scale": per_scale, **record})
             if step % tc.log_every == 0 or step == total - 1:
                 log(f"transformer step {step}/{total} ({phase.num_scales} scales, batch {phase.batch}) "
                     f"loss {history[-1]['loss']:.4f} per scale {' '.join(f'{v:.3f}' for v in per_scale)} "
-                    f"({time.time() - t0:.0f}s)")
+                    + (f" binding {record['binding']:.3f} exact {record['binding_exact']:.2f}" if record else "")
+                    + f" ({time.time() - t0:.0f}s)")
             step += 1
     return model.eval().requires_grad_(False), t5.eval().requires_grad_(False), history
