@@ -9,8 +9,8 @@ from scalekv_core.training.train_default import T5_FOLDER, TRANSFORMER_FILE, VAE
 
 ROOT = Path(__file__).resolve().parents[1] / "default_model"
 PARTS = (ROOT / TRANSFORMER_FILE, ROOT / VAE_FILE, ROOT / T5_FOLDER)
-#: CI sample: the first 12 held-out captions (the docs report the 100-caption figure).
-N_CAPTIONS = 12
+#: the issue's measurement: 100 held-out captions, the figure docs/training.md reports (about 1 minute on CPU)
+N_CAPTIONS = 100
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,8 @@ def test_backgrounds_follow_the_prompt(report):
     assert report.by_kind()["background"] >= 0.8
 
 
-@pytest.mark.xfail(strict=False, reason="the committed model misses the 0.8 target: backgrounds right, most shape "
-                   "checks wrong (0.677 over 100 held-out captions, docs/training.md)")
 def test_prompt_following_reaches_the_target(report):
+    """The issue's target: at least 80% of the checks over 100 held-out captions agree with the caption."""
     assert report.score >= 0.8
 
 

@@ -55,9 +55,11 @@ class Recipe:
 def preset(name: str, seed: int = 0) -> Recipe:
     """'default': the committed model (about 75 min on one core). 'smoke': a few steps of everything."""
     if name == "default":
-        r = Recipe(seed=seed, train_scenes=8000, transformer=TransformerTrainConfig(shape_weight=4.0),
+        r = Recipe(seed=seed, train_scenes=8000,
+                   transformer=TransformerTrainConfig(shape_weight=4.0, binding_weight=3.0),
                    refine=TransformerTrainConfig(phases=[Phase(1500, 32, 4), Phase(600, 8, 7)], lr=1e-3,
-                                                 shape_weight=4.0, self_correct=0.8, log_every=50))
+                                                 shape_weight=4.0, self_correct=0.8, binding_weight=3.0,
+                                                 log_every=50))
     elif name == "smoke":
         r = Recipe(seed=seed, train_scenes=16, vae=VAETrainConfig(init="random", steps=3, batch=2, crop=4, log_every=1),
                    transformer=TransformerTrainConfig(phases=[Phase(3, 4, 3), Phase(2, 2, 7)], warmup=2,
