@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain the default model (default_model/{infinity,vae,text_encoders}) from scratch on the CPU, then measure
 # its prompt following over 100 held-out captions and redraw the sample grid in the docs.
-#   bash scripts/train_default.sh [OUT_DIR]      (default: default_model; about 75 min on one core of this 2-core machine)
+#   bash scripts/train_default.sh [OUT_DIR]      (default: default_model; 75-120 min on one core of this 2-core machine, see docs/training.md)
 # Same seed, torch version and thread count give the same weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."

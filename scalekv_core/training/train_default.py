@@ -53,7 +53,7 @@ class Recipe:
 
 
 def preset(name: str, seed: int = 0) -> Recipe:
-    """'default': the committed model (about 75 min on one core). 'smoke': a few steps of everything."""
+    """'default': the committed model (75-120 min on one core; docs/training.md has the times). 'smoke': a few steps of everything."""
     if name == "default":
         r = Recipe(seed=seed, train_scenes=8000,
                    transformer=TransformerTrainConfig(shape_weight=4.0, binding_weight=3.0),
