@@ -9,7 +9,7 @@ from scalekv_core.training.train_default import T5_FOLDER, TRANSFORMER_FILE, VAE
 
 ROOT = Path(__file__).resolve().parents[1] / "default_model"
 PARTS = (ROOT / TRANSFORMER_FILE, ROOT / VAE_FILE, ROOT / T5_FOLDER)
-#: the issue's measurement: 100 held-out captions, the figure docs/training.md reports (about 1 minute on CPU)
+#: the issue's measurement: 100 held-out captions, the figure docs/training.md reports (about 2 minutes on CPU with the other checks here)
 N_CAPTIONS = 100
 
 

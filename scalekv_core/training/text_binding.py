@@ -49,6 +49,11 @@ def layout_labels(scene: shapes.Scene) -> torch.Tensor:
     return torch.tensor(labels + [shapes.COLORS.index(top), shapes.COLORS.index(bottom)])
 
 
+def caption_labels(captions: list[str]) -> torch.Tensor:
+    """(B, 11) probe targets of shapes captions: the training batches hold captions, not scenes."""
+    return torch.stack([layout_labels(parse_caption(c)) for c in captions])
+
+
 class BindingProbe(nn.Module):
     """Learned queries over T5 features, read like a cross-attention, each classified into a colour."""
 
@@ -72,9 +77,8 @@ class BindingProbe(nn.Module):
         scores = scores.masked_fill(~mask.bool()[:, None, :], float("-inf"))
         return self.classify(torch.einsum("bnt,btc->bnc", scores.softmax(-1), v))
 
-    def loss(self, hidden: torch.Tensor, mask: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, float]:
+    def loss(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Cross-entropy of every query, and the share of captions whose 11 answers are all right."""
-        labels = torch.stack([layout_labels(parse_caption(c)) for c in captions])
         logits = self(hidden, mask)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         exact = float((logits.argmax(-1) == labels).all(-1).float().mean())
@@ -93,8 +97,7 @@ def frozen_probe(t5, tokenizer, steps: int = 2000, batch: int = 64, train_captio
         ids, mask = te.tokenize(tokenizer, captions)
         with torch.no_grad():
             hidden = te.features(t5, ids, mask)
-        labels = torch.stack([layout_labels(parse_caption(c)) for c in captions])
-        return hidden, mask, labels
+        return hidden, mask, caption_labels(captions)
 
     train = feats([shapes.caption(s) for s in shapes.scenes(train_captions, seed, "train")])
     held_scenes = shapes.scenes(heldout_captions, seed, "heldout")
@@ -105,8 +108,7 @@ def frozen_probe(t5, tokenizer, steps: int = 2000, batch: int = 64, train_captio
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, train_captions, (batch,), generator=g)
-        logits = probe(train[0][idx], train[1][idx])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), train[2][idx].reshape(-1))
+        loss, _ = probe.loss(train[0][idx], train[1][idx], train[2][idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -23,7 +23,7 @@ from . import text_encoder_training as te
 from .dataset import TokenSet
 from .quantizer import requantize
 from .teacher_forcing import bit_loss, teacher_forced_logits
-from .text_binding import BindingProbe
+from .text_binding import BindingProbe, caption_labels
 
 #: The default model: 4 blocks (2 chunks) of width 128, 4 heads of 32, T5 width 128, 16 bits per token.
 DEFAULT_TRANSFORMER = InfinityConfig(depth=4, embed_dim=128, num_heads=4, block_chunks=2, ffn_hidden=512,
@@ -171,7 +171,7 @@ def train_transformer(data: TokenSet, schedule: Schedule, tc: TransformerTrainCo
             loss, per_scale = bit_loss(logits, targets, schedule, focus, tc.shape_weight)
             record = {}
             if probe is not None:
-                bind, exact = probe.loss(hidden, mask, captions)
+                bind, exact = probe.loss(hidden, mask, caption_labels(captions))
                 record = {"binding": float(bind.detach()), "binding_exact": exact}
                 loss = loss + tc.binding_weight * bind
             opt.zero_grad(set_to_none=True)
@@ -184,7 +184,7 @@ def train_transformer(data: TokenSet, schedule: Schedule, tc: TransformerTrainCo
             if step % tc.log_every == 0 or step == total - 1:
                 log(f"transformer step {step}/{total} ({phase.num_scales} scales, batch {phase.batch}) "
                     f"loss {history[-1]['loss']:.4f} per scale {' '.join(f'{v:.3f}' for v in per_scale)} "
-                    + (f" binding {record['binding']:.3f} exact {record['binding_exact']:.2f}" if record else "")
-                    + f" ({time.time() - t0:.0f}s)")
+                    + (f"binding {record['binding']:.3f} exact {record['binding_exact']:.2f} " if record else "")
+                    + f"({time.time() - t0:.0f}s)")
             step += 1
     return model.eval().requires_grad_(False), t5.eval().requires_grad_(False), history
