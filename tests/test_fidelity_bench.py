@@ -221,6 +221,37 @@ def test_merge_restores_the_single_process_order() -> None:
     assert rows == single
 
 
+def _row(pair: int, policy: str, value: float | None, budget: str = "10%") -> dict:
+    return {"pair": pair, "policy": policy, "budget": budget, "psnr": value}
+
+
+def test_paired_psnr_counts_and_gap_by_hand() -> None:
+    rows = [_row(0, "a", 30.0), _row(1, "a", 20.0), _row(2, "a", 25.0), _row(3, "a", None),
+            _row(0, "b", 28.0), _row(1, "b", 21.0), _row(2, "b", 22.0), _row(3, "b", 24.0),
+            _row(0, "a", 1.0, "4%"), _row(0, "b", 2.0, "4%")]
+    c = fidelity.paired_psnr(rows, "a", "b", "10%")
+    assert c is not None
+    # gaps +2, -1, +3 over the finite pairs; pair 3 is identical for a (null PSNR), so a is ahead there
+    assert (c["pairs"], c["ahead"], c["behind"], c["finite_pairs"]) == (4, 3, 1, 3)
+    assert c["mean_db"] == pytest.approx(4 / 3)
+    sd = math.sqrt(((2 - 4 / 3) ** 2 + (-1 - 4 / 3) ** 2 + (3 - 4 / 3) ** 2) / 2)
+    assert c["se_db"] == pytest.approx(sd / math.sqrt(3))
+    assert fidelity.paired_psnr(rows, "a", "missing", "10%") is None
+
+
+def test_paired_comparisons_put_each_budgets_leader_first() -> None:
+    labels = ["snapkv", "scalekv-original", "scalekv-improved", "scalekv-calibrated"]
+    offsets = {"snapkv": 1.0, "scalekv-original": 0.0, "scalekv-improved": 3.0, "scalekv-calibrated": 2.0}
+    rows = [_row(p, label, 20.0 + offsets[label] + 0.1 * p) for p in range(3) for label in labels]
+    result = {"budgets": ["10%"], "rows": rows,
+              "aggregate": [{"policy": label, "budget": "10%", "psnr": 20.1 + offsets[label]} for label in labels]}
+    got = [(c["first"], c["second"]) for c in fidelity.paired_comparisons(result)]
+    assert got == [("scalekv-improved", "scalekv-calibrated"), ("scalekv-improved", "snapkv"),
+                   ("scalekv-improved", "scalekv-original"), ("scalekv-calibrated", "scalekv-improved")]
+    table = fidelity.paired_table(fidelity.paired_comparisons(result))
+    assert "| 10% | scalekv-improved | snapkv | 3/3 | 0/3 | +2.00 | 0.00 |" in table
+
+
 def test_bad_inputs_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert fidelity.main([*TINY_FLAGS, "--policies", "snapkv,h2o"]) == 2
     assert "h2o" in capsys.readouterr().err
@@ -302,6 +333,10 @@ def test_reduced_benchmark_run(tmp_path: Path) -> None:
     table = (out / "fidelity.md").read_text()
     assert "| budget | policy | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FID ↓ |" in table
     assert "| 10% (27 tok) | scalekv-improved |" in table and "| 10% | full | ∞ |" in table
+    assert "## Per pair" in table
+    leader, other = sorted(["snapkv", "scalekv-improved"], key=lambda label: -agg[label]["psnr"])
+    assert [(c["first"], c["second"], c["pairs"]) for c in data["paired"]] == [(leader, other, 2)]
+    assert f"| 10% | {leader} | {other} | " in table
     from PIL import Image
 
     with Image.open(out / "fidelity_psnr.png") as im:

@@ -10,7 +10,8 @@ For every caption/seed pair the full-cache image is generated once; then every (
 same pair and is compared with it: PSNR, SSIM, LPIPS (if its weights are on disk), the fraction of sampled bits
 equal to the full cache's, and the stored-KV and measured-peak memory as ratios to the full cache's. FID is
 computed per (policy, budget) over all pairs when the Inception weights are on disk. Rank 0 writes
-fidelity.json (every row plus the means), fidelity.md (the table) and fidelity_psnr.png (PSNR vs budget).
+fidelity.json (every row plus the means), fidelity.md (the table and per-pair comparisons) and fidelity_psnr.png
+(PSNR vs budget).
 """
 from __future__ import annotations
 
@@ -370,6 +371,52 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _psnr_value(row: dict) -> float:
+    """A row's PSNR with an identical image (null in the JSON) as +inf, so it counts as ahead of any other."""
+    return math.inf if row["psnr"] is None else float(row["psnr"])
+
+
+def paired_psnr(rows: list[dict], first: str, second: str, budget: str) -> dict | None:
+    """Per-pair PSNR of `first` against `second` at one budget: a mean gap means little without its spread."""
+    a = {r["pair"]: _psnr_value(r) for r in rows if r["policy"] == first and r["budget"] == budget}
+    b = {r["pair"]: _psnr_value(r) for r in rows if r["policy"] == second and r["budget"] == budget}
+    common = sorted(a.keys() & b.keys())
+    if not common:
+        return None
+    diffs = [a[p] - b[p] for p in common if math.isfinite(a[p]) and math.isfinite(b[p])]
+    n = len(diffs)
+    mean = float(np.mean(diffs)) if n else None
+    se = float(np.std(diffs, ddof=1) / math.sqrt(n)) if n >= 2 else None
+    return {"first": first, "second": second, "budget": budget, "pairs": len(common),
+            "ahead": sum(a[p] > b[p] for p in common), "behind": sum(a[p] < b[p] for p in common),
+            "finite_pairs": n, "mean_db": mean, "se_db": se}
+
+
+def paired_comparisons(result: dict) -> list[dict]:
+    """Each budget's leader (highest mean PSNR) against every other policy, and ScaleKV's own variants."""
+    out = []
+    for budget in result["budgets"]:
+        agg = [r for r in result["aggregate"] if r["budget"] == budget and r["policy"] != "full"]
+        ranked = sorted((r for r in agg if r["psnr"] is not None), key=lambda r: -r["psnr"])
+        pairs = [(ranked[0]["policy"], r["policy"]) for r in ranked[1:]] if ranked else []
+        for extra in [("scalekv-improved", "scalekv-original"), (CALIBRATED, "scalekv-improved")]:
+            if extra not in pairs and all(any(r["policy"] == x for r in agg) for x in extra):
+                pairs.append(extra)
+        out += [c for c in (paired_psnr(result["rows"], x, y, budget) for x, y in pairs) if c is not None]
+    return out
+
+
+def paired_table(comparisons: list[dict]) -> str:
+    """The per-pair comparisons as Markdown: how often, and by how much, one policy beats another."""
+    lines = ["| budget | policy | against | ahead | behind | mean PSNR gap (dB) | standard error |",
+             "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        gap = "–" if c["mean_db"] is None else f"{c['mean_db']:+.2f}"
+        lines.append(f"| {c['budget']} | {c['first']} | {c['second']} | {c['ahead']}/{c['pairs']} | "
+                     f"{c['behind']}/{c['pairs']} | {gap} | {_fmt(c['se_db'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(result: dict) -> str:
     """The Table-1-style summary: one line per budget and policy."""
     agg = result["aggregate"]
@@ -499,7 +546,10 @@ def write_outputs(result: dict, out: Path) -> dict[str, Path]:
     paths = {"json": out / "fidelity.json", "markdown": out / "fidelity.md", "plot": out / "fidelity_psnr.png"}
     result["plot_backend"] = plot_psnr(result, paths["plot"])
     paths["json"].write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    paths["markdown"].write_text("# Fidelity against the full KV cache\n\n" + markdown_table(result), encoding="utf-8")
+    paths["markdown"].write_text("# Fidelity against the full KV cache\n\n" + markdown_table(result)
+                                 + "\n## Per pair\n\nPSNR gaps over the pairs where neither image equals the full "
+                                 "cache's; an identical image counts as ahead.\n\n"
+                                 + paired_table(result["paired"]), encoding="utf-8")
     return paths
 
 
@@ -523,10 +573,12 @@ def run(a: argparse.Namespace) -> dict | None:
         result = {"args": {k: v for k, v in vars(a).items()}, "torch": torch.__version__, "device": shard.device,
                   "world_size": shard.world_size, "pairs": len(pairs), "policies": labels, "budgets": budgets,
                   "meta": meta, "aggregate": aggregate(rows, labels, budgets, feats), "rows": rows}
+        result["paired"] = paired_comparisons(result)
         for note in meta["notes"]:
             print(f"note: {note}")
         paths = write_outputs(result, Path(a.out))
         print(markdown_table(result))
+        print(paired_table(result["paired"]))
         print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
         return result
     finally:
