@@ -64,21 +64,6 @@ class GenerationResult:
         return folder
 
 
-def repeat_each(cond: TextConditioning, times: int) -> TextConditioning:
-    """p1, p2 -> p1, p1, p2, p2: each prompt's rows repeated in place, the order a prompt list gets."""
-    starts = [0]
-    for n in cond.lens:
-        starts.append(starts[-1] + n)
-    parts, lens = [], []
-    for i, n in enumerate(cond.lens):
-        rows = cond.kv_compact[starts[i]:starts[i + 1]]
-        parts += [rows] * times
-        lens += [n] * times
-    packed = torch.cat(parts, dim=0)
-    cu = torch.tensor([0] + [sum(lens[: j + 1]) for j in range(len(lens))], dtype=torch.int32, device=packed.device)
-    return TextConditioning(kv_compact=packed, lens=lens, cu_seqlens=cu, max_len=max(lens))
-
-
 def bits_to_token_ids(bits_vae: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W, d) bits -> (B, 1, H, W) int64 ids, first bit most significant (the VAE's int-label order)."""
     d = bits_vae.shape[-1]
@@ -158,7 +143,7 @@ class InfinityPipeline:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             cond = self.encode([p for p in prompts for _ in range(batch)])
         if isinstance(prompt, TextConditioning) and batch > 1:
-            cond = repeat_each(cond, batch)
+            cond = cond.repeat_each(batch)
         neg = None
         if negative_prompt is not None and not (isinstance(negative_prompt, str) and not negative_prompt.strip()):
             neg = negative_prompt if isinstance(negative_prompt, TextConditioning) else self.encode([negative_prompt])

@@ -135,9 +135,7 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
             uncond = _uncond_text(model, cond)
         else:
             if negative.batch_size == 1 and B > 1:
-                one = negative
-                for _ in range(B - 1):
-                    negative = negative.concat(one)
+                negative = negative.repeat_each(B)
             if negative.batch_size != B:
                 raise ValueError(f"{negative.batch_size} negative prompts for a batch of {B}")
             uncond, lens_un = negative.kv_compact.to(device), list(negative.lens)

@@ -111,6 +111,24 @@ def test_concat_semantics():
         a.concat(TextConditioning.from_padded(torch.randn(1, 2, 7), torch.ones(1, 2)))
 
 
+def test_repeat_each_keeps_each_prompt_together():
+    a = TextConditioning.from_padded(torch.randn(2, 5, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    r = a.repeat_each(3)
+    assert r.lens == [3, 3, 3, 5, 5, 5] and r.max_len == 5
+    assert r.cu_seqlens.dtype == torch.int32 and r.cu_seqlens.tolist() == [0, 3, 6, 9, 14, 19, 24]
+    p1, p2 = a.kv_compact[:3], a.kv_compact[3:]
+    torch.testing.assert_close(r.kv_compact, torch.cat([p1, p1, p1, p2, p2, p2]))
+    # one prompt repeated equals concatenating it with itself (the sampler's negative-prompt broadcast)
+    one = TextConditioning.from_padded(torch.randn(1, 5, 4), torch.tensor([[1, 1, 0, 0, 0]]))
+    c = one.concat(one).concat(one)
+    r1 = one.repeat_each(3)
+    assert r1.lens == c.lens and r1.cu_seqlens.tolist() == c.cu_seqlens.tolist()
+    torch.testing.assert_close(r1.kv_compact, c.kv_compact)
+    assert a.repeat_each(1).lens == a.lens
+    with pytest.raises(ValueError, match="at least 1"):
+        a.repeat_each(0)
+
+
 def test_to_device_keeps_contents():
     a = TextConditioning.from_padded(torch.randn(1, 3, 4), torch.ones(1, 3))
     b = a.to("cpu")

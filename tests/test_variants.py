@@ -268,6 +268,18 @@ def test_negative_prompt_changes_the_result(ref_pipe, ref_plain) -> None:
     assert_same_generation(ref_plain, empty)
 
 
+def test_one_negative_prompt_serves_the_whole_batch(ref_pipe) -> None:
+    neg = random_text(length=4, seed=9)
+    one = ref_pipe.generate(reference_text(), negative_prompt=neg, seed=1, cfg=3.0, batch=2, schedule=S006)
+    each = ref_pipe.generate(reference_text(), negative_prompt=neg.concat(neg), seed=1, cfg=3.0, batch=2,
+                             schedule=S006)
+    assert_same_generation(one, each)
+    plain = ref_pipe.generate(reference_text(), seed=1, cfg=3.0, batch=2, schedule=S006)
+    assert bits_differ(plain, one)
+    with pytest.raises(ValueError, match="3 negative prompts for a batch of 2"):
+        ref_pipe.generate(reference_text(), negative_prompt=neg.repeat_each(3), seed=1, batch=2, schedule=S006)
+
+
 def test_cfg_one_runs_without_the_cfg_batch(ref_pipe, ref_plain) -> None:
     a = ref_pipe.generate(reference_text(), seed=0, cfg=1.0, tau=0.5, schedule=S006)
     check_image(a, 1, 256, 256)

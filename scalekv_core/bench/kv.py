@@ -21,7 +21,6 @@ from ..kvcache.memory import PeakMeter, plan_memory
 from ..model.config import KNOWN_MODELS, InfinityConfig
 from ..model.text_encoder import TextConditioning
 from ..model.transformer import Infinity
-from ..pipeline import repeat_each
 from ..sampler import SamplerSettings, sample
 from ..schedules import get_schedule
 
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batch must be at least 1, got {a.batch}")
     torch.manual_seed(a.seed)
     model, cond, patchify = _load(a)
-    cond = repeat_each(cond, a.batch)
+    cond = cond.repeat_each(a.batch)
     schedule = get_schedule(1.0, a.size)
     cfg = model.cfg
     print(f"model {a.model} ({cfg.describe()}), {schedule.pixel_size[1]}x{schedule.pixel_size[0]}, "

@@ -59,6 +59,14 @@ class TextConditioning:
         kv = torch.cat([self.kv_compact, other.kv_compact.to(self.kv_compact.device)], dim=0)
         return TextConditioning._from_parts(kv, list(self.lens) + list(other.lens), self.cu_seqlens.device)
 
+    def repeat_each(self, times: int) -> TextConditioning:
+        """p1, p2 -> p1, p1, p2, p2: the order a prompt list with `times` images per prompt gets."""
+        if times < 1:
+            raise ValueError(f"times must be at least 1, got {times}")
+        rows = torch.split(self.kv_compact, list(self.lens), dim=0)
+        kv = torch.cat([r for r in rows for _ in range(times)], dim=0)
+        return TextConditioning._from_parts(kv, [n for n in self.lens for _ in range(times)], self.cu_seqlens.device)
+
     @classmethod
     def _from_parts(cls, kv_compact: Tensor, lens: list[int], device: torch.device) -> TextConditioning:
         """Derive cu_seqlens/max_len from lens so the three can never disagree."""
