@@ -274,6 +274,7 @@ def test_smoke_recipe_writes_loadable_files(tmp_path):
     from scalekv_core.training.train_default import T5_FOLDER, TRANSFORMER_FILE, VAE_FILE, preset, train_default
     record = train_default(tmp_path, preset("smoke"), threads=1, log=lambda s: None)
     assert record["seconds"]["total_s"] > 0
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
     pipe = InfinityPipeline.from_files(tmp_path / TRANSFORMER_FILE, tmp_path / VAE_FILE, tmp_path / T5_FOLDER)
     res = pipe.generate("a large red circle at the top left on a blue background", width=256, height=256, seed=1)
     assert res.images.shape == (1, 256, 256, 3)

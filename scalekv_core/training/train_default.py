@@ -3,9 +3,11 @@
     python -m scalekv_core.training train --out default_model            # the committed weights
     python -m scalekv_core.training train --out /tmp/smoke --preset smoke # seconds, for tests
 
-Same seed, same torch version and same thread count give the same weights: every random draw comes from a
+Same seed, torch version, thread count and CPU kernel set give the same weights: every random draw comes from a
 seeded generator and the thread count is fixed (`--threads`, 1 by default); CPU float reductions depend on the
-thread count. One thread is also the fast choice on a shared 2-core machine: with two, every small op waits for
+thread count and on the vector instructions torch dispatches to (AVX2, AVX512, ...), which the training log
+records as `cpu_capability`. On another CPU the first steps agree to the last bit or two and the runs then drift
+apart into a differently trained model (docs/training.md). One thread is also the fast choice on a shared 2-core machine: with two, every small op waits for
 a preempted OpenMP thread, and a training step took 10-20x longer.
 """
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Recipe:
 
 
 def preset(name: str, seed: int = 0) -> Recipe:
-    """'default': the committed model (75-120 min on one core; docs/training.md has the times). 'smoke': a few steps of everything."""
+    """'default': the committed model (49 min alone on one core, 120 shared; docs/training.md has the times). 'smoke': a few steps of everything."""
     if name == "default":
         r = Recipe(seed=seed, train_scenes=8000,
                    transformer=TransformerTrainConfig(shape_weight=4.0, binding_weight=3.0),
@@ -189,6 +191,7 @@ def train_default(out: str | Path, recipe: Recipe, threads: int = 1, log: Callab
         "recipe": _as_json(recipe),
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "vae_final": vae_hist[-1] if vae_hist else None, "transformer_final": tr_hist[-1],
         "vae_history": vae_hist[:: max(1, len(vae_hist) // 50)],
         "transformer_history": tr_hist if stage1_from is not None else tr_hist[:: max(1, len(tr_hist) // 100)],
