@@ -6,9 +6,10 @@
 Same seed, torch version, thread count and CPU kernel set give the same weights: every random draw comes from a
 seeded generator and the thread count is fixed (`--threads`, 1 by default); CPU float reductions depend on the
 thread count and on the vector instructions torch dispatches to (AVX2, AVX512, ...), which the training log
-records as `cpu_capability`. On another CPU the first steps agree to the last bit or two and the runs then drift
-apart into a differently trained model (docs/training.md). One thread is also the fast choice on a shared 2-core machine: with two, every small op waits for
-a preempted OpenMP thread, and a training step took 10-20x longer.
+records as `cpu_capability`. On another CPU the first steps agree to the last bit or two, then the runs drift
+apart into a differently trained model (docs/training.md). One thread is also the fast choice on a shared
+2-core machine: with two, every small op waits for a preempted OpenMP thread, and a training step took 10-20x
+longer.
 """
 from __future__ import annotations
 
