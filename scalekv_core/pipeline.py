@@ -139,10 +139,9 @@ class InfinityPipeline:
         schedule = schedule or schedule_for_pixels(width, height)
         if isinstance(prompt, TextConditioning):
             cond = prompt
-        else:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            cond = self.encode([p for p in prompts for _ in range(batch)])
-        if isinstance(prompt, TextConditioning) and batch > 1:
+        else:  # each prompt through T5 once; its `batch` images share the rows
+            cond = self.encode([prompt] if isinstance(prompt, str) else list(prompt))
+        if batch > 1:
             cond = cond.repeat_each(batch)
         neg = None
         if negative_prompt is not None and not (isinstance(negative_prompt, str) and not negative_prompt.strip()):
