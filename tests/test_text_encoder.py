@@ -169,10 +169,12 @@ def test_missing_folder_names_path(tmp_path):
         T5TextEncoder.from_folder(missing)
 
 
-@pytest.mark.parametrize("drop", ["config.json", "model.safetensors", "spiece.model"])
+@pytest.mark.parametrize("drop", ["config.json", "model.safetensors", "spiece.model+tokenizer.json"])
 def test_incomplete_folder_names_path(tmp_path, drop):
-    folder = tmp_path / f"t5_without_{drop.replace('.', '_')}"
+    """A tokenizer is missing only when both spiece.model and tokenizer.json are (either one loads)."""
+    folder = tmp_path / f"t5_without_{drop.replace('.', '_').replace('+', '_')}"
     shutil.copytree(T5_DIR, folder)
-    (folder / drop).unlink()
+    for name in drop.split("+"):
+        (folder / name).unlink()
     with pytest.raises(FileNotFoundError, match=folder.name):
         T5TextEncoder.from_folder(folder)
