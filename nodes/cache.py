@@ -14,8 +14,9 @@ from ..scalekv_core.kvcache.calibration import calibrate
 from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES
 from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
 from ..scalekv_core.kvcache.scoring import POOLINGS
+from ..scalekv_core.limits import shown
 from ..scalekv_core.schedules import resolution_choices, resolution_label, schedule_from_label
-from . import models, paths
+from . import models, paths, widgets
 from .io_types import CATEGORY_SCALEKV, CacheConfigType, InfinityModelType, InfinityT5Type
 
 BUDGET_UNITS = ["percent", "tokens", "MB"]
@@ -47,39 +48,45 @@ def budget_spec(unit: str, budget: float) -> str | int:
     return f"{budget:g}MB"
 
 
+#: Policies that score with an observation window: a token budget below the window cannot hold it.
+WINDOWED_POLICIES = ("snapkv", "pyramidkv", "scalekv")
+
+
 def budget_settings_problem(policy=None, budget_unit=None, budget=None, window=None, kernel=None,
-                            budget_source=None) -> str | None:
+                            budget_source=None, refiner_decay=None) -> str | None:
     """Why these settings can never run, or None. Inputs that arrive through links (None here) are not checked."""
-    if policy is not None and policy not in POLICIES:
-        return f"unknown policy '{policy}'; choose one of {', '.join(POLICIES)}"
-    if budget_unit is not None and budget_unit not in BUDGET_UNITS:
-        return f"unknown budget unit '{budget_unit}'; choose one of {', '.join(BUDGET_UNITS)}"
-    if budget is not None:
-        if not math.isfinite(budget) or budget <= 0:
-            return f"budget must be positive, got {budget:g}"
-        if budget_unit == "percent" and budget > 100:
-            return f"a budget of {budget:g} percent is more than the whole cache; use at most 100"
-        if budget_unit == "tokens" and budget != int(budget):
-            return f"a budget in tokens must be a whole number, got {budget:g}"
-    if window is not None:
-        if window <= 0:
-            return f"window must be positive, got {window}"
-        if policy in GRID_WINDOW_POLICIES and math.isqrt(window) ** 2 != window:
-            return (f"window {window} is not a square number; the {policy} policy observes a √window x √window grid "
-                    f"of the token map: use 4, 9, 16, 25, ...")
-    if kernel is not None and (kernel <= 0 or kernel % 2 == 0):
-        return f"pooling kernel must be a positive odd number, got {kernel}"
+    found = widgets.problem(
+        widgets.choice("policy", policy, POLICIES),
+        widgets.choice("budget_unit", budget_unit, BUDGET_UNITS),
+        widgets.number("budget", budget, "budget_percent" if budget_unit == "percent" else "budget"),
+        widgets.number("window", window),
+        widgets.number("kernel", kernel),
+        widgets.number("refiner_decay", refiner_decay),
+        widgets.text("budget_source", budget_source, "name"),
+    )
+    if found is not None:
+        return found
+    if budget is not None and budget_unit == "tokens" and budget != int(budget):
+        return f"budget: a budget in tokens must be a whole number, got {budget:g}"
+    if budget is not None and window is not None and budget_unit == "tokens" and policy in WINDOWED_POLICIES \
+            and budget < window:
+        return (f"budget: {budget:g} tokens cannot hold the observation window of {window} tokens that {policy} "
+                f"scores with; raise the budget to at least {window} or lower the window")
+    if window is not None and policy in GRID_WINDOW_POLICIES and math.isqrt(window) ** 2 != window:
+        return (f"window: {window} is not a square number; the {policy} policy observes a √window x √window grid "
+                f"of the token map: use 4, 9, 16, 25, ...")
     if budget_source is not None:
         if budget_source.startswith(FILE_PREFIX):
             try:
                 paths.resolve_budget_file(budget_source[len(FILE_PREFIX):])
             except (FileNotFoundError, ValueError) as e:
-                return str(e)
+                return f"budget_source: {e}"
         elif budget_source != GENERATED and budget_source[len(PRESET_PREFIX):] not in PRESETS:
-            return f"unknown budget source '{budget_source}'; choose one of {', '.join(budget_source_choices())}"
+            return (f"budget_source: unknown {shown(budget_source)}; choose generated, "
+                    f"{', '.join(PRESET_PREFIX + p for p in PRESETS)} or file:<a file in models/scalekv>")
         if budget_source != GENERATED and policy is not None and policy != "scalekv":
-            return (f"budget source '{budget_source}' is a ScaleKV budget file, which only the scalekv policy uses "
-                    f"(policy is {policy}); choose 'generated' or the scalekv policy")
+            return (f"budget_source: {shown(budget_source)} is a ScaleKV budget file, which only the scalekv policy "
+                    f"uses (policy is {policy}); choose 'generated' or the scalekv policy")
     return None
 
 
@@ -110,12 +117,12 @@ class ScaleKVCacheConfig(io.ComfyNode):
                 io.Combo.Input("budget_unit", options=BUDGET_UNITS, default="percent",
                                tooltip="percent of the cache before the last scale (10% = 650 tokens at 1024x1024), "
                                        "tokens per layer, or a memory target in MB"),
-                io.Float.Input("budget", default=10.0, min=0.0, max=1e6, step=0.5,
+                widgets.float_input("budget", default=10.0, step=0.5,
                                tooltip="the budget in budget_unit; with a budget file it is also the base capacity "
                                        "(use the calibration's budget)"),
-                io.Int.Input("window", default=16, min=1, max=4096,
+                widgets.int_input("window", default=16,
                              tooltip="observation window in tokens (scalekv: a square number, a grid over the map)"),
-                io.Int.Input("kernel", default=5, min=1, max=63, tooltip="score pooling kernel (odd)"),
+                widgets.int_input("kernel", default=5, tooltip="score pooling kernel (odd)"),
                 io.Combo.Input("pooling", options=list(POOLINGS), default="maxpool"),
                 io.Combo.Input("scoring", options=list(SCORINGS), default="improved",
                                tooltip="improved: real queries, pooling inside each token map; original: as released"),
@@ -124,7 +131,7 @@ class ScaleKVCacheConfig(io.ComfyNode):
                 io.Combo.Input("budget_source", options=budget_source_choices(), default=GENERATED,
                                tooltip="generated = the rule-based plan; preset:* = the released 10% files "
                                        "(1024x1024); file:* = a calibration in models/scalekv"),
-                io.Float.Input("refiner_decay", default=0.0, min=0.0, max=1000.0, step=1.0,
+                widgets.float_input("refiner_decay", default=0.0, step=1.0,
                                tooltip="generated plans: refiner budgets shrink by this many tokens per scale"),
                 io.String.Input("budget_file", optional=True, force_input=True,
                                 tooltip="a budget file name from ScaleKV Calibrate; overrides budget_source"),
@@ -134,9 +141,9 @@ class ScaleKVCacheConfig(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, policy=None, budget_unit=None, budget=None, window=None, kernel=None,
-                        budget_source=None) -> bool | str:
+                        budget_source=None, refiner_decay=None) -> bool | str:
         """Named inputs skip ComfyUI's own min/max/menu checks, so these are checked here (linked ones are None)."""
-        problem = budget_settings_problem(policy, budget_unit, budget, window, kernel, budget_source)
+        problem = budget_settings_problem(policy, budget_unit, budget, window, kernel, budget_source, refiner_decay)
         return True if problem is None else problem
 
     @classmethod
@@ -153,9 +160,11 @@ class ScaleKVCacheConfig(io.ComfyNode):
     def execute(cls, policy: str, budget_unit: str, budget: float, window: int, kernel: int, pooling: str,
                 scoring: str, kv_dtype: str, budget_source: str, refiner_decay: float,
                 budget_file: str | None = None) -> io.NodeOutput:
-        problem = budget_settings_problem(policy, budget_unit, budget, window, kernel, budget_source)
+        problem = budget_settings_problem(policy, budget_unit, budget, window, kernel, budget_source, refiner_decay)
+        if problem is None and budget_file is not None:
+            problem = widgets.problem(widgets.text("budget_file", budget_file, "name"))
         if problem is None and budget_file and policy != "scalekv":
-            problem = f"budget file '{budget_file}' only applies to the scalekv policy (policy is {policy})"
+            problem = f"budget_file: {shown(budget_file)} only applies to the scalekv policy (policy is {policy})"
         if problem is not None:
             raise ValueError(problem)
         config = CacheConfig(policy=policy, budget=budget_spec(budget_unit, budget), window=window, kernel=kernel,
@@ -196,11 +205,11 @@ class ScaleKVCalibrate(io.ComfyNode):
                 io.String.Input("prompts", multiline=True, default=DEFAULT_CALIBRATION_PROMPTS,
                                 tooltip="one prompt per line"),
                 io.Combo.Input("resolution", options=resolution_choices(), default=DEFAULT_RESOLUTION),
-                io.Float.Input("budget", default=10.0, min=0.1, max=100.0, step=0.5,
-                               tooltip="percent of the cache before the last scale"),
-                io.Int.Input("num_drafters", default=0, min=0, max=100000,
+                widgets.float_input("budget", "calibration_budget", default=10.0, step=0.5,
+                                    tooltip="percent of the cache before the last scale"),
+                widgets.int_input("num_drafters", default=0,
                              tooltip="drafter (scale, layer) pairs in all; 0 = the default (~6.6%)"),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="prompt i uses seed + i"),
+                widgets.int_input("seed", default=0, tooltip="prompt i uses seed + i"),
                 io.String.Input("filename_prefix", default="scalekv_budget",
                                 tooltip="file name start; resolution and budget are appended"),
             ],
@@ -209,15 +218,19 @@ class ScaleKVCalibrate(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, budget=None, filename_prefix=None) -> bool | str:
-        if budget is not None and not 0 < budget <= 100:
-            return f"budget must be a percentage in (0, 100], got {budget:g}"
-        if filename_prefix is not None:
+    def validate_inputs(cls, budget=None, filename_prefix=None, prompts=None) -> bool | str:
+        """The budget's range, a file name that can be written, and prompts that are text (before any work)."""
+        problem = widgets.problem(widgets.number("budget", budget, "calibration_budget"),
+                                  widgets.text("filename_prefix", filename_prefix),
+                                  widgets.text("prompts", prompts))
+        if problem is None and filename_prefix is not None:
             try:
                 paths.clean_name(filename_prefix)
             except ValueError as e:
-                return f"filename_prefix: {e}"
-        return True
+                problem = f"filename_prefix: {e}"
+        if problem is None and prompts is not None and not prompts.strip():
+            problem = "prompts: ScaleKV Calibrate needs at least one prompt (one per line)"
+        return True if problem is None else problem
 
     @classmethod
     def fingerprint_inputs(cls, filename_prefix=None, resolution=None, budget=None, **_) -> int:
@@ -234,12 +247,17 @@ class ScaleKVCalibrate(io.ComfyNode):
     @classmethod
     def execute(cls, model: models.InfinityModel, t5: models.InfinityT5, prompts: str, resolution: str,
                 budget: float, num_drafters: int, seed: int, filename_prefix: str) -> io.NodeOutput:
+        problem = cls.validate_inputs(budget, filename_prefix, prompts)  # linked inputs arrive unchecked
+        if problem is not True:
+            raise ValueError(problem)
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
-        if not lines:
-            raise ValueError("ScaleKV Calibrate needs at least one prompt (one per line)")
         schedule = schedule_from_label(resolution)
         tokens = parse_budget(f"{budget:g}%", schedule)
         name = calibration_file_name(filename_prefix, resolution, budget)
+        path = paths.budget_output_path(name)  # before the calibration runs: a bad name fails in seconds, not after
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not os.access(os.path.dirname(path), os.W_OK):
+            raise PermissionError(f"cannot write the budget file: {os.path.dirname(path)} is not writable")
         conds = [t5.encode([p]) for p in lines]
         model.load(model.memory_required(schedule, 1, None))
         pbar = comfy.utils.ProgressBar(len(lines))
@@ -249,7 +267,6 @@ class ScaleKVCalibrate(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
 
         result = calibrate(model.pipeline, conds, schedule, tokens, num_drafters or None, seed, on_prompt=on_prompt)
-        path = paths.budget_output_path(name)
         result.write(path)
         _written.add(path)
         summary = {"budget_file": name, "path": path, "resolution": resolution_label(schedule),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from . import models, paths
+from . import models, paths, widgets
 from .io_types import CATEGORY, InfinityConditioningType, InfinityModelType, InfinityT5Type
 
 
@@ -64,7 +64,16 @@ class InfinityTextEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, prompt=None) -> bool | str:
+        """Text T5 can read: a string of bounded length, valid UTF-8 (no lone surrogates), no NUL."""
+        problem = widgets.problem(widgets.text("prompt", prompt))
+        return True if problem is None else problem
+
+    @classmethod
     def execute(cls, t5: models.InfinityT5, prompt: str) -> io.NodeOutput:
+        problem = cls.validate_inputs(prompt)  # a linked prompt arrives unchecked
+        if problem is not True:
+            raise ValueError(problem)
         cond = t5.encode([prompt])
         if not prompt.strip():  # as a negative: none (the sampler uses the learned unconditional embedding)
             cond = models.BlankPrompt(cond.kv_compact, cond.lens, cond.cu_seqlens, cond.max_len)

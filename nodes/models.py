@@ -15,7 +15,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..scalekv_core.kvcache import CacheConfig
-from ..scalekv_core.kvcache.memory import MiB, plan_memory
+from ..scalekv_core.kvcache.memory import MemoryPlan, MiB, admission_problem, overcommit_allowed, plan_memory
 from ..scalekv_core.loader import PRECISIONS, load_transformer, load_vae, resolve_precision, vae_patchify_for
 from ..scalekv_core.model.config import KNOWN_MODELS
 from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
@@ -59,14 +59,35 @@ class InfinityModel:
     patcher: object  # comfy.model_patcher.ModelPatcher
     info: dict = field(default_factory=dict)
 
-    def memory_required(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True) -> int:
-        """Bytes sampling (or decoding, whichever is larger) needs beside the weights, from the engine's planner."""
+    def plan(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True) -> MemoryPlan:
+        """The engine's memory plan for a run; a cache setting that cannot serve this model and resolution (a
+        budget that gives no tokens, a budget file for another resolution) is refused here, before any work."""
         t = self.pipeline.transformer
         c = t.cfg
-        plan = plan_memory(c.depth, c.embed_dim, c.num_heads, c.ffn_hidden, c.d_vae, schedule, batch,
-                           cache or CacheConfig(policy="full"), t.block_dtype, cfg=cfg,
-                           vae_base_ch=self.pipeline.vae.cfg.base_ch, vae_patch=self.pipeline.vae.cfg.patch_size)
+        try:
+            return plan_memory(c.depth, c.embed_dim, c.num_heads, c.ffn_hidden, c.d_vae, schedule, batch,
+                               cache or CacheConfig(policy="full"), t.block_dtype, cfg=cfg,
+                               vae_base_ch=self.pipeline.vae.cfg.base_ch, vae_patch=self.pipeline.vae.cfg.patch_size)
+        except (ValueError, FileNotFoundError) as e:  # BudgetError is a ValueError
+            h, w = schedule.pixel_size
+            raise ValueError(f"cache_config: these cache settings cannot run at {w}x{h} on this model: {e}") from e
+
+    def memory_required(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True) -> int:
+        """Bytes sampling (or decoding, whichever is larger) needs beside the weights, from the engine's planner."""
+        plan = self.plan(schedule, batch, cache, cfg)
         return int(max(plan.sampling_peak_mb, plan.decode_peak_mb) * MiB)
+
+    def admit(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True) -> None:
+        """Refuse a run whose planned peak exceeds the compute device's free memory (weights already loaded);
+        SCALEKV_ALLOW_OVERCOMMIT=1 overrides."""
+        if overcommit_allowed():
+            return
+        plan = self.plan(schedule, batch, cache, cfg)
+        device = self.patcher.load_device
+        problem = admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, mm.get_free_memory(device),
+                                    str(device), batch)
+        if problem is not None:
+            raise MemoryError(problem)
 
     def load(self, memory_required: int = 0) -> None:
         """Move the weights to the compute device (evicting other models if the memory manager must)."""

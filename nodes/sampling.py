@@ -12,10 +12,12 @@ from comfy_api.latest import io
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.model.text_encoder import TextConditioning
 from ..scalekv_core.schedules import resolution_choices, schedule_from_label
-from . import models
+from . import models, widgets
 from .cache import DEFAULT_RESOLUTION
 from .io_types import CATEGORY, CacheConfigType, InfinityConditioningType, InfinityModelType
 
+#: The resolution menu, in its order (a wrong value's error lists its first entries).
+RESOLUTIONS = resolution_choices()
 #: Longest side of the per-scale preview sent with the progress bar.
 PREVIEW_MAX_SIZE = 512
 
@@ -65,26 +67,40 @@ class InfinitySampler(io.ComfyNode):
                 InfinityConditioningType.Input("negative", optional=True,
                                                tooltip="unconnected: the model's learned unconditional embedding"),
                 CacheConfigType.Input("cache_config", optional=True, tooltip="unconnected: the full cache"),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True),
-                io.Float.Input("cfg", default=3.0, min=0.0, max=30.0, step=0.1, tooltip="1 disables guidance"),
-                io.Float.Input("tau", default=0.5, min=0.01, max=5.0, step=0.01, tooltip="sampling temperature"),
-                io.Int.Input("top_k", default=900, min=0, max=100000, tooltip="0 disables top-k"),
-                io.Float.Input("top_p", default=0.97, min=0.0, max=1.0, step=0.01, tooltip="0 disables top-p"),
+                widgets.int_input("seed", default=0, control_after_generate=True),
+                widgets.float_input("cfg", default=3.0, step=0.1, tooltip="1 disables guidance"),
+                widgets.float_input("tau", default=0.5, step=0.01, tooltip="sampling temperature"),
+                widgets.int_input("top_k", default=900, tooltip="0 disables top-k"),
+                widgets.float_input("top_p", default=0.97, step=0.01, tooltip="0 disables top-p"),
                 io.Combo.Input("resolution", options=resolution_choices(), default=DEFAULT_RESOLUTION,
                                tooltip="the official Infinity resolutions (aspect templates x sizes)"),
-                io.Int.Input("batch", default=1, min=1, max=64),
+                widgets.int_input("batch", default=1),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
 
     @classmethod
+    def validate_inputs(cls, cfg=None, tau=None, top_p=None, resolution=None) -> bool | str:
+        """The float widgets (NaN passes ComfyUI's own range check) and the resolution, quoted briefly if wrong."""
+        problem = widgets.problem(widgets.number("cfg", cfg), widgets.number("tau", tau),
+                                  widgets.number("top_p", top_p),
+                                  widgets.choice("resolution", resolution, RESOLUTIONS))
+        return True if problem is None else problem
+
+    @classmethod
     def execute(cls, model: models.InfinityModel, positive: TextConditioning, seed: int, cfg: float, tau: float,
                 top_k: int, top_p: float, resolution: str, batch: int, negative: TextConditioning | None = None,
                 cache_config: CacheConfig | None = None) -> io.NodeOutput:
+        problem = widgets.problem(*(widgets.number(k, v) for k, v in
+                                    dict(seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, batch=batch).items()),
+                                  widgets.choice("resolution", resolution, RESOLUTIONS))
+        if problem is not None:  # inputs that came through links were not validated
+            raise ValueError(problem)
         schedule = schedule_from_label(resolution)
         if isinstance(negative, models.BlankPrompt):
             negative = None  # an empty negative prompt means none, as in the original and the engine's generate()
         model.load(model.memory_required(schedule, batch * positive.batch_size, cache_config, cfg != 1))
+        model.admit(schedule, batch * positive.batch_size, cache_config, cfg != 1)
         pbar = comfy.utils.ProgressBar(schedule.num_scales)
 
         def on_scale(si: int, n: int, summed_codes: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ from .kvcache import CacheConfig
 from .kvcache.budget import kv_bytes_per_token
 from .kvcache.cache import KeptRecorder
 from .kvcache.memory import MemoryReport, PeakMeter, build_report, plan_memory
+from .limits import LIMITS
 from .loader import load_transformer, load_vae, resolve_precision, vae_patchify_for
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
@@ -134,8 +135,9 @@ class InfinityPipeline:
 
         `bits_hook` is the sampler's (diagnostics: replace a scale's drawn bits).
         """
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+        batch = LIMITS["batch"].check(batch)
+        settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed)
+        settings.validate()  # before T5 runs: a NaN cfg is refused by name, not as a failed draw
         schedule = schedule or schedule_for_pixels(width, height)
         if isinstance(prompt, TextConditioning):
             cond = prompt
@@ -146,7 +148,6 @@ class InfinityPipeline:
         neg = None
         if negative_prompt is not None and not (isinstance(negative_prompt, str) and not negative_prompt.strip()):
             neg = negative_prompt if isinstance(negative_prompt, TextConditioning) else self.encode([negative_prompt])
-        settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed)
         cache = cache or CacheConfig(policy="full")
         meter = PeakMeter(self.device)
         with (meter.measure() if memory_report else contextlib.nullcontext()):

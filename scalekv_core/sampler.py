@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .kvcache import CacheConfig, KVCache
 from .kvcache.budget import BudgetPlan
 from .kvcache.cache import AttentionObserver, KeptRecorder, ScaleUsage
+from .limits import LIMITS
 from .model.text_encoder import TextConditioning
 from .model.transformer import Infinity, TextKV
 from .model.rope import rope_table
@@ -35,22 +36,29 @@ class SamplerSettings:
         return _per_scale(self.cfg, num_scales, "cfg"), _per_scale(self.tau, num_scales, "tau")
 
     def validate(self) -> None:
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1] (0 disables it), got {self.top_p}")
+        """Refuse NaN, wrong types and out-of-range values here, not as a failed draw deep in sampling."""
+        LIMITS["top_k"].check(self.top_k)
+        LIMITS["top_p"].check(self.top_p)
+        if self.seed is not None:
+            LIMITS["seed"].check(self.seed)
+        for name in ("cfg", "tau"):
+            value = getattr(self, name)
+            for v in ([value] if _is_scalar(value) else list(value)):
+                LIMITS[name].check(v)
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.ndim == 0)
 
 
 def _per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        values = [float(value)] * n
+    if _is_scalar(value):
+        values = [float(LIMITS[name].check(float(value)))] * n
     else:
-        values = [float(v) for v in value]
+        values = [float(LIMITS[name].check(v, f"{name}[{i}]")) for i, v in enumerate(value)]
         if len(values) != n:
             raise ValueError(f"{name} list has {len(values)} values but the schedule has {n} scales; "
                              f"give one value or exactly {n}")
-    if name == "tau" and any(v <= 0 for v in values):
-        raise ValueError(f"tau must be > 0 at every scale, got {values}")
     return values
 
 

@@ -157,8 +157,10 @@ def resolution_choices() -> list[str]:
 
 def schedule_from_label(label: str) -> Schedule:
     """The schedule a menu label names; an error for a label that is not an official resolution."""
+    from .limits import shown
+
     for s in all_schedules():
         if resolution_label(s) == label:
             return s
-    raise ValueError(f"unsupported resolution {label!r}; choose one of the official templates, e.g. "
+    raise ValueError(f"unsupported resolution {shown(label)}; choose one of the official templates, e.g. "
                      f"{resolution_choices()[0]!r}")

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from ..limits import LIMITS, shown
 from ..schedules import Schedule
 from .budget import BudgetError, BudgetPlan, kv_bytes_per_token, parse_budget
 from .policies.base import EvictionPolicy
@@ -41,18 +42,17 @@ class CacheConfig:
 
     def validate(self) -> None:
         """Reject impossible settings with a message naming the value."""
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown KV policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"unknown scoring {self.scoring!r}; choose {', '.join(SCORINGS)}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}; choose {', '.join(POOLINGS)}")
-        if self.kv_dtype not in KV_DTYPES:
-            raise ValueError(f"unknown kv dtype {self.kv_dtype!r}; choose {', '.join(KV_DTYPES)}")
-        if self.window <= 0:
-            raise ValueError(f"window must be positive, got {self.window}")
-        if self.kernel <= 0 or self.kernel % 2 == 0:
-            raise ValueError(f"pooling kernel must be a positive odd number, got {self.kernel}")
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
+            raise ValueError(f"unknown KV policy {shown(self.policy)}; choose one of {', '.join(POLICIES)}")
+        if not isinstance(self.scoring, str) or self.scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {shown(self.scoring)}; choose {', '.join(SCORINGS)}")
+        if not isinstance(self.pooling, str) or self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {shown(self.pooling)}; choose {', '.join(POOLINGS)}")
+        if not isinstance(self.kv_dtype, str) or self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown kv dtype {shown(self.kv_dtype)}; choose {', '.join(KV_DTYPES)}")
+        LIMITS["window"].check(self.window)
+        LIMITS["kernel"].check(self.kernel)
+        LIMITS["refiner_decay"].check(self.refiner_decay)
         if self.budget_file and self.policy != "scalekv":
             raise ValueError("a budget file applies to the scalekv policy only")
 

@@ -7,6 +7,7 @@ on CPU. `plan_memory` predicts the same figures from shapes alone, so users can 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -220,3 +221,42 @@ def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, sc
                       sampling_peak_mb=peak / MiB, decode_peak_mb=decode / MiB,
                       total_mb=(weights + max(peak, decode)) / MiB, per_scale_cache_mb=per_scale,
                       analytic_mb=plan.peak_stored_tokens() * tb / MiB, full_analytic_mb=plan.full_tokens() * tb / MiB)
+
+
+# ------------------------------------------------------------------------------------------ admission
+
+#: Set to 1 to start a run whose planned peak exceeds the device's free memory (the admission check's override).
+ALLOW_OVERCOMMIT_ENV = "SCALEKV_ALLOW_OVERCOMMIT"
+
+
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Memory a new run can still take on `device`: CUDA's free bytes, or the host's MemAvailable on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def admission_problem(sampling_mb: float, decode_mb: float, free_bytes: int, where: str, batch: int) -> str | None:
+    """Why a run must not start (its planned peak beside the weights exceeds the free memory), or None."""
+    need_mb = max(sampling_mb, decode_mb)
+    free_mb = free_bytes / MiB
+    if need_mb <= free_mb:
+        return None
+    phase = "the VAE decode" if decode_mb >= sampling_mb else "sampling"
+    return (f"this run is planned to need {need_mb / 1024:.1f} GB beside the weights ({phase}; sampling "
+            f"{sampling_mb / 1024:.1f} GB, decode {decode_mb / 1024:.1f} GB) but {where} has only "
+            f"{free_mb / 1024:.1f} GB free. Lower the batch (now {batch}), the resolution or the ScaleKV budget; "
+            f"to start it anyway set {ALLOW_OVERCOMMIT_ENV}=1")
+
+
+def overcommit_allowed() -> bool:
+    """The explicit override of the admission check."""
+    return os.environ.get(ALLOW_OVERCOMMIT_ENV, "").strip() not in ("", "0")

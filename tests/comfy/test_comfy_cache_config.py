@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import pathlib
+import re
 
 import pytest
 
@@ -77,24 +78,34 @@ def test_validate_accepts_good_settings(node_classes, config_inputs, budget_file
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (dict(budget=0.0), "budget must be positive"),
-    (dict(budget=-5.0), "budget must be positive"),
-    (dict(budget=150.0), "150 percent"),
+    (dict(budget=0.0), "budget: 0 is out of range"),
+    (dict(budget=-5.0), "budget: -5 is out of range"),
+    (dict(budget=150.0), "budget: 150 is out of range"),
+    (dict(budget=float("nan")), "budget: expected a number"),
+    (dict(budget_unit="MB", budget=float("inf")), "budget: expected a number"),
+    (dict(budget="abc"), "budget: expected a number from above 0"),
     (dict(budget_unit="tokens", budget=64.5), "whole number"),
-    (dict(budget_unit="bytes"), "unknown budget unit"),
-    (dict(window=10), "not a square number"),
-    (dict(window=0), "window must be positive"),
-    (dict(kernel=4), "positive odd number"),
-    (dict(kernel=0), "positive odd number"),
-    (dict(policy="h2o"), "unknown policy"),
+    (dict(budget_unit="tokens", budget=8.0), "budget: 8 tokens cannot hold the observation window of 16"),
+    (dict(budget_unit="bytes"), "budget_unit: unknown value 'bytes'"),
+    (dict(window=10), "window: 10 is not a square number"),
+    (dict(window=0), "window: 0 is out of range"),
+    (dict(window=float("nan")), "window: expected a whole number"),
+    (dict(kernel=4), "kernel: 4 is even"),
+    (dict(kernel=0), "kernel: 0 is out of range"),
+    (dict(kernel=401), "kernel: 401 is out of range; expected an odd whole number from 1 to 63"),
+    (dict(kernel=999999999), "kernel: 999999999 is out of range"),
+    (dict(refiner_decay=float("nan")), "refiner_decay: expected a number"),
+    (dict(refiner_decay=-5.0), "refiner_decay: -5 is out of range"),
+    (dict(policy="h2o"), "policy: unknown value 'h2o'"),
+    (dict(policy="x" * 100_000), "policy: unknown value 'xxxxxxxx"),
     (dict(policy="snapkv", budget_source="preset:infinity-2b-10pct"), "only the scalekv policy"),
     (dict(budget_source="file:nowhere.json"), "nowhere.json"),
-    (dict(budget_source="preset:infinity-20b"), "unknown budget source"),
+    (dict(budget_source="preset:infinity-20b"), "budget_source: unknown"),
 ])
 def test_validate_rejects_impossible_settings_with_a_message(node_classes, run, config_inputs, overrides, words):
     message = validate(node_classes, **config_inputs(**overrides))
-    assert isinstance(message, str) and words in message
-    with pytest.raises(ValueError, match=words):  # and execute refuses them too (an API prompt may skip validation)
+    assert isinstance(message, str) and words in message and len(message) < 400
+    with pytest.raises(ValueError, match=re.escape(words)):  # and execute refuses them too (an API prompt may skip validation)
         run("ScaleKVCacheConfig", **config_inputs(**overrides))
 
 
@@ -112,6 +123,12 @@ def test_validation_through_comfyui(node_classes, config_inputs, monkeypatch):
     prompt = {"1": {"class_type": "ScaleKVCacheConfig", "inputs": config_inputs(window=12)}}
     ok, errors, _ = asyncio.run(execution.validate_inputs("p", prompt, "1", {}))
     assert not ok and errors[0]["type"] == "custom_validation_failed" and "not a square number" in errors[0]["details"]
+    # validate_inputs names kernel, so ComfyUI skips the widget's max of 63: the pack must enforce it (it cost
+    # +4 GB at 401 and tried to allocate 8e18 bytes at 999999999)
+    for kernel in (401, 999999999, float("nan")):
+        prompt["1"]["inputs"] = config_inputs(kernel=kernel)
+        ok, errors, _ = asyncio.run(execution.validate_inputs("p", prompt, "1", {}))
+        assert not ok and any("kernel:" in e["details"] for e in errors), (kernel, errors)
     prompt["1"]["inputs"] = config_inputs()
     ok, errors, _ = asyncio.run(execution.validate_inputs("p", prompt, "1", {}))
     assert ok and not errors

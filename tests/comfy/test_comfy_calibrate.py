@@ -90,16 +90,23 @@ def test_fingerprint_reruns_only_when_the_file_is_gone(run, loaded, scalekv_dir,
             p.unlink()
 
 
-@pytest.mark.parametrize("inputs, words", [(dict(budget=0.0), "percentage"), (dict(budget=120.0), "percentage"),
+@pytest.mark.parametrize("inputs, words", [(dict(budget=0.0), "budget: 0 is out of range"),
+                                           (dict(budget=120.0), "budget: 120 is out of range"),
+                                           (dict(budget=float("nan")), "budget: expected a number"),
                                            (dict(filename_prefix="../escape"), "filename_prefix"),
-                                           (dict(filename_prefix="/abs/path"), "filename_prefix")])
+                                           (dict(filename_prefix="/abs/path"), "filename_prefix"),
+                                           (dict(filename_prefix="a\x00b"), "filename_prefix: contains a NUL"),
+                                           (dict(filename_prefix="two\nlines"), "filename_prefix: contains a line"),
+                                           (dict(filename_prefix="x" * 300), "filename_prefix: 300 characters"),
+                                           (dict(prompts="ok\n\ud800"), "prompts: not valid text"),
+                                           (dict(prompts=" \n "), "prompts: ScaleKV Calibrate needs")])
 def test_validate_inputs(node_classes, inputs, words):
     cls = node_classes["ScaleKVCalibrate"]
     args = dict(budget=10.0, filename_prefix="ok")
     assert cls.validate_inputs(**args) is True
     args.update(inputs)
     message = cls.validate_inputs(**args)
-    assert isinstance(message, str) and words in message
+    assert isinstance(message, str) and words in message and len(message) < 300
 
 
 def test_no_prompts_and_no_compression_are_errors(run, loaded, scalekv_dir):

@@ -172,12 +172,52 @@ def test_interrupt_stops_at_the_scale_and_leaves_no_cache(run, loaded, encoded, 
 
 
 def test_bad_resolution_and_budget_are_errors(run, loaded, encoded, sampler_inputs, config_inputs):
-    with pytest.raises(ValueError, match="unsupported resolution"):
+    with pytest.raises(ValueError, match="resolution: unknown value '100x100'"):
         run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(resolution="100x100"))
-    config = run("ScaleKVCacheConfig", **config_inputs(budget_unit="tokens", budget=8.0)).result[0]
-    with pytest.raises(ValueError, match="observation window"):  # 8 tokens < the 16-token window
+    # the config node refuses 8 tokens under a 16-token window itself; a config made elsewhere (the engine's type
+    # through a link) is refused by the sampler's plan, before any sampling
+    config = CacheConfig(policy="scalekv", budget=8, window=16)
+    with pytest.raises(ValueError, match="cannot run at 256x256 on this model: .*observation window"):
         run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=config, **sampler_inputs())
+    # a preset made for 1024x1024 at another depth, and an MB budget that gives no token: refused by the plan too
+    preset = run("ScaleKVCacheConfig", **config_inputs(budget_source="preset:infinity-2b-10pct")).result[0]
+    with pytest.raises(ValueError, match="cannot run at 256x256 on this model: .*another"):
+        run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=preset, **sampler_inputs())
+    tiny_mb = run("ScaleKVCacheConfig", **config_inputs(budget_unit="MB", budget=1e-6)).result[0]
+    with pytest.raises(ValueError, match="too little to keep anything"):
+        run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=tiny_mb, **sampler_inputs())
     assert not live_caches()
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(cfg=float("nan")), "cfg: expected a number from 0 to 30, got nan"),
+    (dict(tau=float("nan")), "tau: expected a number"),
+    (dict(tau=0.0), "tau: 0 is out of range"),
+    (dict(top_p=float("inf")), "top_p: expected a number"),
+    (dict(cfg="abc"), "cfg: expected a number"),
+    (dict(resolution="9" * 1_000_000), "resolution: unknown value '99999"),
+])
+def test_sampler_refuses_bad_numbers_by_name(node_classes, run, loaded, encoded, sampler_inputs, overrides, words):
+    cls = node_classes["InfinitySampler"]
+    named = {k: v for k, v in sampler_inputs(**overrides).items() if k in ("cfg", "tau", "top_p", "resolution")}
+    message = cls.validate_inputs(**named)
+    assert isinstance(message, str) and message.startswith(words) and len(message) < 1000
+    with pytest.raises(ValueError) as e:  # and at run time, for values that came through links
+        run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(**overrides))
+    assert str(e.value).startswith(words) and len(str(e.value)) < 1000
+
+
+def test_admission_refuses_a_run_larger_than_free_memory(run, loaded, encoded, sampler_inputs, monkeypatch):
+    """The planner's peak is compared with the device's free memory before sampling; the override lets it run."""
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: 1 << 20)  # 1 MiB free
+    with pytest.raises(MemoryError, match=r"planned to need .* GB .* has only 0.0 GB free. Lower the batch \(now 2\)"):
+        run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(batch=2))
+    assert not live_caches()
+    monkeypatch.setenv("SCALEKV_ALLOW_OVERCOMMIT", "1")
+    image = run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs()).result[0]
+    assert image.shape == (1, 256, 256, 3)
 
 
 def test_budget_file_drives_the_cache(run, loaded, encoded, sampler_inputs, config_inputs, engine):
