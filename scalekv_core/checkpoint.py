@@ -6,16 +6,24 @@ Every error names the file, and key checks name the keys.
 from __future__ import annotations
 
 import json
+import os
 import pickle
-from pathlib import Path
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Mapping, Sequence
 
 import torch
+
+from .limits import shown
+from .safe_files import open_regular, read_text, regular_file
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # Wrappers the original releases and training scripts put around a state dict.
 _WRAPPER_KEYS = ("vae", "state_dict", "model", "module", "ema")
+#: A shard index lists tensor names and file names (the 8B's is about 100 KB); anything far larger is not one.
+MAX_INDEX_BYTES = 64 * 2**20
 
 
 class CheckpointError(ValueError):
@@ -83,22 +91,87 @@ def _find_index(folder: Path) -> Path:
     return indexes[0]
 
 
-def _load_sharded(folder: Path) -> dict[str, torch.Tensor]:
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, with every symlink followed, lies in `folder` (itself resolved)."""
+    try:
+        path.resolve().relative_to(folder)
+    except (OSError, RuntimeError, ValueError):  # outside, or a symlink loop
+        return False
+    return True
+
+
+def _shard_entry(index: Path, folder: Path, real_folder: Path, name: str) -> Path:
+    """The file a weight_map entry names, if it is a plain relative name that stays inside the folder."""
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"{index}: shard entry {shown(name)} {why}; entries must name files inside {folder}")
+
+    if not name or "\x00" in name:
+        raise refuse("is empty" if not name else "contains a NUL character")
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive \
+            or name.startswith(("/", "\\")):
+        raise refuse("is an absolute path")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise refuse("leaves the folder ('..')")
+    path = folder / name
+    if not _inside(path, real_folder):
+        raise refuse("leads outside the folder through a symbolic link")
+    try:
+        regular_file(path, "shard file", CheckpointError)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{index}: shard {shown(name)} is listed but missing from {folder}") from None
+    return path
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A shard folder's index, checked: every file it names is a regular file inside the folder."""
+
+    path: Path  # the *.index.json
+    weight_map: dict[str, str]  # tensor name -> shard entry as written in the index
+    files: dict[str, Path]  # shard entry -> its path (folder / entry), sorted by entry
+
+
+def shard_index(folder: str | Path) -> ShardIndex:
+    """Read and check a shard folder's `*.index.json` before any shard is opened.
+
+    An entry that is absolute, contains '..' or a NUL, or reaches outside the folder through a symlink is a
+    CheckpointError naming the index file and the entry; so is an index that is not a regular file of sane size.
+    """
+    folder = Path(folder)
     index = _find_index(folder)
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index}: not a valid shard index (needs a 'weight_map' object): {e}") from e
+        real_folder = folder.resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{folder}: cannot resolve the shard folder: {e}") from e
+    if not _inside(index, real_folder):
+        raise CheckpointError(f"{index}: the index leads outside {folder} through a symbolic link")
+    text = read_text(index, MAX_INDEX_BYTES, "shard index", CheckpointError)
+    try:
+        weight_map = json.loads(text)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index (needs a 'weight_map' object): "
+                              f"{type(e).__name__}: {shown(str(e), 200)}") from None
     if not isinstance(weight_map, Mapping) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    files = {name: _shard_entry(index, folder, real_folder, name) for name in sorted(set(weight_map.values()))}
+    return ShardIndex(index, dict(weight_map), files)
+
+
+def shard_files(folder: str | Path) -> list[Path]:
+    """The shard files a folder's index lists, each checked to be a regular file inside the folder."""
+    return list(shard_index(folder).files.values())
+
+
+def _load_sharded(folder: Path) -> dict[str, torch.Tensor]:
+    idx = shard_index(folder)
     sd: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
+    for shard, path in idx.files.items():
         # The prefix is stripped once for the whole checkpoint, so index and shards agree on the key names.
-        part = _load_file(folder / shard, strip_module=False)
-        listed = {k for k, s in weight_map.items() if s == shard}
+        part = _load_file(path, strip_module=False)
+        listed = {k for k, s in idx.weight_map.items() if s == shard}
         missing = listed - set(part)
         if missing:
-            raise CheckpointError(f"{folder / shard}: keys listed in {index.name} are absent: {sorted(missing)[:10]}")
+            raise CheckpointError(f"{path}: keys listed in {idx.path.name} are absent: {sorted(missing)[:10]}")
         sd.update({k: part[k] for k in listed})
     return _strip_module(sd)
 
@@ -108,7 +181,7 @@ def _sniff(path: Path, size: int) -> str | None:
 
     Renamed files are common (a .safetensors saved as .pth, ...), so content wins over the suffix.
     """
-    with open(path, "rb") as f:
+    with open_regular(path, "checkpoint file", CheckpointError) as (f, _):
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
         return "zip"
@@ -120,11 +193,8 @@ def _sniff(path: Path, size: int) -> str | None:
 
 
 def _load_file(path: Path, strip_module: bool = True) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: expected a checkpoint file, found a folder")
-    size = path.stat().st_size
+    # Regular files only: a FIFO would block the open, /dev/zero would be read forever.
+    size = regular_file(path, "checkpoint", CheckpointError).st_size
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty")
     kind = _sniff(path, size)
@@ -145,9 +215,11 @@ def _load_file(path: Path, strip_module: bool = True) -> dict[str, torch.Tensor]
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint (file or sharded folder) into a flat {name: tensor} dict on the CPU, safely."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
+    try:
+        is_folder = stat.S_ISDIR(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        is_folder = False  # _load_file names what is wrong (missing, NUL in the name, ...)
+    if is_folder:
         return _load_sharded(path)
     return _load_file(path)
 

@@ -320,15 +320,30 @@ def plan_to_original_json(plan: BudgetPlan) -> dict:
     return out
 
 
-def load_budget_file(path: str | Path, schedule: Schedule, num_layers: int, base_capacity: int) -> BudgetPlan:
-    """Read an original-format budget JSON, with errors that name the file and the field."""
+#: Budget files are a few KB (one entry per scale and layer); anything larger is not one.
+MAX_BUDGET_FILE_BYTES = 2**20
+
+
+def read_budget_json(path: str | Path) -> object:
+    """The parsed JSON of a budget file: a regular file (never a FIFO, device or folder) of at most 1 MB.
+
+    FileNotFoundError if it is missing; BudgetError naming the file for anything else.
+    """
+    from ..safe_files import read_text
+
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"budget file not found: {path}")
+    text = read_text(path, MAX_BUDGET_FILE_BYTES, "budget file", BudgetError)
     try:
-        data = json.loads(path.read_text())
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise BudgetError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except RecursionError:
+        raise BudgetError(f"{path}: the JSON is nested too deeply to be a budget file") from None
+
+
+def load_budget_file(path: str | Path, schedule: Schedule, num_layers: int, base_capacity: int) -> BudgetPlan:
+    """Read an original-format budget JSON, with errors that name the file and the field."""
+    data = read_budget_json(path)
     return plan_from_original_json(data, schedule, num_layers, base_capacity, source=str(path))
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..limits import check, shown
+
 #: Infinity always pads/truncates prompts to this many T5 tokens (run_infinity.encode_prompt).
 TEXT_MAXLEN = 512
 
@@ -129,6 +131,39 @@ def _check_folder(folder: Path) -> None:
         raise FileNotFoundError(f"T5 folder {folder} has no tokenizer (expected {' or '.join(_TOKENIZER_FILES)})")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.replace("\x1b[1m", "").replace("\x1b[0m", "").split())
+
+
+def _load_error(folder: Path, error: Exception, tokenizer_loaded: bool) -> Exception:
+    """One line naming the folder and the file that could not be loaded (transformers' messages span pages)."""
+    import pickle
+
+    from ..checkpoint import CheckpointError
+
+    if isinstance(error, FileNotFoundError):
+        return FileNotFoundError(f"could not load the T5 folder {folder}: {_one_line(str(error))}")
+    detail = _one_line(str(error))
+    if isinstance(error, pickle.UnpicklingError):
+        # torch's weights-only unpickler refused it: nothing in the file ran. Keep its reason, not its advice.
+        reason = next((line.split("WeightsUnpickler error:", 1)[1] for line in str(error).splitlines()
+                       if "WeightsUnpickler error:" in line), detail)
+        reason = _one_line(reason.split(" Please use", 1)[0])
+        files = sorted(p.name for p in folder.glob("*.bin")) or ["pytorch_model.bin"]
+        what = ("the file contains pickled code or objects other than tensors, and loading it could run arbitrary "
+                "code" if "global" in reason.lower() else
+                "the pickle is corrupt or uses constructs that a plain state dict never needs")
+        where = folder / files[0] if len(files) == 1 else f"{folder} ({', '.join(files)})"
+        return CheckpointError(f"{where}: refused to load the T5 weights: {what}. Only plain state dicts are "
+                               f"accepted. Details: {reason}")
+    if tokenizer_loaded:
+        files = sorted(p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json")))
+        part = f"T5 encoder weights ({', '.join(files)})" if files else "T5 encoder weights"
+    else:
+        part = "T5 tokenizer (spiece.model / tokenizer.json)"
+    return CheckpointError(f"{folder}: could not load the {part}: {type(error).__name__}: {detail[:500]}")
+
+
 class T5TextEncoder:
     """Tokenizer + T5EncoderModel (e.g. flan-t5-xl) producing Infinity's TextConditioning."""
 
@@ -148,8 +183,8 @@ class T5TextEncoder:
                 tokenizer = AutoTokenizer.from_pretrained(folder, legacy=True, model_max_length=TEXT_MAXLEN,
                                                           local_files_only=True)
                 module = T5EncoderModel.from_pretrained(folder, local_files_only=True, **_dtype_kwarg(dtype))
-            except (OSError, ValueError) as e:
-                raise ValueError(f"could not load T5 tokenizer/encoder from {folder}: {e}") from e
+            except Exception as e:  # transformers/torch/safetensors/sentencepiece each raise their own types
+                raise _load_error(folder, e, tokenizer_loaded="tokenizer" in locals()) from e
         return cls(tokenizer, module.to(device))
 
     @property
@@ -169,8 +204,11 @@ class T5TextEncoder:
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """input_ids and attention_mask (B, 512), padded/truncated exactly as the original encode_prompt."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
+        for i, prompt in enumerate(prompts):  # before the tokenizer sees it: a lone surrogate, NUL, not text
+            where = "" if len(prompts) == 1 else f" {i + 1} of {len(prompts)}"
+            quoted = shown(prompt[:40]) + ("..." if len(prompt) > 40 else "") if isinstance(prompt, str) else ""
+            check("prompt", prompt, f"prompt{where} {quoted}".rstrip())
         tokens = self.tokenizer(text=list(prompts), max_length=TEXT_MAXLEN, padding="max_length",
                                 truncation=True, return_tensors="pt")
         return tokens.input_ids, tokens.attention_mask
