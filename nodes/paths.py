@@ -215,3 +215,19 @@ def budget_output_path(name: str) -> str:
     if not dirs:
         raise RuntimeError("no models/scalekv folder is registered")
     return os.path.join(dirs[0], clean_name(name))
+
+
+def budget_file_from_report(value: str) -> str:
+    """A memory report's budget file (the path the config node resolved) back to a file inside models/scalekv.
+
+    A report comes back from the browser, so its path is untrusted: only a file under a registered models/scalekv
+    folder (or a bare name there) is accepted, exactly as the node resolves names.
+    """
+    if not os.path.isabs(value):
+        return resolve_budget_file(value)
+    real = os.path.realpath(value)
+    for base in _dirs(SCALEKV):
+        root = os.path.realpath(base)
+        if os.path.commonpath([root, real]) == root and real != root:
+            return resolve_budget_file(os.path.relpath(real, root))
+    raise ValueError(f"budget file {os.path.basename(value)[:80]!r} is not in {FOLDER_LABELS[SCALEKV]}")

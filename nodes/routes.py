@@ -11,9 +11,8 @@ Imported only inside ComfyUI (nodes/__init__.py registers the route on PromptSer
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
-import math
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,52 +20,35 @@ import torch
 
 import comfy.model_management as mm
 
-from ..scalekv_core.checkpoint import load_state_dict
+from ..scalekv_core.checkpoint import load_state_dict, shard_files
+from ..scalekv_core.kvcache.budget import PRESETS
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
 from ..scalekv_core.loader import PRECISIONS
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig, detect_infinity_config
+from ..scalekv_core.limits import shown
+from ..scalekv_core.safe_files import open_regular
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label, schedule_from_label
 from . import models, paths
 from .cache import DEFAULT_RESOLUTION, budget_file_for, budget_settings_problem, budget_spec
+from .plan_schema import PlanSettings, ReportBody, ValidationError, describe
 
 PLAN_ROUTE = "/scalekv/plan"
 DEFAULT_MODEL = "2b"
-#: The cache-config node's widgets and their defaults (the route fills in what a request leaves out).
-CONFIG_DEFAULTS: dict[str, Any] = dict(policy="scalekv", budget_unit="percent", budget=10.0, window=16, kernel=5,
-                                       pooling="maxpool", scoring="improved", kv_dtype="auto",
-                                       budget_source="generated", refiner_decay=0.0)
-_NUMBERS = {"budget": float, "window": int, "kernel": int, "refiner_decay": float, "batch": int, "cfg": float}
-MAX_BATCH = 64
+#: The cache-config node's widgets and their defaults (what a request leaves out).
+CONFIG_DEFAULTS = {name: field.default for name, field in PlanSettings.model_fields.items()}
+#: Widgets checked by the node's own budget_settings_problem, so the route and the node say the same words.
+NODE_CHECKED = ("policy", "budget_unit", "budget", "window", "kernel", "budget_source", "refiner_decay")
+#: Largest request body read: a report of 13 scales x 40 layers is about 30 KB.
+MAX_BODY_BYTES = 1 << 20
+#: Largest safetensors header read for a shape (the real 8B shards' headers are about 100 KB).
+MAX_HEADER_BYTES = 100 << 20
+log = logging.getLogger(__name__)
 
 
 class PlanInputError(ValueError):
     """A request the planner cannot answer; its message is the HTTP 400 body's "error"."""
-
-
-# ------------------------------------------------------------------------------------------- request fields
-
-
-def _number(body: Mapping[str, Any], key: str, default: Any) -> Any:
-    value = body.get(key, default)
-    kind = _NUMBERS[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PlanInputError(f"{key}: expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise PlanInputError(f"{key}: expected a finite number, got {value!r}")
-    if kind is int:
-        if value != int(value):
-            raise PlanInputError(f"{key}: expected a whole number, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-def _text(body: Mapping[str, Any], key: str, default: str | None) -> str | None:
-    value = body.get(key, default)
-    if value is not None and not isinstance(value, str):
-        raise PlanInputError(f"{key}: expected a string, got {value!r}")
-    return value
 
 
 # ------------------------------------------------------------------------------------------- model shapes
@@ -74,19 +56,21 @@ def _text(body: Mapping[str, Any], key: str, default: str | None) -> str | None:
 
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header alone (8-byte length + JSON), without reading the weights."""
-    with open(path, "rb") as f:
+    with open_regular(path, "checkpoint", PlanInputError) as (f, file_size):
         size = int.from_bytes(f.read(8), "little")
-        if not 0 < size <= path.stat().st_size - 8:
+        if not 0 < size <= min(file_size - 8, MAX_HEADER_BYTES):
             raise PlanInputError(f"{path}: not a safetensors file (header length {size})")
         try:
             header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanInputError(f"{path}: unreadable safetensors header: {e}") from e
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+            return {str(k): tuple(int(n) for n in v["shape"]) for k, v in header.items()
+                    if k != "__metadata__" and isinstance(v, dict)}
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, ValueError,
+                AttributeError) as e:
+            raise PlanInputError(f"{path}: unreadable safetensors header: {type(e).__name__}") from None
 
 
 def _is_safetensors(path: Path) -> bool:
-    with open(path, "rb") as f:
+    with open_regular(path, "checkpoint", PlanInputError) as (f, _):
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b"{"
 
@@ -117,40 +101,35 @@ def transformer_config(name: str) -> InfinityConfig:
     if key not in _shape_cache:
         try:
             if path.is_dir():
-                index = sorted(path.glob("*.index.json"))
-                if not index:
-                    raise PlanInputError(f"{path}: a shard folder needs a '*.index.json'")
-                shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
                 shapes: dict[str, tuple[int, ...]] = {}
-                for shard in shards:
-                    shapes.update(_file_shapes(path / shard))
+                for shard in shard_files(path):  # refuses entries that leave the folder
+                    shapes.update(_file_shapes(shard))
             else:
                 shapes = _file_shapes(path)
             _shape_cache[key] = detect_infinity_config(_strip_module(shapes), str(path))
         except PlanInputError:
             raise
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise PlanInputError(f"{path}: cannot read the transformer's shape: {e}") from e
+        except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
+            raise PlanInputError(f"{path}: cannot read the transformer's shape: {shown(str(e), 300)}") from None
     return _shape_cache[key]
 
 
-def model_config(body: Mapping[str, Any]) -> tuple[InfinityConfig, dict]:
+def model_config(s: PlanSettings) -> tuple[InfinityConfig, dict]:
     """The model shape to plan for: the loader's transformer file if given, else a known name (2b, 8b, ...)."""
-    transformer = _text(body, "transformer", None)
-    if transformer:
-        cfg = transformer_config(transformer)
-        return cfg, {"name": models.architecture_name(cfg), "source": transformer}
-    name = _text(body, "model", DEFAULT_MODEL)
+    if s.transformer:
+        cfg = transformer_config(s.transformer)
+        return cfg, {"name": models.architecture_name(cfg), "source": s.transformer}
+    name = s.model or DEFAULT_MODEL
     if name not in KNOWN_MODELS:
-        raise PlanInputError(f"model: unknown model {name!r}; choose one of {', '.join(KNOWN_MODELS)} "
+        raise PlanInputError(f"model: unknown model {shown(name)}; choose one of {', '.join(KNOWN_MODELS)} "
                              f"(or give the loader's transformer file)")
-    return KNOWN_MODELS[name], {"name": f"infinity-{name}", "source": "default" if "model" not in body else name}
+    return KNOWN_MODELS[name], {"name": f"infinity-{name}", "source": "default" if s.model is None else name}
 
 
 def block_dtype_for(precision: str) -> torch.dtype:
     """The loader's precision as it resolves on this server's device (auto = bf16 on CUDA, fp32 on CPU)."""
     if precision not in models.PRECISION_CHOICES:
-        raise PlanInputError(f"precision: unknown precision {precision!r}; choose one of "
+        raise PlanInputError(f"precision: unknown precision {shown(precision)}; choose one of "
                              f"{', '.join(models.PRECISION_CHOICES)}")
     return PRECISIONS[models.precision_name(precision, mm.get_torch_device())]
 
@@ -185,31 +164,31 @@ def scale_rows(grids: Sequence[tuple[int, int]], kept: Sequence[Sequence[int]], 
 
 def plan_for_settings(body: Mapping[str, Any]) -> dict:
     """The cache plan for the cache-config widgets plus the resolution, batch, cfg and model the widget found."""
-    s = {k: (_number(body, k, d) if k in _NUMBERS else _text(body, k, d)) for k, d in CONFIG_DEFAULTS.items()}
-    problem = budget_settings_problem(s["policy"], s["budget_unit"], s["budget"], s["window"], s["kernel"],
-                                      s["budget_source"])
+    # the cache-config widgets first, through the node's own check: the widget shows the node's words
+    problem = budget_settings_problem(**{k: body.get(k, CONFIG_DEFAULTS[k]) for k in NODE_CHECKED})
     if problem is not None:
         raise PlanInputError(problem)
-    budget_file = _text(body, "budget_file", None)
-    if budget_file and s["policy"] != "scalekv":
-        raise PlanInputError(f"budget file '{budget_file}' only applies to the scalekv policy "
-                             f"(policy is {s['policy']})")
-    resolution = _text(body, "resolution", DEFAULT_RESOLUTION)
+    try:
+        s = PlanSettings.model_validate(body)
+    except ValidationError as e:
+        raise PlanInputError(describe(e)) from None
+    if s.budget_file and s.policy != "scalekv":
+        raise PlanInputError(f"budget_file: {shown(s.budget_file)} only applies to the scalekv policy "
+                             f"(policy is {s.policy})")
+    resolution = s.resolution if s.resolution is not None else DEFAULT_RESOLUTION
     try:
         schedule = schedule_from_label(resolution)
     except ValueError as e:
-        raise PlanInputError(f"resolution: {e}") from e
-    batch = _number(body, "batch", 1)
-    if not 1 <= batch <= MAX_BATCH:
-        raise PlanInputError(f"batch: expected 1 to {MAX_BATCH}, got {batch}")
-    cfg_on = _number(body, "cfg", 3.0) != 1
-    cfg, model = model_config(body)
-    block_dtype = block_dtype_for(_text(body, "precision", "auto"))
+        raise PlanInputError(f"resolution: {e}") from None
+    batch = s.batch
+    cfg_on = s.cfg != 1
+    cfg, model = model_config(s)
+    block_dtype = block_dtype_for(s.precision)
     try:
-        config = CacheConfig(policy=s["policy"], budget=budget_spec(s["budget_unit"], s["budget"]),
-                             window=s["window"], kernel=s["kernel"], pooling=s["pooling"], scoring=s["scoring"],
-                             kv_dtype=s["kv_dtype"], budget_file=budget_file_for(s["budget_source"], budget_file),
-                             refiner_decay=s["refiner_decay"])
+        config = CacheConfig(policy=s.policy, budget=budget_spec(s.budget_unit, s.budget), window=s.window,
+                             kernel=s.kernel, pooling=s.pooling, scoring=s.scoring, kv_dtype=s.kv_dtype,
+                             budget_file=budget_file_for(s.budget_source, s.budget_file),
+                             refiner_decay=s.refiner_decay)
         config.validate()
         rows = batch * (2 if cfg_on else 1)
         _, plan = config.build(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, rows, block_dtype)
@@ -218,14 +197,14 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
         budget_tokens = (None if config.policy == "full" else
                          config.budget_tokens(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, rows, block_dtype))
     except (ValueError, FileNotFoundError) as e:  # BudgetError is a ValueError
-        raise PlanInputError(str(e)) from e
+        raise PlanInputError(shown(str(e), 500)) from None
     k_dtype, v_dtype = config.storage_dtypes(block_dtype)
     tb = kv_bytes_per_token(cfg.num_heads, cfg.head_dim, k_dtype.itemsize, v_dtype.itemsize, rows)
     model.update(depth=cfg.depth, width=cfg.embed_dim, heads=cfg.num_heads, block_dtype=_dtype_name(block_dtype))
     return {
         "mode": "plan", "model": model, "resolution": resolution_label(schedule), "num_scales": schedule.num_scales,
         "batch": batch, "batch_rows": rows, "policy": config.policy,
-        "budget": budget_spec(s["budget_unit"], s["budget"]),
+        "budget": budget_spec(s.budget_unit, s.budget),
         "budget_tokens": budget_tokens, "budget_source": plan.source, "token_bytes": tb,
         "scales": scale_rows(schedule.grids, plan.kept, plan.drafters, tb, memory.per_scale_cache_mb),
         "totals": {"stored_peak_mb": memory.analytic_mb, "full_mb": memory.full_analytic_mb,
@@ -241,63 +220,88 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _config_from_report(policy: Mapping[str, Any]) -> CacheConfig:
-    fields = {f.name for f in dataclasses.fields(CacheConfig)}
-    return CacheConfig(**{k: v for k, v in policy.items() if k in fields})
+def _report_budget_file(value: str | None) -> str | None:
+    """A report's budget file, resolved as the config node resolves names: a preset, or a file in models/scalekv."""
+    if not value or value in PRESETS:
+        return value or None
+    try:
+        return paths.budget_file_from_report(value)
+    except (FileNotFoundError, ValueError) as e:
+        raise PlanInputError(f"report.policy.budget_file: {shown(str(e), 300)}") from None
 
 
-def plan_for_report(report: Mapping[str, Any]) -> dict:
+def plan_for_report(body: Mapping[str, Any]) -> dict:
     """The rows of a finished run (its own planned tokens), with what the cache really held and stored."""
     try:
-        scales = report["scales"]
-        schedule = get_schedule(report["schedule"]["template"], report["schedule"]["size"])
-        tb = int(report["bytes_per_token_layer"])
-        model = dict(report["model"])
-        stored = scales[:-1]
-        kept = [list(s["planned_tokens"]) for s in stored]
-    except (KeyError, TypeError, ValueError) as e:
-        raise PlanInputError(f"report: not a ScaleKV memory report ({e!r} missing or malformed)") from e
-    if len(scales) != schedule.num_scales:
-        raise PlanInputError(f"report: {len(scales)} scales for a {schedule.num_scales}-scale schedule")
-    config = _config_from_report(report.get("policy") or {})
+        report = ReportBody.model_validate(body).report
+    except ValidationError as e:
+        raise PlanInputError(describe(e)) from None
+    model = report.model
+    try:
+        schedule = get_schedule(report.schedule.template, report.schedule.size)
+    except ValueError as e:
+        raise PlanInputError(f"report.schedule: {shown(str(e), 300)}") from None
+    if len(report.scales) != schedule.num_scales:
+        raise PlanInputError(f"report.scales: {len(report.scales)} scales for a {schedule.num_scales}-scale schedule")
+    if model.width % model.heads:
+        raise PlanInputError(f"report.model: width {model.width} is not a multiple of heads {model.heads}")
+    stored = report.scales[:-1]
+    for si, sc in enumerate(stored):
+        for name in ("planned_tokens", "held_tokens", "stored_bytes"):
+            values = getattr(sc, name)
+            if values is not None and len(values) not in (0, model.depth):
+                raise PlanInputError(f"report.scales.{si}.{name}: {len(values)} layers for a model of depth "
+                                     f"{model.depth}")
+        if len(sc.planned_tokens) != model.depth:
+            raise PlanInputError(f"report.scales.{si}.planned_tokens: {len(sc.planned_tokens)} layers for a model "
+                                 f"of depth {model.depth}")
+    kept = [list(sc.planned_tokens) for sc in stored]
+    tb = report.bytes_per_token_layer
+    policy = report.policy
     drafters: list[list[int]] = []
     note = None
-    try:  # the drafter layers are the plan's; the report keeps only the token counts
-        dtype = getattr(torch, str(model.get("block_dtype", "float32")))
-        _, plan = config.build(schedule, int(model["depth"]), int(model["heads"]),
-                               int(model["width"]) // int(model["heads"]), int(report["batch_rows"]), dtype)
-        if [list(r) for r in plan.kept] == kept:
-            drafters = plan.drafters
-        else:
-            note = "the plan rebuilt from the report's settings differs from the run's; drafters not shown"
-    except (ValueError, FileNotFoundError, KeyError, TypeError, AttributeError) as e:
-        note = f"drafter layers unknown: {e}"
+    if policy is not None:
+        try:  # the drafter layers are the plan's; the report keeps only the token counts
+            config = CacheConfig(policy=policy.policy, budget=policy.budget, window=policy.window,
+                                 kernel=policy.kernel, pooling=policy.pooling, scoring=policy.scoring,
+                                 kv_dtype=policy.kv_dtype, budget_file=_report_budget_file(policy.budget_file),
+                                 refiner_decay=policy.refiner_decay)
+            _, plan = config.build(schedule, model.depth, model.heads, model.width // model.heads,
+                                   report.batch_rows, getattr(torch, model.block_dtype))
+            if [list(r) for r in plan.kept] == kept:
+                drafters = plan.drafters
+            else:
+                note = "the plan rebuilt from the report's settings differs from the run's; drafters not shown"
+        except (ValueError, FileNotFoundError) as e:  # PlanInputError is a ValueError too
+            note = f"drafter layers unknown: {shown(str(e), 300)}"
+    else:
+        note = "drafter layers unknown: the report has no policy"
     rows = scale_rows(schedule.grids, kept, drafters, tb)
-    for row, s in zip(rows, stored):
-        held, sb = list(s.get("held_tokens") or []), list(s.get("stored_bytes") or [])
+    for row, sc in zip(rows, stored):
+        held, sb = list(sc.held_tokens or []), list(sc.stored_bytes or [])
         ds = set(row["drafter_layers"])
         d_held = [held[i] for i in range(len(held)) if i in ds]
         r_held = [held[i] for i in range(len(held)) if i not in ds]
         row["measured"] = {
             "drafter_tokens": max(d_held) if d_held else None, "refiner_tokens": max(r_held) if r_held else None,
-            "stored_tokens": sum(held), "matches_plan": held == list(s["planned_tokens"]),
+            "stored_tokens": sum(held), "matches_plan": held == list(sc.planned_tokens),
             "stored_mb": sum(sb) / MiB, "drafter_mb": sum(sb[i] for i in range(len(sb)) if i in ds) / MiB,
             "refiner_mb": sum(sb[i] for i in range(len(sb)) if i not in ds) / MiB,
-            "allocated_mb": sum(s.get("allocated_bytes") or []) / MiB,
+            "allocated_mb": sum(sc.allocated_bytes or []) / MiB,
         }
-    full_mb = float(report.get("full_analytic_mb") or 0.0)
-    analytic = float(report.get("analytic_mb") or 0.0)
-    policy = report.get("policy") or {}
+    full_mb = report.full_analytic_mb or 0.0
+    analytic = report.analytic_mb or 0.0
     return {
-        "mode": "report", "model": model, "resolution": resolution_label(schedule), "num_scales": schedule.num_scales,
-        "batch": report.get("batch"), "batch_rows": report.get("batch_rows"), "policy": config.policy,
-        "budget": policy.get("budget"), "budget_tokens": None, "budget_source": policy.get("budget_file") or "",
+        "mode": "report", "model": model.model_dump(), "resolution": resolution_label(schedule),
+        "num_scales": schedule.num_scales, "batch": report.batch, "batch_rows": report.batch_rows,
+        "policy": policy.policy if policy else "full", "budget": policy.budget if policy else None,
+        "budget_tokens": None, "budget_source": (policy.budget_file if policy else None) or "",
         "token_bytes": tb, "scales": rows, "note": note,
         "totals": {"stored_peak_mb": analytic, "full_mb": full_mb,
                    "stored_ratio": analytic / full_mb if full_mb else 1.0,
-                   "planned_peak_mb": report.get("planned_peak_mb")},
-        "measured": {"peak_mb": report.get("measured_peak_mb"), "measurement": report.get("measurement", ""),
-                     "sampling_seconds": report.get("sampling_seconds"),
+                   "planned_peak_mb": report.planned_peak_mb},
+        "measured": {"peak_mb": report.measured_peak_mb, "measurement": report.measurement,
+                     "sampling_seconds": report.sampling_seconds,
                      "stored_peak_mb": max((r["measured"]["stored_mb"] for r in rows), default=0.0),
                      "matches_plan": all(r["measured"]["matches_plan"] for r in rows)},
     }
@@ -308,28 +312,52 @@ def plan_request(body: Any) -> dict:
     if not isinstance(body, dict):
         raise PlanInputError(f"expected a JSON object, got {type(body).__name__}")
     if "report" in body:
-        if not isinstance(body["report"], dict):
-            raise PlanInputError("report: expected the sampler's scalekv_memory object")
-        return plan_for_report(body["report"])
+        return plan_for_report(body)
     return plan_for_settings(body)
+
+
+def _answer(raw: bytes) -> tuple[int, dict]:
+    """(status, JSON answer) for a raw body: parsing and planning together, off the event loop."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else shown(str(e), 200)
+        return 400, {"error": f"the request body is not JSON: {what}"}
+    try:
+        return 200, plan_request(body)
+    except PlanInputError as e:
+        return 400, {"error": str(e)}
+    except RecursionError:
+        return 400, {"error": "the request body is nested too deeply"}
 
 
 # ------------------------------------------------------------------------------------------- aiohttp
 
 
 async def handle_plan(request) -> Any:
-    """POST /scalekv/plan: 200 with the plan, or 400 {"error": message} for settings the node would refuse."""
+    """POST /scalekv/plan: 200 with the plan, or 400 {"error": message} for a body the planner cannot use."""
     from aiohttp import web
 
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return web.json_response({"error": f"the request body is {request.content_length} bytes; at most "
+                                           f"{MAX_BODY_BYTES}"}, status=413)
+    chunks, size = [], 0
+    while size <= MAX_BODY_BYTES:  # read() may return less than asked: read to the end or past the cap
+        chunk = await request.content.read(MAX_BODY_BYTES + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > MAX_BODY_BYTES:
+        return web.json_response({"error": f"the request body is larger than {MAX_BODY_BYTES} bytes"}, status=413)
+    raw = b"".join(chunks)
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return web.json_response({"error": f"the request body is not JSON: {e}"}, status=400)
-    try:
-        # header reads and the planner's meta-device buffers: off the event loop that serves the UI
-        return web.json_response(await asyncio.to_thread(plan_request, body))
-    except PlanInputError as e:
-        return web.json_response({"error": str(e)}, status=400)
+        # JSON parsing, header reads and the planner's meta-device buffers: off the event loop that serves the UI
+        status, answer = await asyncio.to_thread(_answer, raw)
+    except Exception as e:  # a bug, not the user's input: say so briefly, log the traceback
+        log.exception("scalekv plan route failed")
+        return web.json_response({"error": f"internal error in the planner: {type(e).__name__}"}, status=500)
+    return web.json_response(answer, status=status)
 
 
 def register(routes=None) -> bool:

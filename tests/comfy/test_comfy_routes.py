@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import pathlib
 import shutil
 
@@ -224,14 +225,24 @@ def test_bad_settings_are_400_with_the_nodes_message(post, node_classes, fields)
 @pytest.mark.parametrize("body, words", [
     (dict(resolution="100x100 (1:1)"), "resolution: unsupported resolution '100x100 (1:1)'"),
     (dict(model="70b"), "model: unknown model '70b'"),
-    (dict(budget="ten"), "budget: expected a number, got 'ten'"),
-    (dict(window=True), "window: expected a number, got True"),
-    (dict(batch=0), "batch: expected 1 to 64, got 0"),
+    (dict(budget="ten"), "budget: expected a number from above 0 to 100, got 'ten'"),
+    (dict(window=True), "window: expected a whole number from 1 to 4096, got True"),
+    (dict(batch=0), "batch: Input should be greater than or equal to 1"),
+    (dict(batch=65), "batch: Input should be less than or equal to 64"),
+    (dict(kernel=1000000001), "kernel: 1000000001 is out of range; expected an odd whole number from 1 to 63"),
+    (dict(kernel=6), "kernel: 6 is even"),
+    (dict(refiner_decay=1e308), "refiner_decay: 1e+308 is out of range"),
+    (dict(refiner_decay=float("nan")), "refiner_decay: expected a number from 0 to 1000, got nan"),
+    (dict(cfg=float("nan")), "cfg: Input should be a finite number"),
+    (dict(policy=["scalekv"]), "policy: unknown value ['scalekv']"),
+    (dict(pooling="median"), "pooling: Input should be"),
+    (dict(batch="2"), "batch: Input should be a valid integer"),
     (dict(transformer="nothing_here.safetensors"), "nothing_here.safetensors"),
+    (dict(transformer="../../etc/passwd"), "is not a name inside a model folder"),
     (dict(precision="fp8"), "precision: unknown precision 'fp8'"),
     (dict(budget_source="preset:infinity-8b-10pct", model="2b"), "another depth"),  # 40-layer file, 32 layers
-    (dict(report=[1, 2]), "report: expected"),
-    (dict(report={"scales": []}), "report: not a ScaleKV memory report"),
+    (dict(report=[1, 2]), "report: Input should be a valid dictionary"),
+    (dict(report={"scales": []}), "report.scales: List should have at least 1 item"),
 ])
 def test_bad_requests_name_the_field(post, body, words):
     status, answer = post(body)
@@ -244,6 +255,83 @@ def test_body_that_is_not_json_is_400(post):
     assert status == 400 and "not JSON" in answer["error"]
     status, answer = post([1, 2])
     assert status == 400 and "expected a JSON object" in answer["error"]
+    status, answer = post(None, raw=b"[" * 100_000 + b"]" * 100_000)  # RecursionError in json.loads: was a 500
+    assert status == 400 and "nested too deeply" in answer["error"]
+
+
+def test_huge_values_are_never_echoed(post):
+    status, answer = post({"policy": "x" * 500_000})
+    assert status == 400 and "policy:" in answer["error"] and len(json.dumps(answer)) < 2000
+    status, answer = post({"resolution": "9" * 500_000})
+    assert status == 400 and len(json.dumps(answer)) < 2000
+    status, answer = post(None, raw=json.dumps({"policy": "x" * (2 << 20)}).encode())  # over the 1 MB cap
+    assert status == 413 and len(json.dumps(answer)) < 500
+
+
+@pytest.fixture
+def report(run, loaded, encoded, config_inputs, sampler_inputs):
+    """A real scalekv_memory report of a tiny run (ScaleKV, 48 tokens)."""
+    config = run("ScaleKVCacheConfig", **config_inputs(budget_unit="tokens", budget=48.0, window=4)).result[0]
+    out = run("InfinitySampler", model=loaded[0], positive=encoded, cache_config=config, **sampler_inputs(seed=3))
+    return json.loads(json.dumps(out.ui["scalekv_memory"][0]))
+
+
+def _with(report: dict, path: str, value) -> dict:
+    out = json.loads(json.dumps(report))
+    *head, last = path.split(".")
+    node = out
+    for key in head:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[int(last) if isinstance(node, list) else last] = value
+    return {"report": out}
+
+
+@pytest.mark.parametrize("path, value, words", [
+    ("model.depth", 10_000_000, "report.model.depth: Input should be less than or equal to 256"),
+    ("model.depth", 100_000_000, "report.model.depth"),
+    ("model.heads", 0, "report.model.heads: Input should be greater than or equal to 1"),
+    ("model.width", "wide", "report.model.width"),
+    ("model.depth", 3, "report.scales.0.planned_tokens: 4 layers for a model of depth 3"),
+    ("scales.0.planned_tokens", "all", "report.scales.0.planned_tokens"),
+    ("scales.0.planned_tokens", [1.5, 2, 3, 4], "report.scales.0.planned_tokens.0"),
+    ("scales.1.held_tokens", {"a": 1}, "report.scales.1.held_tokens"),
+    ("scales.2.stored_bytes", [-1, 0, 0, 0], "report.scales.2.stored_bytes.0"),
+    ("policy", "scalekv", "report.policy"),
+    ("policy.kernel", 1000000001, "report.policy.kernel"),
+    ("policy.refiner_decay", 1e308, "report.policy.refiner_decay"),
+    ("full_analytic_mb", "lots", "report.full_analytic_mb"),
+    ("batch_rows", 0, "report.batch_rows"),
+    ("scales", [], "report.scales"),
+    ("schedule.size", "x" * 1000, "report.schedule.size"),
+])
+def test_bad_report_fields_are_400_naming_the_field(post, report, path, value, words):
+    """Every report field is typed and bounded: depth 1e7 kept the server busy 130 s and took 2.7 GB."""
+    import time
+
+    t0 = time.perf_counter()
+    status, answer = post(_with(report, path, value))
+    assert status == 400, answer
+    assert words in answer["error"], answer
+    assert time.perf_counter() - t0 < 5 and len(json.dumps(answer)) < 2000
+
+
+def test_report_budget_file_is_resolved_like_the_node(post, report, tmp_path):
+    """Only files inside models/scalekv are read: an outside path is refused without revealing it or its keys."""
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"TOPSECRETKEY": 1}))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    cases = [str(secret), str(tmp_path / "missing.json"), "/dev/zero", str(fifo), str(tmp_path),
+             "../../../../" + str(secret), "/etc/passwd"]
+    answers = []
+    for path in cases:
+        status, answer = post(_with(report, "policy.budget_file", path))
+        answers.append((status, answer))
+        assert status == 200, (path, answer)  # the rows still come back; the drafters are unknown
+        assert "TOPSECRETKEY" not in json.dumps(answer)
+        assert answer["note"].startswith("drafter layers unknown"), answer["note"]
+    # a present and an absent outside file get the same answer: nothing is revealed
+    assert answers[0][1]["note"].replace("secret", "X") == answers[1][1]["note"].replace("missing", "X")
 
 
 def test_register_needs_a_running_server(routes):
