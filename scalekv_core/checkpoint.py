@@ -39,18 +39,29 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
+def refused_pickle(error: pickle.UnpicklingError) -> str:
+    """Why torch's weights-only unpickler refused a file, in one line: what it means, then torch's own reason
+    (without its advice to load the file unsafely).
+
+    A class/function reference ("GLOBAL ... not an allowed global") is code; other refusals (unsupported opcodes)
+    come from corrupt files or hand-made pickles. Neither runs anything.
+    """
+    text = str(error)
+    reason = next((line.split("WeightsUnpickler error:", 1)[1] for line in text.splitlines()
+                   if "WeightsUnpickler error:" in line), text)
+    reason = " ".join(reason.split(" Please use `torch.serialization.add_safe_globals", 1)[0].split())
+    what = ("the file contains pickled code or objects other than tensors, and loading it could run arbitrary code"
+            if "global" in reason.lower() else
+            "the pickle is corrupt or uses constructs that a plain state dict never needs")
+    return f"{what}. Only plain state dicts are accepted. Details: {reason[:300]}"
+
+
 def _load_pickle(path: Path, zipped: bool) -> object:
     try:
         # mmap only works for torch's zip format; legacy (pre-1.6) files are read in full.
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
-        # torch's weights-only unpickler: a class/function reference ("GLOBAL ... not an allowed global") is code;
-        # other refusals (unsupported opcodes) come from corrupt files or hand-made pickles. Neither runs anything.
-        what = ("the file contains pickled code or objects other than tensors, and loading it could run arbitrary "
-                "code" if "global" in str(e).lower() else
-                "the pickle is corrupt or uses constructs that a plain state dict never needs")
-        raise CheckpointError(f"{path}: refused to load: {what}. Only plain state dicts are accepted. "
-                              f"Details: {e}") from e
+        raise CheckpointError(f"{path}: refused to load: {refused_pickle(e)}") from e
     except Exception as e:  # zip/stream errors (RuntimeError), EOFError, OSError, KeyError from garbage, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
 

@@ -132,30 +132,22 @@ def _check_folder(folder: Path) -> None:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.replace("\x1b[1m", "").replace("\x1b[0m", "").split())
+    return " ".join(text.split())
 
 
 def _load_error(folder: Path, error: Exception, tokenizer_loaded: bool) -> Exception:
     """One line naming the folder and the file that could not be loaded (transformers' messages span pages)."""
     import pickle
 
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, refused_pickle
 
     if isinstance(error, FileNotFoundError):
         return FileNotFoundError(f"could not load the T5 folder {folder}: {_one_line(str(error))}")
     detail = _one_line(str(error))
-    if isinstance(error, pickle.UnpicklingError):
-        # torch's weights-only unpickler refused it: nothing in the file ran. Keep its reason, not its advice.
-        reason = next((line.split("WeightsUnpickler error:", 1)[1] for line in str(error).splitlines()
-                       if "WeightsUnpickler error:" in line), detail)
-        reason = _one_line(reason.split(" Please use", 1)[0])
+    if isinstance(error, pickle.UnpicklingError):  # torch's weights-only unpickler refused it: nothing ran
         files = sorted(p.name for p in folder.glob("*.bin")) or ["pytorch_model.bin"]
-        what = ("the file contains pickled code or objects other than tensors, and loading it could run arbitrary "
-                "code" if "global" in reason.lower() else
-                "the pickle is corrupt or uses constructs that a plain state dict never needs")
         where = folder / files[0] if len(files) == 1 else f"{folder} ({', '.join(files)})"
-        return CheckpointError(f"{where}: refused to load the T5 weights: {what}. Only plain state dicts are "
-                               f"accepted. Details: {reason}")
+        return CheckpointError(f"{where}: refused to load the T5 weights: {refused_pickle(error)}")
     if tokenizer_loaded:
         files = sorted(p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json")))
         part = f"T5 encoder weights ({', '.join(files)})" if files else "T5 encoder weights"
