@@ -1,23 +1,308 @@
-"""Command line: `python -m scalekv_core generate|convert ...`."""
+"""Command line: `python -m scalekv_core generate|plan|calibrate|convert ...`.
+
+Every user error (a value out of range, a file that is missing, unreadable or of the wrong kind, an output path
+that cannot be written) exits with status 2 and one line on stderr, `error: ...`, naming the flag, value or file.
+Values are checked through the one table of limits (`limits.py`) while the flags are parsed, and input files and
+output paths before any model is loaded, so a mistake never costs a generation.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+
+from .limits import LIMITS, TEXTS, InputError, shown
+
+#: Per-scale lists have one value per scale (13 at 1024x1024); anything much longer is a mistake.
+MAX_SCALES = 64
+#: Precomputed T5 encodings of one prompt: 512 tokens x 4096 channels x float64 is 16 MB.
+MAX_TEXT_KV_BYTES = 64 * 2**20
+#: Longest error line printed (a path or message is cut here; values are already quoted with `shown`).
+MAX_ERROR_CHARS = 2000
 
 
-def _floats(text: str) -> float | list[float]:
-    """'3' -> 3.0; '3,3,2.5' -> a per-scale list."""
+class _UsageError(Exception):
+    """A bad command line, found while parsing; main prints it as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line naming the flag and value (no usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        prefix = "argument "
+        if message.startswith(prefix) and ": " in message:
+            flag, rest = message[len(prefix):].split(": ", 1)
+            # our types already name the flag ("--cfg: ..."); argparse's own messages get it added
+            message = rest if rest.startswith(flag.split("/")[-1]) else f"{flag}: {rest}"
+        raise _UsageError(message)
+
+
+def _type(name: str, parse: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type whose InputError becomes argparse's error (so it names the flag and value)."""
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = name
+    return convert
+
+
+def _number(limit: str, flag: str) -> Callable[[str], object]:
+    """A flag holding one number, checked against LIMITS[limit]."""
+    return _type(limit, lambda text: LIMITS[limit].parse(text, flag))
+
+
+def _numbers(limit: str, flag: str) -> Callable[[str], object]:
+    """'3' -> 3.0; '3,3,2.5' -> a per-scale list; every element checked against LIMITS[limit]."""
+    def parse(text: str) -> float | list[float]:
+        parts = text.split(",")
+        if len(parts) > MAX_SCALES:
+            raise InputError(f"{flag}: {len(parts)} values; give one, or one per scale (at most {MAX_SCALES})")
+        if len(parts) == 1:
+            return float(LIMITS[limit].parse(text.strip(), flag))
+        return [float(LIMITS[limit].parse(v.strip(), f"{flag}[{i}]")) for i, v in enumerate(parts)]
+    return _type(limit, parse)
+
+
+def _text(limit: str, flag: str) -> Callable[[str], object]:
+    return _type(limit, lambda text: TEXTS[limit].check(text, flag))
+
+
+_BUDGET_FORMS = "a percentage ('10%'), tokens ('650') or MB ('900MB')"
+
+
+def _budget(flag: str) -> Callable[[str], object]:
+    """'10%' (checked as budget_percent), '650' / '650tokens' / '900MB' (checked as budget); kept as text."""
+    def parse(text: str) -> str:
+        spec = text.strip().lower().replace(" ", "")
+        for suffix, limit in (("%", "budget_percent"), ("mb", "budget"), ("tokens", "budget"), ("", "budget")):
+            if spec.endswith(suffix):
+                number = spec[: len(spec) - len(suffix)]
+                break
+        try:
+            float(number)
+        except ValueError:
+            raise InputError(f"{flag}: expected {_BUDGET_FORMS}, got {shown(text)}") from None
+        LIMITS[limit].parse(number, f"{flag} {shown(text)}")
+        return text.strip()
+    return _type("budget", parse)
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _device(text: str) -> str:
+    """A device this process can use: cpu, cuda, cuda:N (checked against the GPUs present), mps, xpu."""
+    import torch
+
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list of numbers, got {text!r}")
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values[0] if len(values) == 1 else values
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in _DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"--device: unknown device {shown(text)}; use cpu, cuda, cuda:N, mps or xpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"--device: {shown(text)} is not available: this torch sees no CUDA GPU "
+                                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"--device: {shown(text)} does not exist; this machine has "
+                                             f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                                             f"cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"--device: {shown(text)} is not available on this machine; use --device cpu")
+    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise argparse.ArgumentTypeError(f"--device: {shown(text)} is not available on this machine; use --device cpu")
+    return text
+
+
+# ------------------------------------------------------------------------------------- files, before any work
+
+
+def _one_line(text: str) -> str:
+    """One line: whitespace runs become one space, terminal escapes and control characters go, long lines are cut."""
+    line = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(text)).split())
+    line = "".join(c if c.isprintable() else "?" for c in line)
+    return line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS] + "..."
+
+
+def _stat(path: Path, flag: str) -> os.stat_result | None:
+    """os.stat, None if nothing is there; an InputError for a name that cannot be a path."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:  # embedded NUL
+        raise InputError(f"{flag}: {shown(str(path))} is not a usable path (it contains a NUL character)") from None
+    except OSError as e:
+        raise InputError(f"{flag} {path}: {e.strerror or e}") from None
+
+
+def _writable_folder(folder: Path, flag: str, target: Path) -> None:
+    """`folder` exists as a folder we can create files in, or can be created (its nearest existing parent can)."""
+    here = folder
+    while True:
+        st = _stat(here, flag)
+        if st is not None:
+            break
+        if here.parent == here:
+            raise InputError(f"{flag} {target}: no part of the path exists")
+        here = here.parent
+    if not stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{flag} {target}: {here} is a file, not a folder")
+    problem = None
+    if not os.access(here, os.W_OK | os.X_OK):
+        problem = "permission denied"
+    else:  # os.access does not see everything (root on a read-only mount, ACLs): try it
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".scalekv-write-check-", dir=here)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            problem = e.strerror or str(e)
+    if problem:
+        where = "files in" if here == folder else f"the folder {folder} in"
+        raise InputError(f"{flag} {target}: cannot create {where} {here} ({problem})")
+
+
+def _output_file(text: str, flag: str, images: int = 0) -> Path:
+    """A file the command will write: not a folder or special file, in a folder that exists or can be made.
+
+    `images`: the number of images written there (an image format is then needed; a batch adds _00, _01, ...).
+    """
+    path = Path(text)
+    st = _stat(path, flag)
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise InputError(f"{flag} {path}: is a folder; give a file name")
+        if not stat.S_ISREG(st.st_mode):
+            from .safe_files import kind_of
+
+            raise InputError(f"{flag} {path}: is {kind_of(st.st_mode)}; give a regular file name")
+        if not os.access(path, os.W_OK):
+            raise InputError(f"{flag} {path}: exists and is not writable")
+    if images:
+        from PIL import Image
+
+        Image.init()
+        suffix = path.suffix.lower()
+        if suffix or images == 1:
+            fmt = Image.registered_extensions().get(suffix)
+            if fmt is None or fmt not in Image.SAVE:
+                raise InputError(f"{flag} {path}: cannot write images of type {shown(suffix or '(no extension)')}; "
+                                 f"use .png (or .jpg, .webp)")
+    _writable_folder(path.parent, flag, path)
+    return path
+
+
+def _output_folder(text: str, flag: str) -> Path:
+    path = Path(text)
+    st = _stat(path, flag)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{flag} {path}: exists and is not a folder")
+    _writable_folder(path, flag, path)
+    return path
+
+
+def _read_prompts(text: str) -> list[str]:
+    """calibrate --prompts: a regular UTF-8 text file, one prompt per line, within the prompts limits."""
+    from .safe_files import read_text
+
+    path = Path(text)
+    content = read_text(path, 4 * TEXTS["prompts"].max_chars, "prompts file (--prompts)", InputError)
+    try:
+        TEXTS["prompts"].check(content, f"--prompts {path}")
+    except InputError as e:
+        raise InputError(str(e)) from None
+    prompts = [line.strip() for line in content.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"--prompts {path}: no prompts (one per line)")
+    for i, prompt in enumerate(prompts):
+        TEXTS["prompt"].check(prompt, f"--prompts {path}: prompt {i + 1}")
+    return prompts
+
+
+def _check_npy(path: Path) -> None:
+    """--text-kv: a regular .npy file of sane size whose header describes no more data than the file holds."""
+    import numpy as np
+
+    from .safe_files import open_regular
+
+    with open_regular(path, "text encoding file (--text-kv)", InputError) as (f, size):
+        if size > MAX_TEXT_KV_BYTES:
+            raise InputError(f"--text-kv {path}: {size} bytes is too large for one prompt's encodings "
+                             f"(at most {MAX_TEXT_KV_BYTES})")
+        try:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = reader(f)
+        except Exception as e:  # numpy parses the header with ast/tokenize: ValueError, SyntaxError, TokenError, ...
+            raise InputError(f"--text-kv {path}: not a .npy array file: {_one_line(str(e))[:200]}") from None
+        if dtype.hasobject:
+            raise InputError(f"--text-kv {path}: holds Python objects (a pickle), not a float array")
+        needed = dtype.itemsize
+        for n in shape:
+            needed *= n
+        if needed > size - f.tell():
+            raise InputError(f"--text-kv {path}: the header declares shape {shown(tuple(shape))} {dtype} but the "
+                             f"file holds only {size - f.tell()} bytes of data (truncated?)")
+
+
+def _load_text_kv(text: str):
+    from .model.text_encoder import TextConditioning
+
+    path = Path(text)
+    _check_npy(path)
+    try:
+        return TextConditioning.from_numpy_file(path)
+    except (ValueError, OSError, EOFError) as e:
+        message = _one_line(str(e))
+        raise InputError(message if str(path) in message else f"--text-kv {path}: {message}") from None
+
+
+def _check_cache_flags(a: argparse.Namespace, schedule=None):
+    """The cache config, validated, and its budget file read, before any model is loaded.
+
+    With the schedule, a budget in % or tokens is also tried on it (the token count and the observation window
+    do not depend on the model; MB and budget files do, and are checked once the model is known).
+    """
+    import torch
+
+    from .kvcache.budget import BudgetError, preset_path, read_budget_json
+
+    if a.budget_file and a.kv_policy != "scalekv":
+        raise InputError(f"--budget-file {a.budget_file}: a budget file applies to --kv-policy scalekv only, "
+                         f"not {a.kv_policy}")
+    config = _cache_config(a)
+    if a.budget_file:
+        if not os.path.exists(a.budget_file) and not Path(a.budget_file).suffix:
+            preset_path(a.budget_file)  # a preset name, as ScaleKV resolves it
+        else:  # a regular file of at most 1 MB holding JSON; its fit to the model is checked once that is loaded
+            read_budget_json(a.budget_file)
+    elif schedule is not None and config.policy != "full" and not str(config.budget).lower().endswith("mb"):
+        try:
+            config.build(schedule, 1, 1, 1, 1, torch.float32)
+        except BudgetError as e:
+            raise InputError(f"--budget {a.budget}: {e}") from None
+    return config
+
+
+def _check_lists(a: argparse.Namespace, schedule) -> None:
+    """Per-scale --cfg/--tau lists must have one value per scale of this resolution."""
+    from .sampler import SamplerSettings
+
+    try:
+        SamplerSettings(cfg=a.cfg, tau=a.tau).per_scale(schedule.num_scales)
+    except ValueError as e:
+        raise InputError(f"--{str(e).split(' ', 1)[0]}: {e}") from None
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -26,23 +311,27 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--transformer", required=True, help="Infinity checkpoint: .safetensors, .pth, or the 8B shard folder")
     g.add_argument("--vae", required=True, help="BSQ-VAE checkpoint (.pth with {'vae': ...} or .safetensors)")
     g.add_argument("--text-encoder", help="T5 folder (e.g. flan-t5-xl/); not needed with --text-kv")
-    g.add_argument("--prompt", default="", help="text prompt")
-    g.add_argument("--negative-prompt", default="", help="negative prompt (replaces the learned unconditional text)")
+    g.add_argument("--prompt", default="", type=_text("prompt", "--prompt"), help="text prompt")
+    g.add_argument("--negative-prompt", default="", type=_text("prompt", "--negative-prompt"),
+                   help="negative prompt (replaces the learned unconditional text)")
     g.add_argument("--text-kv", help="precomputed T5 encodings of one prompt, a (L, C) float .npy, instead of --prompt")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cfg", type=_floats, default=3.0, help="guidance scale, or one per scale: 3,3,3,...")
-    g.add_argument("--tau", type=_floats, default=0.5, help="temperature, or one per scale")
-    g.add_argument("--top-k", type=int, default=900)
-    g.add_argument("--top-p", type=float, default=0.97)
-    g.add_argument("--width", type=int, default=1024, help="snapped to the nearest official template")
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--batch", type=int, default=1, help="images per prompt")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--seed", type=_number("seed", "--seed"), default=0)
+    g.add_argument("--cfg", type=_numbers("cfg", "--cfg"), default=3.0,
+                   help="guidance scale, or one per scale: 3,3,3,...")
+    g.add_argument("--tau", type=_numbers("tau", "--tau"), default=0.5, help="temperature, or one per scale")
+    g.add_argument("--top-k", type=_number("top_k", "--top-k"), default=900)
+    g.add_argument("--top-p", type=_number("top_p", "--top-p"), default=0.97)
+    g.add_argument("--width", type=_number("width", "--width"), default=1024,
+                   help="snapped to the nearest official template")
+    g.add_argument("--height", type=_number("height", "--height"), default=1024)
+    g.add_argument("--batch", type=_number("batch", "--batch"), default=1, help="images per prompt")
+    g.add_argument("--device", default="cpu", type=_device, help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="block precision; auto = bf16 on CUDA like the original, fp32 on CPU")
     g.add_argument("--out", default="out/image.png", help="output PNG (a batch writes NAME_00.png, NAME_01.png, ...)")
     g.add_argument("--dump", help="also write per-scale bits, token ids, codes and decoded arrays here")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    g.add_argument("--threads", type=_number("threads", "--threads"), default=0,
+                   help="CPU threads (0 = torch's default)")
     _add_cache_flags(g, default_policy="full")
     g.add_argument("--memory-report", help="write the memory report (planned and measured, per scale and layer) here")
 
@@ -55,17 +344,19 @@ def _add_cache_flags(p: argparse.ArgumentParser, default_policy: str) -> None:
     k = p.add_argument_group("KV cache")
     k.add_argument("--kv-policy", default=default_policy, choices=sorted(POLICIES),
                    help="eviction policy (full keeps everything, as the original)")
-    k.add_argument("--budget", default="10%",
+    k.add_argument("--budget", default="10%", type=_budget("--budget"),
                    help="tokens kept per layer: '10%%' of the cache before the last scale, '650' tokens, or '900MB'")
     k.add_argument("--budget-file", help="scalekv: an original-format budget JSON, or a preset "
                                           "(infinity-2b-10pct, infinity-8b-10pct); --budget is then the base capacity")
-    k.add_argument("--window", type=int, default=16, help="observation window (tokens, a square number)")
-    k.add_argument("--kernel", type=int, default=5, help="score pooling kernel (odd)")
+    k.add_argument("--window", type=_number("window", "--window"), default=16,
+                   help="observation window (tokens, a square number)")
+    k.add_argument("--kernel", type=_number("kernel", "--kernel"), default=5, help="score pooling kernel (odd)")
     k.add_argument("--pooling", default="maxpool", choices=POOLINGS)
     k.add_argument("--scoring", default="improved", choices=SCORINGS, help="scalekv scoring mode")
     k.add_argument("--kv-dtype", default="auto", choices=sorted(KV_DTYPES),
                    help="cache storage: auto = keys fp32 + values in the block dtype (the original); bf16 saves 33%%")
-    k.add_argument("--refiner-decay", type=float, default=0.0, help="scalekv: refiner budget decay per scale (tokens)")
+    k.add_argument("--refiner-decay", type=_number("refiner_decay", "--refiner-decay"), default=0.0,
+                   help="scalekv: refiner budget decay per scale (tokens)")
 
 
 def _cache_config(a: argparse.Namespace):
@@ -92,9 +383,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plan", help="predict memory for a model, resolution, batch and cache policy, without running")
     p.add_argument("--model", default="2b", choices=sorted(KNOWN_MODELS))
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--width", type=_number("width", "--width"), default=1024)
+    p.add_argument("--height", type=_number("height", "--height"), default=1024)
+    p.add_argument("--batch", type=_number("batch", "--batch"), default=1)
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="block precision")
     _add_cache_flags(p, default_policy="scalekv")
     p.add_argument("--json", action="store_true", help="print the full plan as JSON")
@@ -135,7 +426,7 @@ def _plan(a: argparse.Namespace) -> int:
                         cells.append(f"{pl.analytic_mb / 1024:.1f} / {pl.total_mb / 1024:.1f} GB")
                     print(f"| Infinity-{model} | {side}x{side} | {batch} | " + " | ".join(cells) + " |")
         return 0
-    schedule, plan = predict(a.model, a.width, a.height, a.batch, _cache_config(a))
+    schedule, plan = predict(a.model, a.width, a.height, a.batch, _check_cache_flags(a))
     if a.json:
         print(json.dumps(plan.to_dict(), indent=1))
     else:
@@ -155,40 +446,49 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--vae", required=True)
     c.add_argument("--text-encoder", required=True)
     c.add_argument("--prompts", required=True, help="a text file, one prompt per line")
-    c.add_argument("--width", type=int, default=1024)
-    c.add_argument("--height", type=int, default=1024)
-    c.add_argument("--budget", default="10%", help="'10%%', tokens or MB; also the base capacity when the file is used")
-    c.add_argument("--num-drafters", type=int, default=None, help="drafter (scale, layer) pairs in all (default: ~6.6%%)")
-    c.add_argument("--refiner-decay", type=float, default=0.0)
-    c.add_argument("--window", type=int, default=16)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--cfg", type=_floats, default=3.0)
-    c.add_argument("--tau", type=_floats, default=0.5)
-    c.add_argument("--max-queries", type=int, default=64, help="query rows sampled per scale and layer")
-    c.add_argument("--topk-fraction", type=float, default=0.1, help="history top-K as a fraction of the history")
+    c.add_argument("--width", type=_number("width", "--width"), default=1024)
+    c.add_argument("--height", type=_number("height", "--height"), default=1024)
+    c.add_argument("--budget", default="10%", type=_budget("--budget"),
+                   help="'10%%', tokens or MB; also the base capacity when the file is used")
+    c.add_argument("--num-drafters", type=_number("num_drafters", "--num-drafters"), default=None,
+                   help="drafter (scale, layer) pairs in all (default: ~6.6%%)")
+    c.add_argument("--refiner-decay", type=_number("refiner_decay", "--refiner-decay"), default=0.0)
+    c.add_argument("--window", type=_number("window", "--window"), default=16)
+    c.add_argument("--seed", type=_number("seed", "--seed"), default=0)
+    c.add_argument("--cfg", type=_numbers("cfg", "--cfg"), default=3.0)
+    c.add_argument("--tau", type=_numbers("tau", "--tau"), default=0.5)
+    c.add_argument("--max-queries", type=_number("max_queries", "--max-queries"), default=64,
+                   help="query rows sampled per scale and layer")
+    c.add_argument("--topk-fraction", type=_number("topk_fraction", "--topk-fraction"), default=0.1,
+                   help="history top-K as a fraction of the history")
     c.add_argument("--combine", default="product", choices=["product", "sum"])
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", type=_device)
     c.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     c.add_argument("--out", default="out/scalekv_budget.json")
 
 
 def _calibrate(a: argparse.Namespace) -> int:
-    from .kvcache.budget import parse_budget
-    from .kvcache.calibration import calibrate
+    from .kvcache.budget import BudgetError, parse_budget
+    from .kvcache.calibration import calibrate, compressing_scales
     from .pipeline import InfinityPipeline
     from .schedules import schedule_for_pixels
 
-    prompts = [line.strip() for line in Path(a.prompts).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{a.prompts}: no prompts (one per line)")
+    # Everything that can be checked without the model, before loading it.
+    prompts = _read_prompts(a.prompts)
+    out = _output_file(a.out, "--out")
     schedule = schedule_for_pixels(a.width, a.height)
+    _check_lists(a, schedule)
     tokens = parse_budget(a.budget, schedule)
+    if not compressing_scales(schedule, tokens):
+        raise BudgetError(f"--budget {a.budget}: {tokens} tokens never compresses the {schedule.size} schedule "
+                          f"({sum(schedule.tokens_per_scale[:-1])} tokens before the last scale); nothing to "
+                          f"calibrate")
     pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder, device=a.device, precision=a.dtype)
     res = calibrate(pipe, prompts, schedule, tokens, a.num_drafters, a.seed, a.refiner_decay, a.window,
                     on_prompt=lambda i, n: print(f"  prompt {i + 1}/{n}", file=sys.stderr, flush=True),
                     cfg=a.cfg, tau=a.tau, max_queries=a.max_queries, topk_fraction=a.topk_fraction,
                     combine=a.combine)
-    paths = res.write(a.out)
+    paths = res.write(out)
     for si, ds in enumerate(res.drafters):
         if ds:
             print(f"  scale {si + 1}: drafters {ds}", file=sys.stderr)
@@ -206,27 +506,37 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _generate(a: argparse.Namespace) -> int:
     import torch
 
-    from .model.text_encoder import TextConditioning
     from .pipeline import InfinityPipeline
     from .schedules import schedule_for_pixels
 
+    # Everything that can be checked without the model, before loading it: a mistake never costs a generation.
+    if a.text_kv is None and a.text_encoder is None:
+        raise InputError("give --text-encoder (a T5 folder) or --text-kv (precomputed encodings)")
+    if a.text_kv is None and not a.prompt.strip():
+        raise InputError("--prompt is empty")
+    if a.text_kv and a.negative_prompt and not a.text_encoder:
+        raise InputError("--negative-prompt needs --text-encoder to encode it (--text-kv covers the prompt only)")
+    out = _output_file(a.out, "--out", images=a.batch)
+    dump = _output_folder(a.dump, "--dump") if a.dump else None
+    report = _output_file(a.memory_report, "--memory-report") if a.memory_report else None
+    schedule = schedule_for_pixels(a.width, a.height)
+    _check_lists(a, schedule)
+    cache = _check_cache_flags(a, schedule)
+    text_kv = _load_text_kv(a.text_kv) if a.text_kv else None
+
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.text_kv is None and a.text_encoder is None:
-        raise SystemExit("error: give --text-encoder (a T5 folder) or --text-kv (precomputed encodings)")
-    if a.text_kv is None and not a.prompt.strip():
-        raise SystemExit("error: --prompt is empty")
-    if a.text_kv and a.negative_prompt and not a.text_encoder:
-        raise SystemExit("error: --negative-prompt needs --text-encoder to encode it (--text-kv covers the prompt only)")
-    schedule = schedule_for_pixels(a.width, a.height)
     t0 = time.perf_counter()
     need_t5 = not a.text_kv or bool(a.negative_prompt)
     pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder if need_t5 else None,
                                        device=a.device, precision=a.dtype)
+    if text_kv is not None and text_kv.text_channels != pipe.transformer.cfg.text_channels:
+        raise InputError(f"--text-kv {a.text_kv}: {text_kv.text_channels} channels per token, but the transformer "
+                         f"{a.transformer} expects {pipe.transformer.cfg.text_channels} (T5 features of its width)")
     print(f"loaded {pipe.transformer.cfg.describe()} in {time.perf_counter() - t0:.1f}s; "
           f"{schedule.pixel_size[1]}x{schedule.pixel_size[0]} (template {schedule.template}, {schedule.size}, "
           f"{schedule.num_scales} scales)", file=sys.stderr)
-    prompt = TextConditioning.from_numpy_file(a.text_kv) if a.text_kv else a.prompt
+    prompt = text_kv if text_kv is not None else a.prompt
     negative = a.negative_prompt or None
     t1 = time.perf_counter()
 
@@ -235,17 +545,17 @@ def _generate(a: argparse.Namespace) -> int:
               f"({time.perf_counter() - t1:.1f}s)", file=sys.stderr)
 
     kept: dict[tuple[int, int], torch.Tensor] = {}
-    record = (lambda s, l, idx: kept.__setitem__((s, l), idx.cpu())) if a.dump and a.kv_policy != "full" else None
+    record = (lambda s, l, idx: kept.__setitem__((s, l), idx.cpu())) if dump and a.kv_policy != "full" else None
     result = pipe.generate(prompt, negative, seed=a.seed, cfg=a.cfg, tau=a.tau, top_k=a.top_k, top_p=a.top_p,
-                           schedule=schedule, batch=a.batch, on_scale=progress, cache=_cache_config(a),
-                           record_kept=record, memory_report=bool(a.memory_report))
-    paths = result.save_images(a.out)
-    if a.dump:
-        result.dump(a.dump)
-        _dump_kept(kept, Path(a.dump), result.images.shape[0], cfg_on=result.samples.usage is not None)
-    if a.memory_report:
-        Path(a.memory_report).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.memory_report).write_text(json.dumps(result.memory.to_dict(), indent=1))
+                           schedule=schedule, batch=a.batch, on_scale=progress, cache=cache,
+                           record_kept=record, memory_report=report is not None)
+    paths = result.save_images(out)
+    if dump:
+        result.dump(dump)
+        _dump_kept(kept, dump, result.images.shape[0], cfg_on=result.samples.usage is not None)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(result.memory.to_dict(), indent=1))
         m = result.memory
         print(f"KV cache: {m.analytic_mb:.1f} MB stored ({100 * m.stored_ratio:.1f}% of full), measured peak "
               f"{m.measured_peak_mb:.1f} MB above the weights ({m.measurement}); report: {a.memory_report}",
@@ -255,29 +565,41 @@ def _generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; errors in the input come out as one readable line, not a traceback."""
-    from .checkpoint import CheckpointError, convert_to_safetensors
+def _convert(a: argparse.Namespace) -> int:
+    from .checkpoint import convert_to_safetensors
 
-    parser = argparse.ArgumentParser(prog="python -m scalekv_core")
+    dst = _output_file(a.dst, "dst")
+    out = convert_to_safetensors(a.src, dst)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m scalekv_core")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_plan(sub)
     _add_calibrate(sub)
     _add_convert(sub)
-    a = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; errors in the input come out as one line on stderr and exit status 2, not a traceback.
+
+    Set SCALEKV_TRACEBACK=1 to see the traceback of such an error.
+    """
+    commands = {"generate": _generate, "plan": _plan, "calibrate": _calibrate, "convert": _convert}
     try:
-        if a.command == "generate":
-            return _generate(a)
-        if a.command == "plan":
-            return _plan(a)
-        if a.command == "calibrate":
-            return _calibrate(a)
-        if a.command == "convert":
-            out = convert_to_safetensors(a.src, a.dst)
-            print(f"wrote {out}")
-            return 0
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        a = build_parser().parse_args(argv)
+        return commands[a.command](a)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (_UsageError, ValueError, OSError) as e:
+        # ValueError covers InputError, CheckpointError, BudgetError and the engine's other named refusals;
+        # OSError covers missing, unreadable and unwritable files (FileNotFoundError, PermissionError, ...).
+        if os.environ.get("SCALEKV_TRACEBACK"):
+            raise
+        print(f"error: {_one_line(str(e) or type(e).__name__)}", file=sys.stderr)
         return 2
-    return 1
