@@ -131,6 +131,19 @@ def test_t5_folder_with_corrupt_safetensors_names_the_file(tmp_path) -> None:
     _assert_names(e, str(folder), "model.safetensors")
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_t5_folder_with_a_fifo_does_not_block(tmp_path, name) -> None:
+    """transformers only opens regular files: a FIFO in a T5 folder is skipped or named, never waited on."""
+    folder = tmp_path / "t5_fifo"
+    shutil.copytree(T5_TINY, folder)
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    try:
+        _within_deadline(T5TextEncoder.from_folder, folder, fifo=folder / name)
+    except (CheckpointError, FileNotFoundError) as e:  # the weights or config are then missing: named
+        assert str(folder) in str(e)
+
+
 def test_shard_that_carries_code_is_refused(tmp_path, tiny_sd) -> None:
     marker = tmp_path / "code_ran"
     folder = save_sharded(tiny_sd, tmp_path / "sharded")
