@@ -16,12 +16,15 @@
 # `git archive` fail; the export then goes file by file and lists what it skipped in ComfyUI/.missing_files.
 # `setup` is idempotent: a second run checks the exported commit and the installed set and installs nothing.
 #
-# torch: the CUDA build torch==2.14.1 + torchvision==0.29.1 from this machine's local wheels (they run with --cpu);
-# every later pip call is constrained to the installed torch versions, so nothing can pull another torch build.
-# torchaudio 2.11.0 (PyPI's last, no declared torch pin, stable-ABI extension) is needed: 0.33's comfy/sd.py
-# imports it unconditionally. Besides torch, only what main.py imports on its way to a listening server, the
-# frontend, comfy-kitchen and comfy-aimdo its requirements.txt pins, and the pack's engine/test pins
-# (requirements-dev.txt: transformers, sentencepiece, protobuf, safetensors, numpy, pillow, pytest), as on 0.3.75.
+# The venv gets what a user's ComfyUI has, so the tests see what users see: ComfyUI's own requirements.txt, this
+# pack's requirements.txt and the test runner (pytest; the browser tests' playwright-core is an npm package,
+# scripts/setup_browser.sh), at the newest versions the registry serves, and nothing else (no protobuf, no
+# engine pins from requirements-dev.txt). Only torch* is held: torch==2.14.1 + torchvision==0.29.1, the CUDA builds
+# from this machine's local wheels (they run with --cpu), and torchaudio 2.11.0 --no-deps (no declared torch pin,
+# stable-ABI extension; 0.33's comfy/sd.py imports it unconditionally). Every later pip call is constrained to the
+# installed torch* versions, so requirements.txt's bare torch lines can never swap a build.
+# A venv that `setup` filled from another package set (its stamp differs) is deleted and rebuilt, so nothing from
+# the old set stays behind.
 #
 # With COMFY_MOUNT_PACK=1, `start` loads this repository as a custom node pack without copying it (a symlink in
 # $COMFY_STATE/custom_nodes named by a generated --extra-model-paths-config yaml, which also points the model
@@ -60,11 +63,8 @@ pipq() {  # quiet pip; drop the harmless notes about this machine's local wheel 
   "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither a file" >&2)
 }
 
-# Imported by main.py before it listens (each one fails the start when missing), besides torch*, the frontend,
-# comfy-kitchen and comfy-aimdo, whose exact pins come from the snapshot's requirements.txt.
-COMFY_DEPS=(numpy einops 'transformers>=4.50.3' 'tokenizers>=0.13.3' 'safetensors>=0.4.2' 'aiohttp>=3.11.8'
-            'yarl>=1.18.0' pyyaml Pillow scipy tqdm psutil torchsde 'av>=16.0.0' 'SQLAlchemy>=2.0.0' requests filelock)
-PINNED=(comfyui-frontend-package comfy-kitchen comfy-aimdo)
+# Besides ComfyUI's and the pack's requirements.txt: the test runner. No pins: the newest the registry serves.
+TEST_DEPS=(pytest)
 
 src_commit() {  # the commit to export, or "plain-dir" for a source tree
   if [ -f "$SRC/main.py" ]; then echo plain-dir; else git -C "$SRC" rev-parse --verify "$REF^{commit}"; fi
@@ -114,9 +114,13 @@ export_comfyui() {
   log "ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py") in $COMFY ($(du -sh "$COMFY" | cut -f1))"
 }
 
-deps_stamp() {  # everything install_deps depends on; a change redoes it
-  printf '%s\n' "$TORCH_SPEC" "$TORCHAUDIO" "${COMFY_DEPS[@]}" | cat - "$COMFY/requirements.txt" "$HERE/requirements-dev.txt" \
-    | sha256sum | cut -c1-16
+requirement_lines() {  # the requirement lines of the files given, without comments and blank lines
+  sed -e 's/#.*//' -e 's/[[:space:]]*$//' "$@" | grep -v '^$' || true
+}
+
+deps_stamp() {  # everything install_deps depends on; a change rebuilds the venv
+  { printf '%s\n' "$TORCH_SPEC" "$TORCHAUDIO" "${TEST_DEPS[@]}"
+    requirement_lines "$COMFY/requirements.txt" "$HERE/requirements.txt"; } | sha256sum | cut -c1-16
 }
 
 install_deps() {
@@ -135,26 +139,25 @@ install_deps() {
   # Freeze torch* at what is installed: requirements-style bare `torch` lines can then never swap the build.
   "$PY" -c 'import importlib.metadata as m
 for n in ("torch", "torchvision", "torchaudio"): print(f"{n}=={m.version(n)}")' > "$HOST_DIR/constraints.txt"
-  local pins=() name line
-  for name in "${PINNED[@]}"; do
-    line=$(grep -E "^$name==" "$COMFY/requirements.txt" || true)
-    pins+=("${line:-$name}")
-  done
-  log "installing ComfyUI's startup imports, ${pins[*]}, and requirements-dev.txt"
-  pipq install -c "$HOST_DIR/constraints.txt" -r "$HERE/requirements-dev.txt" "${COMFY_DEPS[@]}" "${pins[@]}"
+  log "installing ComfyUI's requirements.txt, the pack's requirements.txt, and ${TEST_DEPS[*]}" \
+      "(held: $(paste -sd ' ' "$HOST_DIR/constraints.txt"))"
+  pipq install -c "$HOST_DIR/constraints.txt" -r "$COMFY/requirements.txt" -r "$HERE/requirements.txt" "${TEST_DEPS[@]}"
 }
 
 setup() {
-  local t0=$SECONDS stamp
+  local t0=$SECONDS stamp=$VENV/.scalekv-comfy-new-setup
   mkdir -p "$HOST_DIR"
   export_comfyui
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$(deps_stamp)" ]; then
+    log "$VENV was set up from another package set: deleting it, to rebuild it with only the current one"
+    rm -rf "$VENV"
+  fi
   if [ ! -x "$PY" ]; then
     log "creating the venv $VENV with $("$BASE_PY" --version)"
     "$BASE_PY" -m venv "$VENV"
   fi
-  stamp=$VENV/.scalekv-comfy-new-setup
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(deps_stamp)" ] && "$PY" -c \
-      'import torch, torchvision, torchaudio, comfy_kitchen, comfy_aimdo, comfyui_frontend_package, sqlalchemy, av, pytest, sentencepiece' \
+      'import torch, torchvision, torchaudio, comfy_kitchen, comfy_aimdo, comfyui_frontend_package, sqlalchemy, av, pytest, sentencepiece, transformers' \
       2>/dev/null; then
     log "already set up ($((SECONDS - t0)) s): ComfyUI in $COMFY, python $PY"
     return 0
@@ -164,8 +167,11 @@ setup() {
   # Fail here rather than at server start.
   "$PY" -c 'import torch, torchvision, torchaudio, comfy_kitchen, comfy_aimdo, comfyui_frontend_package, sqlalchemy, av, pytest
 import importlib.metadata as m
-print("comfy host venv:", ", ".join(f"{n} {m.version(n)}" for n in ("torch", "torchvision", "torchaudio",
-      "comfyui-frontend-package", "transformers")))' >&2
+def v(n):
+    try: return m.version(n)
+    except m.PackageNotFoundError: return "absent"
+print("comfy host venv:", ", ".join(f"{n} {v(n)}" for n in ("torch", "torchvision", "torchaudio",
+      "comfyui-frontend-package", "transformers", "tokenizers", "sentencepiece", "protobuf", "pytest")))' >&2
   deps_stamp > "$stamp"
   log "setup done in $((SECONDS - t0)) s: ComfyUI in $COMFY ($(du -sh "$COMFY" | cut -f1)), venv $VENV ($(du -sh "$VENV" | cut -f1))"
 }
