@@ -21,15 +21,18 @@ class InputError(ValueError):
 
 def shown(value: Any, limit: int = QUOTE_CHARS) -> str:
     """repr(value), cut to `limit` characters so an error never echoes a huge input."""
-    if isinstance(value, str) and len(value) > 4 * limit:
+    size = len(value) if isinstance(value, (str, bytes, list, tuple, dict, set)) else None
+    if isinstance(value, (str, bytes)) and size > 4 * limit:
         value = value[: 4 * limit]  # repr of a 20 MB string is itself 20 MB: cut before quoting
+    elif size is not None and size > limit and not isinstance(value, (str, bytes)):
+        return f"<a {type(value).__name__} of {size} items>"
     try:
         text = repr(value)
     except Exception:  # a hostile object's __repr__
         text = f"<{type(value).__name__}>"
     if len(text) > limit:
-        size = f", {len(value)} characters" if isinstance(value, str) else ""
-        text = f"{text[:limit]}... ({type(value).__name__}{size})"
+        unit = "characters" if isinstance(value, str) else "bytes" if isinstance(value, bytes) else "items"
+        text = f"{text[:limit]}... ({type(value).__name__}" + (f", {size} {unit})" if size is not None else ")")
     return text
 
 
