@@ -15,7 +15,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..scalekv_core.kvcache import CacheConfig
-from ..scalekv_core.kvcache.memory import MemoryPlan, MiB, admission_problem, overcommit_allowed, plan_memory
+from ..scalekv_core.kvcache.memory import MemoryPlan, MiB, admission_problem, overcommit_allowed
 from ..scalekv_core.loader import PRECISIONS, load_transformer, load_vae, resolve_precision, vae_patchify_for
 from ..scalekv_core.model.config import KNOWN_MODELS
 from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
@@ -62,12 +62,8 @@ class InfinityModel:
     def plan(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True) -> MemoryPlan:
         """The engine's memory plan for a run; a cache setting that cannot serve this model and resolution (a
         budget that gives no tokens, a budget file for another resolution) is refused here, before any work."""
-        t = self.pipeline.transformer
-        c = t.cfg
         try:
-            return plan_memory(c.depth, c.embed_dim, c.num_heads, c.ffn_hidden, c.d_vae, schedule, batch,
-                               cache or CacheConfig(policy="full"), t.block_dtype, cfg=cfg,
-                               vae_base_ch=self.pipeline.vae.cfg.base_ch, vae_patch=self.pipeline.vae.cfg.patch_size)
+            return self.pipeline.plan_memory(schedule, batch, cache, cfg)
         except (ValueError, FileNotFoundError) as e:  # BudgetError is a ValueError
             h, w = schedule.pixel_size
             raise ValueError(f"cache_config: these cache settings cannot run at {w}x{h} on this model: {e}") from e

@@ -334,6 +334,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="CPU threads (0 = torch's default)")
     _add_cache_flags(g, default_policy="full")
     g.add_argument("--memory-report", help="write the memory report (planned and measured, per scale and layer) here")
+    g.add_argument("--no-memory-check", action="store_true",
+                   help="start even if the planned peak exceeds the device's free memory (also "
+                        "SCALEKV_ALLOW_OVERCOMMIT=1)")
 
 
 def _add_cache_flags(p: argparse.ArgumentParser, default_policy: str) -> None:
@@ -506,6 +509,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _generate(a: argparse.Namespace) -> int:
     import torch
 
+    from .kvcache.memory import ALLOW_OVERCOMMIT_ENV, overcommit_allowed
     from .pipeline import InfinityPipeline
     from .schedules import schedule_for_pixels
 
@@ -533,6 +537,12 @@ def _generate(a: argparse.Namespace) -> int:
     if text_kv is not None and text_kv.text_channels != pipe.transformer.cfg.text_channels:
         raise InputError(f"--text-kv {a.text_kv}: {text_kv.text_channels} channels per token, but the transformer "
                          f"{a.transformer} expects {pipe.transformer.cfg.text_channels} (T5 features of its width)")
+    if not a.no_memory_check and not overcommit_allowed():
+        cfgs = a.cfg if isinstance(a.cfg, list) else [a.cfg]
+        problem = pipe.admission_problem(schedule, a.batch, cache, cfg=any(c != 1 for c in cfgs),
+                                         override=f"pass --no-memory-check (or set {ALLOW_OVERCOMMIT_ENV}=1)")
+        if problem is not None:
+            raise InputError(problem)
     print(f"loaded {pipe.transformer.cfg.describe()} in {time.perf_counter() - t0:.1f}s; "
           f"{schedule.pixel_size[1]}x{schedule.pixel_size[0]} (template {schedule.template}, {schedule.size}, "
           f"{schedule.num_scales} scales)", file=sys.stderr)

@@ -12,7 +12,8 @@ import torch
 from .kvcache import CacheConfig
 from .kvcache.budget import kv_bytes_per_token
 from .kvcache.cache import KeptRecorder
-from .kvcache.memory import MemoryReport, PeakMeter, build_report, plan_memory
+from .kvcache.memory import (ALLOW_OVERCOMMIT_ENV, MemoryPlan, MemoryReport, PeakMeter, admission_problem,
+                             build_report, free_memory_bytes, plan_memory)
 from .limits import LIMITS
 from .loader import load_transformer, load_vae, resolve_precision, vae_patchify_for
 from .model.text_encoder import T5TextEncoder, TextConditioning
@@ -160,6 +161,21 @@ class InfinityPipeline:
         if memory_report:
             result.memory = self.memory_report(samples, cond.batch_size, settings, schedule, meter)
         return result
+
+    def plan_memory(self, schedule: Schedule, batch: int, cache: CacheConfig | None = None,
+                    cfg: bool = True) -> MemoryPlan:
+        """The planner's figures for a run of `batch` images (all prompts) on this pipeline's model and VAE."""
+        c = self.transformer.cfg
+        return plan_memory(c.depth, c.embed_dim, c.num_heads, c.ffn_hidden, c.d_vae, schedule, batch,
+                           cache or CacheConfig(policy="full"), self.transformer.block_dtype, cfg=cfg,
+                           vae_base_ch=self.vae.cfg.base_ch, vae_patch=self.vae.cfg.patch_size)
+
+    def admission_problem(self, schedule: Schedule, batch: int, cache: CacheConfig | None = None, cfg: bool = True,
+                          override: str = f"set {ALLOW_OVERCOMMIT_ENV}=1") -> str | None:
+        """Why a run must not start on this device (its planned peak exceeds the free memory), or None."""
+        plan = self.plan_memory(schedule, batch, cache, cfg)
+        return admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, free_memory_bytes(self.device),
+                                 str(self.device), batch, override)
 
     def memory_report(self, samples: SampleOutput, batch: int, settings: SamplerSettings, schedule: Schedule,
                       meter: PeakMeter | None = None) -> MemoryReport:

@@ -354,3 +354,20 @@ def test_a_good_run_still_works_and_checks_leave_no_trace(tmp_path) -> None:
     assert rc == 0 and out.exists() and (tmp_path / "dump" / "image.png").exists()
     assert (tmp_path / "mem" / "m.json").exists()
     assert not list(tmp_path.rglob(".scalekv-write-check-*"))
+
+
+def test_generate_refuses_a_run_larger_than_free_memory(monkeypatch, capsys, tmp_path) -> None:
+    """The admission check: the planned peak against the device's free memory, before sampling; an override."""
+    from scalekv_core import pipeline
+    from scalekv_core.cli import main
+
+    monkeypatch.setattr(pipeline, "free_memory_bytes", lambda device: 1 << 20)  # 1 MiB free
+    args = ["generate", "--transformer", str(TINY_TRANSFORMER), "--vae", str(TINY_VAE), "--text-encoder", str(T5_TINY),
+            "--prompt", "a red fox", "--width", "256", "--height", "256", "--batch", "2",
+            "--out", str(tmp_path / "x.png")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: this run is planned to need") and "now 2" in err[0]
+    assert "--no-memory-check" in err[0] and not (tmp_path / "x_00.png").exists()
+    assert main(args + ["--no-memory-check"]) == 0
+    assert (tmp_path / "x_00.png").exists()

@@ -244,7 +244,8 @@ def free_memory_bytes(device: torch.device | str) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def admission_problem(sampling_mb: float, decode_mb: float, free_bytes: int, where: str, batch: int) -> str | None:
+def admission_problem(sampling_mb: float, decode_mb: float, free_bytes: int, where: str, batch: int,
+                      override: str = f"set {ALLOW_OVERCOMMIT_ENV}=1") -> str | None:
     """Why a run must not start (its planned peak beside the weights exceeds the free memory), or None."""
     need_mb = max(sampling_mb, decode_mb)
     free_mb = free_bytes / MiB
@@ -254,7 +255,7 @@ def admission_problem(sampling_mb: float, decode_mb: float, free_bytes: int, whe
     return (f"this run is planned to need {need_mb / 1024:.1f} GB beside the weights ({phase}; sampling "
             f"{sampling_mb / 1024:.1f} GB, decode {decode_mb / 1024:.1f} GB) but {where} has only "
             f"{free_mb / 1024:.1f} GB free. Lower the batch (now {batch}), the resolution or the ScaleKV budget; "
-            f"to start it anyway set {ALLOW_OVERCOMMIT_ENV}=1")
+            f"to start it anyway, {override}")
 
 
 def overcommit_allowed() -> bool:
