@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..limits import shown
 from ..schedules import Schedule
 
 #: Floor of a refiner's budget in the original 10% files (binds only for 8B at scale 13).
@@ -364,9 +365,13 @@ def kv_bytes_per_token(num_heads: int, head_dim: int, k_bytes: int, v_bytes: int
 
 def _number(text: str, spec: object) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise BudgetError(f"budget {spec!r}: expected a percentage ('10%'), tokens ('650') or MB ('900MB')") from None
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise BudgetError(f"budget {shown(spec)}: expected a positive percentage ('10%'), tokens ('650') or MB "
+                          f"('900MB')")
+    return value
 
 
 def parse_budget(spec: str | int | float, schedule: Schedule, num_layers: int | None = None,
@@ -377,12 +382,14 @@ def parse_budget(spec: str | int | float, schedule: Schedule, num_layers: int | 
     multiple of 50 once the prefix passes 5000 tokens; exact below that).
     """
     prefix = sum(schedule.tokens_per_scale[:-1])
+    if isinstance(spec, bool) or not isinstance(spec, (str, int, float)):
+        raise BudgetError(f"budget {shown(spec)}: expected a percentage ('10%'), tokens ('650') or MB ('900MB')")
     text = str(spec).strip().lower().replace(" ", "")
-    if isinstance(spec, bool):
-        raise BudgetError(f"budget {spec!r}: expected a percentage ('10%'), tokens ('650') or MB ('900MB')")
     if text.endswith("%"):
-        pct = min(_number(text[:-1], spec), 100.0)
-        exact = max(pct, 0.0) / 100 * prefix
+        pct = _number(text[:-1], spec)
+        if pct > 100:
+            raise BudgetError(f"budget {shown(spec)} is more than the whole cache; use at most 100%")
+        exact = pct / 100 * prefix
         tokens = math.ceil(exact / 50) * 50 if prefix > 5000 else math.ceil(exact)
     elif text.endswith("mb"):
         if num_layers is None or bytes_per_token_layer is None:
@@ -393,5 +400,6 @@ def parse_budget(spec: str | int | float, schedule: Schedule, num_layers: int | 
     else:
         tokens = int(_number(text, spec))
     if tokens <= 0:
-        raise BudgetError(f"budget {spec!r} gives {tokens} tokens per layer; it must be positive")
+        raise BudgetError(f"budget {shown(spec)} gives {tokens} tokens per layer, too little to keep anything; "
+                          f"raise it")
     return min(tokens, prefix)
