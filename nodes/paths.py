@@ -201,7 +201,7 @@ def resolve_vae(name: str) -> str:
 
 def resolve_text_encoder(name: str) -> str:
     return _find(name, "T5 text encoder folder", (TEXT_ENCODERS,), os.path.isdir,
-                 "; it is a Hugging Face folder (config.json, weights, spiece.model) such as flan-t5-xl")
+                 "; it is a Hugging Face folder (config.json, weights, tokenizer.json or spiece.model) such as flan-t5-xl")
 
 
 def resolve_budget_file(name: str) -> str:

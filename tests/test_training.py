@@ -278,7 +278,7 @@ def test_smoke_recipe_writes_loadable_files(tmp_path):
     pipe = InfinityPipeline.from_files(tmp_path / TRANSFORMER_FILE, tmp_path / VAE_FILE, tmp_path / T5_FOLDER)
     res = pipe.generate("a large red circle at the top left on a blue background", width=256, height=256, seed=1)
     assert res.images.shape == (1, 256, 256, 3)
-    for name in ("config.json", "model.safetensors", "spiece.model", "tokenizer_config.json"):
+    for name in ("config.json", "model.safetensors", "spiece.model", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / T5_FOLDER / name).is_file()
 
 

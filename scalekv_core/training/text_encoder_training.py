@@ -17,7 +17,7 @@ from ..model.text_encoder import TEXT_MAXLEN, TextConditioning
 
 #: Where the tokenizer files come from.
 TOKENIZER_SOURCE = Path(__file__).resolve().parents[2] / "tests" / "data" / "infinity-tiny" / "t5_tiny"
-_TOKENIZER_FILES = ("spiece.model", "tokenizer_config.json")
+_TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json")  # tokenizer.json: no protobuf needed
 
 
 def t5_config(d_model: int = 128, layers: int = 2, heads: int = 4, d_ff: int = 256, vocab: int = 512):

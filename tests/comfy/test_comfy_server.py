@@ -293,7 +293,9 @@ def test_interrupt_mid_run_then_next_prompt_succeeds(server):
 
 
 @pytest.mark.parametrize("node, field, value, expect", [
-    ("4", "budget", 0.0, "budget must be positive"),
+    ("4", "budget", 0.0, "budget: 0 is out of range"),
+    ("4", "kernel", 401, "kernel: 401 is out of range"),
+    ("5", "cfg", float("nan"), "cfg: expected a number"),
     ("1", "transformer", "no_such_model.safetensors", "no_such_model.safetensors"),
     ("5", "resolution", "100x100 (1:1)", "100x100 (1:1)"),
 ])

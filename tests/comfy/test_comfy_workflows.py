@@ -297,7 +297,7 @@ def test_a_refused_prompt_exits_nonzero_with_the_validation_message(comfy, tmp_p
     set_widget(workflow, "ScaleKVCacheConfig", 2, 0.0)  # budget
     proc = run_cli(comfy, workflow, tmp_path)
     assert proc.returncode == 1
-    assert "HTTP 400" in proc.stderr and "budget must be positive" in proc.stderr, proc.stderr
+    assert "HTTP 400" in proc.stderr and "budget: 0 is out of range" in proc.stderr, proc.stderr
 
 
 def test_no_server_is_a_clear_error(tmp_path):
