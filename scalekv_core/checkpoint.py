@@ -251,3 +251,29 @@ def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
     save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
     tmp.replace(dst)  # never leave a half-written file under the final name
     return dst
+
+
+#: Largest safetensors header read for its metadata (safetensors itself refuses headers over 100 MB).
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata (`__metadata__`) of a safetensors file, read from its header alone; {} for a file of
+    another kind or without metadata (pre-quantized files are recognised by theirs)."""
+    path = Path(path)
+    with open_regular(path, "checkpoint file", CheckpointError) as (f, size):
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+            return {}
+        text = f.read(length)
+    if text[:1] != b"{":
+        return {}
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors header: {type(e).__name__}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        return {}
+    return {str(k): v for k, v in meta.items() if isinstance(v, str)}

@@ -328,6 +328,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="cpu", type=_device, help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="block precision; auto = bf16 on CUDA like the original, fp32 on CPU")
+    _add_weights_flag(g)
     g.add_argument("--out", default="out/image.png", help="output PNG (a batch writes NAME_00.png, NAME_01.png, ...)")
     g.add_argument("--dump", help="also write per-scale bits, token ids, codes and decoded arrays here")
     g.add_argument("--threads", type=_number("threads", "--threads"), default=0,
@@ -337,6 +338,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-memory-check", action="store_true",
                    help="start even if the planned peak exceeds the device's free memory (also "
                         "SCALEKV_ALLOW_OVERCOMMIT=1)")
+
+
+def _add_weights_flag(p: argparse.ArgumentParser, what: str = "the block linears' weights, as the model loads"
+                      ) -> None:
+    from .model.quant import WEIGHT_FORMATS
+
+    p.add_argument("--weights", default="none", choices=WEIGHT_FORMATS,
+                   help=f"{what}: none (as the checkpoint), fp8_e4m3fn or int8 (about half of bf16), int4 (about a "
+                        f"quarter); see docs/quantization.md")
 
 
 def _add_cache_flags(p: argparse.ArgumentParser, default_policy: str) -> None:
@@ -467,6 +477,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--combine", default="product", choices=["product", "sum"])
     c.add_argument("--device", default="cpu", type=_device)
     c.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    _add_weights_flag(c)
     c.add_argument("--out", default="out/scalekv_budget.json")
 
 
@@ -486,7 +497,8 @@ def _calibrate(a: argparse.Namespace) -> int:
         raise BudgetError(f"--budget {a.budget}: {tokens} tokens never compresses the {schedule.size} schedule "
                           f"({sum(schedule.tokens_per_scale[:-1])} tokens before the last scale); nothing to "
                           f"calibrate")
-    pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder, device=a.device, precision=a.dtype)
+    pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder, device=a.device, precision=a.dtype,
+                                       weights=a.weights)
     res = calibrate(pipe, prompts, schedule, tokens, a.num_drafters, a.seed, a.refiner_decay, a.window,
                     on_prompt=lambda i, n: print(f"  prompt {i + 1}/{n}", file=sys.stderr, flush=True),
                     cfg=a.cfg, tau=a.tau, max_queries=a.max_queries, topk_fraction=a.topk_fraction,
@@ -501,9 +513,11 @@ def _calibrate(a: argparse.Namespace) -> int:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("convert", help="rewrite a .pth checkpoint (or shard folder) as .safetensors")
+    c = sub.add_parser("convert", help="rewrite a .pth checkpoint (or shard folder) as .safetensors, optionally with "
+                                       "its block weights quantized (--weights)")
     c.add_argument("src")
     c.add_argument("dst")
+    _add_weights_flag(c, "store a transformer's block linears pre-quantized (none: the same tensors, any checkpoint)")
 
 
 def _generate(a: argparse.Namespace) -> int:
@@ -533,7 +547,7 @@ def _generate(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     need_t5 = not a.text_kv or bool(a.negative_prompt)
     pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder if need_t5 else None,
-                                       device=a.device, precision=a.dtype)
+                                       device=a.device, precision=a.dtype, weights=a.weights)
     if text_kv is not None and text_kv.text_channels != pipe.transformer.cfg.text_channels:
         raise InputError(f"--text-kv {a.text_kv}: {text_kv.text_channels} channels per token, but the transformer "
                          f"{a.transformer} expects {pipe.transformer.cfg.text_channels} (T5 features of its width)")
@@ -579,7 +593,13 @@ def _convert(a: argparse.Namespace) -> int:
     from .checkpoint import convert_to_safetensors
 
     dst = _output_file(a.dst, "dst")
-    out = convert_to_safetensors(a.src, dst)
+    if a.weights == "none":
+        out = convert_to_safetensors(a.src, dst)
+    else:  # quantized from the file's own values (fp32 elsewhere), on the CPU
+        from .loader import load_transformer
+        from .model.quant import save_quantized
+
+        out = save_quantized(load_transformer(a.src, "cpu", "fp32", weights=a.weights), dst)
     print(f"wrote {out}")
     return 0
 

@@ -6,7 +6,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, check_keys, load_state_dict
+from .checkpoint import CheckpointError, check_keys, load_state_dict, safetensors_metadata
+from .model import quant
 from .model.config import InfinityConfig, detect_infinity_config
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, VAEConfig, detect_vae_config
@@ -42,16 +43,58 @@ def _prepare_transformer_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.T
     return sd
 
 
-def load_transformer(path: str | Path, device: torch.device | str = "cpu", precision: str = "fp32") -> Infinity:
-    """Load an Infinity checkpoint (.safetensors, .pth, or the 8B's sharded folder) strictly."""
+def load_transformer(path: str | Path, device: torch.device | str = "cpu", precision: str = "fp32",
+                     weights: str = "none") -> Infinity:
+    """Load an Infinity checkpoint (.safetensors, .pth, or the 8B's sharded folder) strictly.
+
+    `weights` (a `quant.WEIGHT_FORMATS` name) stores the block linears compactly, quantized block by block as the
+    model is built. A pre-quantized file (`save_quantized`, `convert --weights`) is recognised by its metadata and
+    loads as it is; `weights` must then be "none" or the file's own format.
+    """
+    weights = quant.check_format(weights)
     sd = _prepare_transformer_state(load_state_dict(path))
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    model = build_transformer_on_meta(shapes, str(path))
-    model.load_state_dict(sd, strict=True, assign=True)
+    prequantized = _prequantized_format(path, sd)
+    if prequantized is not None:
+        model = _build_prequantized(path, sd, prequantized, weights)
+    else:
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        model = build_transformer_on_meta(shapes, str(path))
+        model.load_state_dict(sd, strict=True, assign=True)
+        # each full-precision block weight is freed as its quantized layer replaces it, once `sd` lets go of it
+        sd.clear()
+        quant.quantize_model(model, weights, device=device)
     del sd
     model = model.to(device=device, dtype=torch.float32)  # embeddings, text path and head run in fp32
     model.set_block_dtype(resolve_precision(precision, device))
     return model.eval().requires_grad_(False)
+
+
+def _prequantized_format(path: str | Path, sd: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(format, group size) of a pre-quantized file, None for an ordinary checkpoint."""
+    packed = next((k for k in sd if k.endswith((quant.PACKED_SUFFIX, quant.SCALE_SUFFIX))), None)
+    meta = {} if Path(path).is_dir() else safetensors_metadata(path)
+    found = quant.file_format(meta, str(path))
+    if found is None and packed is not None:
+        raise CheckpointError(f"{path}: holds quantized tensors ('{packed}') but no '{quant.META_FORMAT}' metadata; "
+                              f"pre-quantized checkpoints are single .safetensors files written by "
+                              f"`python -m scalekv_core convert SRC DST --weights FORMAT`")
+    return found
+
+
+def _build_prequantized(path: str | Path, sd: dict[str, torch.Tensor], found: tuple[str, int],
+                        weights: str) -> Infinity:
+    """A pre-quantized file's model, checked against its metadata, its keys, shapes and dtypes, no quantizing."""
+    fmt, group = found
+    if weights not in ("none", fmt):
+        raise CheckpointError(f"{path}: the file is already quantized as {fmt}; load it with weights 'none' or "
+                              f"'{fmt}', or quantize the original checkpoint to {weights}")
+    model = build_transformer_on_meta(quant.logical_shapes({k: v.shape for k, v in sd.items()}, fmt), str(path))
+    quant.check_file_architecture(safetensors_metadata(path), model.cfg, str(path))
+    quant.quantize_model(model, fmt, group)  # meta layers in the file's layout
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, str(path))
+    quant.check_quantized_tensors(model, sd, str(path))
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
 
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu") -> BSQVAE:

@@ -98,10 +98,11 @@ class InfinityPipeline:
 
     @classmethod
     def from_files(cls, transformer: str | Path, vae: str | Path, text_encoder: str | Path | None = None,
-                   device: str = "cpu", precision: str = "fp32") -> "InfinityPipeline":
-        """Load everything from the original release's files (or converted .safetensors)."""
+                   device: str = "cpu", precision: str = "fp32", weights: str = "none") -> "InfinityPipeline":
+        """Load everything from the original release's files (or converted .safetensors); `weights` is the block
+        linears' storage format (loader.load_transformer)."""
         dtype = resolve_precision(precision, device)
-        model = load_transformer(transformer, device=device, precision=precision)
+        model = load_transformer(transformer, device=device, precision=precision, weights=weights)
         vae_model = load_vae(vae, device=device)
         try:
             vae_patchify_for(model.cfg, vae_model.cfg, (str(transformer), str(vae)))

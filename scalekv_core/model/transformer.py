@@ -45,8 +45,10 @@ class TextKV:
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """nn.Linear in the layer's own dtype, so bf16 blocks take fp32 activations."""
-    return F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
+    """nn.Linear in the layer's own dtype, so bf16 blocks take fp32 activations (a quantized layer's weight is
+    read once: each read dequantizes it)."""
+    w = layer.weight
+    return F.linear(x.to(w.dtype), w, layer.bias)
 
 
 def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
@@ -171,14 +173,15 @@ class SelfAttention(nn.Module):
         B, L, C = x.shape
         xs = x if scale is None else ada_layer_norm(x, scale, shift, eps)
         del x
-        dtype = self.proj.weight.dtype
+        dtype = self.q_bias.dtype  # the block dtype, without dequantizing a quantized proj
         if cache is None:
             q, k, v = self.qkv(xs, rope)
             del xs
             out = sdpa(q, k, v, dtype)
         else:
             q = self.qkv(xs, rope, into=cache.new_slots(layer, L))[0]
-            out = cache.attend(layer, q, dtype, x=xs, w_q=self.mat_qkv.weight[:C])
+            w_q = self.mat_qkv.dequantize(C) if hasattr(self.mat_qkv, "dequantize") else self.mat_qkv.weight[:C]
+            out = cache.attend(layer, q, dtype, x=xs, w_q=w_q)
         del q
         out = out.transpose(1, 2).reshape(B, L, C)
         return _linear(out, self.proj)
@@ -190,8 +193,11 @@ class FFN(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(F.gelu(_linear(x, self.fc1), approximate="tanh"), self.fc2)
+    def forward(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """fc1 -> GELU -> fc2; `weights` (fc1's, fc2's) lets token slices share one dequantization."""
+        w1, w2 = weights or (self.fc1.weight, self.fc2.weight)
+        h = F.gelu(F.linear(x.to(w1.dtype), w1, self.fc1.bias), approximate="tanh")
+        return F.linear(h.to(w2.dtype), w2, self.fc2.bias)
 
 
 class Block(nn.Module):
@@ -218,9 +224,10 @@ class Block(nn.Module):
         x.add_(self.ca(n, text).float())
         del n
         # The FFN's hidden layer is the largest activation; large scales run it a slice of tokens at a time.
+        weights = (self.ffn.fc1.weight, self.ffn.fc2.weight)  # read once: a quantized layer dequantizes per read
         for s in range(0, x.shape[1], FFN_CHUNK):
             xs = x[:, s:s + FFN_CHUNK]
-            xs.add_(self.ffn(ada_layer_norm(xs, scale2, shift2, self.eps)).float().mul_(gamma2))
+            xs.add_(self.ffn(ada_layer_norm(xs, scale2, shift2, self.eps), weights).float().mul_(gamma2))
         return x
 
 
@@ -279,7 +286,7 @@ class Infinity(nn.Module):
 
     @property
     def block_dtype(self) -> torch.dtype:
-        return self.block_chunks[0].module[0].sa.mat_qkv.weight.dtype
+        return self.block_chunks[0].module[0].sa.q_bias.dtype  # not a weight: a quantized one would dequantize
 
     def condition(self, text_tokens: torch.Tensor, lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, TextKV]:
         """From packed T5 features: the pooled condition (B, D), the AdaLN table (B, 1, 6, C), and the CA tokens."""
