@@ -42,22 +42,34 @@ class ServerBox:
     def __init__(self) -> None:
         self.server: harness.Server | None = None
         self.restarts = 0
+        self.restarting = False
+
+    def __repr__(self) -> str:
+        return f"<server box: {self.server.url if self.server else 'no server'}, {self.restarts} restarts>"
 
     def get(self) -> harness.Server:
         if self.server is None or not self.server.alive():
-            if self.server is not None:
-                self.server.stop()
-                self.restarts += 1
-            self.server = harness.Server().start()
+            self.restarting = True
+            try:
+                if self.server is not None:
+                    self.server.stop()
+                    self.restarts += 1
+                self.server = harness.Server().start()
+            finally:
+                self.restarting = False
         return self.server
 
     def restart(self) -> harness.Server:
         """A server that is alive but wedged (a request thread stuck or spinning) is replaced."""
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-            self.restarts += 1
-        return self.get()
+        self.restarting = True
+        try:
+            if self.server is not None:
+                self.server.stop()
+                self.server = None
+                self.restarts += 1
+            return self.get()
+        finally:
+            self.restarting = False
 
     def close(self) -> None:
         if self.server is not None:

@@ -13,6 +13,7 @@ SCALEKV_SERVER_PACK mounts another checkout of the pack instead of this one.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import http.client
 import io
@@ -291,7 +292,35 @@ class Server:
             return False
 
     # ------------------------------------------------------------------------------------------ prompts
-    def queue(self, prompt: dict) -> Response:
+    def schema(self, class_type: str) -> dict:
+        """A node's /object_info entry (fetched once per server)."""
+        cache = self.__dict__.setdefault("_schemas", {})
+        if class_type not in cache:
+            cache[class_type] = self.get_json(f"/object_info/{class_type}")[class_type]
+        return cache[class_type]
+
+    def complete(self, prompt: dict) -> dict:
+        """A copy of `prompt` in which every required widget input it leaves out has its declared default (or a
+        menu's first entry): the graphs here name only what they mean, and a widget added later keeps them valid."""
+        out = copy.deepcopy(prompt)
+        for node in out.values():
+            required = self.schema(node["class_type"])["input"].get("required", {})
+            for name, spec in required.items():
+                if name in node["inputs"]:
+                    continue
+                kind, opts = spec[0], (spec[1] if len(spec) > 1 else {}) or {}
+                if "default" in opts:
+                    node["inputs"][name] = opts["default"]
+                elif isinstance(kind, list) and kind:
+                    node["inputs"][name] = kind[0]
+                elif opts.get("options"):
+                    node["inputs"][name] = opts["options"][0]
+        return out
+
+    def queue(self, prompt: dict, complete: bool = True) -> Response:
+        """POST /prompt; `complete` fills in left-out required widgets first (see complete)."""
+        if complete:
+            prompt = self.complete(prompt)
         return self.post_json("/prompt", {"prompt": prompt, "client_id": "scalekv-server-tests"})
 
     def history(self, prompt_id: str) -> dict | None:

@@ -81,7 +81,7 @@ def names_problem(message: str, name: str, value) -> bool:
 def check_prompt(box, object_info: dict, node: str, name: str, value) -> None:
     server = box.get()
     kind, opts = widget_inputs(object_info, node)[name]
-    prompt = base_prompt(node)
+    prompt = server.complete(base_prompt(node))
     node_id = NODE_IDS[node]
     if value is MISSING:
         prompt[node_id]["inputs"].pop(name, None)
@@ -94,7 +94,7 @@ def check_prompt(box, object_info: dict, node: str, name: str, value) -> None:
     rss0 = server.rss_mb()
     server.reset_peak()
     try:
-        r = server.queue(prompt)
+        r = server.queue(prompt, complete=False)
     except OSError as e:
         fail("POST /prompt answers (the connection is not dropped)", example, repr(e))
         return
