@@ -351,6 +351,32 @@ def test_fuzz_report_mode(box, ctx, poller, data):
     post(box, harness.dumps({"report": mutated}), example, deepest_name(path), huge_input(value))
 
 
+REPORT_CASES = [
+    *[(("model", f), "set", v) for f in ("depth", "heads", "width") for v in (10 ** 9, 2 ** 63, 0, -1, "4", None, 1.5)],
+    (("scales",), "truncate", None), (("scales",), "extend", {}), (("scales",), "set", []), (("scales",), "set", {}),
+    (("scales",), "set", "scales"), (("scales", 0), "set", None),
+    *[(("scales", 1, f), a, v) for f in ("planned_tokens", "held_tokens", "stored_bytes")
+      for a, v in (("set", "12"), ("set", None), ("set", {}), ("set", [1.5, "x", None, []]), ("truncate", None),
+                   ("extend", 10 ** 12), ("set", [10 ** 18] * 4), ("set", [-5] * 4))],
+    *[(("policy",), "set", v) for v in ("scalekv", 5, [], None, True)],
+    (("policy", "policy"), "set", "no_such_policy"), (("policy", "budget"), "set", "ten"),
+    (("policy", "window"), "set", -16), (("policy", "kernel"), "set", 10 ** 9),
+    (("full_analytic_mb",), "set", "abc"), (("full_analytic_mb",), "set", [1]), (("analytic_mb",), "set", "abc"),
+    (("bytes_per_token_layer",), "set", "x"), (("bytes_per_token_layer",), "set", 0),
+    (("batch_rows",), "set", 10 ** 9), (("schedule", "template"), "set", "nope"),
+    (("schedule", "size"), "set", 5), (("model", "block_dtype"), "set", "Tensor"),
+    (("model", "block_dtype"), "set", "__class__"),
+]
+
+
+@pytest.mark.parametrize("path, action, value", REPORT_CASES,
+                         ids=[f"{'.'.join(map(str, p))}-{a}-{str(v)[:12]}" for p, a, v in REPORT_CASES])
+def test_report_field_cases(box, report, poller, path, action, value):
+    """The report fields the widget relies on, each broken in the ways a stale or hand-made report breaks them."""
+    body = {"report": mutate(report, path, action, value)}
+    post(box, harness.dumps(body), {"path": list(path), "action": action, "value": value}, deepest_name(path))
+
+
 RAW_BODIES = [b"", b"{", b"}", b"not json", b"null", b"[]", b"42", b'"a string"', b"true", b"NaN", b"-Infinity",
               b'{"policy": NaN}', b'{"budget": Infinity}', b'{"report": null}', b'{"report": []}',
               b'{"report": "x"}', b'{"report": {}}', b"\xff\xfe\x00\x00", b"\xc3\x28", b'{"a": "\\ud800"}',
