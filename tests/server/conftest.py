@@ -1,6 +1,8 @@
 """Fuzz, soak and interrupt tests against a real ComfyUI server with this pack mounted (see harness.py).
 
-Collected only with SCALEKV_SERVER_TESTS set (tests/conftest.py), so the engine run `pytest tests` stays fast:
+`pytest tests` leaves this folder out unless SCALEKV_SERVER_TESTS is set (tests/conftest.py); naming it runs it.
+About 3.5 minutes on 2 shared cores while properties fail (each hypothesis test stops at its first violation),
+5 to 7 when all hold:
 
     SCALEKV_SERVER_TESTS=1 .venv/bin/python -m pytest tests/server -q
 
