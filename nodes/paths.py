@@ -19,6 +19,8 @@ import os
 
 import folder_paths
 
+from ..scalekv_core.limits import TEXTS, InputError, shown
+
 INFINITY = "infinity"
 SCALEKV = "scalekv"
 VAE = "vae"
@@ -73,9 +75,13 @@ def clean_name(name: str) -> str:
     """A menu name as a relative path; absolute paths and '..' cannot leave the model folders."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError("no model name given")
+    try:
+        TEXTS["name"].check(name)
+    except InputError as e:
+        raise ValueError(f"{shown(name)} is not a usable name: {str(e).split(': ', 1)[1]}") from None
     rel = os.path.normpath(name.strip().replace("\\", "/"))
     if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep) or rel.startswith("../"):
-        raise ValueError(f"'{name}' is not a name inside a model folder")
+        raise ValueError(f"{shown(name)} is not a name inside a model folder")
     return rel
 
 
@@ -187,7 +193,7 @@ def _find(name: str, what: str, keys: tuple[str, ...], accept, hint: str = "") -
         path = os.path.join(base, rel)
         if accept(path):
             return path
-    raise FileNotFoundError(f"{what} '{name}' not found in {_searched(*keys)}{hint}")
+    raise FileNotFoundError(f"{what} {shown(name)} not found in {_searched(*keys)}{hint}")
 
 
 def resolve_transformer(name: str) -> str:
@@ -230,4 +236,4 @@ def budget_file_from_report(value: str) -> str:
         root = os.path.realpath(base)
         if os.path.commonpath([root, real]) == root and real != root:
             return resolve_budget_file(os.path.relpath(real, root))
-    raise ValueError(f"budget file {os.path.basename(value)[:80]!r} is not in {FOLDER_LABELS[SCALEKV]}")
+    raise ValueError(f"budget file {shown(os.path.basename(value))} is not in {FOLDER_LABELS[SCALEKV]}")

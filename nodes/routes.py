@@ -27,7 +27,7 @@ from ..scalekv_core.kvcache.budget import kv_bytes_per_token
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
 from ..scalekv_core.loader import PRECISIONS
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig, detect_infinity_config
-from ..scalekv_core.limits import shown
+from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.safe_files import open_regular
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label, schedule_from_label
 from . import models, paths
@@ -59,14 +59,14 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     with open_regular(path, "checkpoint", PlanInputError) as (f, file_size):
         size = int.from_bytes(f.read(8), "little")
         if not 0 < size <= min(file_size - 8, MAX_HEADER_BYTES):
-            raise PlanInputError(f"{path}: not a safetensors file (header length {size})")
+            raise PlanInputError(f"transformer: {path}: not a safetensors file (header length {size})")
         try:
             header = json.loads(f.read(size))
             return {str(k): tuple(int(n) for n in v["shape"]) for k, v in header.items()
                     if k != "__metadata__" and isinstance(v, dict)}
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, ValueError,
                 AttributeError) as e:
-            raise PlanInputError(f"{path}: unreadable safetensors header: {type(e).__name__}") from None
+            raise PlanInputError(f"transformer: {path}: unreadable safetensors header: {type(e).__name__}") from None
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -96,7 +96,7 @@ def transformer_config(name: str) -> InfinityConfig:
     try:
         path = Path(paths.resolve_transformer(name))
     except (FileNotFoundError, ValueError) as e:
-        raise PlanInputError(str(e)) from e
+        raise PlanInputError(f"transformer: {brief(str(e))}") from None
     key = (str(path), path.stat().st_mtime)
     if key not in _shape_cache:
         try:
@@ -110,7 +110,7 @@ def transformer_config(name: str) -> InfinityConfig:
         except PlanInputError:
             raise
         except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
-            raise PlanInputError(f"{path}: cannot read the transformer's shape: {shown(str(e), 300)}") from None
+            raise PlanInputError(f"transformer: {path}: cannot read its shape: {brief(str(e))}") from None
     return _shape_cache[key]
 
 
@@ -185,10 +185,13 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
     cfg, model = model_config(s)
     block_dtype = block_dtype_for(s.precision)
     try:
+        budget_file = budget_file_for(s.budget_source, s.budget_file)
+    except (ValueError, FileNotFoundError) as e:
+        raise PlanInputError(f"{'budget_file' if s.budget_file else 'budget_source'}: {brief(str(e))}") from None
+    try:
         config = CacheConfig(policy=s.policy, budget=budget_spec(s.budget_unit, s.budget), window=s.window,
                              kernel=s.kernel, pooling=s.pooling, scoring=s.scoring, kv_dtype=s.kv_dtype,
-                             budget_file=budget_file_for(s.budget_source, s.budget_file),
-                             refiner_decay=s.refiner_decay)
+                             budget_file=budget_file, refiner_decay=s.refiner_decay)
         config.validate()
         rows = batch * (2 if cfg_on else 1)
         _, plan = config.build(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, rows, block_dtype)
@@ -197,7 +200,7 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
         budget_tokens = (None if config.policy == "full" else
                          config.budget_tokens(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, rows, block_dtype))
     except (ValueError, FileNotFoundError) as e:  # BudgetError is a ValueError
-        raise PlanInputError(shown(str(e), 500)) from None
+        raise PlanInputError(brief(str(e))) from None
     k_dtype, v_dtype = config.storage_dtypes(block_dtype)
     tb = kv_bytes_per_token(cfg.num_heads, cfg.head_dim, k_dtype.itemsize, v_dtype.itemsize, rows)
     model.update(depth=cfg.depth, width=cfg.embed_dim, heads=cfg.num_heads, block_dtype=_dtype_name(block_dtype))
@@ -227,7 +230,7 @@ def _report_budget_file(value: str | None) -> str | None:
     try:
         return paths.budget_file_from_report(value)
     except (FileNotFoundError, ValueError) as e:
-        raise PlanInputError(f"report.policy.budget_file: {shown(str(e), 300)}") from None
+        raise PlanInputError(f"report.policy.budget_file: {brief(str(e))}") from None
 
 
 def plan_for_report(body: Mapping[str, Any]) -> dict:
@@ -240,7 +243,7 @@ def plan_for_report(body: Mapping[str, Any]) -> dict:
     try:
         schedule = get_schedule(report.schedule.template, report.schedule.size)
     except ValueError as e:
-        raise PlanInputError(f"report.schedule: {shown(str(e), 300)}") from None
+        raise PlanInputError(f"report.schedule: {brief(str(e))}") from None
     if len(report.scales) != schedule.num_scales:
         raise PlanInputError(f"report.scales: {len(report.scales)} scales for a {schedule.num_scales}-scale schedule")
     if model.width % model.heads:
@@ -273,7 +276,7 @@ def plan_for_report(body: Mapping[str, Any]) -> dict:
             else:
                 note = "the plan rebuilt from the report's settings differs from the run's; drafters not shown"
         except (ValueError, FileNotFoundError) as e:  # PlanInputError is a ValueError too
-            note = f"drafter layers unknown: {shown(str(e), 300)}"
+            note = f"drafter layers unknown: {brief(str(e))}"
     else:
         note = "drafter layers unknown: the report has no policy"
     rows = scale_rows(schedule.grids, kept, drafters, tb)
@@ -321,7 +324,7 @@ def _answer(raw: bytes) -> tuple[int, dict]:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        what = "nested too deeply" if isinstance(e, RecursionError) else shown(str(e), 200)
+        what = "nested too deeply" if isinstance(e, RecursionError) else brief(str(e), 200)
         return 400, {"error": f"the request body is not JSON: {what}"}
     try:
         return 200, plan_request(body)

@@ -19,6 +19,22 @@ class InputError(ValueError):
     """A user input outside its declared limits; the message names the input."""
 
 
+#: Put by the ComfyUI pack's prompt guard in place of a value that must not reach ComfyUI whole (a megabyte string
+#: would be echoed in its errors and /history) or raw (a lone surrogate breaks its logging); the checks below refuse
+#: it with the reason that follows the mark.
+GUARD_MARK = "\x00scalekv-refused: "
+
+
+def guarded(reason: str) -> str:
+    """The stand-in for a refused value: the mark, then why (checks raise InputError with the reason)."""
+    return GUARD_MARK + reason
+
+
+def _refuse_guarded(value: Any, field: str) -> None:
+    if isinstance(value, str) and value.startswith(GUARD_MARK):
+        raise InputError(f"{field}: {value[len(GUARD_MARK):]}")
+
+
 def shown(value: Any, limit: int = QUOTE_CHARS) -> str:
     """repr(value), cut to `limit` characters so an error never echoes a huge input."""
     size = len(value) if isinstance(value, (str, bytes, list, tuple, dict, set)) else None
@@ -34,6 +50,11 @@ def shown(value: Any, limit: int = QUOTE_CHARS) -> str:
         unit = "characters" if isinstance(value, str) else "bytes" if isinstance(value, bytes) else "items"
         text = f"{text[:limit]}... ({type(value).__name__}" + (f", {size} {unit})" if size is not None else ")")
     return text
+
+
+def brief(message: str, limit: int = 500) -> str:
+    """A message (not a value) cut to `limit` characters: its quoted values are already short."""
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 def _num(value: float) -> str:
@@ -64,6 +85,7 @@ class Limit:
     def check(self, value: Any, field: str | None = None) -> int | float:
         """`value` as an int or float within range; InputError naming `field` (default: the limit's name)."""
         field = field or self.name
+        _refuse_guarded(value, field)
         if not _is_number(value):
             raise InputError(f"{field}: expected {self.describe()}, got {shown(value)}")
         if isinstance(value, float) and not math.isfinite(value):
@@ -101,6 +123,7 @@ class TextLimit:
 
     def check(self, value: Any, field: str | None = None) -> str:
         field = field or self.name
+        _refuse_guarded(value, field)
         if not isinstance(value, str):
             raise InputError(f"{field}: expected text, got {shown(value)}")
         if len(value) > self.max_chars:
@@ -177,6 +200,7 @@ def check(name: str, value: Any, field: str | None = None) -> Any:
 
 def check_choice(field: str, value: Any, options: Any) -> str:
     """`value` if it is one of `options` (a menu); InputError naming `field` and the choices otherwise."""
+    _refuse_guarded(value, field)
     if not isinstance(value, str) or value not in options:
         names = list(options)
         listed = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
