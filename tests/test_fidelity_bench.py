@@ -376,3 +376,29 @@ def test_calibrated_row_uses_the_drafters_calibrate_picks(tmp_path: Path) -> Non
         torch.set_num_threads(threads)
     assert data["meta"]["calibrated_drafters"] == {"10%": want}
     assert row["psnr"] == pytest.approx(float(psnr(to_unit(mine.images), to_unit(full.images))[0]))
+
+
+def test_weight_format_axis(tmp_path: Path) -> None:
+    """--weights: each quantized format against the unquantized full cache, on the same pairs; --policies none."""
+    stdout, data = _run_bench(tmp_path, ["a red circle on a blue background", "a small green square"],
+                              "--policies", "none", "--weights", "none,int8,int4")
+    assert data["rows"] == [] and data["weights"] == ["int8", "int4"]
+    assert [(r["pair"], r["weights"]) for r in data["weight_rows"]] == [(0, "int8"), (0, "int4"), (1, "int8"),
+                                                                        (1, "int4")]
+    agg = {a["weights"]: a for a in data["weights_aggregate"]}
+    for fmt, a in agg.items():
+        rows = [r for r in data["weight_rows"] if r["weights"] == fmt]
+        assert a["bits_equal"] == pytest.approx(np.mean([r["bits_equal"] for r in rows])) and 0.5 < a["bits_equal"] < 1
+        assert a["pairs"] == 2 and 0 < a["ssim"] < 1 and math.isfinite(a["psnr"])
+    assert agg["int8"]["bits_equal"] > agg["int4"]["bits_equal"]
+    assert 0.3 < agg["int4"]["weight_ratio"] < agg["int8"]["weight_ratio"] < 0.5  # the tiny model: a third not blocks
+    md = (tmp_path / "fid" / "fidelity.md").read_text()
+    assert md.startswith("## Weight formats") and "| int8 |" in md and "budget" not in md
+    assert not (tmp_path / "fid" / "fidelity_psnr.png").exists()
+
+
+def test_bad_weight_formats_are_named(capsys: pytest.CaptureFixture[str]) -> None:
+    assert fidelity.main([*TINY_FLAGS, "--weights", "int8,nf4"]) == 2
+    assert "--weights: unknown value 'nf4'" in capsys.readouterr().err
+    assert fidelity.main([*TINY_FLAGS, "--policies", "none"]) == 2
+    assert "--policies none leaves nothing to compare" in capsys.readouterr().err

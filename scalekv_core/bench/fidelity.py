@@ -9,7 +9,9 @@
 For every caption/seed pair the full-cache image is generated once; then every (policy, budget) generates the
 same pair and is compared with it: PSNR, SSIM, LPIPS (if its weights are on disk), the fraction of sampled bits
 equal to the full cache's, and the stored-KV and measured-peak memory as ratios to the full cache's. FID is
-computed per (policy, budget) over all pairs when the Inception weights are on disk. Rank 0 writes
+computed per (policy, budget) over all pairs when the Inception weights are on disk. With `--weights` (e.g.
+`none,fp8_e4m3fn,int8,int4`) every quantized weight format also generates each pair with the full cache and is
+compared with the unquantized full-cache image the same way (`--policies none` skips the KV policies). Rank 0 writes
 fidelity.json (every row plus the means), fidelity.md (the table and per-pair comparisons) and fidelity_psnr.png
 (PSNR vs budget).
 """
@@ -80,13 +82,16 @@ def build_parser(prog: str = "python -m scalekv_core.bench fidelity") -> argpars
     s.add_argument("--top-p", type=float, default=0.97)
     k = p.add_argument_group("KV cache")
     k.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
-                   help=f"comma-separated, from: {', '.join(POLICY_SPECS)}")
+                   help=f"comma-separated, from: {', '.join(POLICY_SPECS)}; 'none' for no policy rows (with --weights)")
     k.add_argument("--budgets", default="4%,10%,20%", help="comma-separated budgets ('10%%', '650', '900MB')")
     k.add_argument("--window", type=int, default=0,
                    help="observation window (a square); 0 = the largest of 16, 9, 4, 1 within the smallest budget")
     k.add_argument("--kernel", type=int, default=5)
     k.add_argument("--pooling", default="maxpool")
     k.add_argument("--kv-dtype", default="auto")
+    k.add_argument("--weights", default="none",
+                   help="comma-separated weight formats (none, fp8_e4m3fn, int8, int4): each quantized one also "
+                        "generates every pair with the full cache, compared with the unquantized full cache")
     k.add_argument("--calibration-captions", type=int, default=16,
                    help=f"training-split captions (scalekv_core.training.shapes) that {CALIBRATED} measures attention "
                         "on to pick its drafters, once per budget; never the evaluated pairs")
@@ -102,11 +107,21 @@ def build_parser(prog: str = "python -m scalekv_core.bench fidelity") -> argpars
 def parse_policies(text: str) -> list[str]:
     """Table-row labels from --policies, rejecting unknown names up front rather than after hours of sampling."""
     labels = [t.strip() for t in text.split(",") if t.strip()]
+    if labels == ["none"]:
+        return []
     bad = [t for t in labels if t not in POLICY_SPECS]
     if bad or not labels:
         raise ValueError(f"unknown policy {', '.join(bad) or repr(text)} in --policies; choose from "
                          f"{', '.join(POLICY_SPECS)}")
     return labels
+
+
+def parse_weights(text: str) -> list[str]:
+    """The quantized formats of --weights ("none" is the reference every run has), checked up front."""
+    from ..model.quant import check_format
+
+    formats = [check_format(t.strip(), "--weights") for t in text.split(",") if t.strip()]
+    return [f for i, f in enumerate(formats) if f != "none" and f not in formats[:i]]
 
 
 def parse_budgets(text: str) -> list[str]:
@@ -255,6 +270,7 @@ def evaluate_shard(a: argparse.Namespace, shard: distributed.Shard, pairs: list[
         except (BudgetError, ValueError) as e:
             raise ValueError(f"policy {label} at budget {budget}: {e} (try a smaller --window)") from None
     optional = _Optional(a, shard.device)
+    weight_pipes = _weight_pipelines(a, pipe, shard.device)
     mine = distributed.shard_items(pairs, shard.rank, shard.world_size)
     tag = f"[rank {shard.rank}/{shard.world_size}] " if shard.world_size > 1 else ""
 
@@ -270,6 +286,7 @@ def evaluate_shard(a: argparse.Namespace, shard: distributed.Shard, pairs: list[
         for _, _, config in configs:
             generate(warm, 0, config)
     rows: list[dict] = []
+    weight_rows: list[dict] = []
     feats: dict[str, list] = {}
     t0 = time.perf_counter()
     for done, (index, (caption, seed)) in enumerate(mine, 1):
@@ -301,8 +318,19 @@ def evaluate_shard(a: argparse.Namespace, shard: distributed.Shard, pairs: list[
             if optional.inception is not None:
                 feats.setdefault(f"{label}@{budget}", []).append((index, optional.inception(img)))
             rows.append(row)
+        for fmt, qpipe in weight_pipes.items():
+            out = qpipe.generate(cond, seed=seed, cfg=a.cfg, tau=a.tau, top_k=a.top_k, top_p=a.top_p,
+                                 schedule=schedule, cache=CacheConfig(policy="full", kv_dtype=a.kv_dtype))
+            img = to_unit(out.images)
+            row = {"pair": index, "caption": caption, "seed": seed, "weights": fmt, "psnr": float(psnr(img, ref)[0]),
+                   "ssim": float(ssim(img, ref)[0]),
+                   "bits_equal": bits_agreement([b.cpu() for b in out.samples.bits], full_bits),
+                   "identical": bool(np.array_equal(out.images, full.images))}
+            if optional.lpips is not None:
+                row["lpips"] = float(optional.lpips(img, ref)[0])
+            weight_rows.append(row)
         elapsed = time.perf_counter() - t0
-        print(f"{tag}pair {done}/{len(mine)} (#{index} seed {seed}): {len(configs)} configurations, "
+        print(f"{tag}pair {done}/{len(mine)} (#{index} seed {seed}): {len(configs) + len(weight_pipes)} configurations, "
               f"{elapsed:.1f}s, ~{elapsed / done * (len(mine) - done):.0f}s left", flush=True)
     cfg = pipe.transformer.cfg
     meta = {"model": {"transformer": str(a.transformer), "depth": cfg.depth, "width": cfg.embed_dim,
@@ -311,9 +339,68 @@ def evaluate_shard(a: argparse.Namespace, shard: distributed.Shard, pairs: list[
                          "tokens": schedule.total_tokens, "prefix_tokens": sum(schedule.tokens_per_scale[:-1])},
             "window": window, "budget_tokens": tokens, "notes": optional.notes,
             "calibrated_drafters": drafters,
+            "weight_mb": {fmt: _transformer_mb(p) for fmt, p in [("none", pipe), *weight_pipes.items()]},
             "peak_measurement": "torch.cuda.max_memory_allocated" if shard.device.startswith("cuda")
             else "torch.profiler CPU allocator events"}
-    return {"rank": shard.rank, "rows": rows, "features": feats, "meta": meta}
+    return {"rank": shard.rank, "rows": rows, "weight_rows": weight_rows, "features": feats, "meta": meta}
+
+
+def _weight_pipelines(a: argparse.Namespace, pipe: Any, device: str) -> dict[str, Any]:
+    """One pipeline per quantized --weights format: its own transformer, the reference's VAE and T5."""
+    from ..loader import load_transformer
+    from ..pipeline import InfinityPipeline
+
+    return {fmt: InfinityPipeline(load_transformer(a.transformer, device=device, precision=a.dtype, weights=fmt),
+                                  pipe.vae, pipe.text_encoder) for fmt in parse_weights(a.weights)}
+
+
+def _transformer_mb(pipe: Any) -> float:
+    """MiB of the transformer's weights as held (packed weights and scales for a quantized one)."""
+    return sum(t.numel() * t.element_size() for t in pipe.transformer.state_dict().values()) / 2**20
+
+
+def aggregate_weights(rows: list[dict], formats: list[str], weight_mb: dict[str, float]) -> list[dict]:
+    """Means per weight format against the unquantized full cache; PSNR over the images that differ."""
+    out = []
+    for fmt in formats:
+        sel = [r for r in rows if r["weights"] == fmt]
+        if not sel:
+            continue
+        agg: dict[str, Any] = {
+            "weights": fmt, "pairs": len(sel), "psnr": _finite_mean([r["psnr"] for r in sel]),
+            "identical": float(np.mean([r["identical"] for r in sel])),
+            "ssim": float(np.mean([r["ssim"] for r in sel])),
+            "bits_equal": float(np.mean([r["bits_equal"] for r in sel])),
+            "weight_mb": weight_mb.get(fmt), "weight_ratio": weight_mb.get(fmt, 0) / weight_mb["none"],
+        }
+        if all("lpips" in r for r in sel):
+            agg["lpips"] = float(np.mean([r["lpips"] for r in sel]))
+        out.append(agg)
+    return out
+
+
+def weights_table(result: dict) -> str:
+    """The weight-format rows as Markdown: each format's full-cache images against the unquantized ones."""
+    agg = result.get("weights_aggregate") or []
+    if not agg:
+        return ""
+    have_lpips = any("lpips" in r for r in agg)
+    head = ["weights", "PSNR ↑", "SSIM ↑"] + (["LPIPS ↓"] if have_lpips else []) + \
+        ["bits = unquantized", "identical", "transformer MiB", "of unquantized", "pairs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in agg:
+        cells = [r["weights"], "∞" if r["psnr"] is None and r["identical"] == 1.0 else _fmt(r["psnr"], 2),
+                 _fmt(r["ssim"], 4)] + ([_fmt(r.get("lpips"), 4)] if have_lpips else [])
+        cells += [_fmt(r["bits_equal"], 4), _fmt(r["identical"], 3), _fmt(r["weight_mb"], 2),
+                  _fmt(r["weight_ratio"], 3), str(r["pairs"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    m, sch = result["meta"], result["meta"]["schedule"]
+    return "\n".join(lines) + (
+        f"\n\nModel {m['model']['transformer']} (depth {m['model']['depth']}, width {m['model']['width']}, "
+        f"{m['model']['block_dtype']} blocks), {sch['pixels'][1]}x{sch['pixels'][0]}, full cache, cfg "
+        f"{result['args']['cfg']}, tau {result['args']['tau']}, {result['pairs']} caption/seed pairs, device "
+        f"{result['device']}, torch {result['torch']}. Every format against the unquantized model's image of the same "
+        f"pair; PSNR is the mean over images that differ; transformer MiB counts every tensor the transformer holds.\n")
 
 
 def merge(parts: list[dict], labels: list[str], budgets: list[str]) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -541,21 +628,29 @@ def _plot_pil(series: list[tuple[str, list[tuple[float, float]]]], xs: list[floa
 
 
 def write_outputs(result: dict, out: Path) -> dict[str, Path]:
-    """fidelity.json (rows and means), fidelity.md (the table) and fidelity_psnr.png (the plot) under `out`."""
+    """fidelity.json (rows and means), fidelity.md (the tables) and fidelity_psnr.png (PSNR vs budget, when there are
+    policy rows) under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "fidelity.json", "markdown": out / "fidelity.md", "plot": out / "fidelity_psnr.png"}
-    result["plot_backend"] = plot_psnr(result, paths["plot"])
+    if result["policies"]:
+        result["plot_backend"] = plot_psnr(result, paths["plot"])
+    else:  # weight formats only: no budget axis to plot
+        del paths["plot"]
     paths["json"].write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    paths["markdown"].write_text("# Fidelity against the full KV cache\n\n" + markdown_table(result)
-                                 + "\n## Per pair\n\nPSNR gaps over the pairs where neither image equals the full "
-                                 "cache's; an identical image counts as ahead.\n\n"
-                                 + paired_table(result["paired"]), encoding="utf-8")
+    policies = ("# Fidelity against the full KV cache\n\n" + markdown_table(result)
+                + "\n## Per pair\n\nPSNR gaps over the pairs where neither image equals the full "
+                "cache's; an identical image counts as ahead.\n\n" + paired_table(result["paired"])
+                if result["policies"] else "")
+    weights = f"## Weight formats\n\n{weights_table(result)}" if result.get("weights_aggregate") else ""
+    paths["markdown"].write_text("\n".join(t for t in (policies, weights) if t), encoding="utf-8")
     return paths
 
 
 def run(a: argparse.Namespace) -> dict | None:
     """The whole benchmark in this process's role: every rank evaluates its pairs, rank 0 gathers and writes."""
-    labels, budgets = parse_policies(a.policies), parse_budgets(a.budgets)
+    labels, budgets, formats = parse_policies(a.policies), parse_budgets(a.budgets), parse_weights(a.weights)
+    if not labels and not formats:
+        raise ValueError("--policies none leaves nothing to compare; give --weights too (e.g. none,int8)")
     _check_model_files(a)
     shard = distributed.setup(a.device)
     try:
@@ -570,15 +665,21 @@ def run(a: argparse.Namespace) -> dict | None:
         assert parts is not None
         rows, feats = merge(parts, labels, budgets)
         meta = next(p["meta"] for p in parts if p["rows"]) if any(p["rows"] for p in parts) else parts[0]["meta"]
+        weight_rows = sorted((r for p in parts for r in p.get("weight_rows", [])),
+                             key=lambda r: (r["pair"], formats.index(r["weights"])))
         result = {"args": {k: v for k, v in vars(a).items()}, "torch": torch.__version__, "device": shard.device,
                   "world_size": shard.world_size, "pairs": len(pairs), "policies": labels, "budgets": budgets,
-                  "meta": meta, "aggregate": aggregate(rows, labels, budgets, feats), "rows": rows}
+                  "meta": meta, "aggregate": aggregate(rows, labels, budgets, feats), "rows": rows,
+                  "weights": formats, "weights_aggregate": aggregate_weights(weight_rows, formats, meta["weight_mb"]),
+                  "weight_rows": weight_rows}
         result["paired"] = paired_comparisons(result)
         for note in meta["notes"]:
             print(f"note: {note}")
         paths = write_outputs(result, Path(a.out))
-        print(markdown_table(result))
-        print(paired_table(result["paired"]))
+        if labels:
+            print(markdown_table(result))
+            print(paired_table(result["paired"]))
+        print(weights_table(result))
         print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
         return result
     finally:
