@@ -4,8 +4,11 @@ It starts its own server, so what the fuzz before it did neither warms nor burde
 
 Properties:
   * every run succeeds;
-  * the server's RSS after the last 25 runs stays within 150 MB of its RSS after the first 5 (the warm-up: the
-    model loads, the allocator and ComfyUI's caches fill) — measured from /proc/<pid>/status VmRSS after each run;
+  * the server's RSS after the last 20 runs stays within 256 MB of its RSS after the first 10 (the warm-up: the
+    model loads, the allocator and ComfyUI's caches fill) — measured from /proc/<pid>/status VmRSS after each run.
+    The engine itself holds level (40 in-process generations of the tiny model, memory report on: +4 MB); the
+    server's RSS rises for its first 40-50 runs and then levels off (a 70-run probe: 649 -> 967 MB, flat after
+    run ~45), so the bound is set to catch a leak of about 13 MB a run, not that one-time growth;
   * the seed of the first run, repeated as the last run, gives pixel-identical images (and the sampler really ran
     again, not replayed from ComfyUI's cache).
 """
@@ -18,8 +21,8 @@ import harness
 harness.skip_without_host()
 
 RUNS = 30
-WARMUP = 5
-GROWTH_MB = 150
+WARMUP = 10
+GROWTH_MB = 256
 FIRST_SEED = 31000
 
 
