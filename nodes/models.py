@@ -18,6 +18,7 @@ from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.memory import MemoryPlan, MiB, admission_problem, overcommit_allowed
 from ..scalekv_core.loader import PRECISIONS, load_transformer, load_vae, resolve_precision, vae_patchify_for
 from ..scalekv_core.model.config import KNOWN_MODELS
+from ..scalekv_core.model.quant import model_format
 from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
 from ..scalekv_core.pipeline import InfinityPipeline, check_text_width
 from ..scalekv_core.schedules import Schedule
@@ -116,17 +117,19 @@ def architecture_name(cfg) -> str:
     return "custom"
 
 
-def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto") -> InfinityModel:
-    """Transformer + VAE from files (architecture read off the tensors), checked to fit each other."""
+def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
+                  weights: str = "none") -> InfinityModel:
+    """Transformer + VAE from files (architecture read off the tensors), checked to fit each other; `weights` is the
+    block linears' storage format (quantized on the offload device as they load)."""
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     prec = precision_name(precision, load_device)
-    transformer = load_transformer(transformer_path, device=offload_device, precision=prec)
+    transformer = load_transformer(transformer_path, device=offload_device, precision=prec, weights=weights)
     vae = load_vae(vae_path, device=offload_device)
     vae_patchify_for(transformer.cfg, vae.cfg, (str(transformer_path), str(vae_path)))  # names both files if not
     pipeline = InfinityPipeline(transformer, vae)
     cfg = transformer.cfg
     info = {"architecture": architecture_name(cfg), "transformer": str(transformer_path), "vae": str(vae_path),
-            "precision": prec, "depth": cfg.depth, "width": cfg.embed_dim, "heads": cfg.num_heads,
+            "precision": prec, "weights": model_format(transformer)[0], "depth": cfg.depth, "width": cfg.embed_dim, "heads": cfg.num_heads,
             "bits_per_token": cfg.d_vae, "text_channels": cfg.text_channels,
             "vae_bits": vae.cfg.codebook_dim, "vae_patch": vae.cfg.patch_size, "patchify": pipeline.vae_patchify,
             "load_device": str(load_device), "offload_device": str(offload_device)}

@@ -1,6 +1,7 @@
 """Infinity Model Loader and Infinity Text Encode: outputs, ModelPatcher integration, and errors that name the file."""
 from __future__ import annotations
 
+import importlib
 import pathlib
 
 import pytest
@@ -55,6 +56,24 @@ def test_precision_choice_reaches_the_blocks(run):
     model, _ = run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="vae_tiny.safetensors",
                    text_encoder="t5_tiny", precision="bf16").result
     assert model.pipeline.transformer.block_dtype == torch.bfloat16 and model.info["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "int8", "int4"])
+def test_weight_format_quantizes_the_blocks_and_the_patcher_moves_them(pack, run, loaded, fmt):
+    quant = importlib.import_module(f"{pack.__name__}.scalekv_core.model.quant")  # the pack's own classes
+    QuantLinear, weight_bytes = quant.QuantLinear, quant.weight_bytes
+    model, _ = run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="vae_tiny.safetensors",
+                   text_encoder="t5_tiny", precision="auto", weight_format=fmt).result
+    transformer = model.pipeline.transformer
+    assert model.info["weights"] == fmt and loaded[0].info["weights"] == "none"
+    assert isinstance(transformer.blocks[0].ffn.fc1, QuantLinear) and transformer.blocks[0].ffn.fc1.fmt == fmt
+    held = sum(t.numel() * t.element_size() for t in transformer.state_dict().values())
+    assert held == weight_bytes(transformer.cfg, fmt, transformer.block_dtype)
+    assert model.patcher.model_size() < loaded[0].patcher.model_size()  # the memory manager sees the smaller size
+    mm.unload_all_models()
+    model.load()
+    assert transformer.blocks[0].ffn.fc1.weight_q.device == mm.get_torch_device()
+    mm.unload_all_models()
 
 
 def test_text_encode_matches_the_engine(run, loaded):
