@@ -27,6 +27,7 @@ from ..scalekv_core.kvcache.budget import kv_bytes_per_token
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
 from ..scalekv_core.loader import PRECISIONS
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig, detect_infinity_config
+from ..scalekv_core.model.quant import logical_shapes
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.safe_files import open_regular
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label, schedule_from_label
@@ -106,7 +107,8 @@ def transformer_config(name: str) -> InfinityConfig:
                     shapes.update(_file_shapes(shard))
             else:
                 shapes = _file_shapes(path)
-            _shape_cache[key] = detect_infinity_config(_strip_module(shapes), str(path))
+            # a pre-quantized file (convert --weights) names its packed block weights `weight_q`
+            _shape_cache[key] = detect_infinity_config(logical_shapes(_strip_module(shapes)), str(path))
         except PlanInputError:
             raise
         except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError is a ValueError

@@ -348,9 +348,10 @@ def file_format(metadata: Mapping[str, str], source: str) -> tuple[str, int] | N
     return fmt, int(group)
 
 
-def logical_shapes(shapes: Mapping[str, Sequence[int]], fmt: str) -> dict[str, tuple[int, ...]]:
+def logical_shapes(shapes: Mapping[str, Sequence[int]], fmt: str | None = None) -> dict[str, tuple[int, ...]]:
     """A pre-quantized file's shapes as the unquantized checkpoint's: `X.weight_q` -> `X.weight` (out, in), scales
-    dropped; what architecture detection and key checks expect."""
+    dropped; what architecture detection and key checks expect. Without `fmt` an int4 layer keeps its packed input
+    width (enough for `detect_infinity_config`, which reads output widths only); other shapes pass unchanged."""
     out: dict[str, tuple[int, ...]] = {}
     for key, shape in shapes.items():
         shape = tuple(int(s) for s in shape)

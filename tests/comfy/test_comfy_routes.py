@@ -179,6 +179,21 @@ def test_pth_transformer_is_read_without_loading_it(post):
     assert (answer["model"]["depth"], answer["model"]["width"]) == (4, 128)
 
 
+def test_pre_quantized_transformer_gives_its_shape(post, tmp_path):
+    from scalekv_core.loader import load_transformer
+    from scalekv_core.model.quant import save_quantized
+
+    folder = pathlib.Path(folder_paths.get_folder_paths("infinity")[0])
+    target = folder / "tiny_int4.safetensors"
+    save_quantized(load_transformer(TINY / "infinity_tiny.safetensors", weights="int4"), target)
+    try:
+        status, answer = post({"transformer": "tiny_int4.safetensors", "resolution": "256x256 (1:1)"})
+    finally:
+        target.unlink()
+    assert status == 200, answer
+    assert (answer["model"]["depth"], answer["model"]["width"], answer["model"]["heads"]) == (4, 128, 4)
+
+
 def test_report_rows_join_measured_with_planned(post, run, loaded, encoded, config_inputs, sampler_inputs):
     """The widget's figures before a run (from the loader's file) are what the run then holds and reports."""
     settings = dict(policy="scalekv", budget_unit="tokens", budget=48.0, window=4)
