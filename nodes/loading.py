@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.model.quant import WEIGHT_FORMATS
 from . import models, paths, widgets
 from .io_types import CATEGORY, InfinityConditioningType, InfinityModelType, InfinityT5Type
@@ -47,6 +48,28 @@ class InfinityModelLoader(io.ComfyNode):
                 InfinityT5Type.Output(display_name="t5"),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, transformer=None, vae=None, text_encoder=None, precision=None,
+                        weight_format=None) -> bool | str:
+        """Menu values as the menus hold them now (ComfyUI 0.3.x lets any string through a V3 combo), so a missing
+        or mistyped file is refused before anything loads, naming the folders searched."""
+        problem = widgets.problem(widgets.choice("precision", precision, models.PRECISION_CHOICES),
+                                  widgets.choice("weight_format", weight_format, WEIGHT_FORMATS))
+        for field, value, choices, resolve in (
+                ("transformer", transformer, paths.transformer_choices, paths.resolve_transformer),
+                ("vae", vae, paths.vae_choices, paths.resolve_vae),
+                ("text_encoder", text_encoder, paths.text_encoder_choices, paths.resolve_text_encoder)):
+            if problem is not None or value is None:
+                continue
+            problem = widgets.problem(widgets.text(field, value, "name"))
+            if problem is None and value not in choices():
+                try:
+                    resolve(value)
+                    problem = f"{field}: {shown(value)} is not a name in the menu (mind spaces and case)"
+                except (FileNotFoundError, ValueError) as e:
+                    problem = f"{field}: {brief(str(e))}"
+        return True if problem is None else problem
 
     @classmethod
     def execute(cls, transformer: str, vae: str, text_encoder: str, precision: str = "auto",

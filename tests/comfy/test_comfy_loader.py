@@ -147,3 +147,24 @@ def test_loader_preselects_the_embedded_default_model_which_loads(pack, node_cla
     model, t5 = run("InfinityModelLoader", **defaults, precision="auto").result
     assert model.info["transformer"] == str(tmp_path / "default_model" / "infinity" / "infinity_shapes.safetensors")
     assert t5.info["text_channels"] == model.pipeline.transformer.cfg.text_channels
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("transformer", " infinity_tiny.safetensors", "transformer: ' infinity_tiny.safetensors' is not a name in the menu"),
+    ("text_encoder", "t5_tiny ", "text_encoder: 't5_tiny ' is not a name in the menu"),
+    ("vae", "ab\udc80cd", "vae: not valid text"),
+    ("transformer", "no_such_model.safetensors", "transformer: Infinity transformer 'no_such_model.safetensors' not found"),
+    ("transformer", "../../etc/passwd", "is not a name inside a model folder"),
+    ("precision", {"a": 1}, "precision: unknown value {'a': 1}"),
+    ("weight_format", "int3", "weight_format: unknown value 'int3'"),
+])
+def test_loader_menu_values_are_checked_before_loading(node_classes, field, value, words):
+    """ComfyUI 0.3.x lets any string through a V3 combo: a name with a stray space loaded, a dict precision
+    failed as "unhashable type", and a lone surrogate in a name broke ComfyUI's logging."""
+    inputs = dict(transformer="infinity_tiny.safetensors", vae="vae_tiny.safetensors", text_encoder="t5_tiny",
+                  precision="auto", weight_format="none")
+    loader = node_classes["InfinityModelLoader"]
+    assert loader.validate_inputs(**inputs) is True
+    message = loader.validate_inputs(**{**inputs, field: value})
+    assert isinstance(message, str) and words in message, message
+    message.encode("utf-8")  # printable by any logger
