@@ -181,11 +181,35 @@ def _activation_bytes(rows: int, n: int, width: int, ffn: int, text_tokens: int,
     return resid + max(qkv, ffn_act) + text + logits
 
 
+#: Full-resolution fp32 feature maps of base_ch channels alive at the decoder's peak: measured 8.0 on CPU
+#: (level 0's first ResBlock holds its 2*base_ch-channel input, its norm, sigmoid and product; docs/low_vram.md).
+DECODE_LIVE_MAPS = 8
+
+
+def decode_peak_bytes(batch: int, height: int, width: int, vae_base_ch: int, patch: int,
+                      tile: int | None = None) -> int:
+    """The VAE decode's peak above its weights, whole or in `tile`-latent tiles, so a planner can bound it.
+
+    Whole: DECODE_LIVE_MAPS maps of (batch, base_ch, H, W). Tiled (BSQVAE.decode_tiled decodes one image and one
+    tile at a time): the same maps for a tile of tile*patch pixels per side, plus the blended output (batch, 3,
+    H, W) and its weight sum (H, W), all fp32. A tile covering the image is the whole decode.
+    """
+    maps = DECODE_LIVE_MAPS * vae_base_ch * 4
+    if not tile or (tile * patch >= height and tile * patch >= width):
+        return batch * height * width * maps
+    th, tw = min(tile * patch, height), min(tile * patch, width)
+    return th * tw * maps + (3 * batch + 1) * height * width * 4
+
+
 def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, schedule: Schedule, batch: int,
                 config: CacheConfig, block_dtype: torch.dtype = torch.float32, params: int | None = None,
                 vae_params: int = 0, text_tokens: int = 512, cfg: bool = True, vae_base_ch: int = 128,
-                vae_patch: int = 16) -> MemoryPlan:
-    """Predict sampling and decoding memory for a model shape, schedule, batch and cache policy."""
+                vae_patch: int = 16, decode_tile: int | None = None) -> MemoryPlan:
+    """Predict sampling and decoding memory for a model shape, schedule, batch and cache policy.
+
+    `decode_tile` (latent positions) plans a tiled decode with decode_peak_bytes; None keeps the original
+    estimate of the whole decode (4 maps, half what CPU measures: docs/low_vram.md), so existing tables hold.
+    """
     rows = batch * (2 if cfg else 1)
     head_dim = width // num_heads
     policy, plan = config.build(schedule, depth, num_heads, head_dim, rows, block_dtype)
@@ -213,7 +237,10 @@ def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, sc
         act_peak = max(act_peak, act)
         prev_alloc = alloc
     H, W = schedule.pixel_size
-    decode = batch * H * W * vae_base_ch * 4 * 4  # ~4 live full-resolution feature maps in fp32
+    if decode_tile:
+        decode = decode_peak_bytes(batch, H, W, vae_base_ch, vae_patch, decode_tile)
+    else:
+        decode = batch * H * W * vae_base_ch * 4 * 4  # ~4 live full-resolution feature maps in fp32
     weights = 0.0
     if params is not None:
         weights = params * block_bytes + vae_params * 4
