@@ -404,6 +404,16 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the full plan as JSON")
     p.add_argument("--table", action="store_true",
                    help="print a Markdown table for 2B and 8B at 512/768/1024, batch 1 and 4, full vs ScaleKV")
+    j = p.add_argument_group("the whole job (T5 encode, sampling, decode, weights included)")
+    j.add_argument("--vram", type=_number("vram_gib", "--vram"),
+                   help="the card's memory in GiB: does the job fit, and if not, the cheapest setting that does "
+                        "(offloaded T5, tiled decode, a ScaleKV budget, fp8 weights, 4-bit weights)")
+    _add_weights_flag(j, "the transformer's block weights as they will be loaded")
+    j.add_argument("--offload-t5", action="store_true", help="T5 leaves the device once the prompt is encoded")
+    j.add_argument("--decode-tile", type=_number("decode_tile", "--decode-tile"), default=0,
+                   help="VAE decode in tiles of this many latent positions (0: the whole latent at once)")
+    j.add_argument("--job-table", action="store_true",
+                   help="print a Markdown table of the whole job for 2B and 8B at 1024x1024 in each weight format")
 
 
 def _plan(a: argparse.Namespace) -> int:
@@ -425,6 +435,8 @@ def _plan(a: argparse.Namespace) -> int:
                                      batch, config, PRECISIONS[a.dtype], params=params, vae_params=vae,
                                      vae_patch=8 if cfg.d_vae == 56 else 16)
 
+    if a.vram is not None or a.job_table or a.weights != "none" or a.offload_t5 or a.decode_tile:
+        return _plan_job(a)
     if a.table:
         from .kvcache import CacheConfig
 
@@ -448,6 +460,50 @@ def _plan(a: argparse.Namespace) -> int:
               f"KV cache {plan.analytic_mb / 1024:.2f} GB stored ({100 * plan.analytic_mb / plan.full_analytic_mb:.1f}% "
               f"of {plan.full_analytic_mb / 1024:.2f} GB), sampling peak above weights {plan.sampling_peak_mb / 1024:.2f} GB, "
               f"VAE decode {plan.decode_peak_mb / 1024:.2f} GB, total about {plan.total_mb / 1024:.1f} GB")
+    return 0
+
+
+def _plan_job(a: argparse.Namespace) -> int:
+    """`plan` for the whole job: each phase's peak, weights included; with --vram, the cheapest setting that fits."""
+    from .job_memory import JobOptions, cheapest_fit, plan_job, table
+
+    if a.job_table:
+        rows = table()
+        print("| model | setting | transformer | T5 | encode | sampling | decode | peak |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| Infinity-{r['model']} | {r['setting']} | {r['transformer_gib']:.2f} | {r['t5_gib']:.2f} | "
+                  f"{r['encode_gib']:.2f} | {r['sampling_gib']:.2f} | {r['decode_gib']:.2f} | "
+                  f"**{r['peak_gib']:.2f} GiB** |")
+        return 0
+    _check_cache_flags(a, None)
+    options = JobOptions(weights=a.weights, dtype=a.dtype, t5_offload=a.offload_t5,
+                         decode_tile=a.decode_tile or None, policy=a.kv_policy, kv_dtype=a.kv_dtype,
+                         budget=str(a.budget))
+    if a.vram is None:
+        plan = plan_job(a.model, a.width, a.height, a.batch, options)
+        if a.json:
+            print(json.dumps(plan.to_dict(), indent=1))
+        else:
+            print(f"Infinity-{a.model} {plan.resolution[0]}x{plan.resolution[1]} batch {a.batch} ({options.describe()}): "
+                  f"T5 encode {plan.encode_mb / 1024:.2f} GiB, sampling {plan.sampling_mb / 1024:.2f} GiB, decode "
+                  f"{plan.decode_mb / 1024:.2f} GiB; peak {plan.peak_mb / 1024:.2f} GiB (transformer "
+                  f"{plan.transformer_mb / 1024:.2f}, T5 {plan.t5_mb / 1024:.2f}, VAE {plan.vae_mb / 1024:.2f})")
+        return 0
+    answer = cheapest_fit(a.model, a.width, a.height, a.vram, a.batch, options)
+    if a.json:
+        print(json.dumps(answer, indent=1))
+        return 0
+    asked = answer["asked"]
+    print(f"Infinity-{a.model} batch {a.batch} as asked ({asked['setting']}): peak {asked['peak_gib']:.2f} GiB -> "
+          f"{'fits' if answer['fits_as_asked'] else 'does not fit'} {a.vram:g} GiB")
+    best = answer["cheapest"]
+    if not answer["fits_as_asked"]:
+        if best is None:
+            print(f"nothing fits {a.vram:g} GiB; the smallest tried: "
+                  f"{min(t['peak_gib'] for t in answer['tried']):.2f} GiB")
+        else:
+            print(f"cheapest that fits: {best['setting']} -> peak {best['peak_gib']:.2f} GiB")
     return 0
 
 

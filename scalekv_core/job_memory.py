@@ -1,0 +1,248 @@
+"""The whole job's memory on the GPU: T5 encode, sampling and VAE decode, weights included, for every low-VRAM option.
+
+`plan_job` predicts each phase's peak for a model shape, resolution, batch and a `JobOptions` (weight format, T5
+offload and precision, tiled decode, block swap, KV policy). `cheapest_fit` answers "does it fit this card?" and,
+if not, walks the options cheapest in quality first (offloaded T5, tiled decode, a ScaleKV budget, the KV cache in
+bf16, fp8 weights, block swap once the engine has it, 4-bit weights) and names the first setting that fits.
+Everything is counted from shapes: no weights are needed, so `python -m scalekv_core plan --vram 12` answers
+before anything is downloaded.
+
+Phases, as the ComfyUI nodes run them (each model is loaded when its node runs; ComfyUI's memory manager evicts
+what the next phase does not use): encode holds T5 (plus the transformer and VAE unless T5 is offloaded, i.e. kept
+off the device while they are on it); sampling holds the transformer's resident blocks, the VAE and the cache and
+activations; decode holds the same weights and the decoder's activations.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .kvcache import CacheConfig
+from .kvcache.memory import MiB, decode_peak_bytes, plan_memory
+from .model.config import KNOWN_MODELS, InfinityConfig
+from .model.quant import check_format, dequant_workspace_bytes, quantize_model, weight_bytes
+from .schedules import Schedule, schedule_for_pixels
+
+GiB = 2**30
+#: flan-t5-xl's encoder (what every Infinity model conditions on): d_model, d_ff, layers, heads x d_kv, vocab.
+T5_XL = dict(d_model=2048, d_ff=5120, layers=24, inner=32 * 64, vocab=32128)
+#: The released VAEs' parameter counts (the decoder runs in float32) and their decoders' widths and patch sizes.
+VAE_PARAMS = {32: 110_118_051, 56: 81_624_209}
+VAE_PATCH = {32: 16, 56: 8}
+VAE_BASE_CH = 128
+#: T5 storage formats: the original runs T5 in fp16 on a GPU; fp8 keeps its linears in float8 with a scale each.
+T5_FORMATS = ("fp16", "fp8_e4m3fn")
+#: The decode tile the ladder tries (latent positions); small enough for any card, large enough to blend well.
+LADDER_DECODE_TILE = 32
+#: Blocks kept on the device beside the swapped ones: the running block and the one being fetched.
+SWAP_BUFFERS = 2
+#: Block swap is planned here (`JobOptions.block_swap`) but the engine cannot run it yet, so `cheapest_fit` does not
+#: propose it: a setting the artist cannot choose is no answer.
+BLOCK_SWAP_READY = False
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What the artist can change to fit a card (every option of issue 20's planner)."""
+
+    weights: str = "none"  # transformer block linears: none (block dtype), fp8_e4m3fn, int8, int4
+    dtype: str = "bf16"  # transformer blocks' compute dtype
+    t5_offload: bool = False  # T5 leaves the device once the prompt is encoded
+    t5_weights: str = "fp16"
+    decode_tile: int | None = None  # latent positions per tile; None = the whole decode at once
+    block_swap: int = 0  # transformer blocks kept in CPU memory and streamed in when their turn comes
+    policy: str = "full"
+    budget: str = "10%"
+    kv_dtype: str = "auto"  # auto: keys fp32 and values in the block dtype, as the original stores them
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(policy=self.policy, budget=self.budget, kv_dtype=self.kv_dtype)
+
+    def describe(self) -> str:
+        parts = [f"weights {self.weights}" if self.weights != "none" else f"weights {self.dtype}",
+                 f"T5 {self.t5_weights}" + (" offloaded" if self.t5_offload else " resident"),
+                 f"decode tiles of {self.decode_tile}" if self.decode_tile else "whole decode",
+                 "full cache" if self.policy == "full" else f"{self.policy} {self.budget}"]
+        if self.kv_dtype != "auto":
+            parts.append(f"KV stored in {self.kv_dtype}")
+        if self.block_swap:
+            parts.append(f"block swap {self.block_swap}")
+        return ", ".join(parts)
+
+
+@dataclass
+class JobPlan:
+    """Predicted device memory of each phase (MiB), and the parts it is made of."""
+
+    options: JobOptions
+    model: str
+    resolution: tuple[int, int]  # (width, height)
+    batch: int
+    transformer_mb: float  # resident transformer weights (swapped blocks excluded, swap buffers included)
+    t5_mb: float
+    vae_mb: float
+    encode_mb: float
+    sampling_mb: float
+    decode_mb: float
+    sampling_extra_mb: float  # cache + activations (+ dequantization workspace) above the weights
+    decode_extra_mb: float
+    kv_stored_mb: float
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.encode_mb, self.sampling_mb, self.decode_mb)
+
+    def fits(self, vram_gib: float) -> bool:
+        return self.peak_mb <= vram_gib * 1024
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["peak_mb"] = self.peak_mb
+        d["peak_gib"] = self.peak_mb / 1024
+        d["setting"] = self.options.describe()
+        return d
+
+
+def t5_bytes(fmt: str = "fp16", shape: dict = T5_XL) -> int:
+    """T5 encoder weights: the linears in `fmt` (fp8: 1 byte + a float32 scale per output row), the rest fp16."""
+    if fmt not in T5_FORMATS:
+        raise ValueError(f"t5_weights: unknown format {fmt!r}; choose {', '.join(T5_FORMATS)}")
+    d, f, inner = shape["d_model"], shape["d_ff"], shape["inner"]
+    per_layer = [(inner, d)] * 4 + [(f, d), (f, d), (d, f)]  # q, k, v, o; gated-GELU wi_0, wi_1, wo
+    linear = shape["layers"] * sum(o * i for o, i in per_layer)
+    rows = shape["layers"] * sum(o for o, _ in per_layer)
+    other = shape["vocab"] * d + (2 * shape["layers"] + 1) * d + 32 * shape["inner"] // 64  # + position buckets
+    if fmt == "fp8_e4m3fn":
+        return linear + 4 * rows + 2 * other
+    return 2 * (linear + other)
+
+
+def t5_activation_bytes(prompts: int, tokens: int = 512, shape: dict = T5_XL) -> int:
+    """Live tensors of one T5 layer over `prompts` padded prompts (fp32 hidden states, attention scores)."""
+    heads = shape["inner"] // 64
+    return prompts * tokens * 4 * (4 * shape["d_model"] + 2 * shape["d_ff"] + heads * tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def block_bytes(cfg: InfinityConfig, fmt: str, block_dtype: torch.dtype) -> int:
+    """One transformer block's weights in `fmt` (what block swap moves per block), counted on the meta device."""
+    from .model.transformer import Infinity
+
+    with torch.device("meta"):
+        model = Infinity(cfg)
+    quantize_model(model, check_format(fmt))
+    model.set_block_dtype(block_dtype)
+    return sum(t.numel() * t.element_size() for t in model.blocks[0].state_dict().values())
+
+
+def _model(model: str | InfinityConfig) -> tuple[str, InfinityConfig]:
+    if isinstance(model, InfinityConfig):
+        return "custom", model
+    if model not in KNOWN_MODELS:
+        raise ValueError(f"model: unknown model {model!r}; choose one of {', '.join(KNOWN_MODELS)}")
+    return model, KNOWN_MODELS[model]
+
+
+def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 1,
+             options: JobOptions = JobOptions(), cfg_on: bool = True, prompts: int = 1) -> JobPlan:
+    """Each phase's predicted device memory for one job (T5 encode of `prompts` prompts, sampling, decode)."""
+    name, cfg = _model(model)
+    fmt = check_format(options.weights)
+    if options.dtype not in _DTYPES:
+        raise ValueError(f"dtype: unknown {options.dtype!r}; choose {', '.join(_DTYPES)}")
+    if not 0 <= options.block_swap <= cfg.depth - SWAP_BUFFERS:
+        raise ValueError(f"block_swap: {options.block_swap} blocks, but the model has {cfg.depth}; swap at most "
+                         f"{cfg.depth - SWAP_BUFFERS} (two stay on the device)")
+    dtype = _DTYPES[options.dtype]
+    schedule: Schedule = schedule_for_pixels(width, height)
+    h, w = schedule.pixel_size
+    memory = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule, batch,
+                         options.cache_config(), dtype, cfg=cfg_on, vae_base_ch=VAE_BASE_CH,
+                         vae_patch=VAE_PATCH.get(cfg.d_vae, 16))
+    transformer = weight_bytes(cfg, fmt, dtype)
+    if options.block_swap:
+        transformer -= (options.block_swap - SWAP_BUFFERS) * block_bytes(cfg, fmt, dtype)
+    t5 = t5_bytes(options.t5_weights)
+    vae = 4 * VAE_PARAMS.get(cfg.d_vae, VAE_PARAMS[32])
+    t5_act = t5_activation_bytes(prompts * (2 if cfg_on else 1))
+    sampling_extra = memory.sampling_peak_mb * MiB + dequant_workspace_bytes(cfg, fmt, dtype)
+    decode_extra = decode_peak_bytes(batch, h, w, VAE_BASE_CH, VAE_PATCH.get(cfg.d_vae, 16), options.decode_tile)
+    resident_t5 = 0 if options.t5_offload else t5
+    encode = t5 + t5_act + (0 if options.t5_offload else transformer + vae)
+    sampling = transformer + vae + resident_t5 + sampling_extra
+    decode = transformer + vae + resident_t5 + decode_extra
+    return JobPlan(options=options, model=name, resolution=(w, h), batch=batch, transformer_mb=transformer / MiB,
+                   t5_mb=t5 / MiB, vae_mb=vae / MiB, encode_mb=encode / MiB, sampling_mb=sampling / MiB,
+                   decode_mb=decode / MiB, sampling_extra_mb=sampling_extra / MiB, decode_extra_mb=decode_extra / MiB,
+                   kv_stored_mb=memory.analytic_mb,
+                   parts={"t5_activations_mb": t5_act / MiB, "cache_peak_mb": memory.cache_peak_mb,
+                          "activations_peak_mb": memory.activations_peak_mb})
+
+
+def ladder(options: JobOptions, depth: int, block_swap: bool = BLOCK_SWAP_READY) -> list[tuple[str, JobOptions]]:
+    """The settings to try, each adding one change to the last, cheapest in quality first."""
+    steps: list[tuple[str, JobOptions]] = [("as asked", options)]
+
+    def add(label: str, **change) -> None:
+        steps.append((label, dataclasses.replace(steps[-1][1], **change)))
+
+    if not options.t5_offload:
+        add("offload T5", t5_offload=True)
+    if not options.decode_tile:
+        add(f"tiled decode ({LADDER_DECODE_TILE})", decode_tile=LADDER_DECODE_TILE)
+    if options.policy == "full":
+        add("ScaleKV 10%", policy="scalekv", budget="10%")
+    if options.kv_dtype == "auto":
+        add("KV stored in bf16", kv_dtype="bf16")
+    if options.weights in ("none", "int8"):
+        add("fp8 weights", weights="fp8_e4m3fn")
+    base = steps[-1][1]
+    # n blocks off the device save n - 2 blocks; left out while the engine has no block swap (BLOCK_SWAP_READY)
+    swaps = range(SWAP_BUFFERS + 2, depth - SWAP_BUFFERS + 1, 2) if block_swap else range(0)
+    steps += [(f"block swap {n}", dataclasses.replace(base, block_swap=n)) for n in swaps if n > base.block_swap]
+    if options.weights != "int4":
+        four = dataclasses.replace(base, weights="int4", block_swap=0)
+        steps.append(("4-bit weights", four))
+        steps += [(f"4-bit weights, block swap {n}", dataclasses.replace(four, block_swap=n)) for n in swaps]
+    return steps
+
+
+def cheapest_fit(model: str | InfinityConfig, width: int, height: int, vram_gib: float, batch: int = 1,
+                 options: JobOptions = JobOptions(), cfg_on: bool = True) -> dict:
+    """Does the job fit `vram_gib`? If not, the first setting of the ladder that does (or none), with every try."""
+    _, cfg = _model(model)
+    tried = []
+    found = None
+    for label, opts in ladder(options, cfg.depth):
+        plan = plan_job(model, width, height, batch, opts, cfg_on)
+        tried.append({"step": label, "setting": opts.describe(), "peak_gib": round(plan.peak_mb / 1024, 3),
+                      "fits": plan.fits(vram_gib)})
+        if plan.fits(vram_gib):
+            found = (label, plan)
+            break
+    asked = plan_job(model, width, height, batch, options, cfg_on)
+    return {"vram_gib": vram_gib, "asked": asked.to_dict(), "fits_as_asked": asked.fits(vram_gib),
+            "cheapest": None if found is None else {"step": found[0], **found[1].to_dict()}, "tried": tried}
+
+
+def table(models: Sequence[str] = ("2b", "8b"), width: int = 1024, height: int = 1024) -> list[dict]:
+    """The planner's figures for the issue's settings, for docs/benchmarks.md."""
+    low = dict(t5_offload=True, decode_tile=LADDER_DECODE_TILE, policy="scalekv", budget="10%", kv_dtype="bf16")
+    rows = []
+    for model in models:
+        low_vram = ", T5 offloaded, tiled decode, ScaleKV 10%, KV bf16"
+        for label, opts in (("bf16, as released", JobOptions()), ("bf16" + low_vram, JobOptions(**low)),
+                            ("fp8" + low_vram, JobOptions(weights="fp8_e4m3fn", **low)),
+                            ("int8" + low_vram, JobOptions(weights="int8", **low)),
+                            ("4-bit" + low_vram, JobOptions(weights="int4", **low))):
+            plan = plan_job(model, width, height, 1, opts)
+            rows.append({"model": model, "setting": label, **{k: round(v / 1024, 2) for k, v in (
+                ("transformer_gib", plan.transformer_mb), ("t5_gib", plan.t5_mb), ("encode_gib", plan.encode_mb),
+                ("sampling_gib", plan.sampling_mb), ("decode_gib", plan.decode_mb), ("peak_gib", plan.peak_mb))}})
+    return rows

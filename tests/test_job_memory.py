@@ -1,0 +1,105 @@
+"""The whole job's planner: each phase's peak with weights, and the cheapest setting that fits a card."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scalekv_core.job_memory import (JobOptions, LADDER_DECODE_TILE, T5_XL, cheapest_fit, ladder, plan_job,
+                                     t5_bytes)
+from scalekv_core.kvcache import CacheConfig
+from scalekv_core.kvcache.memory import MiB, plan_memory
+from scalekv_core.model.config import KNOWN_MODELS
+from scalekv_core.model.quant import weight_bytes
+from scalekv_core.schedules import schedule_for_pixels
+
+
+def test_t5_bytes_count_flan_t5_xl_encoder():
+    """Against transformers' own T5EncoderModel of flan-t5-xl's shape, counted on the meta device."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=T5_XL["vocab"], d_model=T5_XL["d_model"], d_kv=64, d_ff=T5_XL["d_ff"],
+                      num_layers=T5_XL["layers"], num_heads=32, feed_forward_proj="gated-gelu",
+                      is_encoder_decoder=False)
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert t5_bytes("fp16") == 2 * params  # 1.22 billion parameters: the issue's "about 2.4 GB"
+    assert 0.49 < t5_bytes("fp8_e4m3fn") / t5_bytes("fp16") < 0.53
+
+
+def test_phases_hold_what_each_option_keeps_on_the_device():
+    base = plan_job("8b", 1024, 1024, 1, JobOptions())
+    cfg = KNOWN_MODELS["8b"]
+    assert base.transformer_mb * MiB == weight_bytes(cfg, "none", torch.bfloat16)
+    assert base.encode_mb == pytest.approx(base.transformer_mb + base.vae_mb + base.t5_mb
+                                           + base.parts["t5_activations_mb"])
+    assert base.sampling_mb == pytest.approx(base.transformer_mb + base.vae_mb + base.t5_mb + base.sampling_extra_mb)
+    off = plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True))
+    assert off.encode_mb == pytest.approx(off.t5_mb + off.parts["t5_activations_mb"])  # T5 alone on the device
+    assert off.sampling_mb == pytest.approx(base.sampling_mb - base.t5_mb)
+    # the sampling term is the KV planner's, unchanged
+    memory = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae,
+                         schedule_for_pixels(1024, 1024), 1, CacheConfig(policy="full"), torch.bfloat16,
+                         vae_patch=8)
+    assert base.sampling_extra_mb == pytest.approx(memory.sampling_peak_mb)
+
+
+def test_each_option_lowers_its_phase():
+    base = plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True))
+    tiled = plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True, decode_tile=LADDER_DECODE_TILE))
+    assert tiled.decode_mb < base.decode_mb and tiled.sampling_mb == base.sampling_mb
+    scalekv = plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True, policy="scalekv", budget="10%"))
+    assert scalekv.sampling_mb < base.sampling_mb and scalekv.kv_stored_mb < 0.15 * base.kv_stored_mb
+    fp8, int4 = (plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True, weights=w)) for w in ("fp8_e4m3fn", "int4"))
+    assert int4.transformer_mb < fp8.transformer_mb < 0.55 * base.transformer_mb
+    swap = plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True, block_swap=10))
+    per_block = swap.transformer_mb - plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True, block_swap=11)
+                                                ).transformer_mb
+    assert base.transformer_mb - swap.transformer_mb == pytest.approx(8 * per_block)  # 10 out, 2 buffers in
+
+
+def test_ladder_is_cheapest_in_quality_first():
+    labels = [label for label, _ in ladder(JobOptions(), 40)]
+    assert labels == ["as asked", "offload T5", f"tiled decode ({LADDER_DECODE_TILE})", "ScaleKV 10%",
+                      "KV stored in bf16", "fp8 weights", "4-bit weights"]  # no block swap: the engine has none yet
+    labels = [label for label, _ in ladder(JobOptions(), 40, block_swap=True)]
+    assert labels.index("block swap 4") < labels.index("4-bit weights")
+    # each step keeps what the steps before it changed
+    steps = [o for _, o in ladder(JobOptions(), 40)]
+    assert steps[4].t5_offload and steps[4].decode_tile and steps[4].policy == "scalekv"
+
+
+def test_cheapest_fit_answers_does_it_fit():
+    roomy = cheapest_fit("2b", 1024, 1024, 80)
+    assert roomy["fits_as_asked"] and roomy["cheapest"]["step"] == "as asked"
+    answer = cheapest_fit("8b", 1024, 1024, 12)
+    assert not answer["fits_as_asked"] and answer["cheapest"]["peak_gib"] <= 12
+    assert all(not t["fits"] for t in answer["tried"][:-1]) and answer["tried"][-1]["fits"]
+    assert cheapest_fit("8b", 1024, 1024, 1)["cheapest"] is None  # nothing fits a 1 GiB card
+    json.dumps(answer)
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="block_swap: 39 blocks"):
+        plan_job("8b", 1024, 1024, 1, JobOptions(block_swap=39))
+    with pytest.raises(ValueError, match="weights"):
+        plan_job("8b", 1024, 1024, 1, JobOptions(weights="int3"))
+    with pytest.raises(ValueError, match="t5_weights"):
+        plan_job("8b", 1024, 1024, 1, JobOptions(t5_weights="int4"))
+    with pytest.raises(ValueError, match="model: unknown model"):
+        plan_job("70b", 1024, 1024)
+
+
+def test_cli_plan_vram(capsys):
+    from scalekv_core.cli import main
+
+    assert main(["plan", "--model", "8b", "--vram", "12", "--kv-policy", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit 12 GiB" in out and "cheapest that fits:" in out
+    assert main(["plan", "--model", "8b", "--vram", "12", "--kv-policy", "full", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["cheapest"]["peak_gib"] <= 12 and answer["tried"][0]["step"] == "as asked"
+    assert main(["plan", "--model", "8b", "--vram", "0"]) == 2
+    assert "--vram" in capsys.readouterr().err
