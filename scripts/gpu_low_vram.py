@@ -1,0 +1,199 @@
+"""Issue 20's GPU check: the whole job (T5 encode, sampling, decode) of real-shape models with random weights, each
+under a memory cap, measured against the whole-job planner, and timed against the uncapped bf16 run.
+
+    python scripts/gpu_low_vram.py --out out/gpu_low_vram.json            # every case, each in its own process
+    python scripts/gpu_low_vram.py --case 8b:fp8_e4m3fn:11 --device cpu --size 256 --model-override layer12
+                                                                          # a CPU smoke run of the same code
+
+A case is MODEL:WEIGHTS:CAP_GIB (cap 0 = uncapped). Each case runs in a fresh process, so one cap never limits
+another: `torch.cuda.set_per_process_memory_fraction(cap / total)`, then T5-XL-shaped random encoder in fp16 on
+512 random token ids (cond + uncond), T5 freed, the transformer built block by block on the device in bf16 and
+quantized as each block is made (no full-precision copy of the model ever exists), the released VAE's shape, a
+ScaleKV 10% generation with keys and values in bf16 and a tiled decode when the engine has it. Writes each phase's
+`max_memory_allocated` beside the planner's figures, and the wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CASES = ["8b:none:0", "8b:fp8_e4m3fn:11", "8b:int4:7", "2b:none:0", "2b:none:5", "2b:fp8_e4m3fn:3.5"]
+VAES = {32: dict(codebook_dim=32, patch_size=16, base_ch=128, ch_mult=(1, 2, 4, 4, 4)),
+        56: dict(codebook_dim=14, patch_size=8, base_ch=128, ch_mult=(1, 2, 4, 4))}
+DECODE_TILE = 32
+
+
+def _randomize(module, std: float = 0.02) -> None:
+    """Small random weights as scalekv_core.bench.kv does: matrices N(0, std), vectors 0, attention scales log 4."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        for _, buf in module.named_buffers():  # to_empty leaves them unset; Infinity's only ones are zero biases
+            buf.zero_()
+        for name, p in module.named_parameters():
+            if name.endswith("scale_mul_1H11"):
+                p.fill_(math.log(4.0))
+            elif p.ndim >= 2:
+                p.normal_(0.0, std)
+            elif p.is_floating_point():
+                p.zero_()
+
+
+def build_transformer(cfg, fmt: str, device, dtype):
+    """The Infinity transformer of `cfg` with random weights, made on `device` one block at a time."""
+    import torch
+
+    from scalekv_core.model.quant import QUANTIZED_LAYERS, QuantLinear
+    from scalekv_core.model.transformer import Infinity
+
+    with torch.device("meta"):
+        model = Infinity(cfg)
+    blocks = set(map(id, model.blocks))
+    for name, child in model.named_children():  # everything outside the blocks: float32, as the loader keeps it
+        if not any(id(m) in blocks for m in child.modules()):
+            child.to_empty(device=device)
+            _randomize(child)
+    for pname, param in list(model.named_parameters(recurse=False)):  # the model's own (start token, ...)
+        setattr(model, pname, torch.nn.Parameter(torch.randn(param.shape, device=device) * 0.02
+                                                 if param.ndim >= 2 else torch.zeros(param.shape, device=device)))
+    for bname, buf in list(model.named_buffers(recurse=False)):
+        setattr(model, bname, torch.zeros(buf.shape, dtype=buf.dtype, device=device))
+    for index, block in enumerate(model.blocks):
+        block.to_empty(device=device)
+        _randomize(block)
+        block.to(dtype)
+        if fmt != "none":
+            for path in QUANTIZED_LAYERS:
+                parent_name, leaf = path.split(".")
+                parent = getattr(block, parent_name)
+                setattr(parent, leaf, QuantLinear.from_linear(getattr(parent, leaf), fmt,
+                                                              name=f"{cfg.block_key(index)}.{path}.weight"))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    model.set_block_dtype(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def run_case(case: str, device_name: str, size: int, model_override: str | None) -> dict:
+    import torch
+
+    from scalekv_core.job_memory import JobOptions, T5_XL, plan_job
+    from scalekv_core.kvcache import CacheConfig
+    from scalekv_core.model.config import KNOWN_MODELS
+    from scalekv_core.model.text_encoder import TextConditioning
+    from scalekv_core.model.vae import BSQVAE, VAEConfig, make_random_vae_state_dict
+    from scalekv_core.pipeline import InfinityPipeline
+    from scalekv_core.schedules import schedule_for_pixels
+
+    name, fmt, cap = case.split(":")
+    cap_gib = float(cap)
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = KNOWN_MODELS[model_override or name]
+    if cuda and cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
+    options = JobOptions(weights=fmt, dtype="bf16" if cuda else "fp32", t5_offload=True,
+                         decode_tile=DECODE_TILE, policy="scalekv", budget="10%", kv_dtype="bf16")
+    plan = plan_job(model_override or name, size, size, 1, options)
+    out: dict = {"case": case, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                 "plan_gib": {"encode": plan.encode_mb / 1024, "sampling": plan.sampling_mb / 1024,
+                              "decode": plan.decode_mb / 1024, "peak": plan.peak_mb / 1024}}
+
+    def peak_gib() -> float | None:
+        return torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+
+    t0 = time.perf_counter()
+    # T5 encode: flan-t5-xl's encoder shape, random fp16 weights, 512 random ids for cond and uncond
+    from transformers import T5Config, T5EncoderModel
+
+    t5cfg = T5Config(vocab_size=T5_XL["vocab"], d_model=T5_XL["d_model"], d_kv=64, d_ff=T5_XL["d_ff"],
+                     num_layers=T5_XL["layers"], num_heads=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    with torch.device("meta"):
+        t5 = T5EncoderModel(t5cfg)
+    t5 = t5.to_empty(device=device).to(torch.float16 if cuda else torch.float32)
+    _randomize(t5)
+    with torch.no_grad():
+        ids = torch.randint(0, T5_XL["vocab"], (2, 512), device=device)
+        hidden = t5(input_ids=ids)["last_hidden_state"].float()
+    out["encode_gib"] = peak_gib()
+    del t5
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    cond = TextConditioning.from_padded(hidden[:1, :64].cpu(), torch.ones(1, 64, dtype=torch.bool))
+    # sampling and decode
+    transformer = build_transformer(cfg, fmt, device, dtype)
+    vae_cfg = VAEConfig(**VAES[cfg.d_vae])
+    with torch.device("meta"):
+        vae = BSQVAE(vae_cfg)
+    vae.load_state_dict(make_random_vae_state_dict(vae_cfg, 0), assign=True)
+    vae = vae.to(device).eval().requires_grad_(False)
+    pipe = InfinityPipeline(transformer, vae)
+    out["weights_gib"] = peak_gib()
+    cache = CacheConfig(policy="scalekv", budget="10%", kv_dtype="bf16")
+    kwargs = {}
+    import inspect
+
+    if "decode_tile" in inspect.signature(pipe.generate).parameters:
+        kwargs["decode_tile"] = DECODE_TILE
+    out["decode_tiled"] = bool(kwargs)
+    t1 = time.perf_counter()
+    pipe.generate(cond, seed=0, schedule=schedule_for_pixels(size, size), cache=cache, **kwargs)
+    if cuda:
+        torch.cuda.synchronize(device)
+    out["generate_seconds"] = time.perf_counter() - t1
+    out["job_seconds"] = time.perf_counter() - t0
+    out["sampling_and_decode_gib"] = peak_gib()
+    out["ok"] = True
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", help="MODEL:WEIGHTS:CAP_GIB; without it every case runs, each in a subprocess")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--model-override", help="plan and build this KNOWN_MODELS shape instead (CPU smoke runs)")
+    p.add_argument("--out", default="out/gpu_low_vram.json")
+    a = p.parse_args()
+    if a.case:
+        try:
+            result = run_case(a.case, a.device, a.size, a.model_override)
+        except Exception as e:  # a case that does not fit its cap is a result, not a crash of the whole check
+            result = {"case": a.case, "ok": False, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        print(json.dumps(result))
+        return 0
+    results = []
+    for case in CASES:
+        cmd = [sys.executable, __file__, "--case", case, "--device", a.device, "--size", str(a.size)]
+        if a.model_override:
+            cmd += ["--model-override", a.model_override]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        line = (proc.stdout.strip().splitlines() or ["{}"])[-1]
+        result = json.loads(line) if line.startswith("{") else {"case": case, "ok": False,
+                                                                "error": proc.stderr[-800:]}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    base = {r["case"].split(":")[0]: r.get("generate_seconds") for r in results if r["case"].endswith(":none:0")}
+    for r in results:
+        b = base.get(r["case"].split(":")[0])
+        if r.get("generate_seconds") and b:
+            r["time_vs_uncapped_bf16"] = r["generate_seconds"] / b
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
