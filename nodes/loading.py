@@ -34,7 +34,7 @@ class InfinityModelLoader(io.ComfyNode):
                 io.Combo.Input("precision", options=models.PRECISION_CHOICES, default="auto",
                                tooltip="transformer blocks: auto = bf16 on CUDA, fp32 on CPU"),
                 # last, so saved workflows keep their widget order
-                io.Combo.Input("weight_format", options=list(WEIGHT_FORMATS), default="none",
+                io.Combo.Input("weight_format", options=list(WEIGHT_FORMATS), default="none", optional=True,
                                tooltip="how the transformer blocks' linear weights are stored (they are 98% of the "
                                        "model). none: as the checkpoint, 2 bytes per weight in bf16 (8B: 15.9 GiB). "
                                        "fp8_e4m3fn / int8: 1 byte (8B: 8.2 GiB, for 12 GB cards), a small loss of "

@@ -11,7 +11,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 EXPECTED = {
-    "InfinityModelLoader": (["transformer", "vae", "text_encoder", "precision", "weight_format"], [],
+    # weight_format is optional: API prompts saved before it existed stay valid on hosts that require every input
+    "InfinityModelLoader": (["transformer", "vae", "text_encoder", "precision"], ["weight_format"],
                             ["INFINITY_MODEL", "INFINITY_T5"]),
     "InfinityTextEncode": (["t5", "prompt"], [], ["INFINITY_CONDITIONING"]),
     "ScaleKVCacheConfig": (["policy", "budget_unit", "budget", "window", "kernel", "pooling", "scoring", "kv_dtype",
@@ -64,8 +65,9 @@ def test_widget_defaults_work_out_of_the_box(node_classes):
     assert loader["vae"][1]["options"][0] == "vae_tiny.safetensors"
     assert loader["text_encoder"][1]["options"] == ["t5_tiny"]
     assert loader["precision"][1]["options"] == ["auto", "fp32", "bf16", "fp16"]
-    assert loader["weight_format"][1]["options"] == ["none", "fp8_e4m3fn", "int8", "int4"]
-    assert loader["weight_format"][1]["default"] == "none" and "int4" in loader["weight_format"][1]["tooltip"]
+    weight_format = v1["InfinityModelLoader"]["optional"]["weight_format"]
+    assert weight_format[1]["options"] == ["none", "fp8_e4m3fn", "int8", "int4"]
+    assert weight_format[1]["default"] == "none" and "int4" in weight_format[1]["tooltip"]
     assert v1["InfinityTextEncode"]["required"]["prompt"][1]["multiline"] is True
     assert node_classes["ScaleKVCalibrate"].GET_SCHEMA().is_output_node
 

@@ -258,10 +258,6 @@ def set_widget(workflow: dict, node_type: str, index: int, value) -> None:
     node["widgets_values"][index] = value
 
 
-def comfyui_version(comfy) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", comfy.get_json("/system_stats")["system"]["comfyui_version"])[:3])
-
-
 def test_a_failed_run_exits_nonzero_with_the_servers_message(comfy, tmp_path):
     """A file listed in the menu but gone when the loader runs (a dangling link): the node's error, from the run."""
     dangling = comfy.models / "infinity" / "moved_away.safetensors"
@@ -279,17 +275,14 @@ def test_a_failed_run_exits_nonzero_with_the_servers_message(comfy, tmp_path):
 
 
 def test_a_model_missing_from_the_menu(comfy, tmp_path):
-    """0.3.75 does not check V3 combo values, so the loader names where it looked; 0.33 refuses the prompt first."""
+    """The loader's validate_inputs checks its menus on every version (0.3.75 lets any string through a V3 combo):
+    the prompt is refused before anything runs, naming the folders searched."""
     workflow = load("scalekv_text_to_image.json")
     set_widget(workflow, "InfinityModelLoader", 0, "no_such_model.safetensors")
     proc = run_cli(comfy, workflow, tmp_path)
     assert proc.returncode == 1 and not proc.stdout
     assert "InfinityModelLoader" in proc.stderr and "no_such_model.safetensors" in proc.stderr, proc.stderr
-    # ComfyUI checks V3 combo values since upstream commit 0be8a76c (2025-12-30, after 0.7.0): seen on 0.33.0.
-    if comfyui_version(comfy) >= (0, 8, 0):
-        assert "HTTP 400" in proc.stderr and "not in" in proc.stderr, proc.stderr
-    else:
-        assert "HTTP 400" not in proc.stderr and "models/infinity" in proc.stderr, proc.stderr
+    assert "HTTP 400" in proc.stderr and "models/infinity" in proc.stderr, proc.stderr
 
 
 def test_a_refused_prompt_exits_nonzero_with_the_validation_message(comfy, tmp_path):
