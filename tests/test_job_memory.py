@@ -103,3 +103,14 @@ def test_cli_plan_vram(capsys):
     assert answer["cheapest"]["peak_gib"] <= 12 and answer["tried"][0]["step"] == "as asked"
     assert main(["plan", "--model", "8b", "--vram", "0"]) == 2
     assert "--vram" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--vram", "nan"), ("--vram", "abc"), ("--vram", "1e9"), ("--vram", "-4"),
+                                         ("--decode-tile", "nan"), ("--decode-tile", "100000"),
+                                         ("--weights", "int3")])
+def test_cli_plan_job_flags_are_checked(capsys, flag, value):
+    from scalekv_core.cli import main
+
+    assert main(["plan", "--model", "8b", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and flag in err[0], err
