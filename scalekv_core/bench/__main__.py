@@ -1,12 +1,13 @@
 """`python -m scalekv_core.bench kv ...` and `python -m scalekv_core.bench fidelity ...`"""
 import sys
 
-USAGE = """usage: python -m scalekv_core.bench {kv,fidelity} ...
+USAGE = """usage: python -m scalekv_core.bench {kv,fidelity,decode} ...
 
   kv        memory and speed of every KV policy, as ratios to the full cache
   fidelity  image fidelity of every KV policy against the full cache (PSNR, SSIM, bits), shardable with torchrun
+  decode    tiled VAE decode against the whole decode (PSNR, measured and planned peak, time)
 
-`python -m scalekv_core.bench kv --help` or `... fidelity --help` lists each one's flags."""
+`python -m scalekv_core.bench kv --help`, `... fidelity --help` or `... decode --help` lists each one's flags."""
 
 if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
     print(USAGE)
@@ -15,6 +16,10 @@ if sys.argv[1] == "fidelity":
     from .fidelity import main as fidelity_main
 
     sys.exit(fidelity_main(sys.argv[2:]))
+if sys.argv[1] == "decode":
+    from .decode import main as decode_main
+
+    sys.exit(decode_main(sys.argv[2:]))
 
 from .kv import main
 

@@ -190,15 +190,26 @@ def decode_peak_bytes(batch: int, height: int, width: int, vae_base_ch: int, pat
                       tile: int | None = None) -> int:
     """The VAE decode's peak above its weights, whole or in `tile`-latent tiles, so a planner can bound it.
 
-    Whole: DECODE_LIVE_MAPS maps of (batch, base_ch, H, W). Tiled (BSQVAE.decode_tiled decodes one image and one
-    tile at a time): the same maps for a tile of tile*patch pixels per side, plus the blended output (batch, 3,
-    H, W) and its weight sum (H, W), all fp32. A tile covering the image is the whole decode.
+    Whole: DECODE_LIVE_MAPS maps of (batch, base_ch, H, W). Tiled (BSQVAE.decode_tiled runs one image and one
+    tile at a time, its full-resolution maps in host memory: decode_offload_bytes): the same maps for a tile of
+    tile*patch pixels per side, plus the output (batch, 3, H, W), all fp32. Measured on CPU within 2% of this
+    (docs/low_vram.md). A tile covering the image is the whole decode.
     """
     maps = DECODE_LIVE_MAPS * vae_base_ch * 4
     if not tile or (tile * patch >= height and tile * patch >= width):
         return batch * height * width * maps
     th, tw = min(tile * patch, height), min(tile * patch, width)
-    return th * tw * maps + (3 * batch + 1) * height * width * 4
+    return th * tw * maps + 3 * batch * height * width * 4
+
+
+#: Full-resolution maps of base_ch channels a tiled decode keeps in host memory at once: level 0's first ResBlock
+#: holds its 2*base_ch-channel input, the first convolution's output and the block's output (measured 4.0).
+DECODE_OFFLOAD_MAPS = 4
+
+
+def decode_offload_bytes(height: int, width: int, vae_base_ch: int) -> int:
+    """Host memory a tiled decode holds for its full-resolution maps (one image at a time), beside the device's."""
+    return DECODE_OFFLOAD_MAPS * height * width * vae_base_ch * 4
 
 
 def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, schedule: Schedule, batch: int,

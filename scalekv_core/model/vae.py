@@ -209,6 +209,12 @@ class BitQuantizer(nn.Module):
         return quantize_to_bits(z)
 
 
+#: Latent positions per tile side when a caller asks for tiling without a size; 32 = 512 pixels at patch 16.
+DEFAULT_DECODE_TILE = 32
+#: Smaller tiles are refused: the halo and per-tile overheads would dominate.
+MIN_DECODE_TILE = 8
+
+
 class BSQVAE(nn.Module):
     """The tokenizer; 'quantize' aliases 'quantizer' (one module, two state-dict prefixes, as in the original)."""
 
@@ -238,6 +244,156 @@ class BSQVAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Image in [-1,1], (B,3,H*p,W*p): the original clamps after the decoder."""
         return self.decoder(z).clamp(-1.0, 1.0)
+
+    def decode_tiled(self, z: Tensor, tile: int = DEFAULT_DECODE_TILE,
+                     offload: torch.device | str | None = "cpu") -> Tensor:
+        """decode(z) with the device's peak bounded by a tile of `tile` latent positions per side, not the image.
+
+        The decoder runs one step (the work between two GroupNorms) at a time over all tiles: each step reads its
+        tile plus a one-pixel halo from full-resolution maps kept on `offload` (host memory; None keeps them on
+        z's device) and writes the tile back, and every GroupNorm uses the statistics of the whole map, gathered
+        while the step before wrote it. So the result is decode(z) to float rounding, whatever the weights (tiles
+        decoded apart and blended differ; docs/low_vram.md). One image at a time; a tile covering the latent (or
+        tile 0) is decode(z) itself.
+        """
+        tile = check_decode_tiling(tile)
+        B, _, H, W = z.shape
+        if tile == 0 or (tile >= H and tile >= W):
+            return self.decode(z)
+        p = self.cfg.patch_size
+        out = torch.empty(B, self.cfg.in_channels, H * p, W * p, dtype=torch.float32, device=z.device)
+        for b in range(B):  # GroupNorm's statistics are per image
+            TiledDecoder(self.decoder, tile, z.device, offload).run(z[b:b + 1], out[b:b + 1])
+        return out.clamp_(-1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ tiled decoding
+
+def check_decode_tiling(tile: object, field: str = "decode_tile") -> int:
+    """`tile` checked against the limits table, errors naming `field`; 0 means the whole latent at once."""
+    from ..limits import LIMITS, InputError
+
+    tile = LIMITS["decode_tile"].check(tile, field)
+    if 0 < tile < MIN_DECODE_TILE:
+        raise InputError(f"{field}: {tile} is too small; expected 0 (decode the whole latent at once) or "
+                         f"{MIN_DECODE_TILE} to {int(LIMITS['decode_tile'].max)} latent positions")
+    return int(tile)
+
+
+@dataclass
+class _Map:
+    """One full feature map of the decoder between two steps, and its per-channel statistics (for the next norm)."""
+
+    data: Tensor  # (1, C, h, w), on the offload device (or the compute device when small)
+    count: float = 0.0  # pixels per channel gathered so far
+    mean: Tensor | None = None  # (C,) float64, on the compute device
+    m2: Tensor | None = None  # (C,) float64: sum of squared deviations from the mean
+
+    def gather(self, core: Tensor) -> None:
+        """Merge one tile's core (1, C, h, w) into the per-channel statistics (Chan et al.'s parallel update)."""
+        var, mean = torch.var_mean(core, dim=(0, 2, 3), correction=0)
+        n = float(core.shape[0] * core.shape[2] * core.shape[3])
+        mean, m2 = mean.double(), var.double() * n
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def group_norm(self, norm: Norm, x: Tensor) -> Tensor:
+        """norm(x) with the statistics of this whole map instead of x's own (GroupNorm: biased variance)."""
+        gn = norm.norm
+        g = gn.num_groups
+        mean_c, m2_c = self.mean.view(g, -1), self.m2.view(g, -1)
+        mean_g = mean_c.mean(1)
+        var_g = (m2_c + self.count * (mean_c - mean_g[:, None]) ** 2).sum(1) / (self.count * mean_c.shape[1])
+        mean_f = mean_g.float().view(1, g, 1)
+        rstd = torch.rsqrt(var_g.float() + gn.eps).view(1, g, 1)
+        y = x.reshape(x.shape[0], g, -1) - mean_f  # the one new tensor; the rest in place
+        y = y.mul_(rstd).view_as(x)
+        return y.mul_(gn.weight.view(1, -1, 1, 1)).add_(gn.bias.view(1, -1, 1, 1))
+
+
+class TiledDecoder:
+    """Runs a Decoder step by step over tiles, so only one tile (plus a one-pixel halo) is ever on the device.
+
+    A step is the work between two GroupNorms: conv_in; per ResBlock, norm1-swish-conv1, then norm2-swish-conv2
+    plus the shortcut; each upsample; norm_out-swish-conv_out. Each step has one 3x3 convolution, so a tile's
+    core is exact given one pixel of its neighbours. Its output goes to a full map (on `offload`, or on the
+    device if it is no larger than one tile's share), and its per-channel statistics are gathered on the way,
+    which is what the next step's GroupNorm needs.
+    """
+
+    def __init__(self, decoder: Decoder, tile: int, device: torch.device | str,
+                 offload: torch.device | str | None = "cpu") -> None:
+        self.decoder = decoder
+        self.tile = tile
+        self.device = torch.device(device)
+        self.offload = self.device if offload is None else torch.device(offload)
+        self.pin = self.offload.type == "cpu" and self.device.type == "cuda"
+        self.latent_h = 1
+        self.small_bytes = 0  # maps up to this size stay on the device
+
+    def run(self, z: Tensor, out: Tensor) -> Tensor:
+        """Decode one latent (1, d, h, w) into `out` (1, 3, h*p, w*p) on the device (unclamped, as Decoder)."""
+        dec = self.decoder
+        self.latent_h = z.shape[2]
+        patch = 2 ** sum(level.upsample is not None for level in dec.up)
+        # half of one full-resolution tile map: the low-resolution levels' maps stay on the device, no transfer
+        self.small_bytes = (self.tile * patch) ** 2 * dec.norm_out.norm.num_channels * 4 // 2
+        x = self.step(lambda t: dec.conv_in(t[0]), [_Map(z)])
+        for blk in (dec.mid.block_1, dec.mid.block_2):
+            x = self.resblock(blk, x)
+        for level in reversed(dec.up):
+            for blk in level.block:
+                x = self.resblock(blk, x)
+            if level.upsample is not None:
+                x = self.step(lambda t, up=level.upsample: up(t[0]), [x], scale=2)
+        self.step(lambda t: dec.conv_out(_swish(x.group_norm(dec.norm_out, t[0]))), [x], out=out)
+        return out
+
+    def resblock(self, blk: ResBlock, x: _Map) -> _Map:
+        """One ResBlock as two steps, each normalising with its input map's whole statistics."""
+        h = self.step(lambda t: blk.conv1(_swish(x.group_norm(blk.norm1, t[0]))), [x])
+
+        def second(t: list[Tensor]) -> Tensor:
+            y = blk.conv2(_swish(h.group_norm(blk.norm2, t[1])))
+            return y.add_(t[0] if blk.nin_shortcut is None else blk.nin_shortcut(t[0]))
+
+        return self.step(second, [x, h])
+
+    def step(self, fn, inputs: list[_Map], scale: int = 1, out: Tensor | None = None) -> _Map:
+        """fn over every tile of the inputs (same size), each read with a one-pixel halo; the cores form the output."""
+        _, _, h, w = inputs[0].data.shape
+        ts = self.tile * (h // self.latent_h)  # the tile at this map's resolution
+        result: _Map | None = None if out is None else _Map(out)
+        for y0 in range(0, h, ts):
+            for x0 in range(0, w, ts):
+                y1, x1 = min(y0 + ts, h), min(x0 + ts, w)
+                ry0, rx0, ry1, rx1 = max(y0 - 1, 0), max(x0 - 1, 0), min(y1 + 1, h), min(x1 + 1, w)
+                tiles = [m.data[:, :, ry0:ry1, rx0:rx1].to(self.device, non_blocking=True).contiguous()
+                         for m in inputs]
+                o = fn(tiles)
+                del tiles
+                core = o[:, :, (y0 - ry0) * scale:(y1 - ry0) * scale, (x0 - rx0) * scale:(x1 - rx0) * scale]
+                if result is None:
+                    result = _Map(self._new_map(o.shape[1], h * scale, w * scale))
+                if out is None:
+                    result.gather(core)
+                result.data[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale].copy_(core, non_blocking=True)
+                del o, core
+        assert result is not None
+        return result
+
+    def _new_map(self, channels: int, h: int, w: int) -> Tensor:
+        """Where a step's output lives: on the device if small (the low-resolution levels), else on `offload`."""
+        small = channels * h * w * 4 <= self.small_bytes
+        device = self.device if small else self.offload
+        return torch.empty(1, channels, h, w, dtype=torch.float32, device=device,
+                           pin_memory=self.pin and not small)
 
 
 def _need(shapes: Mapping[str, Sequence[int]], key: str) -> tuple[int, ...]:
