@@ -60,6 +60,17 @@ def _number(limit: str, flag: str) -> Callable[[str], object]:
     return _type(limit, lambda text: LIMITS[limit].parse(text, flag))
 
 
+def _decode_tile(text: str) -> int:
+    """--decode-tile: 0, or a tile the VAE accepts (8 to 512 latent positions)."""
+    from .model.vae import check_decode_tiling
+
+    tile = _number("decode_tile", "--decode-tile")(text)
+    try:
+        return check_decode_tiling(tile, field="--decode-tile")
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _numbers(limit: str, flag: str) -> Callable[[str], object]:
     """'3' -> 3.0; '3,3,2.5' -> a per-scale list; every element checked against LIMITS[limit]."""
     def parse(text: str) -> float | list[float]:
@@ -338,6 +349,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-memory-check", action="store_true",
                    help="start even if the planned peak exceeds the device's free memory (also "
                         "SCALEKV_ALLOW_OVERCOMMIT=1)")
+    low = g.add_argument_group("low VRAM (docs/low_vram.md)")
+    low.add_argument("--decode-tile", type=_decode_tile, default=0,
+                     help="VAE decode in overlapping tiles of this many latent positions per side, so its peak "
+                          "follows the tile (0: the whole latent at once, as the original)")
+    low.add_argument("--offload-t5", action="store_true",
+                     help="encode the prompts with T5 alone on the device, then free it before the transformer loads")
+    low.add_argument("--t5-weights", default="none", choices=["none", "fp8_e4m3fn"],
+                     help="T5's linear layers: none (fp16 on CUDA, fp32 on CPU) or fp8_e4m3fn (about half)")
 
 
 def _add_weights_flag(p: argparse.ArgumentParser, what: str = "the block linears' weights, as the model loads"
@@ -580,7 +599,7 @@ def _generate(a: argparse.Namespace) -> int:
     import torch
 
     from .kvcache.memory import ALLOW_OVERCOMMIT_ENV, overcommit_allowed
-    from .pipeline import InfinityPipeline
+    from .pipeline import InfinityPipeline, check_text_width, load_text_encoder
     from .schedules import schedule_for_pixels
 
     # Everything that can be checked without the model, before loading it: a mistake never costs a generation.
@@ -602,22 +621,33 @@ def _generate(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     need_t5 = not a.text_kv or bool(a.negative_prompt)
-    pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder if need_t5 else None,
-                                       device=a.device, precision=a.dtype, weights=a.weights)
+    negative = a.negative_prompt or None
+    t5 = None
+    if need_t5 and a.offload_t5:  # T5 encodes alone on the device and is gone before the transformer arrives
+        t5 = load_text_encoder(a.text_encoder, a.device, a.dtype, a.t5_weights)
+        text_kv = t5.encode([a.prompt]) if text_kv is None else text_kv
+        negative = t5.encode([negative]) if negative else None
+        t5.to("cpu")
+    pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder if need_t5 and t5 is None else None,
+                                       device=a.device, precision=a.dtype, weights=a.weights,
+                                       t5_weights=a.t5_weights)
+    if t5 is not None:
+        check_text_width(pipe.transformer, t5, a.transformer, a.text_encoder)
+        del t5
     if text_kv is not None and text_kv.text_channels != pipe.transformer.cfg.text_channels:
         raise InputError(f"--text-kv {a.text_kv}: {text_kv.text_channels} channels per token, but the transformer "
                          f"{a.transformer} expects {pipe.transformer.cfg.text_channels} (T5 features of its width)")
     if not a.no_memory_check and not overcommit_allowed():
         cfgs = a.cfg if isinstance(a.cfg, list) else [a.cfg]
         problem = pipe.admission_problem(schedule, a.batch, cache, cfg=any(c != 1 for c in cfgs),
-                                         override=f"pass --no-memory-check (or set {ALLOW_OVERCOMMIT_ENV}=1)")
+                                         override=f"pass --no-memory-check (or set {ALLOW_OVERCOMMIT_ENV}=1)",
+                                         decode_tile=a.decode_tile)
         if problem is not None:
             raise InputError(problem)
     print(f"loaded {pipe.transformer.cfg.describe()} in {time.perf_counter() - t0:.1f}s; "
           f"{schedule.pixel_size[1]}x{schedule.pixel_size[0]} (template {schedule.template}, {schedule.size}, "
           f"{schedule.num_scales} scales)", file=sys.stderr)
     prompt = text_kv if text_kv is not None else a.prompt
-    negative = a.negative_prompt or None
     t1 = time.perf_counter()
 
     def progress(si: int, n: int, _codes: torch.Tensor) -> None:
@@ -628,7 +658,7 @@ def _generate(a: argparse.Namespace) -> int:
     record = (lambda s, l, idx: kept.__setitem__((s, l), idx.cpu())) if dump and a.kv_policy != "full" else None
     result = pipe.generate(prompt, negative, seed=a.seed, cfg=a.cfg, tau=a.tau, top_k=a.top_k, top_p=a.top_p,
                            schedule=schedule, batch=a.batch, on_scale=progress, cache=cache,
-                           record_kept=record, memory_report=report is not None)
+                           record_kept=record, memory_report=report is not None, decode_tile=a.decode_tile)
     paths = result.save_images(out)
     if dump:
         result.dump(dump)

@@ -18,7 +18,7 @@ from .limits import LIMITS
 from .loader import load_transformer, load_vae, resolve_precision, vae_patchify_for
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
-from .model.vae import BSQVAE
+from .model.vae import BSQVAE, check_decode_tiling
 from .sampler import BitsHook, SampleOutput, SamplerSettings, ScaleCallback, sample
 from .schedules import Schedule, schedule_for_pixels
 
@@ -87,6 +87,15 @@ def check_text_width(transformer: Infinity, encoder: T5TextEncoder, transformer_
                          f"transformer {transformer_name} expects {expected} (flan-t5-xl: 2048)")
 
 
+def load_text_encoder(folder: str | Path, device: str = "cpu", precision: str = "fp32",
+                      weights: str = "none") -> T5TextEncoder:
+    """T5 as the pipeline runs it: fp16 on CUDA unless fp32 is asked (the original's choice), fp32 on the CPU;
+    `weights` "fp8_e4m3fn" stores its linears in 8 bits (T5TextEncoder.from_folder)."""
+    dtype = resolve_precision(precision, device)
+    te_dtype = torch.float16 if dtype != torch.float32 and torch.device(device).type == "cuda" else torch.float32
+    return T5TextEncoder.from_folder(folder, device=device, dtype=te_dtype, weights=weights)
+
+
 class InfinityPipeline:
     """Transformer, VAE and (optionally) T5 on one device, with the original sampler."""
 
@@ -95,13 +104,14 @@ class InfinityPipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.vae_patchify = vae_patchify_for(transformer.cfg, vae.cfg)
+        self._text_encoder_home: torch.device | None = None  # where T5 encodes while it is offloaded
 
     @classmethod
     def from_files(cls, transformer: str | Path, vae: str | Path, text_encoder: str | Path | None = None,
-                   device: str = "cpu", precision: str = "fp32", weights: str = "none") -> "InfinityPipeline":
+                   device: str = "cpu", precision: str = "fp32", weights: str = "none",
+                   t5_weights: str = "none") -> "InfinityPipeline":
         """Load everything from the original release's files (or converted .safetensors); `weights` is the block
-        linears' storage format (loader.load_transformer)."""
-        dtype = resolve_precision(precision, device)
+        linears' storage format (loader.load_transformer), `t5_weights` T5's (load_text_encoder)."""
         model = load_transformer(transformer, device=device, precision=precision, weights=weights)
         vae_model = load_vae(vae, device=device)
         try:
@@ -110,8 +120,7 @@ class InfinityPipeline:
             raise ValueError(str(e)) from None
         te = None
         if text_encoder is not None:
-            te_dtype = torch.float16 if dtype != torch.float32 and torch.device(device).type == "cuda" else torch.float32
-            te = T5TextEncoder.from_folder(text_encoder, device=device, dtype=te_dtype)
+            te = load_text_encoder(text_encoder, device, precision, t5_weights)
             check_text_width(model, te, str(transformer), str(text_encoder))
         return cls(model, vae_model, te)
 
@@ -123,7 +132,16 @@ class InfinityPipeline:
         """T5 features for a list of prompts."""
         if self.text_encoder is None:
             raise RuntimeError("this pipeline has no text encoder; pass text_encoder= or precomputed conditioning")
+        if self._text_encoder_home is not None and self.text_encoder.device != self._text_encoder_home:
+            self.text_encoder.to(self._text_encoder_home)  # offloaded: back to its device to encode
         return self.text_encoder.encode(list(prompts))
+
+    def offload_text_encoder(self) -> None:
+        """Move T5 to the CPU until it must encode again (encode moves it back), freeing its device memory."""
+        te = self.text_encoder
+        if te is not None and te.device.type != "cpu":
+            self._text_encoder_home = te.device
+            te.to("cpu")
 
     @torch.no_grad()
     def generate(self, prompt: str | Sequence[str] | TextConditioning, negative_prompt: str | TextConditioning | None = None,
@@ -132,12 +150,16 @@ class InfinityPipeline:
                  schedule: Schedule | None = None, batch: int = 1, keep_logits: bool = False,
                  on_scale: ScaleCallback | None = None, cache: CacheConfig | None = None,
                  record_kept: KeptRecorder | None = None, memory_report: bool = False,
-                 bits_hook: BitsHook | None = None) -> GenerationResult:
+                 bits_hook: BitsHook | None = None, decode_tile: int | None = None,
+                 offload_text_encoder: bool = False) -> GenerationResult:
         """Generate `batch` images per prompt; the same seed and settings give the same image as the original.
 
-        `bits_hook` is the sampler's (diagnostics: replace a scale's drawn bits).
+        `bits_hook` is the sampler's (diagnostics: replace a scale's drawn bits). `decode_tile` decodes in tiles of
+        that many latent positions (BSQVAE.decode_tiled; None or 0: the whole latent at once, as the original).
+        `offload_text_encoder` moves T5 to the CPU once the prompts are encoded (see offload_text_encoder).
         """
         batch = LIMITS["batch"].check(batch)
+        decode_tile = check_decode_tiling(decode_tile or 0)  # refused by name before any work
         settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed)
         settings.validate()  # before T5 runs: a NaN cfg is refused by name, not as a failed draw
         schedule = schedule or schedule_for_pixels(width, height)
@@ -150,13 +172,16 @@ class InfinityPipeline:
         neg = None
         if negative_prompt is not None and not (isinstance(negative_prompt, str) and not negative_prompt.strip()):
             neg = negative_prompt if isinstance(negative_prompt, TextConditioning) else self.encode([negative_prompt])
+        if offload_text_encoder:
+            self.offload_text_encoder()
         cache = cache or CacheConfig(policy="full")
         meter = PeakMeter(self.device)
         with (meter.measure() if memory_report else contextlib.nullcontext()):
             samples = sample(self.transformer, cond.to(self.device), schedule, settings, self.vae_patchify,
                              negative=None if neg is None else neg.to(self.device), keep_logits=keep_logits,
                              on_scale=on_scale, cache_config=cache, record_kept=record_kept, bits_hook=bits_hook)
-        decoded = self.vae.decode(samples.summed_codes.float())
+        z = samples.summed_codes.float()
+        decoded = self.vae.decode_tiled(z, decode_tile) if decode_tile else self.vae.decode(z)
         result = GenerationResult(images=decoded_to_uint8(decoded), decoded=decoded, samples=samples,
                                   schedule=schedule, settings=settings)
         if memory_report:
@@ -164,17 +189,19 @@ class InfinityPipeline:
         return result
 
     def plan_memory(self, schedule: Schedule, batch: int, cache: CacheConfig | None = None,
-                    cfg: bool = True) -> MemoryPlan:
+                    cfg: bool = True, decode_tile: int | None = None) -> MemoryPlan:
         """The planner's figures for a run of `batch` images (all prompts) on this pipeline's model and VAE."""
         c = self.transformer.cfg
         return plan_memory(c.depth, c.embed_dim, c.num_heads, c.ffn_hidden, c.d_vae, schedule, batch,
                            cache or CacheConfig(policy="full"), self.transformer.block_dtype, cfg=cfg,
-                           vae_base_ch=self.vae.cfg.base_ch, vae_patch=self.vae.cfg.patch_size)
+                           vae_base_ch=self.vae.cfg.base_ch, vae_patch=self.vae.cfg.patch_size,
+                           decode_tile=decode_tile or None)
 
     def admission_problem(self, schedule: Schedule, batch: int, cache: CacheConfig | None = None, cfg: bool = True,
-                          override: str = f"set {ALLOW_OVERCOMMIT_ENV}=1") -> str | None:
+                          override: str = f"set {ALLOW_OVERCOMMIT_ENV}=1",
+                          decode_tile: int | None = None) -> str | None:
         """Why a run must not start on this device (its planned peak exceeds the free memory), or None."""
-        plan = self.plan_memory(schedule, batch, cache, cfg)
+        plan = self.plan_memory(schedule, batch, cache, cfg, decode_tile)
         return admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, free_memory_bytes(self.device),
                                  str(self.device), batch, override)
 

@@ -156,6 +156,23 @@ def _load_error(folder: Path, error: Exception, tokenizer_loaded: bool) -> Excep
     return CheckpointError(f"{folder}: could not load the {part}: {type(error).__name__}: {detail[:500]}")
 
 
+def quantize_linears(module: torch.nn.Module, fmt: str) -> int:
+    """Replace every nn.Linear under `module` by a quant.QuantLinear of format `fmt`, in place; returns how many.
+
+    Each layer is quantized where its weight is and its full-precision weight dropped as soon as it is replaced,
+    so the peak stays near the module's own size. T5's feed-forward reads `wo.weight.dtype` to cast its input;
+    a QuantLinear's weight is the dequantized one, so that check sees the compute dtype.
+    """
+    from .quant import QuantLinear
+
+    targets = [(name, m) for name, m in module.named_modules() if type(m) is torch.nn.Linear]
+    for name, layer in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, leaf, QuantLinear.from_linear(layer, fmt, name=f"{name}.weight"))
+    return len(targets)
+
+
 class T5TextEncoder:
     """Tokenizer + T5EncoderModel (e.g. flan-t5-xl) producing Infinity's TextConditioning."""
 
@@ -165,9 +182,17 @@ class T5TextEncoder:
 
     @classmethod
     def from_folder(cls, path: str | Path, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> T5TextEncoder:
-        """Load strictly from a local HF folder (never the Hub); fp16 on CUDA is what the original runs."""
+                    dtype: torch.dtype = torch.float32, weights: str = "none") -> T5TextEncoder:
+        """Load strictly from a local HF folder (never the Hub); fp16 on CUDA is what the original runs.
+
+        `weights` stores every linear layer of the encoder in a quant.WEIGHT_FORMATS format (e.g. "fp8_e4m3fn":
+        1 byte per weight, a float32 scale per output channel), dequantized to `dtype` at each use, so T5-XL takes
+        about half the memory of fp16; embeddings and norms stay in `dtype`. Quantized on the CPU, then moved.
+        """
         from transformers import AutoTokenizer, T5EncoderModel
+
+        from .quant import check_format
+        weights = check_format(weights, "weights")
         folder = Path(path).expanduser()
         _check_folder(folder)
         with _quiet_transformers():
@@ -177,7 +202,15 @@ class T5TextEncoder:
                 module = T5EncoderModel.from_pretrained(folder, local_files_only=True, **_dtype_kwarg(dtype))
             except Exception as e:  # transformers/torch/safetensors/sentencepiece each raise their own types
                 raise _load_error(folder, e, tokenizer_loaded="tokenizer" in locals()) from e
+        if weights != "none":
+            quantize_linears(module, weights)
         return cls(tokenizer, module.to(device))
+
+    @property
+    def weights(self) -> str:
+        """The storage format of the encoder's linear layers ("none" when they are plain nn.Linear)."""
+        from .quant import QuantLinear
+        return next((m.fmt for m in self.module.modules() if isinstance(m, QuantLinear)), "none")
 
     @property
     def device(self) -> torch.device:
