@@ -60,26 +60,29 @@ class InfinityModel:
     patcher: object  # comfy.model_patcher.ModelPatcher
     info: dict = field(default_factory=dict)
 
-    def plan(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True) -> MemoryPlan:
+    def plan(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True,
+             decode_tile: int | None = None) -> MemoryPlan:
         """The engine's memory plan for a run; a cache setting that cannot serve this model and resolution (a
         budget that gives no tokens, a budget file for another resolution) is refused here, before any work."""
         try:
-            return self.pipeline.plan_memory(schedule, batch, cache, cfg)
+            return self.pipeline.plan_memory(schedule, batch, cache, cfg, decode_tile)
         except (ValueError, FileNotFoundError) as e:  # BudgetError is a ValueError
             h, w = schedule.pixel_size
             raise ValueError(f"cache_config: these cache settings cannot run at {w}x{h} on this model: {e}") from e
 
-    def memory_required(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True) -> int:
+    def memory_required(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True,
+                        decode_tile: int | None = None) -> int:
         """Bytes sampling (or decoding, whichever is larger) needs beside the weights, from the engine's planner."""
-        plan = self.plan(schedule, batch, cache, cfg)
+        plan = self.plan(schedule, batch, cache, cfg, decode_tile)
         return int(max(plan.sampling_peak_mb, plan.decode_peak_mb) * MiB)
 
-    def admit(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True) -> None:
+    def admit(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True,
+              decode_tile: int | None = None) -> None:
         """Refuse a run whose planned peak exceeds the compute device's free memory (weights already loaded);
         SCALEKV_ALLOW_OVERCOMMIT=1 overrides."""
         if overcommit_allowed():
             return
-        plan = self.plan(schedule, batch, cache, cfg)
+        plan = self.plan(schedule, batch, cache, cfg, decode_tile)
         device = self.patcher.load_device
         problem = admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, mm.get_free_memory(device),
                                     str(device), batch)

@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.model.text_encoder import TextConditioning
+from ..scalekv_core.model.vae import check_decode_tiling
 from ..scalekv_core.schedules import resolution_choices, schedule_from_label
 from . import models, widgets
 from .cache import DEFAULT_RESOLUTION
@@ -75,32 +76,40 @@ class InfinitySampler(io.ComfyNode):
                 io.Combo.Input("resolution", options=resolution_choices(), default=DEFAULT_RESOLUTION,
                                tooltip="the official Infinity resolutions (aspect templates x sizes)"),
                 widgets.int_input("batch", default=1),
+                widgets.int_input("decode_tile", default=0, optional=True,
+                                  tooltip="0: decode the whole image at once, as the original. 8-512: decode in "
+                                          "tiles of this many latent positions per side (x16 pixels for 2B, x8 for "
+                                          "8B), so the VAE's memory peak follows the tile, not the image; same "
+                                          "image to float rounding, a little slower (maps wait in CPU memory)"),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
 
     @classmethod
-    def validate_inputs(cls, cfg=None, tau=None, top_p=None, resolution=None) -> bool | str:
-        """The float widgets (NaN passes ComfyUI's own range check) and the resolution, quoted briefly if wrong."""
+    def validate_inputs(cls, cfg=None, tau=None, top_p=None, resolution=None, decode_tile=None) -> bool | str:
+        """The float widgets (NaN passes ComfyUI's own range check), the resolution and the decode tile (1-7 are
+        in the table's range but refused), quoted briefly if wrong."""
         problem = widgets.problem(widgets.number("cfg", cfg), widgets.number("tau", tau),
                                   widgets.number("top_p", top_p),
-                                  widgets.choice("resolution", resolution, RESOLUTIONS))
+                                  widgets.choice("resolution", resolution, RESOLUTIONS),
+                                  lambda: None if decode_tile is None else check_decode_tiling(decode_tile))
         return True if problem is None else problem
 
     @classmethod
     def execute(cls, model: models.InfinityModel, positive: TextConditioning, seed: int, cfg: float, tau: float,
                 top_k: int, top_p: float, resolution: str, batch: int, negative: TextConditioning | None = None,
-                cache_config: CacheConfig | None = None) -> io.NodeOutput:
+                cache_config: CacheConfig | None = None, decode_tile: int = 0) -> io.NodeOutput:
         problem = widgets.problem(*(widgets.number(k, v) for k, v in
                                     dict(seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, batch=batch).items()),
-                                  widgets.choice("resolution", resolution, RESOLUTIONS))
+                                  widgets.choice("resolution", resolution, RESOLUTIONS),
+                                  lambda: check_decode_tiling(decode_tile))
         if problem is not None:  # inputs that came through links were not validated
             raise ValueError(problem)
         schedule = schedule_from_label(resolution)
         if isinstance(negative, models.BlankPrompt):
             negative = None  # an empty negative prompt means none, as in the original and the engine's generate()
-        model.load(model.memory_required(schedule, batch * positive.batch_size, cache_config, cfg != 1))
-        model.admit(schedule, batch * positive.batch_size, cache_config, cfg != 1)
+        model.load(model.memory_required(schedule, batch * positive.batch_size, cache_config, cfg != 1, decode_tile))
+        model.admit(schedule, batch * positive.batch_size, cache_config, cfg != 1, decode_tile)
         pbar = comfy.utils.ProgressBar(schedule.num_scales)
 
         def on_scale(si: int, n: int, summed_codes: torch.Tensor) -> None:
@@ -109,7 +118,7 @@ class InfinitySampler(io.ComfyNode):
 
         result = model.pipeline.generate(positive, negative, seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
                                          schedule=schedule, batch=batch, on_scale=on_scale, cache=cache_config,
-                                         memory_report=True)
+                                         memory_report=True, decode_tile=decode_tile)
         report = result.memory.to_dict()
         report["model"]["architecture"] = model.info.get("architecture", "")
         return io.NodeOutput(decoded_to_image(result.decoded), ui={"scalekv_memory": [report]})

@@ -17,8 +17,9 @@ EXPECTED = {
     "InfinityTextEncode": (["t5", "prompt"], [], ["INFINITY_CONDITIONING"]),
     "ScaleKVCacheConfig": (["policy", "budget_unit", "budget", "window", "kernel", "pooling", "scoring", "kv_dtype",
                             "budget_source", "refiner_decay"], ["budget_file"], ["SCALEKV_CACHE_CONFIG"]),
+    # decode_tile is optional and last, for the same reason (and saved workflows keep their widget order)
     "InfinitySampler": (["model", "positive", "seed", "cfg", "tau", "top_k", "top_p", "resolution", "batch"],
-                        ["negative", "cache_config"], ["IMAGE"]),
+                        ["negative", "cache_config", "decode_tile"], ["IMAGE"]),
     "ScaleKVCalibrate": (["model", "t5", "prompts", "resolution", "budget", "num_drafters", "seed", "filename_prefix"],
                          [], ["STRING"]),
 }
