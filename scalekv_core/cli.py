@@ -355,8 +355,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                           "follows the tile (0: the whole latent at once, as the original)")
     low.add_argument("--offload-t5", action="store_true",
                      help="encode the prompts with T5 alone on the device, then free it before the transformer loads")
-    low.add_argument("--t5-weights", default="none", choices=["none", "fp8_e4m3fn"],
-                     help="T5's linear layers: none (fp16 on CUDA, fp32 on CPU) or fp8_e4m3fn (about half)")
+    low.add_argument("--t5-weights", default="none", choices=["none", "fp8_e4m3fn", "int8"],
+                     help="T5's linear layers: none (fp16 on CUDA, fp32 on CPU), fp8_e4m3fn or int8 (about half; "
+                          "int8 the closer)")
 
 
 def _add_weights_flag(p: argparse.ArgumentParser, what: str = "the block linears' weights, as the model loads"
