@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -333,7 +333,6 @@ class TiledDecoder:
         self.tile = tile
         self.device = torch.device(device)
         self.offload = self.device if offload is None else torch.device(offload)
-        self.pin = self.offload.type == "cpu" and self.device.type == "cuda"
         self.latent_h = 1
         self.small_bytes = 0  # maps up to this size stay on the device
 
@@ -365,7 +364,8 @@ class TiledDecoder:
 
         return self.step(second, [x, h])
 
-    def step(self, fn, inputs: list[_Map], scale: int = 1, out: Tensor | None = None) -> _Map:
+    def step(self, fn: Callable[[list[Tensor]], Tensor], inputs: list[_Map], scale: int = 1,
+             out: Tensor | None = None) -> _Map:
         """fn over every tile of the inputs (same size), each read with a one-pixel halo; the cores form the output."""
         _, _, h, w = inputs[0].data.shape
         ts = self.tile * (h // self.latent_h)  # the tile at this map's resolution
@@ -374,8 +374,7 @@ class TiledDecoder:
             for x0 in range(0, w, ts):
                 y1, x1 = min(y0 + ts, h), min(x0 + ts, w)
                 ry0, rx0, ry1, rx1 = max(y0 - 1, 0), max(x0 - 1, 0), min(y1 + 1, h), min(x1 + 1, w)
-                tiles = [m.data[:, :, ry0:ry1, rx0:rx1].to(self.device, non_blocking=True).contiguous()
-                         for m in inputs]
+                tiles = [m.data[:, :, ry0:ry1, rx0:rx1].to(self.device).contiguous() for m in inputs]
                 o = fn(tiles)
                 del tiles
                 core = o[:, :, (y0 - ry0) * scale:(y1 - ry0) * scale, (x0 - rx0) * scale:(x1 - rx0) * scale]
@@ -383,7 +382,7 @@ class TiledDecoder:
                     result = _Map(self._new_map(o.shape[1], h * scale, w * scale))
                 if out is None:
                     result.gather(core)
-                result.data[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale].copy_(core, non_blocking=True)
+                result.data[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale].copy_(core)
                 del o, core
         assert result is not None
         return result
@@ -392,8 +391,7 @@ class TiledDecoder:
         """Where a step's output lives: on the device if small (the low-resolution levels), else on `offload`."""
         small = channels * h * w * 4 <= self.small_bytes
         device = self.device if small else self.offload
-        return torch.empty(1, channels, h, w, dtype=torch.float32, device=device,
-                           pin_memory=self.pin and not small)
+        return torch.empty(1, channels, h, w, dtype=torch.float32, device=device)
 
 
 def _need(shapes: Mapping[str, Sequence[int]], key: str) -> tuple[int, ...]:
