@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..scalekv_core.limits import brief, shown
-from ..scalekv_core.model.quant import WEIGHT_FORMATS
+from ..scalekv_core.model.quant import T5_WEIGHT_FORMATS, WEIGHT_FORMATS
 from . import models, paths, widgets
 from .io_types import CATEGORY, InfinityConditioningType, InfinityModelType, InfinityT5Type
 
@@ -42,6 +42,11 @@ class InfinityModelLoader(io.ComfyNode):
                                        "a visible loss. Quantized as the model loads; each layer is expanded to the "
                                        "block precision when it runs (a little slower). A file pre-quantized with "
                                        "`convert --weights` loads as it is with none."),
+                io.Combo.Input("t5_weights", options=list(T5_WEIGHT_FORMATS), default="none", optional=True,
+                               tooltip="how the T5 text encoder's linear weights are stored. none: fp16 on a GPU "
+                                       "(flan-t5-xl: 2.3 GiB). fp8_e4m3fn / int8: 1 byte per weight (1.2 GiB), "
+                                       "images nearly the same, int8 the closer. T5 only runs while a prompt is "
+                                       "encoded; ComfyUI moves it off the GPU when the sampler needs the room."),
             ],
             outputs=[
                 InfinityModelType.Output(display_name="model"),
@@ -51,11 +56,12 @@ class InfinityModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, transformer=None, vae=None, text_encoder=None, precision=None,
-                        weight_format=None) -> bool | str:
+                        weight_format=None, t5_weights=None) -> bool | str:
         """Menu values as the menus hold them now (ComfyUI 0.3.x lets any string through a V3 combo), so a missing
         or mistyped file is refused before anything loads, naming the folders searched."""
         problem = widgets.problem(widgets.choice("precision", precision, models.PRECISION_CHOICES),
-                                  widgets.choice("weight_format", weight_format, WEIGHT_FORMATS))
+                                  widgets.choice("weight_format", weight_format, WEIGHT_FORMATS),
+                                  widgets.choice("t5_weights", t5_weights, T5_WEIGHT_FORMATS))
         for field, value, choices, resolve in (
                 ("transformer", transformer, paths.transformer_choices, paths.resolve_transformer),
                 ("vae", vae, paths.vae_choices, paths.resolve_vae),
@@ -73,10 +79,10 @@ class InfinityModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, transformer: str, vae: str, text_encoder: str, precision: str = "auto",
-                weight_format: str = "none") -> io.NodeOutput:
+                weight_format: str = "none", t5_weights: str = "none") -> io.NodeOutput:
         model = models.load_infinity(paths.resolve_transformer(transformer), paths.resolve_vae(vae), precision,
                                      weight_format)
-        t5 = models.load_t5(paths.resolve_text_encoder(text_encoder), precision)
+        t5 = models.load_t5(paths.resolve_text_encoder(text_encoder), precision, t5_weights)
         models.check_text_channels(model, t5)
         return io.NodeOutput(model, t5)
 

@@ -139,12 +139,14 @@ def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
     return InfinityModel(pipeline, _patcher(InfinityModules(transformer, vae), load_device, offload_device), info)
 
 
-def load_t5(folder: str, precision: str = "auto") -> InfinityT5:
-    """T5 encoder from a Hugging Face folder: fp16 when it runs on CUDA (the original's choice) unless fp32 is asked."""
+def load_t5(folder: str, precision: str = "auto", weights: str = "none") -> InfinityT5:
+    """T5 encoder from a Hugging Face folder: fp16 when it runs on CUDA (the original's choice) unless fp32 is asked;
+    `weights` stores its linears in 8 bits (quant.T5_WEIGHT_FORMATS), about half the memory."""
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = torch.float16 if torch.device(load_device).type == "cuda" and precision != "fp32" else torch.float32
-    encoder = T5TextEncoder.from_folder(folder, device=offload_device, dtype=dtype)
+    encoder = T5TextEncoder.from_folder(folder, device=offload_device, dtype=dtype, weights=weights)
     info = {"text_encoder": str(folder), "text_channels": encoder.text_channels, "dtype": _DTYPE_NAMES[dtype],
+            "weights": encoder.weights,
             "load_device": str(load_device), "offload_device": str(offload_device)}
     return InfinityT5(encoder, _patcher(T5Module(encoder.module), load_device, offload_device), info)
 

@@ -23,8 +23,9 @@ import torch
 
 from .kvcache import CacheConfig
 from .kvcache.memory import MiB, decode_peak_bytes, plan_memory
+from .limits import shown
 from .model.config import KNOWN_MODELS, InfinityConfig
-from .model.quant import check_format, dequant_workspace_bytes, quantize_model, weight_bytes
+from .model.quant import T5_WEIGHT_FORMATS, check_format, dequant_workspace_bytes, quantize_model, weight_bytes
 from .schedules import Schedule, schedule_for_pixels
 
 GiB = 2**30
@@ -34,8 +35,6 @@ T5_XL = dict(d_model=2048, d_ff=5120, layers=24, inner=32 * 64, vocab=32128)
 VAE_PARAMS = {32: 110_118_051, 56: 81_624_209}
 VAE_PATCH = {32: 16, 56: 8}
 VAE_BASE_CH = 128
-#: T5 storage formats: the original runs T5 in fp16 on a GPU; fp8 keeps its linears in float8 with a scale each.
-T5_FORMATS = ("fp16", "fp8_e4m3fn")
 #: The decode tile the ladder tries (latent positions); small enough for any card, large enough to blend well.
 LADDER_DECODE_TILE = 32
 #: Blocks kept on the device beside the swapped ones: the running block and the one being fetched.
@@ -53,7 +52,7 @@ class JobOptions:
     weights: str = "none"  # transformer block linears: none (block dtype), fp8_e4m3fn, int8, int4
     dtype: str = "bf16"  # transformer blocks' compute dtype
     t5_offload: bool = False  # T5 leaves the device once the prompt is encoded
-    t5_weights: str = "fp16"
+    t5_weights: str = "none"  # T5's linears: none (fp16, as the original runs it on a GPU), fp8_e4m3fn, int8
     decode_tile: int | None = None  # latent positions per tile; None = the whole decode at once
     block_swap: int = 0  # transformer blocks kept in CPU memory and streamed in when their turn comes
     policy: str = "full"
@@ -64,8 +63,9 @@ class JobOptions:
         return CacheConfig(policy=self.policy, budget=self.budget, kv_dtype=self.kv_dtype)
 
     def describe(self) -> str:
+        t5 = "fp16" if self.t5_weights == "none" else self.t5_weights
         parts = [f"weights {self.weights}" if self.weights != "none" else f"weights {self.dtype}",
-                 f"T5 {self.t5_weights}" + (" offloaded" if self.t5_offload else " resident"),
+                 f"T5 {t5}" + (" offloaded" if self.t5_offload else " resident"),
                  f"decode tiles of {self.decode_tile}" if self.decode_tile else "whole decode",
                  "full cache" if self.policy == "full" else f"{self.policy} {self.budget}"]
         if self.kv_dtype != "auto":
@@ -109,16 +109,16 @@ class JobPlan:
         return d
 
 
-def t5_bytes(fmt: str = "fp16", shape: dict = T5_XL) -> int:
-    """T5 encoder weights: the linears in `fmt` (fp8: 1 byte + a float32 scale per output row), the rest fp16."""
-    if fmt not in T5_FORMATS:
-        raise ValueError(f"t5_weights: unknown format {fmt!r}; choose {', '.join(T5_FORMATS)}")
+def t5_bytes(fmt: str = "none", shape: dict = T5_XL) -> int:
+    """T5 encoder weights: the linears in `fmt` (8-bit: 1 byte + a float32 scale per output row), the rest fp16."""
+    if fmt not in T5_WEIGHT_FORMATS:
+        raise ValueError(f"t5_weights: unknown format {shown(fmt)}; choose {', '.join(T5_WEIGHT_FORMATS)}")
     d, f, inner = shape["d_model"], shape["d_ff"], shape["inner"]
     per_layer = [(inner, d)] * 4 + [(f, d), (f, d), (d, f)]  # q, k, v, o; gated-GELU wi_0, wi_1, wo
     linear = shape["layers"] * sum(o * i for o, i in per_layer)
     rows = shape["layers"] * sum(o for o, _ in per_layer)
     other = shape["vocab"] * d + (2 * shape["layers"] + 1) * d + 32 * shape["inner"] // 64  # + position buckets
-    if fmt == "fp8_e4m3fn":
+    if fmt != "none":
         return linear + 4 * rows + 2 * other
     return 2 * (linear + other)
 

@@ -25,8 +25,9 @@ def test_t5_bytes_count_flan_t5_xl_encoder():
     with torch.device("meta"):
         model = T5EncoderModel(config)
     params = sum(p.numel() for p in model.parameters())
-    assert t5_bytes("fp16") == 2 * params  # 1.22 billion parameters: the "about 2.4 GB"
-    assert 0.49 < t5_bytes("fp8_e4m3fn") / t5_bytes("fp16") < 0.53
+    assert t5_bytes("none") == 2 * params  # 1.22 billion parameters: the "about 2.4 GB"
+    assert 0.49 < t5_bytes("fp8_e4m3fn") / t5_bytes("none") < 0.53
+    assert t5_bytes("int8") == t5_bytes("fp8_e4m3fn")  # both 1 byte per weight and a float32 scale per row
 
 
 def test_phases_hold_what_each_option_keeps_on_the_device():

@@ -32,6 +32,8 @@ from .config import InfinityConfig
 WEIGHT_FORMATS = ("none", "fp8_e4m3fn", "int8", "int4")
 #: The formats that change the stored weights.
 QUANTIZED_FORMATS = WEIGHT_FORMATS[1:]
+#: The formats offered for T5's linears: 8-bit only (measured close, docs/low_vram.md); int4 was not measured there.
+T5_WEIGHT_FORMATS = ("none", "fp8_e4m3fn", "int8")
 #: int4 scales cover this many consecutive input channels of one output channel.
 DEFAULT_GROUP_SIZE = 64
 #: Version of the pre-quantized file layout written by `save_quantized`; files of a later version are refused.

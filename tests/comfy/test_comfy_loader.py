@@ -76,6 +76,25 @@ def test_weight_format_quantizes_the_blocks_and_the_patcher_moves_them(pack, run
     mm.unload_all_models()
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "int8"])
+def test_t5_weights_store_t5_in_8_bits_and_encode_close_to_plain(pack, run, loaded, fmt):
+    """The loader's t5_weights reaches T5's linears: the patcher sees about half the bytes, and features stay close."""
+    QuantLinear = importlib.import_module(f"{pack.__name__}.scalekv_core.model.quant").QuantLinear
+    _, t5 = run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="vae_tiny.safetensors",
+                text_encoder="t5_tiny", precision="auto", t5_weights=fmt).result
+    plain = loaded[1]
+    assert t5.info["weights"] == fmt and plain.info["weights"] == "none"
+    quantized = [m for m in t5.encoder.module.modules() if isinstance(m, QuantLinear)]
+    linears = [m for m in plain.encoder.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(quantized) == len(linears) > 0 and all(m.fmt == fmt for m in quantized)
+    assert t5.patcher.model_size() < plain.patcher.model_size()
+    prompt = "a red fox in the snow"
+    a, b = plain.encode([prompt]).kv_compact.float(), t5.encode([prompt]).kv_compact.float()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert cos.min() > 0.95, cos  # 8-bit weights: one step is 1/127 (int8) or 2^-3 relative (fp8) of a row's max
+    mm.unload_all_models()
+
+
 def test_text_encode_matches_the_engine(run, loaded):
     from scalekv_core.model.text_encoder import T5TextEncoder
 
@@ -157,12 +176,13 @@ def test_loader_preselects_the_embedded_default_model_which_loads(pack, node_cla
     ("transformer", "../../etc/passwd", "is not a name inside a model folder"),
     ("precision", {"a": 1}, "precision: unknown value {'a': 1}"),
     ("weight_format", "int3", "weight_format: unknown value 'int3'"),
+    ("t5_weights", "int4", "t5_weights: unknown value 'int4'"),
 ])
 def test_loader_menu_values_are_checked_before_loading(node_classes, field, value, words):
     """ComfyUI 0.3.x lets any string through a V3 combo: a name with a stray space loaded, a dict precision
     failed as "unhashable type", and a lone surrogate in a name broke ComfyUI's logging."""
     inputs = dict(transformer="infinity_tiny.safetensors", vae="vae_tiny.safetensors", text_encoder="t5_tiny",
-                  precision="auto", weight_format="none")
+                  precision="auto", weight_format="none", t5_weights="none")
     loader = node_classes["InfinityModelLoader"]
     assert loader.validate_inputs(**inputs) is True
     message = loader.validate_inputs(**{**inputs, field: value})

@@ -11,8 +11,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 EXPECTED = {
-    # weight_format is optional: API prompts saved before it existed stay valid on hosts that require every input
-    "InfinityModelLoader": (["transformer", "vae", "text_encoder", "precision"], ["weight_format"],
+    # weight_format and t5_weights are optional: API prompts saved before it existed stay valid on hosts that require every input
+    "InfinityModelLoader": (["transformer", "vae", "text_encoder", "precision"], ["weight_format", "t5_weights"],
                             ["INFINITY_MODEL", "INFINITY_T5"]),
     "InfinityTextEncode": (["t5", "prompt"], [], ["INFINITY_CONDITIONING"]),
     "ScaleKVCacheConfig": (["policy", "budget_unit", "budget", "window", "kernel", "pooling", "scoring", "kv_dtype",
@@ -69,6 +69,8 @@ def test_widget_defaults_work_out_of_the_box(node_classes):
     weight_format = v1["InfinityModelLoader"]["optional"]["weight_format"]
     assert weight_format[1]["options"] == ["none", "fp8_e4m3fn", "int8", "int4"]
     assert weight_format[1]["default"] == "none" and "int4" in weight_format[1]["tooltip"]
+    t5_weights = v1["InfinityModelLoader"]["optional"]["t5_weights"]
+    assert t5_weights[1]["options"] == ["none", "fp8_e4m3fn", "int8"] and t5_weights[1]["default"] == "none"
     assert v1["InfinityTextEncode"]["required"]["prompt"][1]["multiline"] is True
     assert node_classes["ScaleKVCalibrate"].GET_SCHEMA().is_output_node
 
