@@ -78,6 +78,7 @@ def test_scalekv_original_dump_and_memory_report(tmp_path: Path) -> None:
     assert report["policy"]["policy"] == "scalekv" and report["measured_peak_mb"] > 0
     assert [s["held_tokens"] for s in report["scales"][3:6]] == [[48, 40, 40, 48], [96, 64, 64, 96], [160, 96, 96, 160]]
     assert "measured peak" in r.stderr
+    assert "USDT" not in r.stdout + r.stderr and "profiler_start" not in r.stdout  # the CPU meter's profiler is quiet
 
 
 def test_unknown_policy_is_rejected_by_the_cli(tmp_path: Path) -> None:

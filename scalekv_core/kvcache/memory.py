@@ -102,6 +102,10 @@ def build_report(plan: BudgetPlan, usage: list[ScaleUsage], schedule: Schedule, 
 # ------------------------------------------------------------------------------------------ measurement
 
 
+#: Kineto's log level, read when a trace starts; the meter sets it (unless set already) to keep stdout clean.
+KINETO_LOG_LEVEL_ENV = "KINETO_LOG_LEVEL"
+
+
 class PeakMeter:
     """Measures the peak of allocated memory above the starting point while its block runs."""
 
@@ -128,6 +132,8 @@ class PeakMeter:
             return
         from torch.profiler import ProfilerActivity, profile
 
+        # Kineto prints "USDT ... profiler_start/stop" to stdout on every trace unless its log level is above 5.
+        os.environ.setdefault(KINETO_LOG_LEVEL_ENV, "6")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             try:
                 yield self
