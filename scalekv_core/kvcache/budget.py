@@ -358,9 +358,23 @@ def preset_path(name: str) -> Path:
 # ---------------------------------------------------------------------------------------------- budget specs
 
 
+#: Bytes of the scale each token and head of a one-byte K/V format carries (float32; docs/kv_storage.md).
+SCALE_BYTES = 4
+
+
+def scale_bytes(itemsize: int) -> int:
+    """Scale bytes per token and head for a storage element of `itemsize` bytes: every one-byte format is scaled."""
+    return SCALE_BYTES if itemsize == 1 else 0
+
+
 def kv_bytes_per_token(num_heads: int, head_dim: int, k_bytes: int, v_bytes: int, batch_rows: int) -> int:
-    """Bytes one cached token costs in one layer, for all batch rows (CFG doubles the rows)."""
-    return batch_rows * num_heads * head_dim * (k_bytes + v_bytes)
+    """Bytes one cached token costs in one layer, for all batch rows (CFG doubles the rows).
+
+    One-byte formats (fp8_e4m3fn, int8) add their per-token, per-head scales, so every caller that passes element
+    sizes counts quantized storage as the cache holds it.
+    """
+    per_head = head_dim * (k_bytes + v_bytes) + scale_bytes(k_bytes) + scale_bytes(v_bytes)
+    return batch_rows * num_heads * per_head
 
 
 def _number(text: str, spec: object) -> float:

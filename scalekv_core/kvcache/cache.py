@@ -9,6 +9,13 @@ Memory model, per layer and scale (S stored tokens, n new ones, `keep` to hold a
   buffer. So only one layer at a time ever holds more than its budget.
 - The last scale's keys and values are never stored: nothing reads them again.
 Buffers are sized to the most the layer holds before its next eviction, and re-sized only when that changes.
+
+Scaled 8-bit storage (k_dtype and v_dtype both float8_e4m3fn or int8; docs/kv_storage.md): each layer holds codes
+and one float32 scale per token and head, (B, H, T, 1). A step then always runs in a float32 staging area shared
+by all layers: the stored tokens are dequantized into it, the projection writes the new ones after them
+(`new_slots`), attention and scoring read it, and only the new tokens are quantized; an eviction gathers codes and
+scales with the same indices (through a workspace of codes when it drops tokens, as above). So the extra memory is
+one layer's keys and values in float32, never all layers', and a stored token is quantized once, never again.
 """
 from __future__ import annotations
 
@@ -20,6 +27,48 @@ import torch
 from ..schedules import Schedule
 from .attention import sdpa
 from .budget import BudgetPlan, kv_bytes_per_token
+
+#: One-byte storage formats and their largest code: a token's scale maps its largest magnitude there.
+QUANT_MAX: dict[torch.dtype, float] = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+SCALE_DTYPE = torch.float32
+#: Tokens converted at a time, so quantizing and dequantizing never hold a full-size float32 temporary.
+QUANT_CHUNK = 1024
+
+
+def quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Write x (B, H, T, c) as 8-bit codes and per-token, per-head absmax scales (B, H, T, 1), in place."""
+    qmax = QUANT_MAX[codes.dtype]
+    for s in range(0, x.shape[2], QUANT_CHUNK):
+        part = x[:, :, s:s + QUANT_CHUNK].float()
+        scale = part.abs().amax(dim=-1, keepdim=True).div_(qmax)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero token keeps code 0
+        part = part / scale
+        if codes.dtype == torch.int8:
+            part.round_()
+        codes[:, :, s:s + QUANT_CHUNK] = part.clamp_(-qmax, qmax)
+        scales[:, :, s:s + QUANT_CHUNK] = scale
+
+
+def dequantize_into(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    """Write codes * scales into `out` (its dtype), a chunk of tokens at a time."""
+    for s in range(0, codes.shape[2], QUANT_CHUNK):
+        e = s + QUANT_CHUNK
+        out[:, :, s:e] = codes[:, :, s:e].to(SCALE_DTYPE).mul_(scales[:, :, s:e])
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of x (new tensors), for tests and tools; the cache writes with quantize_into."""
+    codes = torch.empty(x.shape, dtype=dtype, device=x.device)
+    scales = torch.empty(*x.shape[:-1], 1, dtype=SCALE_DTYPE, device=x.device)
+    quantize_into(x, codes, scales)
+    return codes, scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 values of codes and scales (a new tensor)."""
+    out = torch.empty(codes.shape, dtype=SCALE_DTYPE, device=codes.device)
+    dequantize_into(codes, scales, out)
+    return out
 from .policies.base import EvictionPolicy, StepContext
 
 #: Called with (scale, layer, kept indices (B, H, keep)) whenever a layer decides what to keep.
@@ -52,6 +101,9 @@ class KVCache:
         self.num_layers = plan.num_layers
         self.device = torch.device(device)
         self.k_dtype, self.v_dtype = k_dtype, v_dtype
+        self.quantized = k_dtype in QUANT_MAX
+        if self.quantized != (v_dtype in QUANT_MAX):
+            raise ValueError(f"keys in {k_dtype} and values in {v_dtype}: 8-bit storage quantizes both or neither")
         self.record_kept = record_kept
         self.observer = observer
         #: Seconds spent scoring and evicting, measured only when `time_eviction` is set (it synchronises CUDA).
@@ -62,12 +114,18 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * L
         self.values: list[torch.Tensor | None] = [None] * L
         self.positions: list[torch.Tensor | None] = [None] * L
+        #: Scaled storage only: float32 scales (B, H, capacity, 1) beside each layer's codes.
+        self.k_scales: list[torch.Tensor | None] = [None] * L
+        self.v_scales: list[torch.Tensor | None] = [None] * L
         self.lengths = [0] * L
         self.scale = 0
         self.usage: list[ScaleUsage] = []
         self._ws_tokens = self._workspace_tokens()
         self._ws: tuple[torch.Tensor, torch.Tensor] | None = None
         self._ws_pos: torch.Tensor | None = None
+        self._ws_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.staging_tokens = self._staging_tokens() if self.quantized else 0
+        self._stage: tuple[torch.Tensor, torch.Tensor] | None = None
         #: (layer, scale, stored, new, in place) between new_slots() and attend().
         self._step: tuple[int, int, int, int, bool] | None = None
 
@@ -100,6 +158,27 @@ class KVCache:
                     stored = self.plan.kept[scale][layer]
         return need
 
+    def _staging_tokens(self) -> int:
+        """The most tokens one step attends over (stored plus new): the staging area of scaled storage."""
+        need = 0
+        for layer in range(self.num_layers):
+            stored = 0
+            for scale, n in enumerate(self.schedule.tokens_per_scale):
+                need = max(need, stored + n)
+                if scale < len(self.plan.kept):
+                    stored = self.plan.kept[scale][layer]
+        return need
+
+    @property
+    def staging_token_bytes(self) -> int:
+        """Bytes of one token in the float32 staging area (keys + values, all rows and heads); 0 unless scaled."""
+        return kv_bytes_per_token(self.num_heads, self.head_dim, 4, 4, self.batch) if self.quantized else 0
+
+    @property
+    def planned_workspace_bytes(self) -> int:
+        """Bytes of the shared workspace (codes and scales or plain) and the staging area, once both exist."""
+        return self._ws_tokens * self.token_bytes + self.staging_tokens * self.staging_token_bytes
+
     def buffer_tokens(self, scale: int) -> list[int]:
         """Buffer capacity per layer after `scale`, as the allocation rule gives it (for planning and reports)."""
         caps = []
@@ -125,9 +204,19 @@ class KVCache:
     def _alloc(self, tokens: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(self.batch, self.num_heads, tokens, self.head_dim, device=self.device, dtype=dtype)
 
+    def _alloc_scales(self, tokens: int) -> torch.Tensor:
+        return torch.empty(self.batch, self.num_heads, tokens, 1, device=self.device, dtype=SCALE_DTYPE)
+
+    def _staging(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stage is None:
+            self._stage = (self._alloc(self.staging_tokens, SCALE_DTYPE), self._alloc(self.staging_tokens, SCALE_DTYPE))
+        return self._stage
+
     def _workspace(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._ws is None:
             self._ws = (self._alloc(self._ws_tokens, self.k_dtype), self._alloc(self._ws_tokens, self.v_dtype))
+            if self.quantized:
+                self._ws_scales = (self._alloc_scales(self._ws_tokens), self._alloc_scales(self._ws_tokens))
             if self.track_positions:
                 self._ws_pos = torch.empty(self.batch, self.num_heads, self._ws_tokens, device=self.device,
                                            dtype=torch.int32)
@@ -152,6 +241,8 @@ class KVCache:
         buf_k, buf_v = self.keys[layer], self.values[layer]
         cap = 0 if buf_k is None else buf_k.shape[2]
         in_place = self._in_place(layer, scale, S, cap)
+        if self.quantized:
+            return self._staged_slots(layer, scale, S, n, in_place)
         if in_place:
             dst_k, dst_v = buf_k, buf_v
         else:
@@ -164,6 +255,17 @@ class KVCache:
         self._step = (layer, scale, S, n, in_place)
         return dst_k[:, :, S:total], dst_v[:, :, S:total]
 
+    def _staged_slots(self, layer: int, scale: int, S: int, n: int, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled storage: the stored tokens dequantized into the staging area, and the new tokens' views after them."""
+        st_k, st_v = self._staging()
+        if S:
+            dequantize_into(self.keys[layer][:, :, :S], self.k_scales[layer][:, :, :S], st_k[:, :, :S])
+            dequantize_into(self.values[layer][:, :, :S], self.v_scales[layer][:, :, :S], st_v[:, :, :S])
+        if scale == self.schedule.num_scales - 1:  # read once, now in the staging area: the codes can go
+            self.keys[layer] = self.values[layer] = self.k_scales[layer] = self.v_scales[layer] = None
+        self._step = (layer, scale, S, n, in_place)
+        return st_k[:, :, S:S + n], st_v[:, :, S:S + n]
+
     def attend(self, layer: int, q: torch.Tensor, compute_dtype: torch.dtype, x: torch.Tensor | None = None,
                w_q: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of this scale's queries over the layer's cache plus its own keys, then the layer's eviction.
@@ -175,6 +277,8 @@ class KVCache:
             raise RuntimeError(f"attend(layer {layer}) at scale {self.scale} without new_slots() for it first")
         _, scale, S, n, in_place = self._step
         self._step = None
+        if self.quantized:
+            return self._attend_staged(layer, q, compute_dtype, x, w_q, scale, S, n, in_place)
         total = S + n
         last = scale == self.schedule.num_scales - 1
         buf_k, buf_v = self.keys[layer], self.values[layer]
@@ -237,6 +341,83 @@ class KVCache:
         self.lengths[layer] = keep
         return out
 
+    def _attend_staged(self, layer: int, q: torch.Tensor, compute_dtype: torch.dtype, x: torch.Tensor | None,
+                       w_q: torch.Tensor | None, scale: int, S: int, n: int, in_place: bool) -> torch.Tensor:
+        """attend() for scaled storage: attention and scoring read the staging area; codes and scales move together."""
+        total = S + n
+        last = scale == self.schedule.num_scales - 1
+        st_k, st_v = self._stage
+        keys, values = st_k[:, :, :total], st_v[:, :, :total]
+        positions = None
+        if self.track_positions:
+            if in_place:
+                if not last:
+                    self.positions[layer][:, :, S:total] = self._new_positions(n)
+            else:
+                self._workspace()
+                if S:
+                    self._ws_pos[:, :, :S].copy_(self.positions[layer][:, :, :S])
+                self._ws_pos[:, :, S:total] = self._new_positions(n)
+                positions = self._ws_pos[:, :, :total]
+            if last:
+                self.positions[layer] = None
+        out = sdpa(q, keys, values, compute_dtype)
+        if self.observer is not None:
+            self.observer(scale, layer, q, keys, S)
+        if last:
+            keep = self.plan.final_caps[layer] if self.plan.final_caps else total
+            if self.record_kept is not None and keep < total and not in_place:
+                self.record_kept(scale, layer, self._select(layer, q, keys, positions, S, keep, x, w_q))
+            return out
+        if in_place:  # only the new tokens are quantized, straight into the layer's buffer
+            quantize_into(st_k[:, :, S:total], self.keys[layer][:, :, S:total], self.k_scales[layer][:, :, S:total])
+            quantize_into(st_v[:, :, S:total], self.values[layer][:, :, S:total], self.v_scales[layer][:, :, S:total])
+            self.lengths[layer] = total
+            return out
+
+        # Codes of stored + new tokens laid out in the workspace, so the kept ones gather straight into the buffer.
+        ws_k, ws_v = self._workspace()
+        ws_ks, ws_vs = self._ws_scales
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if S:
+            ws_k[:, :, :S].copy_(buf_k[:, :, :S])
+            ws_v[:, :, :S].copy_(buf_v[:, :, :S])
+            ws_ks[:, :, :S].copy_(self.k_scales[layer][:, :, :S])
+            ws_vs[:, :, :S].copy_(self.v_scales[layer][:, :, :S])
+        quantize_into(st_k[:, :, S:total], ws_k[:, :, S:total], ws_ks[:, :, S:total])
+        quantize_into(st_v[:, :, S:total], ws_v[:, :, S:total], ws_vs[:, :, S:total])
+        keep = self.plan.kept[scale][layer]
+        new_cap = self._run_capacity(layer, scale)
+        if buf_k is None or buf_k.shape[2] != new_cap:
+            self.keys[layer] = self.values[layer] = self.k_scales[layer] = self.v_scales[layer] = None
+            self.keys[layer] = buf_k = self._alloc(new_cap, self.k_dtype)
+            self.values[layer] = buf_v = self._alloc(new_cap, self.v_dtype)
+            self.k_scales[layer] = self._alloc_scales(new_cap)
+            self.v_scales[layer] = self._alloc_scales(new_cap)
+            if self.track_positions:
+                self.positions[layer] = torch.empty(self.batch, self.num_heads, new_cap, device=self.device,
+                                                    dtype=torch.int32)
+        pairs = ((buf_k, ws_k), (buf_v, ws_v), (self.k_scales[layer], ws_ks), (self.v_scales[layer], ws_vs))
+        if keep == total:
+            for dst, src in pairs:
+                dst[:, :, :total].copy_(src[:, :, :total])
+            if self.track_positions:
+                self.positions[layer][:, :, :total].copy_(positions)
+        else:
+            t0 = self._clock()
+            idx = self._select(layer, q, keys, positions, S, keep, x, w_q)
+            if self.record_kept is not None:
+                self.record_kept(scale, layer, idx)
+            data_idx = idx.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+            for (dst, src), gather_idx in zip(pairs, (data_idx, data_idx, idx.unsqueeze(-1), idx.unsqueeze(-1))):
+                _gather_into(_raw(dst), _raw(src[:, :, :total]), gather_idx, keep)
+            if self.track_positions:
+                self.positions[layer][:, :, :keep] = positions.gather(2, idx)
+            if self.time_eviction:
+                self.eviction_seconds += self._clock() - t0
+        self.lengths[layer] = keep
+        return out
+
     def _clock(self) -> float:
         if self.time_eviction and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -253,19 +434,26 @@ class KVCache:
         tb = self.token_bytes
         alloc = [0 if t is None else t.shape[2] for t in self.keys]
         ws = 0 if self._ws is None else self._ws[0].shape[2] * tb
+        if self._stage is not None:
+            ws += self._stage[0].shape[2] * self.staging_token_bytes
         self.usage.append(ScaleUsage(tokens=list(self.lengths), stored_bytes=[n * tb for n in self.lengths],
                                      allocated_bytes=[a * tb for a in alloc], workspace_bytes=ws))
 
     def stored(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the keys and values a layer holds now."""
+        """Views of the keys and values a layer holds now (scaled storage: dequantized float32 copies)."""
         n = self.lengths[layer]
+        if self.quantized:
+            return (dequantize(self.keys[layer][:, :, :n], self.k_scales[layer][:, :, :n]),
+                    dequantize(self.values[layer][:, :, :n], self.v_scales[layer][:, :, :n]))
         return self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
 
     def nbytes(self) -> int:
         """Bytes the buffers and the workspace occupy now."""
-        tensors = [t for t in (*self.keys, *self.values, *self.positions) if t is not None]
-        if self._ws is not None:
-            tensors += list(self._ws)
+        tensors = [t for t in (*self.keys, *self.values, *self.positions, *self.k_scales, *self.v_scales)
+                   if t is not None]
+        for pair in (self._ws, self._ws_scales, self._stage):
+            if pair is not None:
+                tensors += list(pair)
         if self._ws_pos is not None:
             tensors.append(self._ws_pos)
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -274,9 +462,15 @@ class KVCache:
         """Drop every buffer so its memory returns to the allocator at once (also after an interrupt)."""
         L = self.num_layers
         self.keys, self.values, self.positions = [None] * L, [None] * L, [None] * L
-        self._ws, self._ws_pos = None, None
+        self.k_scales, self.v_scales = [None] * L, [None] * L
+        self._ws, self._ws_pos, self._ws_scales, self._stage = None, None, None, None
         self._step = None
         self.lengths = [0] * L
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """float8 codes seen as their bytes: CPU gather has no float8 kernel, and moving bytes is all eviction does."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def _gather_into(dst: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, keep: int) -> None:

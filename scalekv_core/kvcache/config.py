@@ -22,7 +22,12 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     "full": FullCache, "sliding_window": SlidingWindow, "streamingllm": StreamingLLM, "snapkv": SnapKV,
     "pyramidkv": PyramidKV, "scalekv": ScaleKV,
 }
-KV_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Storage formats by name, the one table the CLI, the nodes and the plan route offer. None: keys fp32 and values in
+#: the block dtype. The one-byte formats are stored as codes with a float32 scale per token and head (cache.py).
+KV_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+    "fp8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8,
+}
 
 
 @dataclass
@@ -60,13 +65,20 @@ class CacheConfig:
         return asdict(self)
 
     def storage_dtypes(self, block_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+        """(key, value) storage dtypes KVCache takes; a one-byte dtype there means scaled 8-bit codes."""
+        if not isinstance(self.kv_dtype, str) or self.kv_dtype not in KV_DTYPES:
+            self.validate()
         chosen = KV_DTYPES[self.kv_dtype]
         return (torch.float32, block_dtype) if chosen is None else (chosen, chosen)
 
+    def token_bytes(self, num_heads: int, head_dim: int, batch_rows: int, block_dtype: torch.dtype) -> int:
+        """Bytes one token costs in one layer as stored (codes plus scales), the figure budgets in MB divide by."""
+        k, v = self.storage_dtypes(block_dtype)
+        return kv_bytes_per_token(num_heads, head_dim, k.itemsize, v.itemsize, batch_rows)
+
     def budget_tokens(self, schedule: Schedule, num_layers: int, num_heads: int, head_dim: int, batch_rows: int,
                       block_dtype: torch.dtype) -> int:
-        k, v = self.storage_dtypes(block_dtype)
-        per = kv_bytes_per_token(num_heads, head_dim, k.itemsize, v.itemsize, batch_rows)
+        per = self.token_bytes(num_heads, head_dim, batch_rows, block_dtype)
         return parse_budget(self.budget, schedule, num_layers, per)
 
     def build(self, schedule: Schedule, num_layers: int, num_heads: int, head_dim: int, batch_rows: int,

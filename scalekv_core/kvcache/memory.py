@@ -248,6 +248,7 @@ def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, sc
             worst = max(sum(alloc[l + 1:]) + (alloc[l] if cache._in_place(l, si, stored[l], alloc[l]) else 0)
                         for l in range(depth))
         cache_bytes = worst * (tb + pos_bytes_per_token) + cache._ws_tokens * (tb + pos_bytes_per_token)
+        cache_bytes += cache.staging_tokens * cache.staging_token_bytes  # scaled storage's float32 staging area
         act = _activation_bytes(rows, n, width, ffn, text_tokens, block_bytes, 2 * d_vae)
         per_scale.append(cache_bytes / MiB)
         peak = max(peak, cache_bytes + act)
