@@ -64,9 +64,22 @@ def load_transformer(path: str | Path, device: torch.device | str = "cpu", preci
         sd.clear()
         quant.quantize_model(model, weights, device=device)
     del sd
-    model = model.to(device=device, dtype=torch.float32)  # embeddings, text path and head run in fp32
-    model.set_block_dtype(resolve_precision(precision, device))
+    place_transformer(model, device, resolve_precision(precision, device))
     return model.eval().requires_grad_(False)
+
+
+def place_transformer(model: Infinity, device: torch.device | str, block_dtype: torch.dtype) -> Infinity:
+    """Blocks straight to `block_dtype`, one chunk at a time, the rest to fp32 (as the original runs them), so a
+    bf16 checkpoint never passes through a float32 copy of the whole model (31 GiB for the 8B)."""
+    for chunk in model.block_chunks:
+        chunk.to(device=device, dtype=block_dtype)
+    for name, child in model.named_children():
+        if name != "block_chunks":
+            child.to(device=device, dtype=torch.float32)
+    for name, param in list(model.named_parameters(recurse=False)):
+        setattr(model, name, torch.nn.Parameter(param.detach().to(device=device, dtype=torch.float32),
+                                                requires_grad=param.requires_grad))
+    return model
 
 
 def _prequantized_format(path: str | Path, sd: dict[str, torch.Tensor]) -> tuple[str, int] | None:

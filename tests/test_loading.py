@@ -543,3 +543,22 @@ def test_cli_missing_vae_exits_2(tmp_path) -> None:
                  "--text-kv", kv, "--width", "256", "--height", "256", "--out", tmp_path / "img.png")
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "error:" in r.stderr and "nowhere_vae.pth" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bf16_checkpoint_loads_without_a_float32_copy_of_the_blocks(tmp_path):
+    """The 8B's bf16 blocks used to pass through a float32 copy of the whole model on load (31 GiB of host memory);
+    now the load holds the file's tensors plus the non-block parts in float32, and nothing else."""
+    from scalekv_core.kvcache.memory import PeakMeter
+
+    sd = {k: v.to(torch.bfloat16) for k, v in load_file(TINY_TRANSFORMER).items()}
+    path = save_safetensors(sd, tmp_path / "bf16.safetensors")
+    file_bytes = sum(v.numel() * 2 for v in sd.values())
+    other_fp32 = sum(v.numel() * 4 for k, v in sd.items() if not k.startswith("block_chunks."))
+    meter = PeakMeter("cpu")
+    with meter.measure():
+        model = load_transformer(path, precision="bf16")
+    assert meter.peak_bytes <= 1.02 * (file_bytes + other_fp32), (meter.peak_bytes, file_bytes, other_fp32)
+    state = model.state_dict()
+    for key, value in sd.items():
+        want = value if key.startswith("block_chunks.") else value.float()
+        assert state[key].dtype == want.dtype and torch.equal(state[key], want), key
