@@ -15,6 +15,7 @@ from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES
 from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
 from ..scalekv_core.kvcache.scoring import POOLINGS
 from ..scalekv_core.limits import LIMITS, MAX_BATCH, TEXTS, InputError
+from ..scalekv_core.model.quant import T5_WEIGHT_FORMATS, WEIGHT_FORMATS
 
 #: Most fields one request may list per scale or per layer (13 scales, 40 layers for the real models).
 MAX_SCALES = 64
@@ -60,6 +61,8 @@ PolicyName = _literal(POLICIES)
 Pooling = _literal(POOLINGS)
 Scoring = _literal(SCORINGS)
 KVDtype = _literal(KV_DTYPES)
+WeightFormat = _literal(WEIGHT_FORMATS)
+T5WeightFormat = _literal(T5_WEIGHT_FORMATS)
 BudgetUnit = Literal["percent", "tokens", "MB"]
 
 
@@ -68,7 +71,8 @@ class _Body(BaseModel):
 
 
 class PlanSettings(_Body):
-    """Settings mode: the cache-config widgets, the sampler's resolution/batch/cfg and the loader's files."""
+    """Settings mode: the cache-config widgets, the sampler's resolution/batch/cfg/decode tile, the loader's files
+    and formats, and the block swap of a memory node (the last ones size the whole job)."""
 
     policy: PolicyName = "scalekv"
     budget_unit: BudgetUnit = "percent"
@@ -87,6 +91,12 @@ class PlanSettings(_Body):
     transformer: Optional[Name] = None
     model: Optional[Name] = None
     precision: Name = "auto"
+    vae: Optional[Name] = None
+    text_encoder: Optional[Name] = None
+    weight_format: WeightFormat = "none"
+    t5_weights: T5WeightFormat = "none"
+    decode_tile: _bounded("decode_tile", int) = 0
+    block_swap: _bounded("block_swap", int) = 0
 
 
 LayerTokens = Annotated[list[_bounded("layer_tokens", int)], Field(max_length=MAX_LAYERS)]

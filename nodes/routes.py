@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,12 +25,13 @@ from ..scalekv_core.checkpoint import load_state_dict, shard_files
 from ..scalekv_core.kvcache.budget import PRESETS
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
+from ..scalekv_core.job_memory import T5_XL, VAE_PARAMS, JobOptions, plan_job, t5_shape
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
 from ..scalekv_core.loader import PRECISIONS
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig, detect_infinity_config
 from ..scalekv_core.model.quant import logical_shapes
 from ..scalekv_core.limits import brief, shown
-from ..scalekv_core.safe_files import open_regular
+from ..scalekv_core.safe_files import open_regular, read_text
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label, schedule_from_label
 from . import models, paths
 from .cache import DEFAULT_RESOLUTION, budget_file_for, budget_settings_problem, budget_spec
@@ -43,6 +45,8 @@ CONFIG_DEFAULTS = {name: field.default for name, field in PlanSettings.model_fie
 NODE_CHECKED = ("policy", "budget_unit", "budget", "window", "kernel", "budget_source", "refiner_decay")
 #: Largest request body read: a report of 13 scales x 40 layers is about 30 KB.
 MAX_BODY_BYTES = 1 << 20
+#: Largest T5 config.json read (flan-t5-xl's is 1.5 KB).
+MAX_T5_CONFIG_BYTES = 1 << 20
 #: Largest safetensors header read for a shape (the real 8B shards' headers are about 100 KB).
 MAX_HEADER_BYTES = 100 << 20
 log = logging.getLogger(__name__)
@@ -128,6 +132,70 @@ def model_config(s: PlanSettings) -> tuple[InfinityConfig, dict]:
     return KNOWN_MODELS[name], {"name": f"infinity-{name}", "source": "default" if s.model is None else name}
 
 
+def t5_config(name: str | None) -> dict:
+    """The loader's T5 folder's shape (its config.json), or flan-t5-xl's when no loader is connected."""
+    if not name:
+        return T5_XL
+    try:
+        folder = Path(paths.resolve_text_encoder(name))
+        return t5_shape(json.loads(read_text(folder / "config.json", MAX_T5_CONFIG_BYTES, "T5 config.json",
+                                              PlanInputError)))
+    except PlanInputError:
+        raise
+    except (FileNotFoundError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise PlanInputError(f"text_encoder: {brief(str(e))}") from None
+
+
+def vae_parameters(name: str | None, d_vae: int) -> int:
+    """The loader's VAE's parameter count (read from its header), or the released VAE's for the model's bits."""
+    if not name:
+        return VAE_PARAMS.get(d_vae, VAE_PARAMS[32])
+    try:
+        path = Path(paths.resolve_vae(name))
+        key = (str(path), path.stat().st_mtime)
+        if key not in _vae_cache:
+            shapes = _file_shapes(path)
+            _vae_cache[key] = sum(math.prod(shape) for shape in shapes.values())
+        return _vae_cache[key]
+    except PlanInputError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PlanInputError(f"vae: {brief(str(e))}") from None
+
+
+_vae_cache: dict[tuple[str, float], int] = {}
+
+
+def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dtype, schedule, batch: int,
+                     cfg_on: bool, config: CacheConfig) -> dict:
+    """The whole job (T5 encode, sampling, decode, weights included) against the compute device's memory.
+
+    ComfyUI's memory manager moves T5 off the device when the sampler needs the room, so T5 is planned offloaded.
+    """
+    options = JobOptions(weights=s.weight_format, dtype=_JOB_DTYPES[block_dtype], t5_offload=True,
+                         t5_weights=s.t5_weights, decode_tile=s.decode_tile or None, block_swap=s.block_swap)
+    h, w = schedule.pixel_size
+    try:
+        plan = plan_job(cfg, w, h, batch, options, cfg_on, cache=config, t5=t5_config(s.text_encoder),
+                        vae_params=vae_parameters(s.vae, cfg.d_vae))
+    except ValueError as e:
+        raise PlanInputError(brief(str(e))) from None
+    device = mm.get_torch_device()
+    total_mb = mm.get_total_memory(device) / MiB
+    fits = plan.peak_mb <= total_mb
+    phase = max(("T5 encode", plan.encode_mb), ("sampling", plan.sampling_mb), ("decode", plan.decode_mb),
+                key=lambda p: p[1])[0]
+    line = (f"whole job {plan.peak_mb / 1024:.2f} GiB ({phase}) of {total_mb / 1024:.1f} GiB on {device}: "
+            + ("fits" if fits else "does not fit: try fp8 or int4 weights, a tiled decode or block swap"))
+    return {"encode_mb": plan.encode_mb, "sampling_mb": plan.sampling_mb, "decode_mb": plan.decode_mb,
+            "peak_mb": plan.peak_mb, "transformer_mb": plan.transformer_mb, "t5_mb": plan.t5_mb,
+            "vae_mb": plan.vae_mb, "setting": options.describe(), "device": str(device), "device_mb": total_mb,
+            "fits": fits, "line": line}
+
+
+_JOB_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def block_dtype_for(precision: str) -> torch.dtype:
     """The loader's precision as it resolves on this server's device (auto = bf16 on CUDA, fp32 on CPU)."""
     if precision not in models.PRECISION_CHOICES:
@@ -203,6 +271,7 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
                          config.budget_tokens(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, rows, block_dtype))
     except (ValueError, FileNotFoundError) as e:  # BudgetError is a ValueError
         raise PlanInputError(brief(str(e))) from None
+    job = job_for_settings(s, cfg, block_dtype, schedule, batch, cfg_on, config)
     k_dtype, v_dtype = config.storage_dtypes(block_dtype)
     tb = kv_bytes_per_token(cfg.num_heads, cfg.head_dim, k_dtype.itemsize, v_dtype.itemsize, rows)
     model.update(depth=cfg.depth, width=cfg.embed_dim, heads=cfg.num_heads, block_dtype=_dtype_name(block_dtype))
@@ -216,6 +285,7 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
                    "stored_ratio": memory.analytic_mb / memory.full_analytic_mb if memory.full_analytic_mb else 1.0,
                    "cache_peak_mb": memory.cache_peak_mb, "planned_peak_mb": memory.sampling_peak_mb,
                    "decode_peak_mb": memory.decode_peak_mb},
+        "job": job,
         "measured": None,
         "choices": {"models": [m for m in KNOWN_MODELS if m in ("2b", "8b")], "resolutions": resolution_choices()},
     }

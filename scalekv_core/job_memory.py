@@ -117,7 +117,7 @@ def t5_bytes(fmt: str = "none", shape: dict = T5_XL) -> int:
     per_layer = [(inner, d)] * 4 + [(f, d), (f, d), (d, f)]  # q, k, v, o; gated-GELU wi_0, wi_1, wo
     linear = shape["layers"] * sum(o * i for o, i in per_layer)
     rows = shape["layers"] * sum(o for o, _ in per_layer)
-    other = shape["vocab"] * d + (2 * shape["layers"] + 1) * d + 32 * shape["inner"] // 64  # + position buckets
+    other = shape["vocab"] * d + (2 * shape["layers"] + 1) * d + 32 * shape.get("heads", shape["inner"] // 64)  # + position buckets
     if fmt != "none":
         return linear + 4 * rows + 2 * other
     return 2 * (linear + other)
@@ -125,7 +125,7 @@ def t5_bytes(fmt: str = "none", shape: dict = T5_XL) -> int:
 
 def t5_activation_bytes(prompts: int, tokens: int = 512, shape: dict = T5_XL) -> int:
     """Live tensors of one T5 layer over `prompts` padded prompts (fp32 hidden states, attention scores)."""
-    heads = shape["inner"] // 64
+    heads = shape.get("heads", shape["inner"] // 64)
     return prompts * tokens * 4 * (4 * shape["d_model"] + 2 * shape["d_ff"] + heads * tokens)
 
 
@@ -149,9 +149,24 @@ def _model(model: str | InfinityConfig) -> tuple[str, InfinityConfig]:
     return model, KNOWN_MODELS[model]
 
 
+def t5_shape(config: dict) -> dict:
+    """A T5 encoder's shape from its Hugging Face config.json (so a planner can size any T5 folder, not only XL)."""
+    try:
+        heads, d_kv = int(config["num_heads"]), int(config["d_kv"])
+        return dict(d_model=int(config["d_model"]), d_ff=int(config["d_ff"]), layers=int(config["num_layers"]),
+                    inner=heads * d_kv, heads=heads, vocab=int(config["vocab_size"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"T5 config.json: missing or bad field {e}") from None
+
+
 def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 1,
-             options: JobOptions = JobOptions(), cfg_on: bool = True, prompts: int = 1) -> JobPlan:
-    """Each phase's predicted device memory for one job (T5 encode of `prompts` prompts, sampling, decode)."""
+             options: JobOptions = JobOptions(), cfg_on: bool = True, prompts: int = 1,
+             cache: CacheConfig | None = None, t5: dict = T5_XL, vae_params: int | None = None) -> JobPlan:
+    """Each phase's predicted device memory for one job (T5 encode of `prompts` prompts, sampling, decode).
+
+    `cache` replaces the options' policy/budget/kv_dtype with a full cache setting (budget files, windows);
+    `t5` and `vae_params` size other encoders and VAEs than the released ones (the embedded model's, say).
+    """
     name, cfg = _model(model)
     fmt = check_format(options.weights)
     if options.dtype not in _DTYPES:
@@ -163,14 +178,14 @@ def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 
     schedule: Schedule = schedule_for_pixels(width, height)
     h, w = schedule.pixel_size
     memory = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule, batch,
-                         options.cache_config(), dtype, cfg=cfg_on, vae_base_ch=VAE_BASE_CH,
+                         cache or options.cache_config(), dtype, cfg=cfg_on, vae_base_ch=VAE_BASE_CH,
                          vae_patch=VAE_PATCH.get(cfg.d_vae, 16))
     transformer = weight_bytes(cfg, fmt, dtype)
     if options.block_swap:
         transformer -= (options.block_swap - SWAP_BUFFERS) * block_bytes(cfg, fmt, dtype)
-    t5 = t5_bytes(options.t5_weights)
-    vae = 4 * VAE_PARAMS.get(cfg.d_vae, VAE_PARAMS[32])
-    t5_act = t5_activation_bytes(prompts * (2 if cfg_on else 1))
+    t5_act = t5_activation_bytes(prompts * (2 if cfg_on else 1), shape=t5)
+    t5 = t5_bytes(options.t5_weights, t5)
+    vae = 4 * (vae_params if vae_params is not None else VAE_PARAMS.get(cfg.d_vae, VAE_PARAMS[32]))
     sampling_extra = memory.sampling_peak_mb * MiB + dequant_workspace_bytes(cfg, fmt, dtype)
     decode_extra = decode_peak_bytes(batch, h, w, VAE_BASE_CH, VAE_PATCH.get(cfg.d_vae, 16), options.decode_tile)
     resident_t5 = 0 if options.t5_offload else t5

@@ -176,6 +176,8 @@ LIMITS: dict[str, Limit] = {lim.name: lim for lim in (
     Limit("vram_gib", float, 0.0, 4096.0, min_exclusive=True),
     # VAE decode: latent positions per tile side (0 = the whole latent at once; 1..7 are refused by the VAE)
     Limit("decode_tile", int, 0, 512),
+    # block swap: transformer blocks kept in CPU memory (two always stay on the device; the model's depth decides)
+    Limit("block_swap", int, 0, 254),
     # memory reports and model shapes (the planner route's report mode)
     Limit("depth", int, 1, 256),
     Limit("heads", int, 1, 256),

@@ -122,6 +122,7 @@ async function readWidget(page, nodeId) {
       stored_peak: one('.skv-stored-peak'), full_total: one('.skv-full-total'), planned_peak: one('.skv-planned-peak'),
       measured_peak: one('.skv-measured-peak'), measured_stored: one('.skv-measured-stored'), match: one('.skv-match'),
       last_run: one('.skv-last-run'), error: one('.skv-error'),
+      job: { text: one('.skv-job'), fits: root.querySelector('.skv-job')?.dataset.fits ?? null },
     };
   }, nodeId);
 }

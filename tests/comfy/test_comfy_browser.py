@@ -18,11 +18,13 @@ import re
 import shutil
 import subprocess
 
+import psutil
 import pytest
 import torch
 
 from scalekv_core.kvcache import CacheConfig
 from scalekv_core.kvcache.budget import kv_bytes_per_token
+from scalekv_core.job_memory import JobOptions, plan_job, t5_shape
 from scalekv_core.kvcache.memory import plan_memory
 from scalekv_core.loader import load_transformer
 from scalekv_core.model.config import KNOWN_MODELS
@@ -113,8 +115,18 @@ def expected(cfg, budget: int, resolution: str = RES) -> dict:
                      "drafters": f"{len(ds)}×{max(kept[i] for i in ds)}" if ds else "–",
                      "refiners": f"{len(rs)}×{hi}" if lo == hi else f"{len(rs)}×{lo}…{hi}",
                      "mb": sum(kept) * tb / MiB, "full_mb": full * cfg.depth * tb / MiB})
+    # the whole job: the loader's tiny T5 and VAE when the graph has the loader (tiny model), else T5-XL and the
+    # released VAE; T5 offloaded (ComfyUI frees it for the sampler); against the server's device (the CPU here)
+    files = {}
+    if cfg == load_transformer(TINY / "infinity_tiny.safetensors").cfg:
+        from safetensors.torch import load_file
+        files = dict(t5=t5_shape(json.loads((TINY / "t5_tiny" / "config.json").read_text())),
+                     vae_params=sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values()))
+    h, w = schedule.pixel_size
+    job = plan_job(cfg, w, h, 1, JobOptions(dtype="fp32", t5_offload=True), cache=config, **files)
     return {"rows": rows, "stored_peak": memory.analytic_mb, "full_total": memory.full_analytic_mb,
-            "planned_peak": memory.sampling_peak_mb}
+            "planned_peak": memory.sampling_peak_mb, "job_gib": f"{job.peak_mb / 1024:.2f} GiB",
+            "job_fits": job.peak_mb <= psutil.virtual_memory().total / MiB}  # ComfyUI's CPU total is psutil's
 
 
 def assert_shown(text: str, value: float) -> None:
@@ -137,6 +149,10 @@ def assert_widget_shows(widget: dict, exp: dict) -> None:
     assert_shown(widget["stored_peak"], exp["stored_peak"])
     assert_shown(widget["full_total"], exp["full_total"])
     assert_shown(widget["planned_peak"], exp["planned_peak"])
+    job = widget["job"]  # the fit line: the whole job's planned peak against the device, and the answer
+    assert job["text"].startswith(f"whole job {exp['job_gib']} ("), job
+    assert job["fits"] == str(exp["job_fits"]).lower(), job
+    assert (": fits" in job["text"]) == exp["job_fits"] and " on cpu: " in job["text"], job
 
 
 # ------------------------------------------------------------------------------------------- tests

@@ -167,6 +167,42 @@ def test_loader_file_gives_the_tiny_models_shape(post):
     assert_rows_equal_plan(answer, plan, memory)
 
 
+@pytest.mark.parametrize("weights, tile", [("none", 0), ("fp8_e4m3fn", 32), ("int4", 32)])
+def test_job_line_is_the_whole_job_planner_against_the_device(post, weights, tile):
+    """The widget's fit line: the job planner's peak for the loader's formats and the sampler's decode tile, with T5
+    offloaded (ComfyUI's memory manager frees it for the sampler), against the compute device's total memory."""
+    import comfy.model_management as mm
+    from scalekv_core.job_memory import JobOptions, plan_job
+
+    status, answer = post({"model": "8b", "resolution": "1024x1024 (1:1)", "precision": "bf16",
+                           "weight_format": weights, "decode_tile": tile})
+    assert status == 200, answer
+    job = answer["job"]
+    want = plan_job("8b", 1024, 1024, 1, JobOptions(weights=weights, dtype="bf16", t5_offload=True,
+                                                    decode_tile=tile or None, policy="scalekv", budget="10%"))
+    assert job["peak_mb"] == pytest.approx(want.peak_mb) and job["sampling_mb"] == pytest.approx(want.sampling_mb)
+    total = mm.get_total_memory(mm.get_torch_device()) / MiB
+    assert job["device_mb"] == pytest.approx(total) and job["fits"] == (want.peak_mb <= total)
+    assert ("fits" if job["fits"] else "does not fit") in job["line"] and f"{want.peak_mb / 1024:.2f} GiB" in job["line"]
+
+
+def test_job_reads_the_loaders_t5_and_vae(post):
+    """With the loader's files the job is sized from them (the embedded-size tiny T5 and VAE), not from T5-XL."""
+    status, answer = post({"transformer": "infinity_tiny.safetensors", "vae": "vae_tiny.safetensors",
+                           "text_encoder": "t5_tiny", "resolution": "256x256 (1:1)", "budget_unit": "tokens",
+                           "budget": 48, "window": 4, "t5_weights": "int8"})
+    assert status == 200, answer
+    from safetensors.torch import load_file
+    from transformers import T5Config
+
+    t5 = T5Config.from_pretrained(TINY / "t5_tiny")
+    linear = t5.num_layers * (4 * t5.d_model * t5.num_heads * t5.d_kv + 3 * t5.d_model * t5.d_ff)
+    assert answer["job"]["t5_mb"] < 2 * linear / MiB  # 8-bit linears: about 1 byte each, not T5-XL's 1.2 GiB
+    assert answer["job"]["t5_mb"] > linear / MiB
+    vae = sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values())
+    assert answer["job"]["vae_mb"] == pytest.approx(4 * vae / MiB)
+
+
 def test_pth_transformer_is_read_without_loading_it(post):
     folder = pathlib.Path(folder_paths.get_folder_paths("infinity")[0])
     target = folder / "tiny_copy.pth"
@@ -256,6 +292,12 @@ def test_bad_settings_are_400_with_the_nodes_message(post, node_classes, fields)
     (dict(transformer="../../etc/passwd"), "is not a name inside a model folder"),
     (dict(precision="fp8"), "precision: unknown precision 'fp8'"),
     (dict(budget_source="preset:infinity-8b-10pct", model="2b"), "another depth"),  # 40-layer file, 32 layers
+    (dict(weight_format="int3"), "weight_format: Input should be"),
+    (dict(t5_weights="int4"), "t5_weights: Input should be"),
+    (dict(decode_tile=513), "decode_tile: Input should be less than or equal to 512"),
+    (dict(block_swap=-1), "block_swap: Input should be greater than or equal to 0"),
+    (dict(block_swap=31, model="2b"), "block_swap: 31 blocks, but the model has 32"),  # two stay on the device
+    (dict(text_encoder="../../etc"), "is not a name inside a model folder"),
     (dict(report=[1, 2]), "report: Input should be a valid dictionary"),
     (dict(report={"scales": []}), "report.scales: List should have at least 1 item"),
 ])

@@ -15,6 +15,8 @@ const LOADER = "InfinityModelLoader";
 const WIDGET = "scalekv_budget";
 const CONFIG_FIELDS = ["policy", "budget_unit", "budget", "window", "kernel", "pooling", "scoring", "kv_dtype",
   "budget_source", "refiner_decay"];
+// The loader's widgets that size the whole job (its files and their storage formats).
+const LOADER_FIELDS = ["transformer", "vae", "text_encoder", "precision", "weight_format", "t5_weights"];
 const DEFAULT_MODEL = "2b";
 const DEFAULT_RESOLUTION = "1024x1024 (1:1)";
 const DEBOUNCE_MS = 250;
@@ -45,6 +47,9 @@ const CSS = `
 .skv-foot { margin-top: 3px; display: flex; flex-wrap: wrap; gap: 0 10px; }
 .skv-measured { color: #9fe39f; }
 .skv-error { color: #ff8a80; white-space: normal; }
+.skv-job { white-space: normal; font-weight: 600; }
+.skv-fits { color: #9fe39f; }
+.skv-no-fit { color: #ff8a80; }
 .skv-note { opacity: 0.8; white-space: normal; }
 `;
 
@@ -102,11 +107,15 @@ function configRequest(node, state) {
     body.resolution = widgetValue(sampler, "resolution");
     body.batch = widgetValue(sampler, "batch");
     body.cfg = widgetValue(sampler, "cfg");
+    const tile = widgetValue(sampler, "decode_tile");
+    if (tile !== undefined) body.decode_tile = tile;
     const loader = inputNode(sampler, "model");
     if (isType(loader, LOADER) && widgetValue(loader, "transformer")) {
       ctx.loader = true;
-      body.transformer = widgetValue(loader, "transformer");
-      body.precision = widgetValue(loader, "precision");
+      for (const f of LOADER_FIELDS) {
+        const v = widgetValue(loader, f);
+        if (v !== undefined) body[f] = v;
+      }
     }
   }
   if (!ctx.sampler) body.resolution = state.resolution;
@@ -241,6 +250,14 @@ function drawFooter(root, answer, lastRun) {
       el("span", null, mb(lastRun.planned_peak_mb)), " MB)");
     line.append(p);
     root.append(line);
+  }
+  if (answer.job) {
+    const job = el("div", "skv-foot skv-job " + (answer.job.fits ? "skv-fits" : "skv-no-fit"), answer.job.line);
+    job.dataset.fits = String(answer.job.fits);
+    job.title = `${answer.job.setting}\nT5 encode ${mb(answer.job.encode_mb)} MB · sampling ${mb(answer.job.sampling_mb)} MB · ` +
+      `decode ${mb(answer.job.decode_mb)} MB (weights included: transformer ${mb(answer.job.transformer_mb)} MB, ` +
+      `T5 ${mb(answer.job.t5_mb)} MB, VAE ${mb(answer.job.vae_mb)} MB)`;
+    root.append(job);
   }
   if (answer.note) root.append(el("div", "skv-note", answer.note));
 }
