@@ -71,6 +71,45 @@ def _decode_tile(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _block_swap(text: str) -> int:
+    """--block-swap: a whole number of blocks, 0 or more (the model's own maximum is checked before it loads)."""
+    try:
+        n = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--block-swap: expected a whole number of blocks (0 to the model's "
+                                         f"depth - 2), got {shown(text)}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--block-swap: {n} is negative; expected a number of blocks from 0 to "
+                                         f"the model's depth - 2")
+    return n
+
+
+_BLOCK_KEY = re.compile(r"^(?:module\.)?block_chunks\.(\d+)\.module\.(\d+)\.")
+
+
+def _checkpoint_depth(text: str) -> int | None:
+    """A transformer checkpoint's block count from a .safetensors header or a shard index alone; None where that
+    needs the whole file (.pth) or the file is unreadable (the loader then names what is wrong)."""
+    from .checkpoint import MAX_HEADER_BYTES, CheckpointError, shard_index
+    from .safe_files import open_regular
+
+    path = Path(text)
+    try:
+        if path.is_dir():
+            keys = shard_index(path).weight_map
+        else:
+            with open_regular(path, "checkpoint file", CheckpointError) as (f, size):
+                length = int.from_bytes(f.read(8), "little")
+                if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+                    return None
+                keys = json.loads(f.read(length))
+    except (OSError, ValueError, TypeError, RecursionError):  # CheckpointError and JSON errors are ValueErrors
+        return None
+    if not isinstance(keys, dict):
+        return None
+    return len({m.groups() for k in keys if (m := _BLOCK_KEY.match(str(k)))}) or None
+
+
 def _numbers(limit: str, flag: str) -> Callable[[str], object]:
     """'3' -> 3.0; '3,3,2.5' -> a per-scale list; every element checked against LIMITS[limit]."""
     def parse(text: str) -> float | list[float]:
@@ -358,6 +397,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     low.add_argument("--t5-weights", default="none", choices=["none", "fp8_e4m3fn", "int8"],
                      help="T5's linear layers: none (fp16 on CUDA, fp32 on CPU), fp8_e4m3fn or int8 (about half; "
                           "int8 the closer)")
+    low.add_argument("--block-swap", type=_block_swap, default=0, metavar="N",
+                     help="keep N transformer blocks in CPU memory and stream each to the device when its turn "
+                          "comes; the device holds the other blocks and two block slots (at most depth - 2: 30 "
+                          "for the 2B, 38 for the 8B); same image; docs/block_swap.md")
 
 
 def _add_weights_flag(p: argparse.ArgumentParser, what: str = "the block linears' weights, as the model loads"
@@ -617,6 +660,12 @@ def _generate(a: argparse.Namespace) -> int:
     _check_lists(a, schedule)
     cache = _check_cache_flags(a, schedule)
     text_kv = _load_text_kv(a.text_kv) if a.text_kv else None
+    if a.block_swap:
+        from .model.block_swap import check_block_swap
+
+        depth = _checkpoint_depth(a.transformer)
+        if depth is not None:  # a .pth is checked once loaded (its keys are inside the pickle)
+            check_block_swap(a.block_swap, depth, "--block-swap")
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -631,7 +680,7 @@ def _generate(a: argparse.Namespace) -> int:
         t5.to("cpu")
     pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder if need_t5 and t5 is None else None,
                                        device=a.device, precision=a.dtype, weights=a.weights,
-                                       t5_weights=a.t5_weights)
+                                       t5_weights=a.t5_weights, block_swap=a.block_swap)
     if t5 is not None:
         check_text_width(pipe.transformer, t5, a.transformer, a.text_encoder)
         del t5

@@ -15,7 +15,8 @@ from .kvcache.cache import KeptRecorder
 from .kvcache.memory import (ALLOW_OVERCOMMIT_ENV, MemoryPlan, MemoryReport, PeakMeter, admission_problem,
                              build_report, free_memory_bytes, plan_memory)
 from .limits import LIMITS
-from .loader import load_transformer, load_vae, resolve_precision, vae_patchify_for
+from .loader import PRECISIONS, load_transformer, load_vae, resolve_precision, vae_patchify_for
+from .model.block_swap import check_block_swap, planned_device_bytes, swap_blocks
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, check_decode_tiling
@@ -97,22 +98,39 @@ def load_text_encoder(folder: str | Path, device: str = "cpu", precision: str = 
 
 
 class InfinityPipeline:
-    """Transformer, VAE and (optionally) T5 on one device, with the original sampler."""
+    """Transformer, VAE and (optionally) T5 on one device, with the original sampler.
 
-    def __init__(self, transformer: Infinity, vae: BSQVAE, text_encoder: T5TextEncoder | None = None) -> None:
+    `device` (default: where the transformer is) is where generation runs; a transformer kept elsewhere (on the CPU,
+    for block swap) is placed there for each sampling call and put back after. `block_swap` is generate's default.
+    """
+
+    def __init__(self, transformer: Infinity, vae: BSQVAE, text_encoder: T5TextEncoder | None = None,
+                 device: torch.device | str | None = None, block_swap: int = 0) -> None:
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
         self.vae_patchify = vae_patchify_for(transformer.cfg, vae.cfg)
         self._text_encoder_home: torch.device | None = None  # where T5 encodes while it is offloaded
+        self._device = None if device is None else torch.device(device)
+        if self._device is not None and self._device.type == "cuda" and self._device.index is None:
+            self._device = torch.device("cuda", torch.cuda.current_device())  # compares equal to tensors' devices
+        self.block_swap = check_block_swap(block_swap, transformer.cfg.depth)
 
     @classmethod
     def from_files(cls, transformer: str | Path, vae: str | Path, text_encoder: str | Path | None = None,
                    device: str = "cpu", precision: str = "fp32", weights: str = "none",
-                   t5_weights: str = "none") -> "InfinityPipeline":
+                   t5_weights: str = "none", block_swap: int = 0) -> "InfinityPipeline":
         """Load everything from the original release's files (or converted .safetensors); `weights` is the block
-        linears' storage format (loader.load_transformer), `t5_weights` T5's (load_text_encoder)."""
-        model = load_transformer(transformer, device=device, precision=precision, weights=weights)
+        linears' storage format (loader.load_transformer), `t5_weights` T5's (load_text_encoder).
+
+        With `block_swap` N > 0 the transformer stays in CPU memory (in the precision `device` runs) and each
+        generate places it on `device` with N blocks streamed (model.block_swap), so it never has to fit whole.
+        """
+        home = "cpu" if block_swap and torch.device(device).type != "cpu" else device
+        model = load_transformer(transformer, device=home, weights=weights,
+                                 precision={v: k for k, v in PRECISIONS.items()}[resolve_precision(precision, device)])
+        if block_swap:
+            check_block_swap(block_swap, model.cfg.depth)
         vae_model = load_vae(vae, device=device)
         try:
             vae_patchify_for(model.cfg, vae_model.cfg, (str(transformer), str(vae)))
@@ -122,11 +140,11 @@ class InfinityPipeline:
         if text_encoder is not None:
             te = load_text_encoder(text_encoder, device, precision, t5_weights)
             check_text_width(model, te, str(transformer), str(text_encoder))
-        return cls(model, vae_model, te)
+        return cls(model, vae_model, te, device=device, block_swap=block_swap)
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.pos_start.device
+        return self._device or self.transformer.pos_start.device
 
     def encode(self, prompts: Sequence[str]) -> TextConditioning:
         """T5 features for a list of prompts."""
@@ -151,14 +169,17 @@ class InfinityPipeline:
                  on_scale: ScaleCallback | None = None, cache: CacheConfig | None = None,
                  record_kept: KeptRecorder | None = None, memory_report: bool = False,
                  bits_hook: BitsHook | None = None, decode_tile: int | None = None,
-                 offload_text_encoder: bool = False) -> GenerationResult:
+                 offload_text_encoder: bool = False, block_swap: int | None = None) -> GenerationResult:
         """Generate `batch` images per prompt; the same seed and settings give the same image as the original.
 
         `bits_hook` is the sampler's (diagnostics: replace a scale's drawn bits). `decode_tile` decodes in tiles of
         that many latent positions (BSQVAE.decode_tiled; None or 0: the whole latent at once, as the original).
         `offload_text_encoder` moves T5 to the CPU once the prompts are encoded (see offload_text_encoder).
+        `block_swap` (None: the pipeline's) keeps that many transformer blocks in host memory while sampling and
+        streams each to the device in turn (model/block_swap.py); the bits are the same as without.
         """
         batch = LIMITS["batch"].check(batch)
+        swap = check_block_swap(self.block_swap if block_swap is None else block_swap, self.transformer.cfg.depth)
         decode_tile = check_decode_tiling(decode_tile or 0)  # refused by name before any work
         settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed)
         settings.validate()  # before T5 runs: a NaN cfg is refused by name, not as a failed draw
@@ -176,17 +197,29 @@ class InfinityPipeline:
             self.offload_text_encoder()
         cache = cache or CacheConfig(policy="full")
         meter = PeakMeter(self.device)
-        with (meter.measure() if memory_report else contextlib.nullcontext()):
+        placed = swap or self.transformer.pos_start.device != self.device
+        with (meter.measure() if memory_report else contextlib.nullcontext()), \
+                (swap_blocks(self.transformer, swap, self.device) if placed else contextlib.nullcontext()):
             samples = sample(self.transformer, cond.to(self.device), schedule, settings, self.vae_patchify,
                              negative=None if neg is None else neg.to(self.device), keep_logits=keep_logits,
                              on_scale=on_scale, cache_config=cache, record_kept=record_kept, bits_hook=bits_hook)
-        z = samples.summed_codes.float()
-        decoded = self.vae.decode_tiled(z, decode_tile) if decode_tile else self.vae.decode(z)
+        decoded = self._decode(samples.summed_codes.float(), decode_tile)
         result = GenerationResult(images=decoded_to_uint8(decoded), decoded=decoded, samples=samples,
                                   schedule=schedule, settings=settings)
         if memory_report:
             result.memory = self.memory_report(samples, cond.batch_size, settings, schedule, meter)
         return result
+
+    def _decode(self, z: torch.Tensor, tile: int) -> torch.Tensor:
+        """The VAE decode on the pipeline's device; a VAE kept elsewhere is placed there for it and put back."""
+        home = next(self.vae.parameters()).device
+        if home != self.device:
+            self.vae.to(self.device)
+        try:
+            return self.vae.decode_tiled(z, tile) if tile else self.vae.decode(z)
+        finally:
+            if home != self.device:
+                self.vae.to(home)
 
     def plan_memory(self, schedule: Schedule, batch: int, cache: CacheConfig | None = None,
                     cfg: bool = True, decode_tile: int | None = None) -> MemoryPlan:
@@ -202,8 +235,10 @@ class InfinityPipeline:
                           decode_tile: int | None = None) -> str | None:
         """Why a run must not start on this device (its planned peak exceeds the free memory), or None."""
         plan = self.plan_memory(schedule, batch, cache, cfg, decode_tile)
-        return admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, free_memory_bytes(self.device),
-                                 str(self.device), batch, override)
+        free = free_memory_bytes(self.device)
+        if free is not None and self.transformer.pos_start.device != self.device:  # its weights arrive at sampling
+            free -= planned_device_bytes(self.transformer, self.block_swap)
+        return admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, free, str(self.device), batch, override)
 
     def memory_report(self, samples: SampleOutput, batch: int, settings: SamplerSettings, schedule: Schedule,
                       meter: PeakMeter | None = None) -> MemoryReport:

@@ -273,6 +273,14 @@ class Infinity(nn.Module):
         self.block_chunks = nn.ModuleList(BlockChunk(blocks[i:i + n]) for i in range(0, cfg.depth, n))
         self.head_nm = AdaLNHead(C, D, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab)
+        self.block_swap = None  # a block_swap.BlockSwap while it streams blocks to the device (forward_scale's hooks)
+
+    def _apply(self, fn, recurse: bool = True) -> "Infinity":
+        # .to()/.cuda()/.half() would copy the swapped blocks' host buffers and the slots' views: undo the swap first
+        if self.block_swap is not None:
+            raise RuntimeError("this Infinity model has block swap active; restore it (BlockSwap.restore, or leave "
+                               "swap_blocks) before moving or casting the model")
+        return super()._apply(fn, recurse)
 
     @property
     def blocks(self) -> list[Block]:
@@ -316,8 +324,15 @@ class Infinity(nn.Module):
             x.add_(lvl)  # the caller hands x over: no second scale-sized tensor beside it
         else:
             x = (x + lvl).float()  # a fresh tensor: the blocks update it in place
+        swap = self.block_swap
+        if swap is not None:
+            swap.begin_scale()
         for layer, block in enumerate(self.blocks):
+            if swap is not None:
+                swap.before_block(layer)  # a swapped block: its weights are on the device from here
             x = block(x, gss, text, rope, cache, layer)
+            if swap is not None:
+                swap.after_block(layer)
         return x
 
     def logits(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
