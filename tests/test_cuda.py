@@ -132,3 +132,53 @@ def test_cuda_planner_brackets_the_measured_peak(pipe: InfinityPipeline) -> None
                            torch.float32, text_tokens=cond.max_len)
         assert plan.analytic_mb == pytest.approx(r.memory.analytic_mb)
         assert 0.6 * r.memory.measured_peak_mb <= plan.sampling_peak_mb <= 1.6 * r.memory.measured_peak_mb
+
+
+@pytest.mark.parametrize("dtype,fmt", [(torch.bfloat16, "none"), (torch.bfloat16, "fp8_e4m3fn")])
+def test_cuda_block_swap_same_bits_and_n_minus_2_blocks_less_memory(dtype: torch.dtype, fmt: str) -> None:
+    """Block swap on a GPU: the same bits; the sampling peak lower by (N - 2) blocks (max_memory_allocated), the
+    swapped blocks in pinned memory, nothing left allocated after restore; also from a model kept on the CPU."""
+    from helpers_tiny import make_tiny_transformer_state
+    from scalekv_core.job_memory import block_bytes
+    from scalekv_core.model.block_swap import swap_blocks
+    from scalekv_core.model.config import InfinityConfig
+    from scalekv_core.model.quant import quantize_model
+    from scalekv_core.model.transformer import Infinity
+
+    cfg = InfinityConfig(depth=12, embed_dim=512, num_heads=8, block_chunks=4, ffn_hidden=2048, text_channels=256,
+                         text_maxlen=512, pool_heads=2, d_vae=32)
+    model = Infinity(cfg)
+    model.load_state_dict(make_tiny_transformer_state(cfg, 21))
+    model = quantize_model(model, fmt).set_block_dtype(dtype).eval().requires_grad_(False).to("cuda")
+    g = torch.Generator().manual_seed(3)
+    kv = torch.randn(9, cfg.text_channels, generator=g) * 0.2
+    cond = TextConditioning(kv, [9], torch.tensor([0, 9], dtype=torch.int32), 9).to("cuda")
+    settings = SamplerSettings(cfg=3.0, tau=1.0, seed=5)
+    n, block = 10, block_bytes(cfg, fmt, dtype)
+
+    def run() -> tuple[list[torch.Tensor], int]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out = sample(model, cond, SCHEDULE, settings, False)
+        torch.cuda.synchronize()
+        return [b.cpu() for b in out.bits], torch.cuda.max_memory_allocated()
+
+    ref, peak_plain = run()
+    before = torch.cuda.memory_allocated()
+    with swap_blocks(model, n, "cuda") as swap:
+        assert all(flat.is_pinned() for flat in swap._host.values())
+        bits, peak_swap = run()
+        assert swap.transfers == n * SCHEDULE.num_scales
+    assert torch.cuda.memory_allocated() == before and model.block_swap is None
+    assert all(torch.equal(a, b) for a, b in zip(ref, bits))
+    saved = peak_plain - peak_swap
+    assert abs(saved - (n - 2) * block) <= 0.02 * (n - 2) * block + 2**20, (saved, (n - 2) * block)
+
+    model.to("cpu")  # kept on the host: the swap places the rest on the GPU for the call and takes it back
+    empty = torch.cuda.memory_allocated()
+    with swap_blocks(model, n, "cuda"):
+        bits_from_host, peak_from_host = run()
+    assert all(torch.equal(a, b) for a, b in zip(ref, bits_from_host))
+    assert abs(peak_from_host - peak_swap) <= 2**20
+    assert torch.cuda.memory_allocated() == empty and model.pos_start.device.type == "cpu"
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
