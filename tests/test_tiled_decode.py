@@ -134,14 +134,16 @@ def test_decode_peak_bytes_whole_and_tiled():
     assert decode_peak_bytes(1, 1024, 1024, 128, 8, tile=32) < tiled  # patch 8: 256-pixel tiles
 
 
-def test_plan_memory_default_decode_is_unchanged_and_the_tile_lowers_it():
+def test_plan_memory_whole_decode_is_the_measured_model_and_the_tile_lowers_it():
+    """plan_memory's whole decode is decode_peak_bytes (8 maps, checked against measured peaks above); it was a
+    4-map estimate, half the measured peak, so planners and admission checks underestimated the decode."""
     from scalekv_core.kvcache import CacheConfig
     from scalekv_core.schedules import schedule_for_pixels
 
     schedule = schedule_for_pixels(1024, 1024)
     args = (32, 2048, 16, 8192, 32, schedule, 1, CacheConfig(policy="scalekv", budget="10%"), torch.bfloat16)
     whole = plan_memory(*args)
-    assert whole.decode_peak_mb == 1024 * 1024 * 128 * 4 * 4 / 2**20  # the original 4-map estimate, kept
+    assert whole.decode_peak_mb == decode_peak_bytes(1, 1024, 1024, 128, 16) / 2**20 == 4096  # 4 GiB at 1024x1024
     tiled = plan_memory(*args, decode_tile=32)
     assert tiled.decode_peak_mb == decode_peak_bytes(1, 1024, 1024, 128, 16, 32) / 2**20
     assert tiled.decode_peak_mb < whole.decode_peak_mb and tiled.sampling_peak_mb == whole.sampling_peak_mb

@@ -224,8 +224,8 @@ def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, sc
                 vae_patch: int = 16, decode_tile: int | None = None) -> MemoryPlan:
     """Predict sampling and decoding memory for a model shape, schedule, batch and cache policy.
 
-    `decode_tile` (latent positions) plans a tiled decode with decode_peak_bytes; None keeps the original
-    estimate of the whole decode (4 maps, half what CPU measures: docs/low_vram.md), so existing tables hold.
+    `decode_tile` (latent positions) plans a tiled decode with decode_peak_bytes; None plans the whole decode
+    (DECODE_LIVE_MAPS maps, as measured: docs/low_vram.md).
     """
     rows = batch * (2 if cfg else 1)
     head_dim = width // num_heads
@@ -255,10 +255,7 @@ def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, sc
         act_peak = max(act_peak, act)
         prev_alloc = alloc
     H, W = schedule.pixel_size
-    if decode_tile:
-        decode = decode_peak_bytes(batch, H, W, vae_base_ch, vae_patch, decode_tile)
-    else:
-        decode = batch * H * W * vae_base_ch * 4 * 4  # ~4 live full-resolution feature maps in fp32
+    decode = decode_peak_bytes(batch, H, W, vae_base_ch, vae_patch, decode_tile)
     weights = 0.0
     if params is not None:
         weights = params * block_bytes + vae_params * 4
