@@ -71,19 +71,6 @@ def _decode_tile(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _block_swap(text: str) -> int:
-    """--block-swap: a whole number of blocks, 0 or more (the model's own maximum is checked before it loads)."""
-    try:
-        n = int(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--block-swap: expected a whole number of blocks (0 to the model's "
-                                         f"depth - 2), got {shown(text)}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"--block-swap: {n} is negative; expected a number of blocks from 0 to "
-                                         f"the model's depth - 2")
-    return n
-
-
 _BLOCK_KEY = re.compile(r"^(?:module\.)?block_chunks\.(\d+)\.module\.(\d+)\.")
 
 
@@ -397,7 +384,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     low.add_argument("--t5-weights", default="none", choices=["none", "fp8_e4m3fn", "int8"],
                      help="T5's linear layers: none (fp16 on CUDA, fp32 on CPU), fp8_e4m3fn or int8 (about half; "
                           "int8 the closer)")
-    low.add_argument("--block-swap", type=_block_swap, default=0, metavar="N",
+    low.add_argument("--block-swap", type=_number("block_swap", "--block-swap"), default=0, metavar="N",
                      help="keep N transformer blocks in CPU memory and stream each to the device when its turn "
                           "comes; the device holds the other blocks and two block slots (at most depth - 2: 30 "
                           "for the 2B, 38 for the 8B); same image; docs/block_swap.md")

@@ -341,7 +341,7 @@ def _gen(tmp: Path, *extra: str, transformer: Path = TINY_TRANSFORMER) -> list[s
 
 @pytest.mark.parametrize("value,words", [
     ("3", ["--block-swap: 3", "has 4", "at most 2"]), ("99", ["--block-swap: 99", "has 4", "at most 2"]),
-    ("-1", ["--block-swap: -1 is negative"]), ("abc", ["--block-swap", "'abc'"]), ("2.5", ["--block-swap", "'2.5'"]),
+    ("-1", ["--block-swap", "-1"]), ("abc", ["--block-swap", "'abc'"]), ("2.5", ["--block-swap", "'2.5'"]),
 ])
 def test_cli_refuses_a_bad_block_swap_before_loading(value: str, words: list[str], tmp_path, monkeypatch,
                                                      capsys) -> None:
