@@ -4,6 +4,8 @@ Keys:
 - `infinity` (models/infinity): transformer files, the 8B's shard folders (any folder holding a `*.index.json`),
   and, accepted too, VAE files.
 - `scalekv` (models/scalekv): budget JSON files written by ScaleKV Calibrate (or copied there by hand).
+- core `diffusion_models` (models/diffusion_models, models/unet): transformer files and shard folders whose name
+  says "infinity", where artists keep the other image models (the rest of that folder is not listed).
 - core `vae` (VAE files) and core `text_encoders` (T5 = a sub-folder holding `config.json`).
 
 Registration merges with what is already there (a user's extra_model_paths.yaml is applied before packs
@@ -25,6 +27,9 @@ INFINITY = "infinity"
 SCALEKV = "scalekv"
 VAE = "vae"
 TEXT_ENCODERS = "text_encoders"
+DIFFUSION_MODELS = "diffusion_models"
+#: The word a file or shard folder in models/diffusion_models must hold in its name to be listed as a transformer.
+DIFFUSION_MODELS_WORD = "infinity"
 
 BUDGET_EXTENSIONS = {".json"}
 #: Calibration writes `<stem>.asi.json` beside every budget file: the measurements, not a budget.
@@ -39,7 +44,7 @@ DEFAULT_TEXT_ENCODER = "t5_shapes"
 DEFAULT_MODEL_SUBDIRS = {INFINITY: "infinity", VAE: "vae", TEXT_ENCODERS: "text_encoders"}
 #: Where ComfyUI's loaders look, shown in errors ("models/infinity") next to the real folders searched.
 FOLDER_LABELS = {INFINITY: "models/infinity", SCALEKV: "models/scalekv", VAE: "models/vae",
-                 TEXT_ENCODERS: "models/text_encoders"}
+                 TEXT_ENCODERS: "models/text_encoders", DIFFUSION_MODELS: "models/diffusion_models"}
 
 
 def register_folder(key: str, default_dir: str, extensions: set[str]) -> None:
@@ -111,9 +116,9 @@ def _walk_folders(key: str, is_match) -> list[str]:
     return sorted(found)
 
 
-def shard_folders() -> list[str]:
-    """Sharded transformers (the 8B): folders under models/infinity holding a `*.index.json`."""
-    return _walk_folders(INFINITY, lambda files: any(f.endswith(".index.json") for f in files))
+def shard_folders(key: str = INFINITY) -> list[str]:
+    """Sharded transformers (the 8B): folders under models/infinity (or `key`) holding a `*.index.json`."""
+    return _walk_folders(key, lambda files: any(f.endswith(".index.json") for f in files))
 
 
 def _files(key: str) -> list[str]:
@@ -144,9 +149,18 @@ def infinity_files() -> list[str]:
     return [f for f in _files(INFINITY) if not any(f.startswith(s + "/") for s in shards)]
 
 
+def diffusion_model_transformers() -> list[str]:
+    """Files and shard folders of models/diffusion_models whose name says "infinity" (not their shards)."""
+    named = lambda n: DIFFUSION_MODELS_WORD in n.lower()  # noqa: E731
+    shards = [s for s in shard_folders(DIFFUSION_MODELS) if named(s)]
+    files = [f for f in _files(DIFFUSION_MODELS) if named(f) and not any(f.startswith(s + "/") for s in shards)]
+    return files + shards
+
+
 def transformer_choices() -> list[str]:
-    """Transformer files and shard folders of models/infinity; names containing 'vae' last."""
-    names = sorted(set(infinity_files()) | set(shard_folders()))
+    """Transformer files and shard folders of models/infinity and the Infinity ones of models/diffusion_models;
+    names containing 'vae' last."""
+    names = sorted(set(infinity_files()) | set(shard_folders()) | set(diffusion_model_transformers()))
     return [n for n in names if not _looks_like_vae(n)] + [n for n in names if _looks_like_vae(n)]
 
 
@@ -197,7 +211,8 @@ def _find(name: str, what: str, keys: tuple[str, ...], accept, hint: str = "") -
 
 
 def resolve_transformer(name: str) -> str:
-    return _find(name, "Infinity transformer", (INFINITY,), lambda p: os.path.isfile(p) or _is_shard_folder(p),
+    return _find(name, "Infinity transformer", (INFINITY, DIFFUSION_MODELS),
+                 lambda p: os.path.isfile(p) or _is_shard_folder(p),
                  "; put the checkpoint file (or the 8B's shard folder with its *.index.json) there")
 
 

@@ -91,6 +91,29 @@ def test_choices_list_files_shard_folders_and_t5_folders(paths, models_dir, with
         (models_dir / "text_encoders" / "loose_file.safetensors").unlink()
 
 
+def test_infinity_transformers_in_diffusion_models_are_listed_and_load(paths, monkeypatch, tmp_path, run):
+    """Artists keep image models in models/diffusion_models: the Infinity ones (by name) join the menu, one entry
+    per shard folder; other models there stay out of it; models/infinity comes first on a name clash."""
+    fnp = isolate_folders(paths, monkeypatch)
+    diffusion = tmp_path / "diffusion_models"
+    diffusion.mkdir()
+    fnp["diffusion_models"] = ([str(diffusion)], set(folder_paths.supported_pt_extensions))
+    sd = load_file(str(TINY_TRANSFORMER))
+    (diffusion / "Infinity-tiny-copy.safetensors").write_bytes(TINY_TRANSFORMER.read_bytes())
+    (diffusion / "flux1-dev.safetensors").write_bytes(b"not ours")
+    folder = save_sharded(sd, diffusion / "infinity_tiny_shards", n_shards=2)
+    transformers = paths.transformer_choices()
+    assert "Infinity-tiny-copy.safetensors" in transformers and "infinity_tiny_shards" in transformers
+    assert "flux1-dev.safetensors" not in transformers
+    assert not any(n.startswith("infinity_tiny_shards/") for n in transformers)
+    assert paths.resolve_transformer("infinity_tiny_shards") == str(folder)
+    model, _ = run("InfinityModelLoader", transformer="Infinity-tiny-copy.safetensors",
+                   vae="vae_tiny.safetensors", text_encoder="t5_tiny", precision="auto").result
+    assert model.info["transformer"] == str(diffusion / "Infinity-tiny-copy.safetensors")
+    with pytest.raises(FileNotFoundError, match="models/infinity or models/diffusion_models"):
+        paths.resolve_transformer("missing_infinity.safetensors")
+
+
 def test_budget_choices_skip_calibration_side_files(paths, models_dir):
     d = models_dir / "scalekv"
     (d / "mine.json").write_text("{}")
