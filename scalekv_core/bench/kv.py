@@ -2,6 +2,7 @@
 
     python -m scalekv_core.bench kv --model tiny                     # the tiny reference model, CPU, 256x256
     python -m scalekv_core.bench kv --model 2b --size 1M --device cuda --dtype bf16   # 2B-shaped, random weights
+    python -m scalekv_core.bench kv-storage --num-pairs 20   # 8-bit K/V against auto on the embedded model
 
 All figures come from one run of this command on one machine. Peak memory is measured above what is allocated
 when sampling starts (the weights): `torch.cuda.max_memory_allocated` on CUDA, allocator events on CPU.
@@ -102,7 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--no-timing", action="store_true",
                    help="measure memory only (one run per configuration): for full-size models on a CPU")
     k.add_argument("--json", help="also write every figure here")
+    st = sub.add_parser("kv-storage", help="8-bit K/V storage against auto on the embedded model (bits, PSNR)")
+    st.add_argument("--kv-dtypes", default="fp8_e4m3fn,int8")
+    st.add_argument("--policies", default="full,scalekv")
+    st.add_argument("--budget", default="10%")
+    st.add_argument("--window", type=int, default=4, help="observation window (4 suits 256x256)")
+    st.add_argument("--num-pairs", type=int, default=20)
+    st.add_argument("--pairs-seed", type=int, default=0)
+    st.add_argument("--threads", type=int, default=0)
+    st.add_argument("--json", help="also write every figure here")
     a = p.parse_args(argv)
+    if a.bench == "kv-storage":
+        return storage_fidelity(a)
 
     if a.batch < 1:
         p.error(f"--batch must be at least 1, got {a.batch}")
@@ -176,3 +188,60 @@ def _targets(rows: list[dict]) -> list[str]:
                     continue
             out.append(f"target {'MET   ' if ok else 'MISSED'} scalekv 10%: {name}")
     return out
+
+
+def storage_fidelity(a: argparse.Namespace) -> int:
+    """Images with 8-bit K/V against the same policy with auto storage: sampled bits equal, PSNR, identical count."""
+    import math
+
+    import numpy as np
+
+    from ..pipeline import InfinityPipeline
+    from .decode import DEFAULT_MODEL
+    from .fidelity import load_pairs
+    from .metrics import bits_agreement, psnr, to_unit
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    pipe = InfinityPipeline.from_files(DEFAULT_MODEL / "infinity" / "infinity_shapes.safetensors",
+                                       DEFAULT_MODEL / "vae" / "infinity_shapes_vae.safetensors",
+                                       DEFAULT_MODEL / "text_encoders" / "t5_shapes")
+    dtypes, policies = a.kv_dtypes.split(","), a.policies.split(",")
+    print(f"embedded model, 256x256, budget {a.budget} (window {a.window}) for evicting policies; torch "
+          f"{torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    per: dict[tuple[str, str], list[dict]] = {(d, p): [] for d in dtypes for p in policies}
+    for caption, seed in load_pairs(None, a.num_pairs, a.pairs_seed):
+        cond = pipe.text_encoder.encode([caption])
+        for policy in policies:
+            def run(kv_dtype: str):
+                config = CacheConfig(policy=policy, budget=a.budget, window=a.window, kv_dtype=kv_dtype)
+                return pipe.generate(cond, seed=seed, width=256, height=256, cache=config)
+            ref = run("auto")
+            for d in dtypes:
+                got = run(d)
+                p = float(psnr(to_unit(got.images), to_unit(ref.images))[0])
+                per[(d, policy)].append({"caption": caption, "seed": seed,
+                                         "bits_equal": bits_agreement(got.samples.bits, ref.samples.bits),
+                                         "psnr_db": None if math.isinf(p) else p,
+                                         "identical": bool(np.array_equal(got.images, ref.images))})
+        print(f"  {caption[:60]:<60} seed {seed}: " + ", ".join(
+            f"{d}/{p} bits {per[(d, p)][-1]['bits_equal']:.3f}" for d in dtypes for p in policies), flush=True)
+    print("\n| kv_dtype | policy | pairs | bits equal mean / min | identical images | PSNR of the others (dB, mean / min) |")
+    print("|---|---|---|---|---|---|")
+    summary = []
+    for (d, policy), rows in per.items():
+        finite = [r["psnr_db"] for r in rows if r["psnr_db"] is not None]
+        s = {"kv_dtype": d, "policy": policy, "pairs": len(rows),
+             "bits_equal_mean": float(np.mean([r["bits_equal"] for r in rows])),
+             "bits_equal_min": min(r["bits_equal"] for r in rows), "identical": sum(r["identical"] for r in rows),
+             "psnr_mean": float(np.mean(finite)) if finite else None, "psnr_min": min(finite) if finite else None}
+        summary.append(s)
+        ps = "-" if s["psnr_mean"] is None else f"{s['psnr_mean']:.1f} / {s['psnr_min']:.1f}"
+        label = policy if policy == "full" else f"{policy} {a.budget}"
+        print(f"| {d} | {label} | {s['pairs']} | {s['bits_equal_mean']:.3f} / {s['bits_equal_min']:.3f} | "
+              f"{s['identical']} of {s['pairs']} | {ps} |")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"args": vars(a), "summary": summary,
+                                            "rows": {f"{d}/{p}": r for (d, p), r in per.items()}}, indent=1))
+    return 0
