@@ -19,28 +19,15 @@ from .io_types import CATEGORY, CacheConfigType, InfinityConditioningType, Infin
 
 #: The resolution menu, in its order (a wrong value's error lists its first entries).
 RESOLUTIONS = resolution_choices()
-#: Longest side of the per-scale preview sent with the progress bar.
-PREVIEW_MAX_SIZE = 512
 
 
-def codes_preview(summed_codes: torch.Tensor, pixel_size: tuple[int, int]) -> Image.Image:
-    """A cheap look at the image so far: the first three latent channels of the summed codes as RGB.
-
-    The decoder's input after scale k is upsampled to the final latent grid, so every preview has the same size;
-    the channels are scaled by their largest magnitude and shown nearest-neighbour at the output's aspect. It costs
-    a few small kernels per scale; a VAE decode per scale would repeat the final decode once per scale (13 times at
-    1024x1024). The colours are not the image's: the preview shows where structure appears, scale by scale.
-    """
-    x = summed_codes[0].detach().float()
-    if x.shape[0] < 3:
-        x = x.repeat((3 + x.shape[0] - 1) // x.shape[0], 1, 1)
-    x = x[:3]
-    x = x / x.abs().amax().clamp_min(1e-8)
-    rgb = ((x + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+def preview_image(decoded: torch.Tensor, pixel_size: tuple[int, int]) -> Image.Image:
+    """A decoded preview (1, 3, h, w) in [-1, 1] as a picture of the output's own size (h, w), so the frontend's
+    label gives the image's real size; small previews are scaled up smoothly."""
+    rgb = ((decoded[0].detach().float() + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    image = Image.fromarray(np.ascontiguousarray(rgb.permute(1, 2, 0).cpu().numpy()))
     h, w = pixel_size
-    scale = min(1.0, PREVIEW_MAX_SIZE / max(h, w))
-    return Image.fromarray(np.ascontiguousarray(rgb)).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                                              Image.NEAREST)
+    return image if image.size == (w, h) else image.resize((w, h), Image.BILINEAR)
 
 
 def decoded_to_image(decoded: torch.Tensor) -> torch.Tensor:
@@ -60,7 +47,7 @@ class InfinitySampler(io.ComfyNode):
             display_name="Infinity Sampler",
             category=CATEGORY,
             description="Generates images scale by scale (Infinity's bitwise autoregression), optionally with a "
-                        "compressed ScaleKV cache. Shows a cheap preview per scale (the first three latent channels) "
+                        "compressed ScaleKV cache. Shows a small decode of the picture so far after every scale "
                         "and returns the memory report (planned and measured, per scale and layer) as UI output.",
             inputs=[
                 InfinityModelType.Input("model"),
@@ -112,13 +99,20 @@ class InfinitySampler(io.ComfyNode):
         model.admit(schedule, batch * positive.batch_size, cache_config, cfg != 1, decode_tile)
         pbar = comfy.utils.ProgressBar(schedule.num_scales)
 
+        h, w = schedule.pixel_size
+        preview_size = max(h, w)  # sent at the image's size: the frontend labels the preview with it
+
         def on_scale(si: int, n: int, summed_codes: torch.Tensor) -> None:
             mm.throw_exception_if_processing_interrupted()  # raising here stops sampling; the engine frees the cache
-            pbar.update_absolute(si + 1, n, ("JPEG", codes_preview(summed_codes, schedule.pixel_size), PREVIEW_MAX_SIZE))
+            small = model.pipeline.vae.preview(summed_codes)
+            pbar.update_absolute(si + 1, n, ("JPEG", preview_image(small, (h, w)), preview_size))
 
         result = model.pipeline.generate(positive, negative, seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
                                          schedule=schedule, batch=batch, on_scale=on_scale, cache=cache_config,
                                          memory_report=True, decode_tile=decode_tile)
+        # the last preview is the picture itself, so the node shows the result, not the last scale's preview
+        pbar.update_absolute(schedule.num_scales, schedule.num_scales,
+                             ("JPEG", preview_image(result.decoded[:1], (h, w)), preview_size))
         report = result.memory.to_dict()
         report["model"]["architecture"] = model.info.get("architecture", "")
         return io.NodeOutput(decoded_to_image(result.decoded), ui={"scalekv_memory": [report]})

@@ -211,6 +211,9 @@ class BitQuantizer(nn.Module):
 
 #: Latent positions per tile side when a caller asks for tiling without a size; 32 = 512 pixels at patch 16.
 DEFAULT_DECODE_TILE = 32
+#: Latent positions per side a preview decodes at most: at 1024x1024 all 13 previews together cost about half of
+#: the final decode (scales up to 16x16 decode whole, larger ones at 16x16), and each holds 1/16 of its memory.
+PREVIEW_GRID = 16
 #: Smaller tiles are refused: the halo and per-tile overheads would dominate.
 MIN_DECODE_TILE = 8
 
@@ -244,6 +247,16 @@ class BSQVAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Image in [-1,1], (B,3,H*p,W*p): the original clamps after the decoder."""
         return self.decoder(z).clamp(-1.0, 1.0)
+
+    def preview(self, z: Tensor, max_grid: int = PREVIEW_GRID) -> Tensor:
+        """The first image of latents z decoded small (at most `max_grid` positions per side, area-averaged), so a
+        per-scale preview looks like the picture for a small part of the final decode's time and memory."""
+        z = z[:1].float()
+        h, w = z.shape[-2:]
+        shrink = min(1.0, max_grid / max(h, w))
+        if shrink < 1.0:
+            z = F.interpolate(z, size=(max(1, round(h * shrink)), max(1, round(w * shrink))), mode="area")
+        return self.decode(z)
 
     def decode_tiled(self, z: Tensor, tile: int = DEFAULT_DECODE_TILE,
                      offload: torch.device | str | None = "cpu") -> Tensor:
