@@ -15,11 +15,12 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..scalekv_core.kvcache import CacheConfig
-from ..scalekv_core.kvcache.memory import MemoryPlan, MiB, admission_problem, overcommit_allowed
+from ..scalekv_core.kvcache.memory import MemoryPlan, MiB, admission_problem, decode_peak_bytes, overcommit_allowed
 from ..scalekv_core.loader import PRECISIONS, load_transformer, load_vae, resolve_precision, vae_patchify_for
 from ..scalekv_core.model.config import KNOWN_MODELS
 from ..scalekv_core.model.quant import model_format
 from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
+from ..scalekv_core.model.vae import PREVIEW_GRID
 from ..scalekv_core.pipeline import InfinityPipeline, check_text_width
 from ..scalekv_core.schedules import Schedule
 
@@ -70,11 +71,23 @@ class InfinityModel:
             h, w = schedule.pixel_size
             raise ValueError(f"cache_config: these cache settings cannot run at {w}x{h} on this model: {e}") from e
 
+    def preview_bytes(self, schedule: Schedule) -> int:
+        """The per-scale preview's decode (BSQVAE.preview), which runs while the cache is held."""
+        h, w = schedule.pixel_size
+        vae = self.pipeline.vae.cfg
+        side = PREVIEW_GRID * vae.patch_size
+        return decode_peak_bytes(1, min(h, side), min(w, side), vae.base_ch, vae.patch_size)
+
+    def peaks_mb(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True,
+                 decode_tile: int | None = None) -> tuple[float, float]:
+        """(sampling with its previews, decode) MB beside the weights, from the engine's planner."""
+        plan = self.plan(schedule, batch, cache, cfg, decode_tile)
+        return plan.sampling_peak_mb + self.preview_bytes(schedule) / MiB, plan.decode_peak_mb
+
     def memory_required(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True,
                         decode_tile: int | None = None) -> int:
         """Bytes sampling (or decoding, whichever is larger) needs beside the weights, from the engine's planner."""
-        plan = self.plan(schedule, batch, cache, cfg, decode_tile)
-        return int(max(plan.sampling_peak_mb, plan.decode_peak_mb) * MiB)
+        return int(max(self.peaks_mb(schedule, batch, cache, cfg, decode_tile)) * MiB)
 
     def admit(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True,
               decode_tile: int | None = None) -> None:
@@ -82,10 +95,9 @@ class InfinityModel:
         SCALEKV_ALLOW_OVERCOMMIT=1 overrides."""
         if overcommit_allowed():
             return
-        plan = self.plan(schedule, batch, cache, cfg, decode_tile)
+        sampling_mb, decode_mb = self.peaks_mb(schedule, batch, cache, cfg, decode_tile)
         device = self.patcher.load_device
-        problem = admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, mm.get_free_memory(device),
-                                    str(device), batch)
+        problem = admission_problem(sampling_mb, decode_mb, mm.get_free_memory(device), str(device), batch)
         if problem is not None:
             raise MemoryError(problem)
 

@@ -102,6 +102,25 @@ def test_tiled_peak_follows_the_tile_and_the_planner():
     assert host["peak"] > 0  # the full-resolution maps were kept off the (here: pretend) device
 
 
+def test_preview_decodes_at_most_16_positions_and_its_peak_is_that_decodes():
+    """BSQVAE.preview (the sampler's per-scale picture) of a 32x32 latent decodes 16x16 (half the side, a quarter of
+    the pixels): its measured peak is decode_peak_bytes of that size, within 25%, and a quarter of the whole."""
+    from scalekv_core.model.vae import PREVIEW_GRID
+
+    cfg = REAL_SHAPES["8b"]
+    vae = random_vae(cfg)
+    z = summed_codes(cfg.codebook_dim, 32, seed=2)
+    meter = PeakMeter("cpu")
+    with torch.no_grad(), meter.measure():
+        small = vae.preview(torch.cat([z, z]))  # the first image only
+    side = PREVIEW_GRID * cfg.patch_size
+    assert small.shape == (1, 3, side, side)
+    planned = decode_peak_bytes(1, side, side, cfg.base_ch, cfg.patch_size)
+    assert 0.8 <= meter.peak_bytes / planned <= 1.25, (meter.peak_bytes, planned)
+    with torch.no_grad():  # a latent within the grid is decoded as it is
+        assert torch.equal(vae.preview(z[:, :, :8, :8]), vae.decode(z[:, :, :8, :8].float()))
+
+
 @pytest.mark.parametrize("tile", [4, 1, -1, 513, 1.5, float("nan"), True, "8", None])
 def test_bad_tile_sizes_are_refused_by_name(whole, pipe, tile):
     with pytest.raises(InputError, match="decode_tile"):

@@ -56,6 +56,20 @@ def test_the_sampler_plans_the_tiled_decode(loaded, monkeypatch):
     assert tiled.decode_peak_mb < whole.decode_peak_mb and tiled.sampling_peak_mb == whole.sampling_peak_mb
 
 
+def test_the_sampler_plans_its_previews_beside_the_cache(loaded):
+    """The per-scale preview decodes while the cache is held: the memory asked of ComfyUI covers sampling plus one
+    preview decode (16x16 latent positions of the tiny VAE: a 256-pixel image, 8 fp32 maps of its base width)."""
+    model = loaded[0]
+    schedule = schedule_from_label("1024x1024 (1:1)")
+    plan = model.plan(schedule, 1, None, True, decode_tile=8)
+    vae = model.pipeline.vae.cfg
+    side = 16 * vae.patch_size
+    preview = side * side * vae.base_ch * 4 * 8
+    assert model.preview_bytes(schedule) == preview
+    need = model.memory_required(schedule, 1, None, True, decode_tile=8)
+    assert need == int(max(plan.sampling_peak_mb * 2**20 + preview, plan.decode_peak_mb * 2**20))
+
+
 class _Stop(Exception):
     pass
 
