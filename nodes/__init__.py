@@ -9,13 +9,14 @@ paths.register_folders()  # before the node modules build their file menus
 
 from .cache import ScaleKVCacheConfig, ScaleKVCalibrate  # noqa: E402
 from .loading import InfinityModelLoader, InfinityTextEncode  # noqa: E402
+from .memory import InfinityMemory  # noqa: E402
 from .sampling import InfinitySampler  # noqa: E402
 from . import prompt_guard, routes  # noqa: E402
 
 routes.register()  # POST /scalekv/plan for the budget widget (no-op outside a running server)
 
 NODES: list[type[io.ComfyNode]] = [InfinityModelLoader, InfinityTextEncode, ScaleKVCacheConfig, InfinitySampler,
-                                   ScaleKVCalibrate]
+                                   ScaleKVCalibrate, InfinityMemory]
 # oversized or invalid values of our nodes are shortened before ComfyUI validates (and would echo) them
 prompt_guard.register(node.GET_SCHEMA().node_id for node in NODES)
 

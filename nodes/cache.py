@@ -17,7 +17,7 @@ from ..scalekv_core.kvcache.scoring import POOLINGS
 from ..scalekv_core.limits import shown
 from ..scalekv_core.schedules import resolution_choices, resolution_label, schedule_from_label
 from . import models, paths, widgets
-from .io_types import CATEGORY_SCALEKV, CacheConfigType, InfinityModelType, InfinityT5Type
+from .io_types import CATEGORY_SCALEKV, CacheConfigType, InfinityModelType, InfinityT5Type, schema
 
 BUDGET_UNITS = ["percent", "tokens", "MB"]
 GENERATED = "generated"
@@ -105,7 +105,7 @@ def budget_file_for(budget_source: str, budget_file: str | None) -> str | None:
 class ScaleKVCacheConfig(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ScaleKVCacheConfig",
             display_name="ScaleKV Cache Config",
             category=CATEGORY_SCALEKV,
@@ -191,7 +191,7 @@ def calibration_file_name(filename_prefix: str, resolution: str, budget: float) 
 class ScaleKVCalibrate(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ScaleKVCalibrate",
             display_name="ScaleKV Calibrate",
             category=CATEGORY_SCALEKV,

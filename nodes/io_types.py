@@ -1,6 +1,9 @@
 """The pack's socket types (prefixed, so they never clash with another pack's)."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from comfy_api.latest import io
 
 #: InfinityModel: pipeline (transformer + VAE) in a ModelPatcher.
@@ -11,6 +14,18 @@ InfinityT5Type = io.Custom("INFINITY_T5")
 InfinityConditioningType = io.Custom("INFINITY_CONDITIONING")
 #: scalekv_core CacheConfig.
 CacheConfigType = io.Custom("SCALEKV_CACHE_CONFIG")
+#: nodes.memory.MemorySettings (block swap).
+InfinityMemoryType = io.Custom("INFINITY_MEMORY")
 
 CATEGORY = "Infinity"
 CATEGORY_SCALEKV = "Infinity/ScaleKV"
+#: Words every node of the pack is found by in the node search, whatever its name says.
+SEARCH_ALIASES = ["Infinity", "ScaleKV", "text to image", "autoregressive"]
+_SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
+
+
+def schema(**fields: Any) -> io.Schema:
+    """io.Schema with the pack's search aliases; a field this ComfyUI's Schema lacks (0.3.75 has no
+    search_aliases) is left out, so one declaration serves every supported version."""
+    fields["search_aliases"] = [*fields.get("search_aliases", []), *SEARCH_ALIASES]
+    return io.Schema(**{k: v for k, v in fields.items() if k in _SCHEMA_FIELDS})

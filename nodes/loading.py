@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.model.quant import T5_WEIGHT_FORMATS, WEIGHT_FORMATS
 from . import models, paths, widgets
-from .io_types import CATEGORY, InfinityConditioningType, InfinityModelType, InfinityT5Type
+from .io_types import CATEGORY, InfinityConditioningType, InfinityModelType, InfinityT5Type, schema
 
 
 class InfinityModelLoader(io.ComfyNode):
@@ -14,7 +14,7 @@ class InfinityModelLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         # The embedded default model (default_model/) is preselected when installed: a fresh install runs as is.
         transformers, vaes, encoders = paths.transformer_choices(), paths.vae_choices(), paths.text_encoder_choices()
-        return io.Schema(
+        return schema(
             node_id="InfinityModelLoader",
             display_name="Infinity Model Loader",
             category=CATEGORY,
@@ -90,7 +90,7 @@ class InfinityModelLoader(io.ComfyNode):
 class InfinityTextEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="InfinityTextEncode",
             display_name="Infinity Text Encode",
             category=CATEGORY,

@@ -7,7 +7,9 @@ modules have no partial-offload casting ops.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -17,6 +19,7 @@ import comfy.model_patcher
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.memory import MemoryPlan, MiB, admission_problem, decode_peak_bytes, overcommit_allowed
 from ..scalekv_core.loader import PRECISIONS, load_transformer, load_vae, resolve_precision, vae_patchify_for
+from ..scalekv_core.model.block_swap import planned_device_bytes
 from ..scalekv_core.model.config import KNOWN_MODELS
 from ..scalekv_core.model.quant import model_format
 from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
@@ -90,20 +93,53 @@ class InfinityModel:
         return int(max(self.peaks_mb(schedule, batch, cache, cfg, decode_tile)) * MiB)
 
     def admit(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True,
-              decode_tile: int | None = None) -> None:
-        """Refuse a run whose planned peak exceeds the compute device's free memory (weights already loaded);
-        SCALEKV_ALLOW_OVERCOMMIT=1 overrides."""
+              decode_tile: int | None = None, block_swap: int = 0) -> None:
+        """Refuse a run whose planned peak exceeds the compute device's free memory (weights already loaded, or
+        with block swap still to be placed); SCALEKV_ALLOW_OVERCOMMIT=1 overrides."""
         if overcommit_allowed():
             return
         sampling_mb, decode_mb = self.peaks_mb(schedule, batch, cache, cfg, decode_tile)
         device = self.patcher.load_device
-        problem = admission_problem(sampling_mb, decode_mb, mm.get_free_memory(device), str(device), batch)
+        free = mm.get_free_memory(device) - (self.swapped_weight_bytes(block_swap) if block_swap else 0)
+        problem = admission_problem(sampling_mb, decode_mb, free, str(device), batch)
         if problem is not None:
             raise MemoryError(problem)
 
-    def load(self, memory_required: int = 0) -> None:
-        """Move the weights to the compute device (evicting other models if the memory manager must)."""
-        mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
+    def load(self, memory_required: int = 0, block_swap: int = 0) -> None:
+        """Move the weights to the compute device (evicting other models if the memory manager must).
+
+        With block swap the weights stay on the offload device: the engine places all but the swapped blocks on
+        the device for the sampling call only, so here other models are evicted to make room for those weights
+        and the run, and our own patcher, if ComfyUI holds it on the device whole, is unloaded first.
+        """
+        if not block_swap:
+            mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
+            return
+        for loaded in list(getattr(mm, "current_loaded_models", [])):
+            if loaded.model is self.patcher:
+                loaded.model_unload()
+                mm.current_loaded_models.remove(loaded)
+        mm.free_memory(memory_required + self.swapped_weight_bytes(block_swap), self.patcher.load_device)
+
+    def swapped_weight_bytes(self, block_swap: int) -> int:
+        """Weights on the device while sampling with `block_swap` blocks streamed: the transformer less N - 2
+        blocks, and the VAE (it previews every scale)."""
+        vae = sum(t.numel() * t.element_size() for t in self.pipeline.vae.state_dict().values())
+        return planned_device_bytes(self.pipeline.transformer, block_swap) + vae
+
+    @contextlib.contextmanager
+    def vae_on_device(self, block_swap: int) -> Iterator[None]:
+        """With block swap the VAE is not loaded with the patcher: on the device for the run, back after."""
+        vae, device = self.pipeline.vae, self.patcher.load_device
+        home = next(vae.parameters()).device
+        if not block_swap or home == torch.device(device):
+            yield
+            return
+        vae.to(device)
+        try:
+            yield
+        finally:
+            vae.to(home)
 
 
 @dataclass
@@ -141,7 +177,7 @@ def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
     transformer = load_transformer(transformer_path, device=offload_device, precision=prec, weights=weights)
     vae = load_vae(vae_path, device=offload_device)
     vae_patchify_for(transformer.cfg, vae.cfg, (str(transformer_path), str(vae_path)))  # names both files if not
-    pipeline = InfinityPipeline(transformer, vae)
+    pipeline = InfinityPipeline(transformer, vae, device=load_device)  # runs there, wherever the weights wait
     cfg = transformer.cfg
     info = {"architecture": architecture_name(cfg), "transformer": str(transformer_path), "vae": str(vae_path),
             "precision": prec, "weights": model_format(transformer)[0], "depth": cfg.depth, "width": cfg.embed_dim, "heads": cfg.num_heads,

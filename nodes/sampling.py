@@ -10,12 +10,14 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..scalekv_core.kvcache import CacheConfig
+from ..scalekv_core.model.block_swap import check_block_swap
 from ..scalekv_core.model.text_encoder import TextConditioning
 from ..scalekv_core.model.vae import check_decode_tiling
 from ..scalekv_core.schedules import resolution_choices, schedule_from_label
 from . import models, widgets
 from .cache import DEFAULT_RESOLUTION
-from .io_types import CATEGORY, CacheConfigType, InfinityConditioningType, InfinityModelType
+from .memory import MemorySettings
+from .io_types import CATEGORY, CacheConfigType, InfinityConditioningType, InfinityMemoryType, InfinityModelType, schema
 
 #: The resolution menu, in its order (a wrong value's error lists its first entries).
 RESOLUTIONS = resolution_choices()
@@ -42,7 +44,7 @@ def decoded_to_image(decoded: torch.Tensor) -> torch.Tensor:
 class InfinitySampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="InfinitySampler",
             display_name="Infinity Sampler",
             category=CATEGORY,
@@ -68,6 +70,10 @@ class InfinitySampler(io.ComfyNode):
                                           "tiles of this many latent positions per side (x16 pixels for 2B, x8 for "
                                           "8B), so the VAE's memory peak follows the tile, not the image; same "
                                           "image to float rounding, a little slower (maps wait in CPU memory)"),
+                InfinityMemoryType.Input("memory", optional=True,
+                                         tooltip="from Infinity Memory (block swap): keep some transformer blocks "
+                                                 "in CPU memory while sampling. Unconnected: the whole model on "
+                                                 "the GPU"),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
@@ -85,7 +91,8 @@ class InfinitySampler(io.ComfyNode):
     @classmethod
     def execute(cls, model: models.InfinityModel, positive: TextConditioning, seed: int, cfg: float, tau: float,
                 top_k: int, top_p: float, resolution: str, batch: int, negative: TextConditioning | None = None,
-                cache_config: CacheConfig | None = None, decode_tile: int = 0) -> io.NodeOutput:
+                cache_config: CacheConfig | None = None, decode_tile: int = 0,
+                memory: MemorySettings | None = None) -> io.NodeOutput:
         problem = widgets.problem(*(widgets.number(k, v) for k, v in
                                     dict(seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, batch=batch).items()),
                                   widgets.choice("resolution", resolution, RESOLUTIONS),
@@ -95,8 +102,10 @@ class InfinitySampler(io.ComfyNode):
         schedule = schedule_from_label(resolution)
         if isinstance(negative, models.BlankPrompt):
             negative = None  # an empty negative prompt means none, as in the original and the engine's generate()
-        model.load(model.memory_required(schedule, batch * positive.batch_size, cache_config, cfg != 1, decode_tile))
-        model.admit(schedule, batch * positive.batch_size, cache_config, cfg != 1, decode_tile)
+        swap = 0 if memory is None else check_block_swap(memory.block_swap, model.pipeline.transformer.cfg.depth)
+        model.load(model.memory_required(schedule, batch * positive.batch_size, cache_config, cfg != 1, decode_tile),
+                   swap)
+        model.admit(schedule, batch * positive.batch_size, cache_config, cfg != 1, decode_tile, swap)
         pbar = comfy.utils.ProgressBar(schedule.num_scales)
 
         h, w = schedule.pixel_size
@@ -107,9 +116,11 @@ class InfinitySampler(io.ComfyNode):
             small = model.pipeline.vae.preview(summed_codes)
             pbar.update_absolute(si + 1, n, ("JPEG", preview_image(small, (h, w)), preview_size))
 
-        result = model.pipeline.generate(positive, negative, seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
-                                         schedule=schedule, batch=batch, on_scale=on_scale, cache=cache_config,
-                                         memory_report=True, decode_tile=decode_tile)
+        with model.vae_on_device(swap):
+            result = model.pipeline.generate(positive, negative, seed=seed, cfg=cfg, tau=tau, top_k=top_k,
+                                             top_p=top_p, schedule=schedule, batch=batch, on_scale=on_scale,
+                                             cache=cache_config, memory_report=True, decode_tile=decode_tile,
+                                             block_swap=swap)
         # the last preview is the picture itself, so the node shows the result, not the last scale's preview
         pbar.update_absolute(schedule.num_scales, schedule.num_scales,
                              ("JPEG", preview_image(result.decoded[:1], (h, w)), preview_size))

@@ -19,11 +19,12 @@ EXPECTED = {
                             "budget_source", "refiner_decay"], ["budget_file"], ["SCALEKV_CACHE_CONFIG"]),
     # decode_tile is optional and last, for the same reason (and saved workflows keep their widget order)
     "InfinitySampler": (["model", "positive", "seed", "cfg", "tau", "top_k", "top_p", "resolution", "batch"],
-                        ["negative", "cache_config", "decode_tile"], ["IMAGE"]),
+                        ["negative", "cache_config", "decode_tile", "memory"], ["IMAGE"]),
     "ScaleKVCalibrate": (["model", "t5", "prompts", "resolution", "budget", "num_drafters", "seed", "filename_prefix"],
                          [], ["STRING"]),
+    "InfinityMemory": (["block_swap"], [], ["INFINITY_MEMORY"]),
 }
-OUR_TYPES = ("INFINITY_MODEL", "INFINITY_T5", "INFINITY_CONDITIONING", "SCALEKV_CACHE_CONFIG")
+OUR_TYPES = ("INFINITY_MODEL", "INFINITY_T5", "INFINITY_CONDITIONING", "SCALEKV_CACHE_CONFIG", "INFINITY_MEMORY")
 
 
 def test_entry_point_is_v3_only(pack):

@@ -12,6 +12,7 @@ const ROUTE = "/scalekv/plan";
 const CONFIG = "ScaleKVCacheConfig";
 const SAMPLER = "InfinitySampler";
 const LOADER = "InfinityModelLoader";
+const MEMORY = "InfinityMemory";
 const WIDGET = "scalekv_budget";
 const CONFIG_FIELDS = ["policy", "budget_unit", "budget", "window", "kernel", "pooling", "scoring", "kv_dtype",
   "budget_source", "refiner_decay"];
@@ -109,6 +110,10 @@ function configRequest(node, state) {
     body.cfg = widgetValue(sampler, "cfg");
     const tile = widgetValue(sampler, "decode_tile");
     if (tile !== undefined) body.decode_tile = tile;
+    const memory = inputNode(sampler, "memory");
+    if (isType(memory, MEMORY) && widgetValue(memory, "block_swap") !== undefined) {
+      body.block_swap = widgetValue(memory, "block_swap");
+    }
     const loader = inputNode(sampler, "model");
     if (isType(loader, LOADER) && widgetValue(loader, "transformer")) {
       ctx.loader = true;

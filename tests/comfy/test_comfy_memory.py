@@ -1,0 +1,44 @@
+"""Infinity Memory (block swap) in ComfyUI: the node, the sampler's memory input, same image, weights put back."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy.model_management as mm
+
+
+def test_memory_node_declares_block_swap_from_the_table(node_classes):
+    info = node_classes["InfinityMemory"].GET_NODE_INFO_V1()
+    spec = info["input"]["required"]["block_swap"]
+    assert spec[0] == "INT" and (spec[1]["min"], spec[1]["max"], spec[1]["default"]) == (0, 254, 0)
+    assert "CPU memory" in spec[1]["tooltip"] and info["output"] == ["INFINITY_MEMORY"]
+    sampler = node_classes["InfinitySampler"].GET_NODE_INFO_V1()["input"]["optional"]
+    assert sampler["memory"][0] == "INFINITY_MEMORY" and "block swap" in sampler["memory"][1]["tooltip"]
+
+
+@pytest.mark.parametrize("value, words", [(-1, "block_swap: -1"), (255, "block_swap: 255"),
+                                          (float("nan"), "block_swap"), ("2", "block_swap")])
+def test_memory_node_refuses_values_outside_the_table(node_classes, value, words):
+    message = node_classes["InfinityMemory"].validate_inputs(block_swap=value)
+    assert isinstance(message, str) and words in message, message
+
+
+def test_block_swap_gives_the_same_image_and_puts_the_weights_back(run, loaded, encoded, sampler_inputs):
+    model = loaded[0]
+    plain = run("InfinitySampler", model=model, positive=encoded, **sampler_inputs(seed=5)).result[0]
+    memory = run("InfinityMemory", block_swap=2).result[0]  # the tiny model has 4 blocks: 2 may swap
+    swapped = run("InfinitySampler", model=model, positive=encoded, memory=memory, **sampler_inputs(seed=5)).result[0]
+    assert torch.equal(plain, swapped)
+    transformer = model.pipeline.transformer
+    assert getattr(transformer, "block_swap", None) is None  # the swap ended with the call
+    homes = {p.device for p in transformer.parameters()} | {p.device for p in model.pipeline.vae.parameters()}
+    assert homes == {torch.device(model.patcher.offload_device)}  # back where ComfyUI keeps them between runs
+    rerun = run("InfinitySampler", model=model, positive=encoded, **sampler_inputs(seed=5)).result[0]
+    assert torch.equal(plain, rerun)  # the memory manager loads the model whole again afterwards
+    mm.unload_all_models()
+
+
+def test_more_blocks_than_the_model_allows_is_refused_naming_the_depth(run, loaded, encoded, sampler_inputs):
+    memory = run("InfinityMemory", block_swap=3).result[0]
+    with pytest.raises(ValueError, match=r"block_swap: 3 blocks, but the model has 4; swap at most 2"):
+        run("InfinitySampler", model=loaded[0], positive=encoded, memory=memory, **sampler_inputs())
