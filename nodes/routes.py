@@ -170,10 +170,12 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
                      cfg_on: bool, config: CacheConfig) -> dict:
     """The whole job (T5 encode, sampling, decode, weights included) against the compute device's memory.
 
-    ComfyUI's memory manager moves T5 off the device when the sampler needs the room, so T5 is planned offloaded.
+    ComfyUI's memory manager moves T5 off the device when the sampler needs the room, so T5 is planned offloaded;
+    the sampler decodes a preview per scale, so that is planned too.
     """
     options = JobOptions(weights=s.weight_format, dtype=_JOB_DTYPES[block_dtype], t5_offload=True,
-                         t5_weights=s.t5_weights, decode_tile=s.decode_tile or None, block_swap=s.block_swap)
+                         t5_weights=s.t5_weights, decode_tile=s.decode_tile or None, block_swap=s.block_swap,
+                         previews=True)
     h, w = schedule.pixel_size
     try:
         plan = plan_job(cfg, w, h, batch, options, cfg_on, cache=config, t5=t5_config(s.text_encoder),

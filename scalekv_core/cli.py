@@ -381,13 +381,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                           "follows the tile (0: the whole latent at once, as the original)")
     low.add_argument("--offload-t5", action="store_true",
                      help="encode the prompts with T5 alone on the device, then free it before the transformer loads")
-    low.add_argument("--t5-weights", default="none", choices=["none", "fp8_e4m3fn", "int8"],
-                     help="T5's linear layers: none (fp16 on CUDA, fp32 on CPU), fp8_e4m3fn or int8 (about half; "
-                          "int8 the closer)")
+    _add_t5_weights_flag(low)
     low.add_argument("--block-swap", type=_number("block_swap", "--block-swap"), default=0, metavar="N",
                      help="keep N transformer blocks in CPU memory and stream each to the device when its turn "
                           "comes; the device holds the other blocks and two block slots (at most depth - 2: 30 "
                           "for the 2B, 38 for the 8B); same image; docs/block_swap.md")
+
+
+def _add_t5_weights_flag(p: argparse.ArgumentParser) -> None:
+    from .model.quant import T5_WEIGHT_FORMATS
+
+    p.add_argument("--t5-weights", default="none", choices=T5_WEIGHT_FORMATS,
+                   help="T5's linear layers: none (fp16 on CUDA, fp32 on CPU), fp8_e4m3fn or int8 (about half; "
+                        "int8 the closer)")
 
 
 def _add_weights_flag(p: argparse.ArgumentParser, what: str = "the block linears' weights, as the model loads"
@@ -460,6 +466,11 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                         "(offloaded T5, tiled decode, a ScaleKV budget, fp8 weights, 4-bit weights)")
     _add_weights_flag(j, "the transformer's block weights as they will be loaded")
     j.add_argument("--offload-t5", action="store_true", help="T5 leaves the device once the prompt is encoded")
+    _add_t5_weights_flag(j)
+    j.add_argument("--block-swap", type=_number("block_swap", "--block-swap"), default=0, metavar="N",
+                   help="transformer blocks kept in host memory while sampling (two device slots stream them)")
+    j.add_argument("--previews", action="store_true",
+                   help="count the ComfyUI sampler's per-scale preview decode (the CLI makes none)")
     j.add_argument("--decode-tile", type=_number("decode_tile", "--decode-tile"), default=0,
                    help="VAE decode in tiles of this many latent positions (0: the whole latent at once)")
     j.add_argument("--job-table", action="store_true",
@@ -485,7 +496,8 @@ def _plan(a: argparse.Namespace) -> int:
                                      batch, config, PRECISIONS[a.dtype], params=params, vae_params=vae,
                                      vae_patch=8 if cfg.d_vae == 56 else 16)
 
-    if a.vram is not None or a.job_table or a.weights != "none" or a.offload_t5 or a.decode_tile:
+    if (a.vram is not None or a.job_table or a.weights != "none" or a.offload_t5 or a.decode_tile
+            or a.t5_weights != "none" or a.block_swap or a.previews):
         return _plan_job(a)
     if a.table:
         from .kvcache import CacheConfig
@@ -527,9 +539,9 @@ def _plan_job(a: argparse.Namespace) -> int:
                   f"**{r['peak_gib']:.2f} GiB** |")
         return 0
     _check_cache_flags(a, None)
-    options = JobOptions(weights=a.weights, dtype=a.dtype, t5_offload=a.offload_t5,
-                         decode_tile=a.decode_tile or None, policy=a.kv_policy, kv_dtype=a.kv_dtype,
-                         budget=str(a.budget))
+    options = JobOptions(weights=a.weights, dtype=a.dtype, t5_offload=a.offload_t5, t5_weights=a.t5_weights,
+                         decode_tile=a.decode_tile or None, block_swap=a.block_swap, policy=a.kv_policy,
+                         kv_dtype=a.kv_dtype, budget=str(a.budget), previews=a.previews)
     if a.vram is None:
         plan = plan_job(a.model, a.width, a.height, a.batch, options)
         if a.json:

@@ -10,7 +10,8 @@ before anything is downloaded.
 Phases, as the ComfyUI nodes run them (each model is loaded when its node runs; ComfyUI's memory manager evicts
 what the next phase does not use): encode holds T5 (plus the transformer and VAE unless T5 is offloaded, i.e. kept
 off the device while they are on it); sampling holds the transformer's resident blocks, the VAE and the cache and
-activations; decode holds the same weights and the decoder's activations.
+activations (and, in ComfyUI, one preview decode: `previews`); decode holds the same weights (a block-swapped
+transformer is back in host memory by then) and the decoder's activations.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .kvcache import CacheConfig
 from .kvcache.memory import MiB, decode_peak_bytes, plan_memory
 from .limits import shown
 from .model.config import KNOWN_MODELS, InfinityConfig
+from .model.vae import PREVIEW_GRID
 from .model.quant import T5_WEIGHT_FORMATS, check_format, dequant_workspace_bytes, quantize_model, weight_bytes
 from .schedules import Schedule, schedule_for_pixels
 
@@ -39,9 +41,8 @@ VAE_BASE_CH = 128
 LADDER_DECODE_TILE = 32
 #: Blocks kept on the device beside the swapped ones: the running block and the one being fetched.
 SWAP_BUFFERS = 2
-#: Block swap is planned here (`JobOptions.block_swap`) but the engine cannot run it yet, so `cheapest_fit` does not
-#: propose it: a setting the artist cannot choose is no answer.
-BLOCK_SWAP_READY = False
+#: Block swap (model/block_swap.py) runs in the engine, the CLI and the nodes, so `cheapest_fit` proposes it.
+BLOCK_SWAP_READY = True
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -58,6 +59,7 @@ class JobOptions:
     policy: str = "full"
     budget: str = "10%"
     kv_dtype: str = "auto"  # auto: keys fp32 and values in the block dtype, as the original stores them
+    previews: bool = False  # the ComfyUI sampler decodes a small preview per scale while the cache is held
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(policy=self.policy, budget=self.budget, kv_dtype=self.kv_dtype)
@@ -187,11 +189,15 @@ def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 
     t5 = t5_bytes(options.t5_weights, t5)
     vae = 4 * (vae_params if vae_params is not None else VAE_PARAMS.get(cfg.d_vae, VAE_PARAMS[32]))
     sampling_extra = memory.sampling_peak_mb * MiB + dequant_workspace_bytes(cfg, fmt, dtype)
+    if options.previews:
+        side = PREVIEW_GRID * VAE_PATCH.get(cfg.d_vae, 16)
+        sampling_extra += decode_peak_bytes(1, min(h, side), min(w, side), VAE_BASE_CH, VAE_PATCH.get(cfg.d_vae, 16))
     decode_extra = decode_peak_bytes(batch, h, w, VAE_BASE_CH, VAE_PATCH.get(cfg.d_vae, 16), options.decode_tile)
     resident_t5 = 0 if options.t5_offload else t5
     encode = t5 + t5_act + (0 if options.t5_offload else transformer + vae)
     sampling = transformer + vae + resident_t5 + sampling_extra
-    decode = transformer + vae + resident_t5 + decode_extra
+    # a swapped transformer goes back to host memory when sampling ends: the decode holds no transformer weights
+    decode = (0 if options.block_swap else transformer) + vae + resident_t5 + decode_extra
     return JobPlan(options=options, model=name, resolution=(w, h), batch=batch, transformer_mb=transformer / MiB,
                    t5_mb=t5 / MiB, vae_mb=vae / MiB, encode_mb=encode / MiB, sampling_mb=sampling / MiB,
                    decode_mb=decode / MiB, sampling_extra_mb=sampling_extra / MiB, decode_extra_mb=decode_extra / MiB,
@@ -218,7 +224,7 @@ def ladder(options: JobOptions, depth: int, block_swap: bool = BLOCK_SWAP_READY)
     if options.weights in ("none", "int8"):
         add("fp8 weights", weights="fp8_e4m3fn")
     base = steps[-1][1]
-    # n blocks off the device save n - 2 blocks; left out while the engine has no block swap (BLOCK_SWAP_READY)
+    # n blocks off the device save n - 2 blocks
     swaps = range(SWAP_BUFFERS + 2, depth - SWAP_BUFFERS + 1, 2) if block_swap else range(0)
     steps += [(f"block swap {n}", dataclasses.replace(base, block_swap=n)) for n in swaps if n > base.block_swap]
     if options.weights != "int4":
@@ -246,16 +252,39 @@ def cheapest_fit(model: str | InfinityConfig, width: int, height: int, vram_gib:
             "cheapest": None if found is None else {"step": found[0], **found[1].to_dict()}, "tried": tried}
 
 
+def smallest_swap(model: str | InfinityConfig, width: int, height: int, vram_gib: float, options: JobOptions,
+                  batch: int = 1) -> int | None:
+    """The fewest blocks to swap for the job to fit `vram_gib` with these options (None: no number fits)."""
+    _, cfg = _model(model)
+    for n in [0, *range(SWAP_BUFFERS + 1, cfg.depth - SWAP_BUFFERS + 1)]:  # 1 or 2 blocks save nothing
+        if plan_job(model, width, height, batch, dataclasses.replace(options, block_swap=n)).fits(vram_gib):
+            return n
+    return None
+
+
+#: Issue 20's targets for 1024x1024, batch 1 (GiB), by model and weight format: the table adds block swap to reach
+#: a target the other options miss.
+TARGETS = {("2b", "none"): 5.0, ("2b", "fp8_e4m3fn"): 3.5, ("8b", "fp8_e4m3fn"): 11.0, ("8b", "int4"): 7.0}
+
+
 def table(models: Sequence[str] = ("2b", "8b"), width: int = 1024, height: int = 1024) -> list[dict]:
     """The planner's figures for the issue's settings, for docs/benchmarks.md."""
     low = dict(t5_offload=True, decode_tile=LADDER_DECODE_TILE, policy="scalekv", budget="10%", kv_dtype="bf16")
     rows = []
     for model in models:
         low_vram = ", T5 offloaded, tiled decode, ScaleKV 10%, KV bf16"
-        for label, opts in (("bf16, as released", JobOptions()), ("bf16" + low_vram, JobOptions(**low)),
-                            ("fp8" + low_vram, JobOptions(weights="fp8_e4m3fn", **low)),
-                            ("int8" + low_vram, JobOptions(weights="int8", **low)),
-                            ("4-bit" + low_vram, JobOptions(weights="int4", **low))):
+        settings = [("bf16, as released", JobOptions()), ("bf16" + low_vram, JobOptions(**low)),
+                    ("fp8" + low_vram, JobOptions(weights="fp8_e4m3fn", **low)),
+                    ("int8" + low_vram, JobOptions(weights="int8", **low)),
+                    ("4-bit" + low_vram, JobOptions(weights="int4", **low))]
+        for label, opts in list(settings[1:]):
+            target = TARGETS.get((model, opts.weights))
+            if target is not None and not plan_job(model, width, height, 1, opts).fits(target):
+                n = smallest_swap(model, width, height, target, opts)
+                if n is not None:
+                    settings.append((f"{label}, block swap {n} (fits {target:g} GiB)",
+                                     dataclasses.replace(opts, block_swap=n)))
+        for label, opts in settings:
             plan = plan_job(model, width, height, 1, opts)
             rows.append({"model": model, "setting": label, **{k: round(v / 1024, 2) for k, v in (
                 ("transformer_gib", plan.transformer_mb), ("t5_gib", plan.t5_mb), ("encode_gib", plan.encode_mb),

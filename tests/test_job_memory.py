@@ -1,13 +1,15 @@
 """The whole job's planner: each phase's peak with weights, and the cheapest setting that fits a card."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
 import torch
 
 from scalekv_core.job_memory import (JobOptions, LADDER_DECODE_TILE, T5_XL, cheapest_fit, ladder, plan_job,
-                                     t5_bytes)
+                                     smallest_swap, t5_bytes)
 from scalekv_core.kvcache import CacheConfig
 from scalekv_core.kvcache.memory import MiB, plan_memory
 from scalekv_core.model.config import KNOWN_MODELS
@@ -62,11 +64,11 @@ def test_each_option_lowers_its_phase():
 
 
 def test_ladder_is_cheapest_in_quality_first():
-    labels = [label for label, _ in ladder(JobOptions(), 40)]
+    labels = [label for label, _ in ladder(JobOptions(), 40, block_swap=False)]
     assert labels == ["as asked", "offload T5", f"tiled decode ({LADDER_DECODE_TILE})", "ScaleKV 10%",
-                      "KV stored in bf16", "fp8 weights", "4-bit weights"]  # no block swap: the engine has none yet
-    labels = [label for label, _ in ladder(JobOptions(), 40, block_swap=True)]
-    assert labels.index("block swap 4") < labels.index("4-bit weights")
+                      "KV stored in bf16", "fp8 weights", "4-bit weights"]
+    labels = [label for label, _ in ladder(JobOptions(), 40)]  # the engine swaps blocks: the ladder offers it
+    assert labels.index("fp8 weights") < labels.index("block swap 4") < labels.index("4-bit weights")
     # each step keeps what the steps before it changed
     steps = [o for _, o in ladder(JobOptions(), 40)]
     assert steps[4].t5_offload and steps[4].decode_tile and steps[4].policy == "scalekv"
@@ -108,10 +110,50 @@ def test_cli_plan_vram(capsys):
 
 @pytest.mark.parametrize("flag, value", [("--vram", "nan"), ("--vram", "abc"), ("--vram", "1e9"), ("--vram", "-4"),
                                          ("--decode-tile", "nan"), ("--decode-tile", "100000"),
-                                         ("--weights", "int3")])
+                                         ("--weights", "int3"), ("--t5-weights", "int4"),
+                                         ("--block-swap", "-1"), ("--block-swap", "2.5")])
 def test_cli_plan_job_flags_are_checked(capsys, flag, value):
     from scalekv_core.cli import main
 
     assert main(["plan", "--model", "8b", flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and flag in err[0], err
+
+
+def test_cli_plan_block_swap_and_t5_weights(capsys):
+    from scalekv_core.cli import main
+
+    args = ["plan", "--model", "2b", "--offload-t5", "--decode-tile", "32", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*args, "--block-swap", "10", "--t5-weights", "int8"]) == 0
+    swapped = json.loads(capsys.readouterr().out)
+    assert swapped["options"]["block_swap"] == 10 and swapped["options"]["t5_weights"] == "int8"
+    assert swapped["transformer_mb"] < plain["transformer_mb"] and swapped["t5_mb"] < 0.55 * plain["t5_mb"]
+    assert main(["plan", "--model", "2b", "--block-swap", "31"]) == 2  # 32 blocks: at most 30
+    err = capsys.readouterr().err
+    assert "block_swap: 31 blocks, but the model has 32" in err
+
+
+def test_swapped_decode_holds_no_transformer_and_previews_hold_one_small_decode():
+    """A swapped transformer is back in host memory when the VAE decodes; the ComfyUI sampler's per-scale preview
+    decodes 16x16 latent positions (256 pixels for the 2B's patch 16) beside the cache."""
+    from scalekv_core.kvcache.memory import decode_peak_bytes
+
+    low = dict(t5_offload=True, decode_tile=LADDER_DECODE_TILE, policy="scalekv", budget="10%")
+    plain, swapped = (plan_job("2b", 1024, 1024, 1, JobOptions(block_swap=n, **low)) for n in (0, 10))
+    assert plain.decode_mb - swapped.decode_mb == pytest.approx(plain.transformer_mb)
+    previews = plan_job("2b", 1024, 1024, 1, JobOptions(previews=True, **low))
+    assert (previews.sampling_mb - plain.sampling_mb) * 2**20 == decode_peak_bytes(1, 256, 256, 128, 16)
+
+
+def test_smallest_swap_reaches_the_2b_targets():
+    """Issue 20: 2B bf16 within 5 GiB and 2B fp8 within 3.5 GiB at 1024x1024 need block swap beside the rest."""
+    low = dict(t5_offload=True, decode_tile=LADDER_DECODE_TILE, policy="scalekv", budget="10%", kv_dtype="bf16")
+    for weights, target in (("none", 5.0), ("fp8_e4m3fn", 3.5)):
+        opts = JobOptions(weights=weights, **low)
+        n = smallest_swap("2b", 1024, 1024, target, opts)
+        assert n is not None and n > 2
+        assert plan_job("2b", 1024, 1024, 1, dataclasses.replace(opts, block_swap=n)).fits(target)
+        assert not plan_job("2b", 1024, 1024, 1, dataclasses.replace(opts, block_swap=n - 1)).fits(target)
+    assert smallest_swap("8b", 1024, 1024, 1.0, JobOptions(**low)) is None

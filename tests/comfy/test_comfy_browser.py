@@ -123,7 +123,7 @@ def expected(cfg, budget: int, resolution: str = RES) -> dict:
         files = dict(t5=t5_shape(json.loads((TINY / "t5_tiny" / "config.json").read_text())),
                      vae_params=sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values()))
     h, w = schedule.pixel_size
-    job = plan_job(cfg, w, h, 1, JobOptions(dtype="fp32", t5_offload=True), cache=config, **files)
+    job = plan_job(cfg, w, h, 1, JobOptions(dtype="fp32", t5_offload=True, previews=True), cache=config, **files)
     return {"rows": rows, "stored_peak": memory.analytic_mb, "full_total": memory.full_analytic_mb,
             "planned_peak": memory.sampling_peak_mb, "job_gib": f"{job.peak_mb / 1024:.2f} GiB",
             "job_fits": job.peak_mb <= psutil.virtual_memory().total / MiB}  # ComfyUI's CPU total is psutil's

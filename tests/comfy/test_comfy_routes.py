@@ -179,7 +179,8 @@ def test_job_line_is_the_whole_job_planner_against_the_device(post, weights, til
     assert status == 200, answer
     job = answer["job"]
     want = plan_job("8b", 1024, 1024, 1, JobOptions(weights=weights, dtype="bf16", t5_offload=True,
-                                                    decode_tile=tile or None, policy="scalekv", budget="10%"))
+                                                    decode_tile=tile or None, policy="scalekv", budget="10%",
+                                                    previews=True))
     assert job["peak_mb"] == pytest.approx(want.peak_mb) and job["sampling_mb"] == pytest.approx(want.sampling_mb)
     total = mm.get_total_memory(mm.get_torch_device()) / MiB
     assert job["device_mb"] == pytest.approx(total) and job["fits"] == (want.peak_mb <= total)
