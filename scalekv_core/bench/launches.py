@@ -243,7 +243,8 @@ class _Recorder(TorchDispatchMode):
             census.syncs.append({"scale": where.scale, "phase": where.phase, "layer": where.layer, "op": name,
                                  "what": "the host reads a value or a data-dependent shape back"})
             if name == "_local_scalar_dense" and inputs[0].device.type == "meta":
-                return False if inputs[0].dtype == torch.bool else 0  # no data: a placeholder, said in the report
+                census.syncs[-1]["what"] += " (meta has no value: the census went on with 0)"
+                return False if inputs[0].dtype == torch.bool else 0
         out = func(*args, **kwargs)
         outputs = _tensors(out)
         devices = {t.device.type for t in inputs + outputs}
