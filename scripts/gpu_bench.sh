@@ -5,6 +5,7 @@
 # torchrun (NCCL) against one plain process. The whole script runs longer than one 10-minute device call: ONLY
 # picks steps.
 # Usage: [ONLY="kv_8b kv_8b_batch4"] bash scripts/gpu_bench.sh [OUT_DIR] [PYTHON]   (defaults: out/gpu, python3).
+# A 15-minute device session: ONLY="test_cuda low_vram" bash scripts/gpu_bench.sh "$OUT" (about 10 minutes).
 # Each step has its own log; a failing step is reported and the next one still runs. ONLY names the steps to run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +53,8 @@ done
 bench8=("$py" -m scalekv_core.bench kv --size 1M --device cuda --dtype bf16 --repeats 2 --model 8b --policies scalekv)
 step kv_8b 240 "${bench8[@]}" --budgets 4%,10%,20% --json "$out/bench_kv_8b_cuda.json"
 step kv_8b_batch4 300 "${bench8[@]}" --budgets 10% --batch 4 --json "$out/bench_kv_8b_b4_cuda.json"
+# issue 20: the whole job of the real shapes under each memory cap (block swap, 8-bit and 4-bit weights)
+step low_vram 480 "$py" scripts/gpu_low_vram.py --out "$out/gpu_low_vram.json"
 fid=(-m scalekv_core.bench fidelity --num-pairs 24 --budgets 10%)
 step fidelity_nccl 240 torchrun --standalone --nproc_per_node=1 "${fid[@]}" --out "$out/fidelity_nccl"
 step fidelity_single 240 "$py" "${fid[@]}" --out "$out/fidelity_single"
