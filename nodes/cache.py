@@ -109,30 +109,46 @@ class ScaleKVCacheConfig(io.ComfyNode):
             node_id="ScaleKVCacheConfig",
             display_name="ScaleKV Cache Config",
             category=CATEGORY_SCALEKV,
-            description="KV-cache settings for the Infinity Sampler: eviction policy, budget, scoring and storage. "
-                        "Leave the sampler's cache_config unconnected for the full cache.",
+            description="Makes the Infinity Sampler use far less memory with nearly the same picture. Infinity "
+                        "paints coarse to fine over 13 scales and keeps what it has seen (its KV cache); ScaleKV "
+                        "keeps that memory only in a few 'drafter' layers per scale and a small budget in the "
+                        "others ('refiners'). policy and budget are what most people change; 10% keeps about a "
+                        "tenth of the cache. Leave the sampler's cache_config unconnected for the full cache. The "
+                        "panel below shows the memory per scale and whether the whole job fits your GPU.",
             inputs=[
                 io.Combo.Input("policy", options=list(POLICIES), default="scalekv",
-                               tooltip="full keeps everything; scalekv = scale-aware budgets (drafters/refiners)"),
+                               tooltip="which tokens the cache keeps. scalekv: large budgets in a few drafter "
+                                       "layers, small in the refiners (the paper's method, best quality per MB). "
+                                       "full: everything, as the original. The others are simpler baselines."),
                 io.Combo.Input("budget_unit", options=BUDGET_UNITS, default="percent",
                                tooltip="percent of the cache before the last scale (10% = 650 tokens at 1024x1024), "
                                        "tokens per layer, or a memory target in MB"),
                 widgets.float_input("budget", default=10.0, step=0.5,
                                tooltip="the budget in budget_unit; with a budget file it is also the base capacity "
                                        "(use the calibration's budget)"),
-                widgets.int_input("window", default=16,
-                             tooltip="observation window in tokens (scalekv: a square number, a grid over the map)"),
-                widgets.int_input("kernel", default=5, tooltip="score pooling kernel (odd)"),
-                io.Combo.Input("pooling", options=list(POOLINGS), default="maxpool"),
-                io.Combo.Input("scoring", options=list(SCORINGS), default="improved",
-                               tooltip="improved: real queries, pooling inside each token map; original: as released"),
-                io.Combo.Input("kv_dtype", options=list(KV_DTYPES), default="auto",
-                               tooltip="cache storage; auto = keys fp32, values in the block dtype (the original)"),
+                widgets.int_input("window", default=16, **widgets.ADVANCED,
+                             tooltip="advanced (scalekv, snapkv, pyramidkv): how many recent tokens vote on what to "
+                                     "keep (scalekv: a square number, a grid over the map)"),
+                widgets.int_input("kernel", default=5, **widgets.ADVANCED,
+                                  tooltip="advanced (scalekv, snapkv, pyramidkv): neighbours pooled into each "
+                                          "token's score (odd), so kept tokens come in patches"),
+                io.Combo.Input("pooling", options=list(POOLINGS), default="maxpool", **widgets.ADVANCED,
+                               tooltip="advanced (scalekv, snapkv, pyramidkv): how neighbours' scores combine: the "
+                                       "largest (maxpool) or their mean (avgpool)"),
+                io.Combo.Input("scoring", options=list(SCORINGS), default="improved", **widgets.ADVANCED,
+                               tooltip="advanced (scalekv): improved scores with the real queries, pooled inside "
+                                       "each token map; original: exactly as the released ScaleKV code"),
+                io.Combo.Input("kv_dtype", options=list(KV_DTYPES), default="auto", **widgets.ADVANCED,
+                               tooltip="advanced (every policy): how the cache stores numbers. auto: keys fp32, "
+                                       "values in the model's precision, as the original. int8 / fp8_e4m3fn: "
+                                       "1 byte each (a third of auto) with a small change to the picture, int8 the "
+                                       "closer"),
                 io.Combo.Input("budget_source", options=budget_source_choices(), default=GENERATED,
                                tooltip="generated = the rule-based plan; preset:* = the released 10% files "
                                        "(1024x1024); file:* = a calibration in models/scalekv"),
-                widgets.float_input("refiner_decay", default=0.0, step=1.0,
-                               tooltip="generated plans: refiner budgets shrink by this many tokens per scale"),
+                widgets.float_input("refiner_decay", default=0.0, step=1.0, **widgets.ADVANCED,
+                               tooltip="advanced (scalekv, generated plans): refiner budgets shrink by this many "
+                                       "tokens per scale"),
                 io.String.Input("budget_file", optional=True, force_input=True,
                                 tooltip="a budget file name from ScaleKV Calibrate; overrides budget_source"),
             ],
@@ -195,16 +211,18 @@ class ScaleKVCalibrate(io.ComfyNode):
             node_id="ScaleKVCalibrate",
             display_name="ScaleKV Calibrate",
             category=CATEGORY_SCALEKV,
-            description="Runs the full cache on a few prompts, measures each layer's attention selectivity, picks "
-                        "the drafter layers and writes a ScaleKV budget file into models/scalekv. Use it in ScaleKV "
-                        "Cache Config (budget_source file:<name>, or link the file name) at the same resolution "
-                        "and budget.",
+            description="Tunes ScaleKV to your model: generates a few prompts with the full cache, measures which "
+                        "layers look widely (drafters) and which look locally (refiners), and writes a budget file "
+                        "into models/scalekv. Link its output to ScaleKV Cache Config's budget_file (or pick it as "
+                        "budget_source file:<name>) at the same resolution and budget. The node shows the drafters "
+                        "it chose per scale and the file it wrote. Takes one generation per prompt.",
             inputs=[
-                InfinityModelType.Input("model"),
-                InfinityT5Type.Input("t5"),
+                InfinityModelType.Input("model", tooltip="the model to calibrate, from Infinity Model Loader"),
+                InfinityT5Type.Input("t5", tooltip="the text encoder, from Infinity Model Loader"),
                 io.String.Input("prompts", multiline=True, default=DEFAULT_CALIBRATION_PROMPTS,
-                                tooltip="one prompt per line"),
-                io.Combo.Input("resolution", options=resolution_choices(), default=DEFAULT_RESOLUTION),
+                                tooltip="one prompt per line, like the pictures you will make (5-10 are enough)"),
+                io.Combo.Input("resolution", options=resolution_choices(), default=DEFAULT_RESOLUTION,
+                               tooltip="the resolution the budget file is for; use the sampler's"),
                 widgets.float_input("budget", "calibration_budget", default=10.0, step=0.5,
                                     tooltip="percent of the cache before the last scale"),
                 widgets.int_input("num_drafters", default=0,

@@ -18,9 +18,10 @@ class InfinityModelLoader(io.ComfyNode):
             node_id="InfinityModelLoader",
             display_name="Infinity Model Loader",
             category=CATEGORY,
-            description="Loads an Infinity transformer (2B file or 8B shard folder), its BSQ-VAE and the T5 text "
-                        "encoder. The architecture is read from the files; the models live in ModelPatchers, so "
-                        "ComfyUI can offload and unload them.",
+            description="Loads Infinity: the transformer (models/infinity or models/diffusion_models: the 2B file "
+                        "or the 8B's shard folder), its VAE and the flan-t5-xl text encoder. The model size is read "
+                        "from the files. For smaller GPUs pick weight_format fp8_e4m3fn (8B on 12 GB cards) or int4 "
+                        "(8 GB cards). ComfyUI moves the models on and off the GPU as other nodes need it.",
             inputs=[
                 io.Combo.Input("transformer", options=transformers,
                                default=paths.default_choice(transformers, paths.DEFAULT_TRANSFORMER),
@@ -98,8 +99,10 @@ class InfinityTextEncode(io.ComfyNode):
                         "GPU before sampling. For a negative prompt use a second one; leave the sampler's negative "
                         "unconnected, or its prompt empty, to use the model's learned unconditional embedding.",
             inputs=[
-                InfinityT5Type.Input("t5"),
-                io.String.Input("prompt", multiline=True, default=""),
+                InfinityT5Type.Input("t5", tooltip="the text encoder from Infinity Model Loader"),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="what to draw, in plain words. Empty as a negative means no negative "
+                                        "prompt (the model's own unconditional embedding)"),
             ],
             outputs=[InfinityConditioningType.Output(display_name="conditioning")],
         )

@@ -48,23 +48,27 @@ class InfinitySampler(io.ComfyNode):
             node_id="InfinitySampler",
             display_name="Infinity Sampler",
             category=CATEGORY,
-            description="Generates images scale by scale (Infinity's bitwise autoregression), optionally with a "
-                        "compressed ScaleKV cache. Shows a small decode of the picture so far after every scale "
-                        "and returns the memory report (planned and measured, per scale and layer) as UI output.",
+            description="Draws the picture coarse to fine, one scale after another (13 at 1024x1024), with the "
+                        "full cache or a ScaleKV cache from ScaleKV Cache Config. Shows the picture so far after "
+                        "every scale "
+                        "and reports the memory it planned and used. Wire an Infinity Memory node into memory on "
+                        "small GPUs.",
             inputs=[
-                InfinityModelType.Input("model"),
-                InfinityConditioningType.Input("positive"),
+                InfinityModelType.Input("model", tooltip="from Infinity Model Loader"),
+                InfinityConditioningType.Input("positive", tooltip="the prompt, from Infinity Text Encode"),
                 InfinityConditioningType.Input("negative", optional=True,
                                                tooltip="unconnected: the model's learned unconditional embedding"),
                 CacheConfigType.Input("cache_config", optional=True, tooltip="unconnected: the full cache"),
-                widgets.int_input("seed", default=0, control_after_generate=True),
-                widgets.float_input("cfg", default=3.0, step=0.1, tooltip="1 disables guidance"),
-                widgets.float_input("tau", default=0.5, step=0.01, tooltip="sampling temperature"),
-                widgets.int_input("top_k", default=900, tooltip="0 disables top-k"),
-                widgets.float_input("top_p", default=0.97, step=0.01, tooltip="0 disables top-p"),
+                widgets.int_input("seed", default=0, control_after_generate=True,
+                                  tooltip="the same seed and settings give the same picture"),
+                widgets.float_input("cfg", default=3.0, step=0.1, tooltip="how closely the picture follows the prompt; 3 is the original's default, 1 turns guidance off"),
+                widgets.float_input("tau", default=0.5, step=0.01, tooltip="randomness of each scale's choices: lower is safer and plainer, higher is livelier"),
+                widgets.int_input("top_k", default=900, tooltip="draw only among the k likeliest bits (0: no limit)"),
+                widgets.float_input("top_p", default=0.97, step=0.01, tooltip="draw only among the likeliest bits that add up to p (0: no limit)"),
                 io.Combo.Input("resolution", options=resolution_choices(), default=DEFAULT_RESOLUTION,
-                               tooltip="the official Infinity resolutions (aspect templates x sizes)"),
-                widgets.int_input("batch", default=1),
+                               tooltip="the sizes Infinity was trained at (aspect x size); the 2B and 8B draw 1024x1024, the embedded model 256x256"),
+                widgets.int_input("batch", default=1,
+                                  tooltip="pictures per prompt, drawn together (memory grows with it)"),
                 widgets.int_input("decode_tile", default=0, optional=True,
                                   tooltip="0: decode the whole image at once, as the original. 8-512: decode in "
                                           "tiles of this many latent positions per side (x16 pixels for 2B, x8 for "

@@ -5,11 +5,17 @@ names an input must enforce what it declares: `problem` runs the same table the 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from comfy_api.latest import io
 
 from ..scalekv_core.limits import LIMITS, TEXTS, InputError, check_choice
+
+
+#: `advanced=True` for inputs most people leave alone, where this ComfyUI's inputs take it (0.33+: the frontend
+#: folds them away); older hosts show them as usual.
+ADVANCED: dict[str, bool] = {"advanced": True} if "advanced" in inspect.signature(io.Input.__init__).parameters else {}
 
 
 def int_input(name: str, limit: str | None = None, **kwargs: Any) -> io.Int.Input:

@@ -125,3 +125,44 @@ def test_node_methods_are_classmethods(node_classes, node_id):
     assert all(isinstance(vars(cls)[k], classmethod) for k in own)
     assert not any(callable(v) and not isinstance(v, (classmethod, staticmethod)) and not k.startswith("_")
                    for k, v in vars(cls).items())
+
+
+@pytest.mark.parametrize("node_id", list(EXPECTED))
+def test_every_input_explains_itself(node_classes, node_id):
+    """Every input has a tooltip and every node a description written out (issue 21: batch, seed, pooling and
+    prompt had none)."""
+    info = node_classes[node_id].GET_NODE_INFO_V1()
+    assert len(info["description"]) > 80, info["description"]
+    for group in ("required", "optional"):
+        for name, spec in info["input"].get(group, {}).items():
+            options = spec[1] if len(spec) > 1 else {}
+            assert len(options.get("tooltip", "")) >= 20, (node_id, name)
+
+
+def test_search_finds_every_node_by_both_names(node_classes):
+    """Searching "ScaleKV" or "Infinity" finds every node: by its name, or by search aliases where the host's schema
+    takes them (0.33+); on 0.3.75 the display names and categories carry the words."""
+    import dataclasses
+
+    from comfy_api.latest import io
+
+    aliases = "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}
+    for node_id, cls in node_classes.items():
+        info = cls.GET_NODE_INFO_V1()
+        text = " ".join([info["display_name"], info["category"], *info.get("search_aliases", [])])
+        assert "Infinity" in text, node_id
+        if aliases:
+            assert {"Infinity", "ScaleKV"} <= set(info["search_aliases"]), node_id
+
+
+def test_advanced_inputs_where_the_host_has_them(node_classes):
+    """The cache config's expert inputs are folded away where ComfyUI supports it; policy and budget stay up front."""
+    from comfy_api.latest import io
+    import inspect
+
+    info = node_classes["ScaleKVCacheConfig"].GET_NODE_INFO_V1()["input"]["required"]
+    supported = "advanced" in inspect.signature(io.Input.__init__).parameters
+    for name in ("window", "kernel", "pooling", "scoring", "kv_dtype", "refiner_decay"):
+        assert bool(info[name][1].get("advanced")) == supported, name
+    for name in ("policy", "budget_unit", "budget", "budget_source"):
+        assert not info[name][1].get("advanced"), name
