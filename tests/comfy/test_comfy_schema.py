@@ -166,3 +166,14 @@ def test_advanced_inputs_where_the_host_has_them(node_classes):
         assert bool(info[name][1].get("advanced")) == supported, name
     for name in ("policy", "budget_unit", "budget", "budget_source"):
         assert not info[name][1].get("advanced"), name
+
+
+@pytest.mark.parametrize("node_id", list(EXPECTED))
+def test_every_node_has_a_help_page_naming_its_inputs(node_classes, node_id):
+    """web/docs/<node>.md is the frontend's help page for the node (ComfyUI's convention); it covers each input."""
+    page = REPO / "web" / "docs" / f"{node_id}.md"
+    text = page.read_text()
+    assert text.startswith("# ") and len(text) > 400
+    info = node_classes[node_id].GET_NODE_INFO_V1()["input"]
+    for name in [*info["required"], *info.get("optional", {})]:
+        assert f"**{name}**" in text or f"`{name}`" in text, (node_id, name)
