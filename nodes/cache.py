@@ -15,7 +15,7 @@ from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES
 from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
 from ..scalekv_core.kvcache.scoring import POOLINGS
 from ..scalekv_core.limits import shown
-from ..scalekv_core.schedules import resolution_choices, resolution_label, schedule_from_label
+from ..scalekv_core.schedules import Schedule, resolution_choices, resolution_label, schedule_from_label
 from . import models, paths, widgets
 from .io_types import CATEGORY_SCALEKV, CacheConfigType, InfinityModelType, InfinityT5Type, schema
 
@@ -26,6 +26,21 @@ FILE_PREFIX = "file:"
 #: Policies whose observation window is a √w x √w grid over the token map (so w must be a square).
 GRID_WINDOW_POLICIES = ("scalekv",)
 DEFAULT_RESOLUTION = "1024x1024 (1:1)"
+#: The resolution menus' first entry and default: the loaded model's own size (256x256 for the embedded model,
+#: 1024x1024 for the released 2B and 8B).
+AUTO_RESOLUTION = "auto (the model's own size)"
+
+
+def resolution_menu() -> list[str]:
+    """The sampler's and calibration's resolution menu: auto first, then every official resolution."""
+    return [AUTO_RESOLUTION, *resolution_choices()]
+
+
+def schedule_for(label: str, native: tuple[str, bool] | None) -> Schedule:
+    """The schedule of a menu label; auto is the model's native resolution (the released models' without one)."""
+    if label == AUTO_RESOLUTION:
+        label = native[0] if native else DEFAULT_RESOLUTION
+    return schedule_from_label(label)
 DEFAULT_CALIBRATION_PROMPTS = "\n".join([
     "a photo of a red fox standing in fresh snow, morning light",
     "a lighthouse on a cliff at dusk, oil painting",
@@ -197,9 +212,8 @@ _written: set[str] = set()
 _generation: dict[str, int] = {}
 
 
-def calibration_file_name(filename_prefix: str, resolution: str, budget: float) -> str:
-    """'<prefix>_<W>x<H>_<budget>pct.json' (resolution and budget in the name: a file fits only those)."""
-    schedule = schedule_from_label(resolution)
+def calibration_file_name(filename_prefix: str, schedule: Schedule, budget: float) -> str:
+    """Where a calibration writes: the prefix, then the resolution and budget it was made for."""
     h, w = schedule.pixel_size
     return paths.clean_name(f"{filename_prefix.strip()}_{w}x{h}_{budget:g}pct.json")
 
@@ -221,8 +235,9 @@ class ScaleKVCalibrate(io.ComfyNode):
                 InfinityT5Type.Input("t5", tooltip="the text encoder, from Infinity Model Loader"),
                 io.String.Input("prompts", multiline=True, default=DEFAULT_CALIBRATION_PROMPTS,
                                 tooltip="one prompt per line, like the pictures you will make (5-10 are enough)"),
-                io.Combo.Input("resolution", options=resolution_choices(), default=DEFAULT_RESOLUTION,
-                               tooltip="the resolution the budget file is for; use the sampler's"),
+                io.Combo.Input("resolution", options=resolution_menu(), default=AUTO_RESOLUTION,
+                               tooltip="the resolution the budget file is for; use the sampler's (auto: the "
+                                       "model's own size)"),
                 widgets.float_input("budget", "calibration_budget", default=10.0, step=0.5,
                                     tooltip="percent of the cache before the last scale"),
                 widgets.int_input("num_drafters", default=0,
@@ -254,7 +269,9 @@ class ScaleKVCalibrate(io.ComfyNode):
     def fingerprint_inputs(cls, filename_prefix=None, resolution=None, budget=None, **_) -> int:
         """Unchanged while the written file exists; a deleted file makes the next run calibrate again."""
         try:
-            path = paths.budget_output_path(calibration_file_name(filename_prefix, resolution, budget))
+            # auto depends on the linked model, unknown here: such a run is cached until its inputs change
+            path = paths.budget_output_path(calibration_file_name(filename_prefix, schedule_from_label(resolution),
+                                                                  budget))
         except Exception:  # a linked (not yet known) or invalid input: validation reports it
             return 0
         if path in _written and not os.path.isfile(path):
@@ -269,9 +286,9 @@ class ScaleKVCalibrate(io.ComfyNode):
         if problem is not True:
             raise ValueError(problem)
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
-        schedule = schedule_from_label(resolution)
+        schedule = schedule_for(resolution, model.info.get("native_resolution"))
         tokens = parse_budget(f"{budget:g}%", schedule)
-        name = calibration_file_name(filename_prefix, resolution, budget)
+        name = calibration_file_name(filename_prefix, schedule, budget)
         path = paths.budget_output_path(name)  # before the calibration runs: a bad name fails in seconds, not after
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if not os.access(os.path.dirname(path), os.W_OK):

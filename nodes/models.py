@@ -18,7 +18,8 @@ import comfy.model_patcher
 
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.memory import MemoryPlan, MiB, admission_problem, decode_peak_bytes, overcommit_allowed
-from ..scalekv_core.loader import PRECISIONS, load_transformer, load_vae, resolve_precision, vae_patchify_for
+from ..scalekv_core.loader import (PRECISIONS, load_transformer, load_vae, native_resolution, resolve_precision,
+                                   vae_patchify_for)
 from ..scalekv_core.model.block_swap import planned_device_bytes
 from ..scalekv_core.model.config import KNOWN_MODELS
 from ..scalekv_core.model.quant import model_format
@@ -183,7 +184,8 @@ def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
             "precision": prec, "weights": model_format(transformer)[0], "depth": cfg.depth, "width": cfg.embed_dim, "heads": cfg.num_heads,
             "bits_per_token": cfg.d_vae, "text_channels": cfg.text_channels,
             "vae_bits": vae.cfg.codebook_dim, "vae_patch": vae.cfg.patch_size, "patchify": pipeline.vae_patchify,
-            "load_device": str(load_device), "offload_device": str(offload_device)}
+            "load_device": str(load_device), "offload_device": str(offload_device),
+            "native_resolution": native_resolution(transformer_path)}
     return InfinityModel(pipeline, _patcher(InfinityModules(transformer, vae), load_device, offload_device), info)
 
 

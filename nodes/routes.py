@@ -27,14 +27,15 @@ from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
 from ..scalekv_core.job_memory import T5_XL, VAE_PARAMS, JobOptions, plan_job, t5_shape
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
-from ..scalekv_core.loader import PRECISIONS
+from ..scalekv_core.loader import PRECISIONS, native_resolution
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig, detect_infinity_config
 from ..scalekv_core.model.quant import logical_shapes
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.safe_files import open_regular, read_text
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label, schedule_from_label
 from . import models, paths
-from .cache import DEFAULT_RESOLUTION, budget_file_for, budget_settings_problem, budget_spec
+from .cache import (AUTO_RESOLUTION, DEFAULT_RESOLUTION, budget_file_for, budget_settings_problem, budget_spec,
+                    schedule_for)
 from .plan_schema import PlanSettings, ReportBody, ValidationError, describe
 
 PLAN_ROUTE = "/scalekv/plan"
@@ -118,6 +119,16 @@ def transformer_config(name: str) -> InfinityConfig:
         except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
             raise PlanInputError(f"transformer: {path}: cannot read its shape: {brief(str(e))}") from None
     return _shape_cache[key]
+
+
+def native_for(transformer: str | None) -> tuple[str, bool] | None:
+    """The loader's transformer's own resolution (the sampler's "auto"); None without a loader or a readable file."""
+    if not transformer:
+        return None
+    try:
+        return native_resolution(paths.resolve_transformer(transformer))
+    except (OSError, ValueError):  # an unknown file is reported by model_config, naming it
+        return None
 
 
 def model_config(s: PlanSettings) -> tuple[InfinityConfig, dict]:
@@ -249,7 +260,7 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
                              f"(policy is {s.policy})")
     resolution = s.resolution if s.resolution is not None else DEFAULT_RESOLUTION
     try:
-        schedule = schedule_from_label(resolution)
+        schedule = schedule_for(resolution, native_for(s.transformer) if resolution == AUTO_RESOLUTION else None)
     except ValueError as e:
         raise PlanInputError(f"resolution: {e}") from None
     batch = s.batch

@@ -1,6 +1,8 @@
 """Infinity Sampler: conditioning -> IMAGE, with an optional ScaleKV cache, a preview per scale and a memory report."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from PIL import Image
@@ -13,14 +15,15 @@ from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.model.block_swap import check_block_swap
 from ..scalekv_core.model.text_encoder import TextConditioning
 from ..scalekv_core.model.vae import check_decode_tiling
-from ..scalekv_core.schedules import resolution_choices, schedule_from_label
+from ..scalekv_core.loader import resolution_note
 from . import models, widgets
-from .cache import DEFAULT_RESOLUTION
+from .cache import AUTO_RESOLUTION, resolution_menu, schedule_for
 from .memory import MemorySettings
 from .io_types import CATEGORY, CacheConfigType, InfinityConditioningType, InfinityMemoryType, InfinityModelType, schema
 
 #: The resolution menu, in its order (a wrong value's error lists its first entries).
-RESOLUTIONS = resolution_choices()
+RESOLUTIONS = resolution_menu()
+log = logging.getLogger(__name__)
 
 
 def preview_image(decoded: torch.Tensor, pixel_size: tuple[int, int]) -> Image.Image:
@@ -65,8 +68,9 @@ class InfinitySampler(io.ComfyNode):
                 widgets.float_input("tau", default=0.5, step=0.01, tooltip="randomness of each scale's choices: lower is safer and plainer, higher is livelier"),
                 widgets.int_input("top_k", default=900, tooltip="draw only among the k likeliest bits (0: no limit)"),
                 widgets.float_input("top_p", default=0.97, step=0.01, tooltip="draw only among the likeliest bits that add up to p (0: no limit)"),
-                io.Combo.Input("resolution", options=resolution_choices(), default=DEFAULT_RESOLUTION,
-                               tooltip="the sizes Infinity was trained at (aspect x size); the 2B and 8B draw 1024x1024, the embedded model 256x256"),
+                io.Combo.Input("resolution", options=resolution_menu(), default=AUTO_RESOLUTION,
+                               tooltip="auto: the model's own size (the 2B and 8B draw 1024x1024, the embedded model 256x256). The others "
+                                       "are the sizes Infinity was trained at (aspect x size)"),
                 widgets.int_input("batch", default=1,
                                   tooltip="pictures per prompt, drawn together (memory grows with it)"),
                 widgets.int_input("decode_tile", default=0, optional=True,
@@ -103,7 +107,11 @@ class InfinitySampler(io.ComfyNode):
                                   lambda: check_decode_tiling(decode_tile))
         if problem is not None:  # inputs that came through links were not validated
             raise ValueError(problem)
-        schedule = schedule_from_label(resolution)
+        schedule = schedule_for(resolution, model.info.get("native_resolution"))
+        note = resolution_note(model.info["native_resolution"], schedule, model.info.get("architecture", "the model")) \
+            if model.info.get("native_resolution") else None
+        if note:
+            log.warning("Infinity Sampler: %s", note)
         if isinstance(negative, models.BlankPrompt):
             negative = None  # an empty negative prompt means none, as in the original and the engine's generate()
         swap = 0 if memory is None else check_block_swap(memory.block_swap, model.pipeline.transformer.cfg.depth)
@@ -130,4 +138,6 @@ class InfinitySampler(io.ComfyNode):
                              ("JPEG", preview_image(result.decoded[:1], (h, w)), preview_size))
         report = result.memory.to_dict()
         report["model"]["architecture"] = model.info.get("architecture", "")
+        if note:
+            report["note"] = note
         return io.NodeOutput(decoded_to_image(result.decoded), ui={"scalekv_memory": [report]})

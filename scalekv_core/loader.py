@@ -11,6 +11,7 @@ from .model import quant
 from .model.config import InfinityConfig, detect_infinity_config
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, VAEConfig, detect_vae_config
+from .schedules import Schedule, schedule_from_label
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,6 +81,39 @@ def place_transformer(model: Infinity, device: torch.device | str, block_dtype: 
         setattr(model, name, torch.nn.Parameter(param.detach().to(device=device, dtype=torch.float32),
                                                 requires_grad=param.requires_grad))
     return model
+
+
+#: Metadata key of a transformer file naming the resolution it was trained at (the embedded model's file has it).
+META_RESOLUTION = "scalekv_resolution"
+#: What the released 2B and 8B were trained at: the 1M-pixel sizes, every aspect template.
+RELEASED_RESOLUTION = "1024x1024 (1:1)"
+
+
+def native_resolution(path: str | Path) -> tuple[str, bool]:
+    """(the resolution a transformer file was trained at, whether every aspect at that size was trained too): its
+    metadata's, else the released models' 1024x1024 at any aspect. The sampler's "auto" uses it."""
+    meta = {} if Path(path).is_dir() else safetensors_metadata(path)
+    label = meta.get(META_RESOLUTION)
+    if label:
+        try:
+            schedule_from_label(label)
+            return label, False
+        except ValueError:
+            pass  # a label this version does not know: treated as a released model
+    return RELEASED_RESOLUTION, True
+
+
+def resolution_note(native: tuple[str, bool], schedule: Schedule, model: str = "this model") -> str | None:
+    """A sentence when `schedule` is outside what the model was trained at (same size class; same aspect too when
+    only one was trained), else None."""
+    label, any_aspect = native
+    trained = schedule_from_label(label)
+    if trained.size == schedule.size and (any_aspect or trained.template == schedule.template):
+        return None
+    h, w = schedule.pixel_size
+    where = f"{label.split(' ')[0]}-class sizes at any aspect" if any_aspect else label
+    return (f"{w}x{h} is outside what {model} was trained at ({where}): expect a weaker picture; "
+            f"'auto' picks {label}")
 
 
 def _prequantized_format(path: str | Path, sd: dict[str, torch.Tensor]) -> tuple[str, int] | None:

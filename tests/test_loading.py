@@ -562,3 +562,20 @@ def test_bf16_checkpoint_loads_without_a_float32_copy_of_the_blocks(tmp_path):
     for key, value in sd.items():
         want = value if key.startswith("block_chunks.") else value.float()
         assert state[key].dtype == want.dtype and torch.equal(state[key], want), key
+
+
+def test_native_resolution_of_the_embedded_and_released_models():
+    """The embedded model's file says it was trained at 256x256 (1:1); a file without that metadata is taken for a
+    released model (1024x1024-class sizes, any aspect). A note names sizes outside training."""
+    from scalekv_core.loader import native_resolution, resolution_note
+    from scalekv_core.schedules import schedule_from_label
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    embedded = native_resolution(root / "default_model" / "infinity" / "infinity_shapes.safetensors")
+    assert embedded == ("256x256 (1:1)", False)
+    assert native_resolution(TINY_TRANSFORMER) == ("1024x1024 (1:1)", True)
+    assert resolution_note(embedded, schedule_from_label("256x256 (1:1)")) is None
+    assert "512x512 is outside" in resolution_note(embedded, schedule_from_label("512x512 (1:1)"))
+    released = native_resolution(TINY_TRANSFORMER)
+    assert resolution_note(released, schedule_from_label("896x1120 (1:1.25)")) is None  # any aspect at 1M
+    assert "256x256 is outside" in resolution_note(released, schedule_from_label("256x256 (1:1)"), "Infinity-2B")

@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from ..model.config import InfinityConfig
 from ..model.vae import VAEConfig
-from ..schedules import Schedule, get_schedule
+from ..loader import META_RESOLUTION
+from ..schedules import Schedule, get_schedule, resolution_label
 from . import shapes
 from . import text_encoder_training as te
 from .dataset import tokenize_scenes
@@ -204,7 +205,7 @@ def train_default(out: str | Path, recipe: Recipe, threads: int = 1, log: Callab
         record["stage1_from"] = str(stage1_from)
     meta = {"format": "pt", "trained_by": "scalekv_core.training", "seed": str(recipe.seed),
             "total_seconds": f"{times['total_s']:.0f}"}
-    _save(model.state_dict(), out / TRANSFORMER_FILE, meta)
+    _save(model.state_dict(), out / TRANSFORMER_FILE, {**meta, META_RESOLUTION: resolution_label(schedule)})
     _save(vae.state_dict(), out / VAE_FILE, meta)
     te.save_t5(t5, out / T5_FOLDER)
     (out / LOG_FILE).write_text(json.dumps(record, indent=1))

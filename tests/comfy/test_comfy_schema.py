@@ -54,7 +54,8 @@ def test_every_schema_builds_with_prefixed_ids_and_types(node_classes):
 def test_widget_defaults_work_out_of_the_box(node_classes):
     v1 = {k: c.GET_NODE_INFO_V1()["input"] for k, c in node_classes.items()}
     sampler = v1["InfinitySampler"]["required"]
-    assert sampler["resolution"][1]["default"] == "1024x1024 (1:1)"
+    assert sampler["resolution"][1]["default"] == "auto (the model's own size)"  # 256 embedded, 1024 released
+    assert sampler["resolution"][1]["options"][:2] == ["auto (the model's own size)", "1024x1024 (1:1)"]
     assert "256x256 (1:1)" in sampler["resolution"][1]["options"]
     assert sampler["seed"][1]["control_after_generate"] is True
     assert (sampler["top_k"][1]["default"], sampler["top_p"][1]["default"]) == (900, 0.97)
