@@ -7,7 +7,9 @@
 // Chromium (/usr/bin/chromium or $CHROMIUM) and playwright-core, looked up in $PLAYWRIGHT_DIR, .browser/, /tmp/pw
 // and the current folder. Every graph is made in the page with LiteGraph.createNode, laid out in columns, saved as
 // app.graph.serialize() (the UI format the frontend's own Save writes) to <out>/<name>.json, and the canvas area
-// holding it is screenshot to <out>/<name>.jpg (the template browser's thumbnail).
+// holding it was the thumbnail until the workflows learnt to run: now each is queued once (the embedded model, a
+// few seconds on a CPU) and its output images, captioned, are screenshot to <out>/<name>.jpg, the template
+// browser's thumbnail. The JSON is saved before the run, so the saved seeds are the ones below.
 import { createRequire } from 'node:module';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -33,10 +35,9 @@ function loadPlaywright() {
 // What the embedded default model (default_model/) is called in the loader's menus, and its resolution.
 const LOADER = { transformer: 'infinity_shapes.safetensors', vae: 'infinity_shapes_vae.safetensors',
                  text_encoder: 't5_shapes', precision: 'auto' };
-const RESOLUTION = '256x256 (1:1)';
+const RESOLUTION = "auto (the model's own size)";  // 256x256 for the embedded model, 1024x1024 for 2B/8B
 // Captions of the kind the default model was trained on (scalekv_core/training/shapes.py).
 const PROMPT = 'a large red circle at the top left on a blue background';
-const NEGATIVE = '';  // empty: none, the learned unconditional embedding (the default model knows no other)
 const CALIBRATION_PROMPTS = [
   'a large red circle at the top left on a blue background',
   'a small yellow star at the center on a black background',
@@ -44,56 +45,80 @@ const CALIBRATION_PROMPTS = [
   'a large orange triangle at the left on a white background',
 ].join('\n');
 const SEED = 3;
-const SAMPLER = { seed: SEED, control_after_generate: 'fixed', cfg: 3.0, tau: 0.5, top_k: 900, top_p: 0.97,
+const SAMPLER = { seed: SEED, control_after_generate: 'randomize', cfg: 3.0, tau: 0.5, top_k: 900, top_p: 0.97,
                   resolution: RESOLUTION, batch: 1 };
 const SCALEKV_10 = { policy: 'scalekv', budget_unit: 'percent', budget: 10, budget_source: 'generated' };
 
 // nodes: key -> {type, col (layout column), title?, size? (else SIZES or the node's own), widgets};
 // links: [from, output, to, input] by slot names.
-const SIZES = { InfinityModelLoader: [360, 0], InfinityTextEncode: [400, 140], ScaleKVCacheConfig: [310, 0] };
+const SIZES = { InfinityModelLoader: [360, 0], InfinityTextEncode: [400, 140], ScaleKVCacheConfig: [310, 0],
+                SaveImage: [300, 340], Note: [360, 220] };
+// What each workflow's title group says, and its Note node (what to do, in an artist's words).
+const TITLES = {
+  scalekv_text_to_image: 'Infinity text to image with ScaleKV (10% of the cache)',
+  full_vs_scalekv: 'Full cache against ScaleKV 10%, from one seed',
+  calibrate_then_generate: 'Calibrate ScaleKV for your model, then generate',
+};
+const NOTES = {
+  scalekv_text_to_image: 'Write your prompt, then Queue.\n\nRuns as is on the small model that comes with the pack '
+    + '(256x256, coloured shapes). For Infinity-2B or 8B pick their files in the loader: resolution auto follows the '
+    + 'model. On a small GPU set weight_format to fp8_e4m3fn (8B on 12 GB) or int4 (8 GB).\n\n'
+    + 'The ScaleKV panel shows the memory per scale and whether the whole job fits your GPU.',
+  full_vs_scalekv: 'One prompt, one seed, two samplers: the first keeps the full cache, the second ScaleKV at 10%. '
+    + 'Compare the two pictures and the memory each sampler reports after the run.\n\nThe seed node feeds both '
+    + 'samplers and changes after every run.',
+  calibrate_then_generate: 'ScaleKV Calibrate draws the four captions with the full cache, finds the drafter '
+    + 'layers and writes a budget file to models/scalekv; the cache config uses it through budget_file.\n\n'
+    + 'Write captions like the pictures you will make. Calibration runs again only when its inputs change.',
+};
 const WORKFLOWS = {
   scalekv_text_to_image: {
     nodes: {
       loader: { type: 'InfinityModelLoader', col: 0, widgets: LOADER },
-      positive: { type: 'InfinityTextEncode', col: 1, title: 'Positive prompt', widgets: { prompt: PROMPT } },
-      negative: { type: 'InfinityTextEncode', col: 1, title: 'Negative prompt', widgets: { prompt: NEGATIVE } },
-      cache: { type: 'ScaleKVCacheConfig', col: 2, title: 'ScaleKV Cache Config (10%)', widgets: SCALEKV_10 },
-      sampler: { type: 'InfinitySampler', col: 3, widgets: SAMPLER },
-      save: { type: 'SaveImage', col: 4, widgets: { filename_prefix: 'scalekv' } },
+      note: { type: 'Note', col: 0, title: 'Start here', widgets: { text: NOTES.scalekv_text_to_image } },
+      positive: { type: 'InfinityTextEncode', col: 1, title: 'Prompt', widgets: { prompt: PROMPT } },
+      cache: { type: 'ScaleKVCacheConfig', col: 1, title: 'ScaleKV Cache Config (10%)', widgets: SCALEKV_10 },
+      sampler: { type: 'InfinitySampler', col: 2, widgets: SAMPLER },
+      save: { type: 'SaveImage', col: 3, widgets: { filename_prefix: 'scalekv' } },
     },
     links: [
-      ['loader', 't5', 'positive', 't5'], ['loader', 't5', 'negative', 't5'],
+      ['loader', 't5', 'positive', 't5'],
       ['loader', 'model', 'sampler', 'model'], ['positive', 'conditioning', 'sampler', 'positive'],
-      ['negative', 'conditioning', 'sampler', 'negative'], ['cache', 'cache_config', 'sampler', 'cache_config'],
-      ['sampler', 'image', 'save', 'images'],
+      ['cache', 'cache_config', 'sampler', 'cache_config'], ['sampler', 'image', 'save', 'images'],
     ],
+    thumbnail: [['save', 'ScaleKV 10%']],
   },
   full_vs_scalekv: {
     nodes: {
       loader: { type: 'InfinityModelLoader', col: 0, widgets: LOADER },
+      note: { type: 'Note', col: 0, title: 'Start here', widgets: { text: NOTES.full_vs_scalekv } },
+      seed: { type: 'PrimitiveInt', col: 1, title: 'Seed (both samplers)',
+              widgets: { value: SEED, control_after_generate: 'randomize' } },
       positive: { type: 'InfinityTextEncode', col: 1, title: 'Prompt', widgets: { prompt: PROMPT } },
       cache: { type: 'ScaleKVCacheConfig', col: 1, title: 'ScaleKV Cache Config (10%)', widgets: SCALEKV_10 },
       full: { type: 'InfinitySampler', col: 2, title: 'Infinity Sampler (full cache)', widgets: SAMPLER },
-      scalekv: { type: 'InfinitySampler', col: 2, title: 'Infinity Sampler (ScaleKV 10%)', widgets: SAMPLER },
       save_full: { type: 'SaveImage', col: 3, title: 'Save Image (full cache)', widgets: { filename_prefix: 'full' } },
-      save_scalekv: { type: 'SaveImage', col: 3, title: 'Save Image (ScaleKV 10%)',
+      scalekv: { type: 'InfinitySampler', col: 4, title: 'Infinity Sampler (ScaleKV 10%)', widgets: SAMPLER },
+      save_scalekv: { type: 'SaveImage', col: 5, title: 'Save Image (ScaleKV 10%)',
                       widgets: { filename_prefix: 'scalekv' } },
     },
     links: [
-      ['loader', 't5', 'positive', 't5'],
+      ['loader', 't5', 'positive', 't5'], ['seed', 'INT', 'full', 'seed'], ['seed', 'INT', 'scalekv', 'seed'],
       ['loader', 'model', 'full', 'model'], ['positive', 'conditioning', 'full', 'positive'],
       ['loader', 'model', 'scalekv', 'model'], ['positive', 'conditioning', 'scalekv', 'positive'],
       ['cache', 'cache_config', 'scalekv', 'cache_config'],
       ['full', 'image', 'save_full', 'images'], ['scalekv', 'image', 'save_scalekv', 'images'],
     ],
+    thumbnail: [['save_full', 'full cache'], ['save_scalekv', 'ScaleKV 10%']],
   },
   calibrate_then_generate: {
     nodes: {
       loader: { type: 'InfinityModelLoader', col: 0, widgets: LOADER },
+      note: { type: 'Note', col: 0, title: 'Start here', widgets: { text: NOTES.calibrate_then_generate } },
       calibrate: { type: 'ScaleKVCalibrate', col: 1, size: [440, 330],
                    widgets: { prompts: CALIBRATION_PROMPTS, resolution: RESOLUTION, budget: 10, num_drafters: 0,
                               seed: 0, control_after_generate: 'fixed', filename_prefix: 'scalekv_budget' } },
-      positive: { type: 'InfinityTextEncode', col: 1, title: 'Prompt', widgets: { prompt: PROMPT } },
+      positive: { type: 'InfinityTextEncode', col: 2, title: 'Prompt', widgets: { prompt: PROMPT } },
       cache: { type: 'ScaleKVCacheConfig', col: 2, title: 'ScaleKV Cache Config (calibrated)',
                widgets: SCALEKV_10 },
       sampler: { type: 'InfinitySampler', col: 3, widgets: SAMPLER },
@@ -105,6 +130,7 @@ const WORKFLOWS = {
       ['loader', 'model', 'sampler', 'model'], ['positive', 'conditioning', 'sampler', 'positive'],
       ['cache', 'cache_config', 'sampler', 'cache_config'], ['sampler', 'image', 'save', 'images'],
     ],
+    thumbnail: [['save', 'calibrated ScaleKV 10%']],
   },
 };
 
@@ -124,7 +150,8 @@ function createInPage({ spec, sizes }) {
     const [w, h] = n.size ?? sizes[n.type] ?? [0, 0];
     node.setSize([w || node.size[0], h || node.size[1]]);
     for (const [name, value] of Object.entries(n.widgets)) {
-      const widget = node.widgets?.find((x) => x.name === name);
+      // the frontend's Note node names its one text widget differently across versions
+      const widget = node.widgets?.find((x) => x.name === name) ?? (n.type === 'Note' ? node.widgets?.[0] : null);
       if (!widget) throw new Error(`${n.type} has no widget ${name}`);
       widget.value = value;
       widget.callback?.(value, app.canvas, node);
@@ -133,7 +160,9 @@ function createInPage({ spec, sizes }) {
   }
   for (const [from, output, to, input] of spec.links) {
     const src = made[from], dst = made[to];
-    const o = src.findOutputSlot(output), i = dst.findInputSlot(input);
+    let o = src.findOutputSlot(output);
+    if (o < 0 && src.outputs?.length === 1) o = 0; // a primitive's one output, whatever its label
+    const i = dst.findInputSlot(input);
     if (o < 0 || i < 0) throw new Error(`no slot ${from}.${output} -> ${to}.${input}`);
     if (!src.connect(o, dst, i)) throw new Error(`could not link ${from}.${output} -> ${to}.${input}`);
   }
@@ -173,11 +202,53 @@ function layoutInPage({ spec, viewport }) {
   const ds = app.canvas.ds;
   ds.scale = Math.min(1, (viewport.width - 2 * MARGIN) / width, (viewport.height - 2 * MARGIN) / tallest);
   ds.offset = [MARGIN / ds.scale, MARGIN / ds.scale];
+  // The title: a group around all the nodes, named for what the workflow does.
+  const group = new LG.LGraphGroup(spec.title);
+  group.pos = [-20, -70];
+  group.size = [width + 40, tallest + 90 + 380];  // room below for the samplers' memory panels after a run
+  app.graph.add(group);
   app.canvas.show_info = false;
   app.canvas.setDirty(true, true);
   const graph = app.graph.serialize();
   const clip = { x: MARGIN / 2, y: MARGIN / 2, width: width * ds.scale + MARGIN, height: tallest * ds.scale + MARGIN };
   return { graph, clip };
+}
+
+/** Queues the graph on the page as the Queue button does, waits for the run, and returns the SaveImage nodes'
+ *  images named in spec.thumbnail as [{url, caption}]. */
+async function runInPage(page, spec) {
+  const before = await (await fetch(`${base}/history`)).json();
+  await page.evaluate(() => window.comfyAPI.app.app.queuePrompt(0, 1));
+  const deadline = Date.now() + 600000;
+  let entry = null;
+  while (!entry && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 500));
+    const history = await (await fetch(`${base}/history`)).json();
+    const done = Object.entries(history).filter(([id, e]) => !(id in before) && e.status?.completed !== undefined);
+    if (done.length) entry = done[0][1];
+  }
+  if (!entry) throw new Error('the workflow did not finish in 10 minutes');
+  if (entry.status.status_str !== 'success') throw new Error(`the run failed: ${JSON.stringify(entry.status.messages)}`);
+  const ids = await page.evaluate(() => window.__workflowNodes);
+  return spec.thumbnail.map(([key, caption]) => {
+    const img = entry.outputs[String(ids[key])]?.images?.[0];
+    if (!img) throw new Error(`no image from ${key}`);
+    const q = new URLSearchParams({ filename: img.filename, subfolder: img.subfolder, type: img.type });
+    return { url: `${base}/view?${q}`, caption };
+  });
+}
+
+/** The template browser's thumbnail: the workflow's output pictures side by side, captioned, under its title. */
+async function thumbnail(browser, images, title, file) {
+  const page = await browser.newPage({ viewport: { width: 800, height: 460 } });
+  const cells = images.map(({ url, caption }) => `<figure><img src="${url}"><figcaption>${caption}</figcaption></figure>`);
+  await page.setContent(`<style>body{margin:0;background:#202020;color:#eee;font:22px sans-serif;display:flex;
+    flex-direction:column;align-items:center;justify-content:center;height:100vh}h1{font-size:24px;margin:0 0 14px}
+    main{display:flex;gap:28px}figure{margin:0;text-align:center}img{width:340px;height:340px;image-rendering:auto;
+    border-radius:6px}figcaption{margin-top:8px}</style><h1>${title}</h1><main>${cells.join('')}</main>`);
+  await page.waitForFunction(() => [...document.images].every((i) => i.complete && i.naturalWidth > 0));
+  await page.screenshot({ path: file, type: 'jpeg', quality: 85 });
+  await page.close();
 }
 
 // ------------------------------------------------------------------------------------------ main
@@ -211,14 +282,14 @@ try {
   for (const [name, spec] of Object.entries(WORKFLOWS)) {
     await page.evaluate(createInPage, { spec, sizes: SIZES });
     await page.waitForTimeout(800); // extensions' DOM widgets settle their sizes on the next frames
-    const { graph, clip } = await page.evaluate(layoutInPage, { spec, viewport });
-    await page.waitForTimeout(800); // DOM widgets follow the canvas on the next frames
+    const { graph } = await page.evaluate(layoutInPage, { spec: { ...spec, title: TITLES[name] }, viewport });
     const json = path.join(outDir, `${name}.json`);
-    fs.writeFileSync(json, JSON.stringify(graph, null, 2) + '\n');
+    fs.writeFileSync(json, JSON.stringify(graph, null, 2) + '\n');  // before the run: the seeds as set above
+    const images = await runInPage(page, spec);
     const jpg = path.join(outDir, `${name}.jpg`);
-    await page.screenshot({ path: jpg, type: 'jpeg', quality: 85, clip });
+    await thumbnail(browser, images, TITLES[name], jpg);
     console.log(`wrote ${path.relative(REPO, json)} (${graph.nodes.length} nodes, ${graph.links.length} links) and ` +
-                `${path.relative(REPO, jpg)}`);
+                `${path.relative(REPO, jpg)} (its output)`);
   }
   if (errors.length) throw new Error(`the page reported errors:\n${errors.join('\n')}`);
 } finally {

@@ -20,6 +20,7 @@ import urllib.request
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from test_comfy_server import TINY, server  # noqa: F401  (the module-scoped server fixture)
 from scalekv_core.kvcache import CacheConfig
@@ -36,9 +37,10 @@ EXPECTED = {"scalekv_text_to_image.json", "full_vs_scalekv.json", "calibrate_the
 DEFAULT_NAMES = {"transformer": "infinity_shapes.safetensors", "vae": "infinity_shapes_vae.safetensors",
                  "text_encoder": "t5_shapes"}
 RES = "256x256 (1:1)"
+AUTO = "auto (the model's own size)"  # what the workflows set: the embedded model's 256x256
 PROMPT = "a large red circle at the top left on a blue background"
 NEGATIVE = ""  # the example workflow leaves its negative prompt empty: no negative
-SAMPLER = dict(seed=3, cfg=3.0, tau=0.5, top_k=900, top_p=0.97, resolution=RES, batch=1)
+SAMPLER = dict(seed=3, cfg=3.0, tau=0.5, top_k=900, top_p=0.97, resolution=AUTO, batch=1)
 SCALEKV_10 = CacheConfig(policy="scalekv", budget="10%")
 
 
@@ -57,7 +59,9 @@ def comfy(server):  # noqa: F811
     """The server, with the tiny files also under the default model's names in its (user) models folder."""
     models = pathlib.Path(server.log).parent / "models"
     assert (models / "infinity").is_dir(), f"test_comfy_server's fixture no longer keeps its models in {models}"
-    os.symlink(TINY / "infinity_tiny.safetensors", models / "infinity" / DEFAULT_NAMES["transformer"])
+    # the tiny transformer under the embedded model's name, with its metadata: "auto" resolves to 256x256 (1:1)
+    save_file(load_file(str(TINY / "infinity_tiny.safetensors")), str(models / "infinity" / DEFAULT_NAMES["transformer"]),
+              metadata={"scalekv_resolution": RES})
     os.symlink(TINY / "vae_tiny.safetensors", models / "vae" / DEFAULT_NAMES["vae"])
     os.symlink(TINY / "t5_tiny", models / "text_encoders" / DEFAULT_NAMES["text_encoder"])
     server.models = models
@@ -127,6 +131,18 @@ def test_the_three_workflows_exist_with_thumbnails():
             assert thumb.format == "JPEG" and thumb.width >= 600, path.name
             assert np.asarray(thumb.convert("L")).std() > 10, f"{path.name}: the thumbnail is blank"
     readme = (WORKFLOWS / "README.md").read_text()
+    for path in WORKFLOW_FILES:  # issue 21: a title, a note that says what to do, seeds that change after a run
+        wf = json.loads(path.read_text())
+        [group] = wf["groups"]
+        assert len(group["title"]) > 20, path.name
+        notes = [n for n in wf["nodes"] if n["type"] == "Note"]
+        assert len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 100, path.name
+        seeds = [n for n in wf["nodes"] if n["type"] in ("InfinitySampler", "PrimitiveInt")
+                 and not any(i["name"] == "seed" and i.get("link") is not None for i in n.get("inputs") or [])]
+        assert seeds and all(n["widgets_values"][1] == "randomize" for n in seeds), path.name
+    t2i = json.loads((WORKFLOWS / "scalekv_text_to_image.json").read_text())
+    [sampler] = [n for n in t2i["nodes"] if n["type"] == "InfinitySampler"]
+    assert all(i.get("link") is None for i in sampler["inputs"] if i["name"] == "negative")  # no negative wired
     assert all(name in readme for name in EXPECTED) and "Nothing is here yet" not in readme
 
 
@@ -138,8 +154,12 @@ def test_workflows_convert_to_what_the_build_script_set(comfy):
         samplers = by_class(api, "InfinitySampler")
         assert samplers, path.name
         for node in samplers.values():
-            # seed, then (skipped) "fixed", then cfg...: a wrong widget count would shift these
-            assert {k: node["inputs"][k] for k in SAMPLER} == SAMPLER, path.name
+            # seed, then (skipped) its control, then cfg...: a wrong widget count would shift these; a linked seed
+            # comes from the workflow's seed node
+            inputs = {k: node["inputs"][k] for k in SAMPLER}
+            if isinstance(inputs["seed"], list):
+                inputs["seed"] = api[inputs["seed"][0]]["inputs"]["value"]
+            assert inputs == SAMPLER, path.name
             positive = api[node["inputs"]["positive"][0]]
             assert positive["class_type"] == "InfinityTextEncode" and positive["inputs"]["prompt"] == PROMPT
         for node in by_class(api, "ScaleKVCacheConfig").values():
@@ -222,7 +242,8 @@ def test_generate_sh_runs_the_main_job_and_stops_its_server(engine, tmp_path):
     model = tmp_path / "default_model"
     for sub in ("infinity", "vae", "text_encoders"):
         (model / sub).mkdir(parents=True)
-    os.symlink(TINY / "infinity_tiny.safetensors", model / "infinity" / DEFAULT_NAMES["transformer"])
+    save_file(load_file(str(TINY / "infinity_tiny.safetensors")), str(model / "infinity" / DEFAULT_NAMES["transformer"]),
+              metadata={"scalekv_resolution": RES})  # as the embedded model's file says: auto is 256x256
     os.symlink(TINY / "vae_tiny.safetensors", model / "vae" / DEFAULT_NAMES["vae"])
     os.symlink(TINY / "t5_tiny", model / "text_encoders" / DEFAULT_NAMES["text_encoder"])
     env = {**os.environ, "SCALEKV_DEFAULT_MODEL_DIR": str(model), "COMFY_HOST_DIR": str(host),
