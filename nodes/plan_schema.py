@@ -70,9 +70,20 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class CalibrationLink(_Body):
+    """A ScaleKV Calibrate node linked to the config's budget_file: the widgets that name the file it writes, and the
+    transformer of its model input (its "auto" resolution)."""
+
+    filename_prefix: Name
+    resolution: Name
+    budget: _bounded("calibration_budget", float)
+    transformer: Optional[Name] = None
+
+
 class PlanSettings(_Body):
     """Settings mode: the cache-config widgets, the sampler's resolution/batch/cfg/decode tile, the loader's files
-    and formats, and the block swap of a memory node (the last ones size the whole job)."""
+    and formats, and the block swap of a memory node (the last ones size the whole job); a linked ScaleKV Calibrate
+    names the budget file."""
 
     policy: PolicyName = "scalekv"
     budget_unit: BudgetUnit = "percent"
@@ -97,6 +108,7 @@ class PlanSettings(_Body):
     t5_weights: T5WeightFormat = "none"
     decode_tile: _bounded("decode_tile", int) = 0
     block_swap: _bounded("block_swap", int) = 0
+    calibration: Optional[CalibrationLink] = None
 
 
 LayerTokens = Annotated[list[_bounded("layer_tokens", int)], Field(max_length=MAX_LAYERS)]
@@ -149,7 +161,8 @@ class Report(_Body):
     policy: Optional[ReportPolicy] = None
     full_analytic_mb: Optional[Megabytes] = None
     analytic_mb: Optional[Megabytes] = None
-    planned_peak_mb: Optional[Megabytes] = None
+    planned_peak_mb: Optional[Megabytes] = None  # the engine's, for this run's prompt length
+    planned_peak_max_prompt_mb: Optional[Megabytes] = None  # the sampler's, for the longest prompt (512 tokens)
     measured_peak_mb: Optional[Megabytes] = None
     measurement: Annotated[str, Field(strict=True, max_length=200)] = ""
     sampling_seconds: Optional[Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1e7)]] = None
@@ -170,4 +183,4 @@ def describe(error: ValidationError, limit: int = 5) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-__all__ = ["MAX_BATCH", "PlanSettings", "Report", "ReportBody", "ValidationError", "describe"]
+__all__ = ["MAX_BATCH", "CalibrationLink", "PlanSettings", "Report", "ReportBody", "ValidationError", "describe"]

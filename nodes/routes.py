@@ -30,12 +30,13 @@ from ..scalekv_core.kvcache.memory import MiB, plan_memory
 from ..scalekv_core.loader import PRECISIONS, native_resolution
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig, detect_infinity_config
 from ..scalekv_core.model.quant import logical_shapes
+from ..scalekv_core.model.text_encoder import TEXT_MAXLEN
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.safe_files import open_regular, read_text
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label, schedule_from_label
 from . import models, paths
 from .cache import (AUTO_RESOLUTION, DEFAULT_RESOLUTION, budget_file_for, budget_settings_problem, budget_spec,
-                    schedule_for)
+                    calibration_file_name, schedule_for)
 from .plan_schema import PlanSettings, ReportBody, ValidationError, describe
 
 PLAN_ROUTE = "/scalekv/plan"
@@ -220,6 +221,33 @@ def block_dtype_for(precision: str) -> torch.dtype:
 # ------------------------------------------------------------------------------------------- rows
 
 
+def last_scale_row(schedule) -> dict:
+    """The last scale, which is never stored: its keys and values are used once and not cached."""
+    h, w = schedule.grids[-1]
+    return {"scale": schedule.num_scales - 1, "grid": [h, w], "new_tokens": h * w}
+
+
+def calibration_file(s: PlanSettings) -> tuple[str | None, str | None]:
+    """(name, note) of the budget file a linked ScaleKV Calibrate writes; name is None until it is in models/scalekv."""
+    link = s.calibration
+    if link is None:
+        return None, None
+    try:
+        native = native_for(link.transformer) if link.resolution == AUTO_RESOLUTION else None
+        name = calibration_file_name(link.filename_prefix, schedule_for(link.resolution, native), link.budget)
+    except ValueError as e:
+        return None, (f"budget_file is linked to ScaleKV Calibrate, whose file name is unusable ({brief(str(e))}); "
+                      "this is budget_source's plan")
+    if s.policy != "scalekv":  # the node's own check, which the run would meet
+        raise PlanInputError(f"budget_file: {shown(name)} only applies to the scalekv policy (policy is {s.policy})")
+    try:
+        paths.resolve_budget_file(name)
+    except (FileNotFoundError, ValueError):
+        return None, (f"budget_file is linked to ScaleKV Calibrate: {name} is not in models/scalekv yet (run the "
+                      "calibration); until then this is budget_source's plan")
+    return name, f"budget_file: {name}, written by the linked ScaleKV Calibrate"
+
+
 def scale_rows(grids: Sequence[tuple[int, int]], kept: Sequence[Sequence[int]], drafters: Sequence[Sequence[int]],
                token_bytes: int, buffer_mb: Sequence[float] | None = None) -> list[dict]:
     """One row per stored scale: full-cache tokens, drafter and refiner capacities, and their bytes."""
@@ -267,8 +295,9 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
     cfg_on = s.cfg != 1
     cfg, model = model_config(s)
     block_dtype = block_dtype_for(s.precision)
+    linked_file, link_note = calibration_file(s)
     try:
-        budget_file = budget_file_for(s.budget_source, s.budget_file)
+        budget_file = budget_file_for(s.budget_source, s.budget_file or linked_file)
     except (ValueError, FileNotFoundError) as e:
         raise PlanInputError(f"{'budget_file' if s.budget_file else 'budget_source'}: {brief(str(e))}") from None
     try:
@@ -278,8 +307,9 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
         config.validate()
         rows = batch * (2 if cfg_on else 1)
         _, plan = config.build(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, rows, block_dtype)
+        # prompts up to T5's 512 tokens, as the sampler's admission check plans (a shorter prompt needs less)
         memory = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule, batch,
-                             config, block_dtype, cfg=cfg_on)
+                             config, block_dtype, text_tokens=TEXT_MAXLEN, cfg=cfg_on)
         budget_tokens = (None if config.policy == "full" else
                          config.budget_tokens(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, rows, block_dtype))
     except (ValueError, FileNotFoundError) as e:  # BudgetError is a ValueError
@@ -294,6 +324,8 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
         "budget": budget_spec(s.budget_unit, s.budget),
         "budget_tokens": budget_tokens, "budget_source": plan.source, "token_bytes": tb,
         "scales": scale_rows(schedule.grids, plan.kept, plan.drafters, tb, memory.per_scale_cache_mb),
+        "last_scale": last_scale_row(schedule), "text_tokens": TEXT_MAXLEN,
+        "budget_file": linked_file, "budget_file_note": link_note,
         "totals": {"stored_peak_mb": memory.analytic_mb, "full_mb": memory.full_analytic_mb,
                    "stored_ratio": memory.analytic_mb / memory.full_analytic_mb if memory.full_analytic_mb else 1.0,
                    "cache_peak_mb": memory.cache_peak_mb, "planned_peak_mb": memory.sampling_peak_mb,
@@ -384,10 +416,15 @@ def plan_for_report(body: Mapping[str, Any]) -> dict:
         "num_scales": schedule.num_scales, "batch": report.batch, "batch_rows": report.batch_rows,
         "policy": policy.policy if policy else "full", "budget": policy.budget if policy else None,
         "budget_tokens": None, "budget_source": (policy.budget_file if policy else None) or "",
-        "token_bytes": tb, "scales": rows, "note": note,
+        "token_bytes": tb, "scales": rows, "note": note, "last_scale": last_scale_row(schedule),
+        # the planned peak as the cache-config widget shows it (prompts up to 512 tokens); an older report has only
+        # the engine's figure for its own prompt (text_tokens None then)
+        "text_tokens": TEXT_MAXLEN if report.planned_peak_max_prompt_mb is not None else None,
         "totals": {"stored_peak_mb": analytic, "full_mb": full_mb,
                    "stored_ratio": analytic / full_mb if full_mb else 1.0,
-                   "planned_peak_mb": report.planned_peak_mb},
+                   "planned_peak_mb": (report.planned_peak_max_prompt_mb if report.planned_peak_max_prompt_mb
+                                       is not None else report.planned_peak_mb),
+                   "prompt_peak_mb": report.planned_peak_mb},
         "measured": {"peak_mb": report.measured_peak_mb, "measurement": report.measurement,
                      "sampling_seconds": report.sampling_seconds,
                      "stored_peak_mb": max((r["measured"]["stored_mb"] for r in rows), default=0.0),

@@ -138,6 +138,9 @@ class InfinitySampler(io.ComfyNode):
                              ("JPEG", preview_image(result.decoded[:1], (h, w)), preview_size))
         report = result.memory.to_dict()
         report["model"]["architecture"] = model.info.get("architecture", "")
+        # the planned peak as the cache-config widget and the admission check plan it: for prompts up to 512 tokens
+        report["planned_peak_max_prompt_mb"] = model.plan(schedule, report["batch"], cache_config,
+                                                          cfg != 1).sampling_peak_mb
         if note:
             report["note"] = note
         return io.NodeOutput(decoded_to_image(result.decoded), ui={"scalekv_memory": [report]})

@@ -252,7 +252,58 @@ def test_report_rows_join_measured_with_planned(post, run, loaded, encoded, conf
         assert m["matches_plan"] is True
     assert any(r["drafters"] for r in measured["scales"])  # drafters known although the report has no list
     assert measured["measured"]["peak_mb"] == report["measured_peak_mb"] > 0
-    assert measured["totals"]["planned_peak_mb"] == report["planned_peak_mb"]
+    # one planned peak on both nodes: prompts up to 512 tokens, as the config widget and the admission check plan
+    assert measured["totals"]["planned_peak_mb"] == pytest.approx(planned["totals"]["planned_peak_mb"])
+    assert measured["totals"]["planned_peak_mb"] == report["planned_peak_max_prompt_mb"]
+    assert measured["text_tokens"] == planned["text_tokens"] == 512
+    # the engine's figure for this short prompt is kept beside it, and is smaller
+    assert measured["totals"]["prompt_peak_mb"] == report["planned_peak_mb"] < report["planned_peak_max_prompt_mb"]
+    assert measured["last_scale"] == planned["last_scale"] == {"scale": 6, "grid": [16, 16], "new_tokens": 256}
+
+
+def test_older_report_keeps_its_own_planned_peak(post, report):
+    """A report made before the sampler sent the 512-token figure: its own peak, and no prompt limit claimed."""
+    old = {k: v for k, v in report.items() if k != "planned_peak_max_prompt_mb"}
+    status, answer = post({"report": old})
+    assert status == 200, answer
+    assert answer["totals"]["planned_peak_mb"] == report["planned_peak_mb"] and answer["text_tokens"] is None
+
+
+def test_last_scale_is_named_never_stored(post):
+    status, answer = post({"resolution": "1024x1024 (1:1)", "model": "2b"})
+    assert status == 200, answer
+    assert answer["last_scale"] == {"scale": 12, "grid": [64, 64], "new_tokens": 4096}
+    assert [r["scale"] for r in answer["scales"]] == list(range(12))
+
+
+CALIBRATION = {"filename_prefix": "mycal", "resolution": "1024x1024 (1:1)", "budget": 10.0}
+
+
+def test_linked_calibration_plans_its_file(post):
+    """budget_file linked from ScaleKV Calibrate: the file its widgets name, once it is in models/scalekv."""
+    scalekv = pathlib.Path(folder_paths.get_folder_paths("scalekv")[0])
+    body = {"model": "2b", "resolution": "1024x1024 (1:1)", "precision": "fp32", "calibration": CALIBRATION}
+    status, before = post(body)
+    assert status == 200, before
+    assert before["budget_file"] is None
+    assert "mycal_1024x1024_10pct.json is not in models/scalekv yet" in before["budget_file_note"]
+    plan, memory = core_plan("2b", "1024x1024 (1:1)", CacheConfig(policy="scalekv", budget="10%"))
+    assert_rows_equal_plan(before, plan, memory)  # budget_source's plan meanwhile
+    target = scalekv / "mycal_1024x1024_10pct.json"
+    shutil.copy(PRESET_2B, target)
+    try:
+        status, after = post(body)
+        status_full, full = post({**body, "policy": "full"})
+        plan, memory = core_plan("2b", "1024x1024 (1:1)", CacheConfig(policy="scalekv", budget="10%",
+                                                                      budget_file=str(target)))
+    finally:
+        target.unlink()
+    assert status == 200, after
+    assert after["budget_file"] == "mycal_1024x1024_10pct.json" and "written by the linked" in after["budget_file_note"]
+    assert_rows_equal_plan(after, plan, memory)
+    assert after["scales"] != before["scales"]
+    # the run would refuse a budget file for another policy: so does the widget, in the node's words
+    assert status_full == 400 and "only applies to the scalekv policy (policy is full)" in full["error"], full
 
 
 def node_message(node_classes, **fields) -> str:
