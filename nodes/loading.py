@@ -31,7 +31,8 @@ class InfinityModelLoader(io.ComfyNode):
                                        "(2B: infinity_vae_d32reg, 8B: infinity_vae_d56_f8_14_patchify)"),
                 io.Combo.Input("text_encoder", options=encoders,
                                default=paths.default_choice(encoders, paths.DEFAULT_TEXT_ENCODER),
-                               tooltip="models/text_encoders: a T5 folder (flan-t5-xl) with config.json"),
+                               tooltip="models/text_encoders: the flan-t5-xl folder (config.json, weights, "
+                                       "tokenizer), or a single-file T5 encoder (.safetensors, 't5' in the name)"),
                 io.Combo.Input("precision", options=models.PRECISION_CHOICES, default="auto",
                                tooltip="transformer blocks: auto = bf16 on CUDA, fp32 on CPU"),
                 # last, so saved workflows keep their widget order

@@ -8,6 +8,7 @@ modules have no partial-offload casting ops.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -27,6 +28,7 @@ from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
 from ..scalekv_core.model.vae import PREVIEW_GRID
 from ..scalekv_core.pipeline import InfinityPipeline, check_text_width
 from ..scalekv_core.schedules import Schedule
+from . import paths
 
 PRECISION_CHOICES = ["auto", *PRECISIONS]
 _DTYPE_NAMES = {v: k for k, v in PRECISIONS.items()}
@@ -194,7 +196,11 @@ def load_t5(folder: str, precision: str = "auto", weights: str = "none") -> Infi
     `weights` stores its linears in 8 bits (quant.T5_WEIGHT_FORMATS), about half the memory."""
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = torch.float16 if torch.device(load_device).type == "cuda" and precision != "fp32" else torch.float32
-    encoder = T5TextEncoder.from_folder(folder, device=offload_device, dtype=dtype, weights=weights)
+    if os.path.isfile(folder):  # a single-file T5: the tokenizer ComfyUI ships (paths.single_file_t5s)
+        encoder = T5TextEncoder.from_single_file(folder, paths.host_t5_tokenizer(), device=offload_device,
+                                                 dtype=dtype, weights=weights)
+    else:
+        encoder = T5TextEncoder.from_folder(folder, device=offload_device, dtype=dtype, weights=weights)
     info = {"text_encoder": str(folder), "text_channels": encoder.text_channels, "dtype": _DTYPE_NAMES[dtype],
             "weights": encoder.weights,
             "load_device": str(load_device), "offload_device": str(offload_device)}

@@ -6,7 +6,8 @@ Keys:
 - `scalekv` (models/scalekv): budget JSON files written by ScaleKV Calibrate (or copied there by hand).
 - core `diffusion_models` (models/diffusion_models, models/unet): transformer files and shard folders whose name
   says "infinity", where artists keep the other image models (the rest of that folder is not listed).
-- core `vae` (VAE files) and core `text_encoders` (T5 = a sub-folder holding `config.json`).
+- core `vae` (VAE files) and core `text_encoders` (T5 = a sub-folder holding `config.json`, or a single T5
+  encoder file where ComfyUI ships the T5 tokenizer it needs).
 
 Registration merges with what is already there (a user's extra_model_paths.yaml is applied before packs
 import): our default folder is appended if missing and the extensions are unioned, never replaced.
@@ -174,10 +175,53 @@ def vae_choices() -> list[str]:
     return out
 
 
+def host_t5_tokenizer() -> str | None:
+    """The T5 tokenizer folder ComfyUI ships (comfy/text_encoders/t5_tokenizer), which single-file T5s use."""
+    import comfy.model_management
+
+    folder = os.path.join(os.path.dirname(comfy.model_management.__file__), "text_encoders", "t5_tokenizer")
+    return folder if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
+
+
+_t5_file_cache: dict[tuple[str, float], bool] = {}
+
+
+def _is_t5_file(path: str) -> bool:
+    """A .safetensors whose header holds a T5 encoder's first attention (read once per file and mtime)."""
+    from safetensors import safe_open
+
+    from ..scalekv_core.model.text_encoder import T5_PROBE_KEY
+
+    try:
+        key = (path, os.path.getmtime(path))
+        if key not in _t5_file_cache:
+            with safe_open(path, "pt") as f:
+                _t5_file_cache[key] = T5_PROBE_KEY in f.keys()
+        return _t5_file_cache[key]
+    except Exception:  # unreadable or not safetensors: not offered
+        return False
+
+
+def single_file_t5s() -> list[str]:
+    """Single-file T5 encoders in models/text_encoders ('t5' in the name), offered where ComfyUI ships a T5
+    tokenizer for them."""
+    if host_t5_tokenizer() is None:
+        return []
+    names = [f for f in _files(TEXT_ENCODERS) if "t5" in os.path.basename(f).lower() and f.endswith(".safetensors")]
+    found = []
+    for name in names:
+        path = next((os.path.join(d, name) for d in _dirs(TEXT_ENCODERS) if os.path.isfile(os.path.join(d, name))), None)
+        if path is not None and _is_t5_file(path):
+            found.append(name)
+    return found
+
+
 def text_encoder_choices() -> list[str]:
-    """T5 folders (any folder with a config.json) under models/text_encoders; names containing 't5' first."""
+    """T5 folders (any folder with a config.json) under models/text_encoders, then single-file T5 encoders; names
+    containing 't5' first."""
     names = _walk_folders(TEXT_ENCODERS, lambda files: "config.json" in files)
-    return [n for n in names if "t5" in n.lower()] + [n for n in names if "t5" not in n.lower()]
+    folders = [n for n in names if "t5" in n.lower()] + [n for n in names if "t5" not in n.lower()]
+    return folders + [f for f in single_file_t5s() if f not in folders]
 
 
 def default_choice(choices: list[str], name: str) -> str | None:
@@ -221,8 +265,12 @@ def resolve_vae(name: str) -> str:
 
 
 def resolve_text_encoder(name: str) -> str:
-    return _find(name, "T5 text encoder folder", (TEXT_ENCODERS,), os.path.isdir,
-                 "; it is a Hugging Face folder (config.json, weights, tokenizer.json or spiece.model) such as flan-t5-xl")
+    """A T5 folder, or a single-file T5 (.safetensors) where ComfyUI ships the tokenizer it needs."""
+    single = host_t5_tokenizer() is not None and str(name).endswith(".safetensors")
+    return _find(name, "T5 text encoder folder", (TEXT_ENCODERS,),
+                 (lambda p: os.path.isdir(p) or (single and os.path.isfile(p) and _is_t5_file(p))),
+                 "; it is a Hugging Face folder (config.json, weights, tokenizer.json or spiece.model) such as "
+                 "flan-t5-xl, or a single-file T5 encoder (.safetensors)")
 
 
 def resolve_budget_file(name: str) -> str:

@@ -131,6 +131,39 @@ def _check_folder(folder: Path) -> None:
         raise FileNotFoundError(f"T5 folder {folder} has no tokenizer (expected {' or '.join(_TOKENIZER_FILES)})")
 
 
+#: A key every T5 encoder file has; a single file without it is not listed as a text encoder.
+T5_PROBE_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
+
+
+def single_file_t5_config(path: str | Path):
+    """The T5Config of a single-file T5 encoder, read from its tensor shapes (header only): width, depth, heads,
+    feed-forward width and kind, vocabulary; an error naming the file and the missing tensor otherwise."""
+    from safetensors import safe_open
+    from transformers import T5Config
+
+    from ..checkpoint import CheckpointError
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a broken header
+        raise CheckpointError(f"{path}: not a readable .safetensors file: {_one_line(str(e))[:200]}") from e
+    try:
+        vocab, d_model = shapes.get("shared.weight") or shapes["encoder.embed_tokens.weight"]
+        inner = shapes[T5_PROBE_KEY][0]
+        buckets, heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in shapes
+        d_ff = shapes["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"][0]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: not a T5 encoder file: no tensor {e}") from None
+    layers = len({k.split(".")[2] for k in shapes if k.startswith("encoder.block.")})
+    return T5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
+                    num_heads=heads, relative_attention_num_buckets=buckets,
+                    feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False,
+                    use_cache=False, tie_word_embeddings=False)
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -202,6 +235,43 @@ class T5TextEncoder:
                 module = T5EncoderModel.from_pretrained(folder, local_files_only=True, **_dtype_kwarg(dtype))
             except Exception as e:  # transformers/torch/safetensors/sentencepiece each raise their own types
                 raise _load_error(folder, e, tokenizer_loaded="tokenizer" in locals()) from e
+        if weights != "none":
+            quantize_linears(module, weights)
+        return cls(tokenizer, module.to(device))
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, tokenizer_folder: str | Path, device: torch.device | str = "cpu",
+                         dtype: torch.dtype = torch.float32, weights: str = "none") -> T5TextEncoder:
+        """A T5 encoder saved as one .safetensors file (as ComfyUI keeps text encoders), with a tokenizer from
+        `tokenizer_folder` (the host's T5 tokenizer: flan-t5 uses T5's vocabulary); the shape comes from the file."""
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+        from .quant import check_format
+        weights = check_format(weights, "weights")
+        path = Path(path).expanduser()
+        config = single_file_t5_config(path)
+        sd = load_file(str(path))
+        sd.setdefault("encoder.embed_tokens.weight", sd.get("shared.weight"))
+        sd.setdefault("shared.weight", sd["encoder.embed_tokens.weight"])
+        with _quiet_transformers():
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(Path(tokenizer_folder), legacy=True,
+                                                          model_max_length=TEXT_MAXLEN, local_files_only=True)
+            except Exception as e:  # transformers and tokenizers raise their own types
+                raise FileNotFoundError(f"no T5 tokenizer for {path.name} in {tokenizer_folder}: "
+                                        f"{_one_line(str(e))[:300]}") from e
+            with torch.device("meta"):
+                module = T5EncoderModel(config)
+        expected = set(module.state_dict())
+        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+        if missing or unexpected:
+            from ..checkpoint import CheckpointError
+            raise CheckpointError(f"{path}: not a T5 encoder of the shape its tensors give: missing "
+                                  f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                                  f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        module.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+        module.encoder.embed_tokens = module.shared  # tied, as from_pretrained leaves them
         if weights != "none":
             quantize_linears(module, weights)
         return cls(tokenizer, module.to(device))

@@ -15,7 +15,9 @@ cd "$ROOT"
 work=$(mktemp -d /tmp/scalekv-workflows-XXXXXX)
 export COMFY_STATE=$work/state COMFY_MOUNT_PACK=1
 export COMFY_PORT=${COMFY_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-cleanup() { bash scripts/comfy_host.sh stop || true; rm -rf "$work"; }
+# the calibration workflow's run writes its budget file into the host's models/scalekv: not left behind
+budget_files="${COMFY_HOST_DIR:-/tmp/scalekv-comfy}/ComfyUI/models/scalekv/scalekv_budget_256x256_10pct"
+cleanup() { bash scripts/comfy_host.sh stop || true; rm -rf "$work" "$budget_files.json" "$budget_files.asi.json"; }
 trap cleanup EXIT
 
 if [ ! -f default_model/infinity/infinity_shapes.safetensors ]; then

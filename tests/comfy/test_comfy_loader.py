@@ -188,3 +188,57 @@ def test_loader_menu_values_are_checked_before_loading(node_classes, field, valu
     message = loader.validate_inputs(**{**inputs, field: value})
     assert isinstance(message, str) and words in message, message
     message.encode("utf-8")  # printable by any logger
+
+
+@pytest.fixture
+def single_file_t5():
+    """A T5 encoder of the tiny transformer's width with T5's vocabulary, saved as one .safetensors file in
+    models/text_encoders (as ComfyUI keeps text encoders); random weights."""
+    from safetensors.torch import save_file
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=32128, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    torch.manual_seed(0)
+    module = T5EncoderModel(cfg).eval()
+    path = pathlib.Path(folder_paths.get_folder_paths("text_encoders")[0]) / "flan_t5_tiny_single.safetensors"
+    save_file({k: v.contiguous() for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              str(path))
+    yield path, module
+    path.unlink()
+
+
+def test_a_single_file_t5_loads_with_comfyuis_tokenizer(pack, run, single_file_t5):
+    """Where the host ships T5's tokenizer (comfy/text_encoders/t5_tokenizer), a single-file T5 in
+    models/text_encoders is in the menu, loads, and encodes as the same module would on that tokenizer's ids."""
+    from transformers import AutoTokenizer
+
+    path, module = single_file_t5
+    paths = pack.nodes.paths
+    assert paths.host_t5_tokenizer() is not None
+    assert "flan_t5_tiny_single.safetensors" in paths.text_encoder_choices()
+    model, t5 = run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="vae_tiny.safetensors",
+                    text_encoder="flan_t5_tiny_single.safetensors", precision="auto").result
+    cond = run("InfinityTextEncode", t5=t5, prompt="a red fox in the snow").result[0]
+    tokenizer = AutoTokenizer.from_pretrained(paths.host_t5_tokenizer())
+    ids = tokenizer(["a red fox in the snow"], return_tensors="pt")
+    with torch.no_grad():
+        want = module(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state[0]
+    assert cond.lens == [int(ids.attention_mask.sum())]
+    torch.testing.assert_close(cond.kv_compact.float(), want, atol=1e-4, rtol=1e-4)
+    mm.unload_all_models()
+
+
+def test_a_file_in_text_encoders_that_is_not_t5_is_not_offered(pack, tmp_path):
+    """Other text encoders (or broken files) in the shared folder stay out of the T5 menu."""
+    from safetensors.torch import save_file
+
+    folder = pathlib.Path(folder_paths.get_folder_paths("text_encoders")[0])
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 4)}, str(folder / "clip_t5like.safetensors"))
+    (folder / "t5_broken.safetensors").write_bytes(b"not a header")
+    try:
+        choices = pack.nodes.paths.text_encoder_choices()
+        assert "clip_t5like.safetensors" not in choices and "t5_broken.safetensors" not in choices
+    finally:
+        (folder / "clip_t5like.safetensors").unlink()
+        (folder / "t5_broken.safetensors").unlink()
