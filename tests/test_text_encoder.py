@@ -178,3 +178,34 @@ def test_incomplete_folder_names_path(tmp_path, drop):
         (folder / name).unlink()
     with pytest.raises(FileNotFoundError, match=folder.name):
         T5TextEncoder.from_folder(folder)
+
+
+def test_single_file_t5_shape_comes_from_its_tensors(tmp_path):
+    """A T5 encoder saved as one file (ComfyUI's layout) loads with a tokenizer from elsewhere, its config read off
+    the tensor shapes (width, depth, heads, gated feed-forward), and encodes as the module it was saved from."""
+    from safetensors.torch import save_file
+    from transformers import T5Config, T5EncoderModel
+
+    from scalekv_core.checkpoint import CheckpointError
+    from scalekv_core.model.text_encoder import T5TextEncoder, single_file_t5_config
+
+    cfg = T5Config(vocab_size=512, d_model=96, d_kv=16, d_ff=160, num_layers=3, num_heads=6,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    torch.manual_seed(1)
+    module = T5EncoderModel(cfg).eval()
+    path = tmp_path / "t5_single.safetensors"
+    save_file({k: v.contiguous() for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              str(path))
+    got = single_file_t5_config(path)
+    assert (got.d_model, got.num_layers, got.num_heads, got.d_kv, got.d_ff, got.vocab_size) == (96, 3, 6, 16, 160, 512)
+    assert got.is_gated_act
+    enc = T5TextEncoder.from_single_file(path, T5_DIR)
+    cond = enc.encode(["a red fox"])
+    ids = enc.tokenizer(["a red fox"], return_tensors="pt")
+    with torch.no_grad():
+        want = module(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state[0]
+    torch.testing.assert_close(cond.kv_compact, want, atol=1e-4, rtol=1e-4)
+    other = tmp_path / "not_t5.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(CheckpointError, match="not_t5.safetensors: not a T5 encoder file"):
+        T5TextEncoder.from_single_file(other, T5_DIR)
