@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import PRESETS, parse_budget
 from ..scalekv_core.kvcache.calibration import calibrate
-from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES
+from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES, POLICY_SETTINGS
 from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
 from ..scalekv_core.kvcache.scoring import POOLINGS
 from ..scalekv_core.limits import shown
@@ -29,6 +29,17 @@ DEFAULT_RESOLUTION = "1024x1024 (1:1)"
 #: The resolution menus' first entry and default: the loaded model's own size (256x256 for the embedded model,
 #: 1024x1024 for the released 2B and 8B).
 AUTO_RESOLUTION = "auto (the model's own size)"
+
+
+def with_policies(inputs: list[io.Input]) -> list[io.Input]:
+    """Each cache setting's input carries `scalekv_policies` in its definition (the frontend greys it out under
+    the other policies: web/js/scalekv_policy_inputs.js). Set on extra_dict, which every host's inputs merge into
+    their definition (0.3.75's Combo takes no extra_dict argument)."""
+    for node_input in inputs:
+        setting = "budget" if node_input.id == "budget_unit" else node_input.id
+        if setting in POLICY_SETTINGS:
+            node_input.extra_dict = {**node_input.extra_dict, "scalekv_policies": list(POLICY_SETTINGS[setting])}
+    return inputs
 
 
 def resolution_menu() -> list[str]:
@@ -130,7 +141,7 @@ class ScaleKVCacheConfig(io.ComfyNode):
                         "others ('refiners'). policy and budget are what most people change; 10% keeps about a "
                         "tenth of the cache. Leave the sampler's cache_config unconnected for the full cache. The "
                         "panel below shows the memory per scale and whether the whole job fits your GPU.",
-            inputs=[
+            inputs=with_policies([
                 io.Combo.Input("policy", options=list(POLICIES), default="scalekv",
                                tooltip="which tokens the cache keeps. scalekv: large budgets in a few drafter "
                                        "layers, small in the refiners (the paper's method, best quality per MB). "
@@ -166,7 +177,7 @@ class ScaleKVCacheConfig(io.ComfyNode):
                                        "tokens per scale"),
                 io.String.Input("budget_file", optional=True, force_input=True,
                                 tooltip="a budget file name from ScaleKV Calibrate; overrides budget_source"),
-            ],
+            ]),
             outputs=[CacheConfigType.Output(display_name="cache_config")],
         )
 

@@ -30,6 +30,19 @@ KV_DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
+#: Which policies read each setting (CacheConfig.build's use of them), so a UI can mark the ones that do not apply.
+POLICY_SETTINGS: dict[str, tuple[str, ...]] = {
+    "budget": ("sliding_window", "streamingllm", "snapkv", "pyramidkv", "scalekv"),
+    "window": ("snapkv", "pyramidkv", "scalekv"),
+    "kernel": ("snapkv", "pyramidkv", "scalekv"),
+    "pooling": ("snapkv", "pyramidkv", "scalekv"),
+    "scoring": ("scalekv",),
+    "budget_file": ("scalekv",),
+    "refiner_decay": ("scalekv",),
+    "kv_dtype": tuple(POLICIES),
+}
+
+
 @dataclass
 class CacheConfig:
     """Which policy, how large a budget, and how tokens are scored and stored."""

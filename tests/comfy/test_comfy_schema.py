@@ -178,3 +178,16 @@ def test_every_node_has_a_help_page_naming_its_inputs(node_classes, node_id):
     info = node_classes[node_id].GET_NODE_INFO_V1()["input"]
     for name in [*info["required"], *info.get("optional", {})]:
         assert f"**{name}**" in text or f"`{name}`" in text, (node_id, name)
+
+
+def test_cache_config_inputs_carry_the_policies_that_read_them(node_classes):
+    """The frontend greys out inputs the chosen policy does not read (web/js/scalekv_policy_inputs.js), from
+    `scalekv_policies` on each input: the engine's POLICY_SETTINGS."""
+    from scalekv_core.kvcache.config import POLICY_SETTINGS
+
+    info = node_classes["ScaleKVCacheConfig"].GET_NODE_INFO_V1()["input"]
+    specs = {**info["required"], **info.get("optional", {})}
+    for name in ("budget", "window", "kernel", "pooling", "scoring", "kv_dtype", "refiner_decay", "budget_file"):
+        assert specs[name][1]["scalekv_policies"] == list(POLICY_SETTINGS[name]), name
+    assert specs["budget_unit"][1]["scalekv_policies"] == list(POLICY_SETTINGS["budget"])
+    assert "scalekv_policies" not in specs["policy"][1]

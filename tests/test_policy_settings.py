@@ -1,0 +1,49 @@
+"""POLICY_SETTINGS says which policies read each cache setting (the nodes grey out the rest): checked against what
+CacheConfig.build really does with each setting."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from scalekv_core.kvcache.config import POLICIES, POLICY_SETTINGS, CacheConfig
+from scalekv_core.schedules import get_schedule
+
+SCHEDULE = get_schedule(1.0, "0.06M")
+#: A second value for each setting, different from CacheConfig's default.
+OTHER = {"budget": "20%", "window": 9, "kernel": 3, "pooling": "avgpool", "scoring": "original",
+         "refiner_decay": 2.0, "kv_dtype": "bf16"}
+
+
+def built(config: CacheConfig) -> tuple:
+    """What a setting can change: the policy object's state, the budget plan, and the storage dtypes."""
+    policy, plan = config.build(SCHEDULE, 4, 2, 8, 2, torch.float32)
+    return (type(policy).__name__, sorted((k, repr(v)) for k, v in vars(policy).items()), plan.kept,
+            config.storage_dtypes(torch.float32))
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("setting", list(OTHER))
+def test_a_setting_changes_a_run_only_under_the_policies_listed(policy, setting):
+    base = CacheConfig(policy=policy, budget="10%", window=4 if policy == "scalekv" else 16)
+    other = dataclasses.replace(base, **{setting: OTHER[setting]})
+    if setting == "window" and policy == "scalekv":
+        other = dataclasses.replace(base, window=9)
+    changed = built(base) != built(other)
+    assert changed == (policy in POLICY_SETTINGS[setting]), (policy, setting)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_a_budget_file_is_read_by_the_policies_listed_and_refused_by_the_others(policy):
+    config = CacheConfig(policy=policy, budget_file="infinity-2b-10pct")
+    if policy in POLICY_SETTINGS["budget_file"]:
+        config.validate()
+    else:
+        with pytest.raises(ValueError, match="budget file applies to the scalekv policy only"):
+            config.validate()
+
+
+def test_every_cache_setting_a_user_sets_is_in_the_table():
+    user = {f.name for f in dataclasses.fields(CacheConfig)} - {"policy", "drafters"}
+    assert user == set(POLICY_SETTINGS)
