@@ -9,9 +9,13 @@
 //   initial   the cache-config widget's rows for budget 48 tokens, window 4
 //   budget    after the user types 24 into the budget widget (classic: the canvas's value prompt; Nodes 2.0: the
 //             Vue number input), so the widget must follow a real edit
-//   invalid   after a script sets window = 5 without calling any callback (the value watch must see it): the error
+//   invalid   after a script sets window = 5 without calling any callback (the slow check must see it): the error
+//   job_*     the fit line after the loader's weight_format and t5_weights, the sampler's decode_tile and a linked
+//             Infinity Memory node's block_swap change (through the widgets' callbacks, as the frontend's widgets do)
 //   executed  after a queued run (Run through app.queuePrompt): the sampler's widget with measured figures and the
 //             cache-config widget's last-run line
+//   contrast_dark / contrast_light   the text contrast of both widgets in the dark and the light palette
+//   cal_missing / cal_file   budget_file linked from a ScaleKV Calibrate whose file is absent, then present
 // Screenshots go to --out; with --docs, one PNG per node (classic mode, cropped to the node) goes there.
 // It prints one JSON summary (also written to <out>/summary.json); the numbers are checked by the pytest driver
 // (tests/comfy/test_comfy_browser.py) against the engine's planner. Exit 0 only if every step completed with no
@@ -122,7 +126,10 @@ async function readWidget(page, nodeId) {
       stored_peak: one('.skv-stored-peak'), full_total: one('.skv-full-total'), planned_peak: one('.skv-planned-peak'),
       measured_peak: one('.skv-measured-peak'), measured_stored: one('.skv-measured-stored'), match: one('.skv-match'),
       last_run: one('.skv-last-run'), error: one('.skv-error'),
-      job: { text: one('.skv-job'), fits: root.querySelector('.skv-job')?.dataset.fits ?? null },
+      legend: all('.skv-legend-item'), last_scale: one('.skv-last-scale'), last_note: one('.skv-last-note'),
+      planned_for: one('.skv-planned-for'), budget_file_note: one('.skv-budget-file'),
+      trigger: root.dataset.trigger ?? null,
+      job: { text: one('.skv-job'), ...(root.querySelector('.skv-job')?.dataset ?? {}) },
     };
   }, nodeId);
 }
@@ -169,6 +176,86 @@ async function typeNumber(page, mode, nodeId, name, value) {
   await prompt.press('Enter');
 }
 
+// A widget changed as the frontend's own widgets change it: the value, then the widget's callback.
+async function setWidget(page, nodeId, name, value) {
+  await page.evaluate(({ id, name, value }) => {
+    const w = window.comfyAPI.app.app.graph.getNodeById(id).widgets.find((x) => x.name === name);
+    if (!w) throw new Error(`node ${id} has no widget ${name}`);
+    w.value = value;
+    w.callback?.(value);
+  }, { id: nodeId, name, value });
+}
+
+// The WCAG contrast of every text in the nodes' budget widgets against the background it is drawn on (colours and
+// opacities from getComputedStyle), the palette's input background, and the lowest ratio with its element.
+async function contrast(page, nodeIds) {
+  return page.evaluate((ids) => {
+    const parse = (c) => { // rgb()/rgba() (legacy or space syntax) or color(srgb r g b / a), as Chromium computes
+      let m = c.match(/^rgba?\(([^)]*)\)$/);
+      if (m) { const p = m[1].split(/[\s,/]+/).filter(Boolean).map(Number); return [p[0] / 255, p[1] / 255, p[2] / 255, p[3] ?? 1]; }
+      m = c.match(/^color\(srgb ([^)]*)\)$/);
+      if (m) { const p = m[1].split(/[\s/]+/).filter(Boolean).map(Number); return [p[0], p[1], p[2], p[3] ?? 1]; }
+      throw new Error(`unparsed colour ${c}`);
+    };
+    const over = (top, under) => [0, 1, 2].map((i) => top[i] * top[3] + under[i] * (1 - top[3])).concat(1);
+    const background = (e) => { // composited from the element up to the first opaque background
+      const layers = [];
+      for (let n = e; n && n.nodeType === 1; n = n.parentElement) {
+        const c = parse(getComputedStyle(n).backgroundColor);
+        if (c[3] > 0) layers.push(c);
+        if (c[3] >= 1) break;
+      }
+      return layers.reverse().reduce((acc, c) => over(c, acc), [1, 1, 1, 1]);
+    };
+    const lum = (c) => 0.2126 * lin(c[0]) + 0.7152 * lin(c[1]) + 0.0722 * lin(c[2]);
+    const lin = (v) => (v <= 0.04045 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+    const ratio = (a, b) => (Math.max(lum(a), lum(b)) + 0.05) / (Math.min(lum(a), lum(b)) + 0.05);
+    const texts = [];
+    for (const id of ids) {
+      const root = window.comfyAPI.app.app.graph.getNodeById(id).__scalekv.root;
+      for (const e of [root, ...root.querySelectorAll('*')]) {
+        const own = [...e.childNodes].filter((n) => n.nodeType === 3).map((n) => n.textContent).join('').trim();
+        if (!own || e.getClientRects().length === 0) continue;
+        let alpha = 1;
+        for (let n = e; n && n.nodeType === 1; n = n.parentElement) alpha *= Number(getComputedStyle(n).opacity);
+        const fg = parse(getComputedStyle(e).color);
+        const bg = background(e);
+        const r = ratio(over([fg[0], fg[1], fg[2], fg[3] * alpha], bg), bg);
+        texts.push({ node: id, cls: e.className || e.tagName, text: own.slice(0, 40), ratio: Math.round(r * 100) / 100 });
+      }
+    }
+    texts.sort((a, b) => a.ratio - b.ratio);
+    const rootBg = background(window.comfyAPI.app.app.graph.getNodeById(ids[0]).__scalekv.root);
+    return { input_bg: getComputedStyle(document.documentElement).getPropertyValue('--comfy-input-bg').trim(),
+      background_luminance: Math.round(lum(rootBg) * 1000) / 1000, count: texts.length,
+      min: texts[0]?.ratio ?? null, worst: texts.slice(0, 4) };
+  }, nodeIds);
+}
+
+// The frontend's colour palette, set as the settings dialog sets it; resolves once its variables are applied.
+async function setPalette(page, id) {
+  const before = await page.evaluate(() => getComputedStyle(document.documentElement).getPropertyValue('--comfy-input-bg'));
+  await page.evaluate(async (id) => {
+    const app = window.comfyAPI.app.app;
+    if (app.extensionManager?.setting?.set) await app.extensionManager.setting.set('Comfy.ColorPalette', id);
+    else await app.ui.settings.setSettingValueAsync('Comfy.ColorPalette', id);
+  }, id);
+  await page.waitForFunction((b) => getComputedStyle(document.documentElement).getPropertyValue('--comfy-input-bg') !== b,
+    before, { timeout: 10000 });
+  await page.waitForTimeout(300);
+}
+
+// Poll a node's widget (as read by readWidget) until `pred` holds.
+async function until(page, nodeId, pred, what) {
+  const end = Date.now() + timeout;
+  for (;;) {
+    const w = await readWidget(page, nodeId);
+    if (w && pred(w)) return w;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(w)?.slice(0, 400)}`);
+    await page.waitForTimeout(100);
+  }
+}
+
 // A node's rectangle on screen: the Vue element in Nodes 2.0, else title bar + body from the canvas transform.
 async function nodeClip(page, nodeId) {
   return page.evaluate((id) => {
@@ -194,7 +281,7 @@ async function runMode(browser, mode) {
   const res = { steps: {}, timings_ms: {} };
   summary.modes[mode] = res;
   await settings({ 'Comfy.TutorialCompleted': true, 'Comfy.VueNodes.Enabled': mode === 'vue',
-    'Comfy.Notification.ShowVersionUpdates': false });
+    'Comfy.Notification.ShowVersionUpdates': false, 'Comfy.ColorPalette': 'dark' });
   const ctx = await browser.newContext({ viewport: { width: 1680, height: 1000 } });
   await ctx.addInitScript(() => { try { localStorage.setItem('vueNodesBannerDismissed', 'true'); } catch {} });
   const page = await ctx.newPage();
@@ -202,7 +289,7 @@ async function runMode(browser, mode) {
   page.on('console', (m) => {
     if (m.type() !== 'error') return;
     const text = m.text().slice(0, 300);
-    summary.console_errors.push(`${mode}: ${text}`);
+    summary.console_errors.push(`${mode} after ${Object.keys(res.steps).at(-1) ?? 'start'}: ${text}`);
     if (/Error loading extension|already registered/.test(text)) summary.extension_errors.push(`${mode}: ${text}`);
   });
   try {
@@ -246,6 +333,42 @@ async function runMode(browser, mode) {
       .find((w) => w.name === 'window').value = 4; }, ids.config);
     res.steps.restored = await waitWidget(page, ids.config, v, 'plan', '24 tokens/layer');
 
+    // The fit line follows what sizes the whole job: the loader's formats, the sampler's decode tile, block swap.
+    for (const [step, id, name, value] of [['weights', ids.loader, 'weight_format', 'fp8_e4m3fn'],
+      ['t5', ids.loader, 't5_weights', 'int8'], ['tile', ids.sampler, 'decode_tile', 8]]) {
+      v = (await readWidget(page, ids.config)).version;
+      await setWidget(page, id, name, value);
+      res.steps[`job_${step}`] = await waitWidget(page, ids.config, v, 'plan');
+    }
+    v = (await readWidget(page, ids.config)).version;
+    ids.memory = await page.evaluate((ids) => { // an Infinity Memory node linked to the sampler's memory input
+      const app = window.comfyAPI.app.app;
+      const n = window.LiteGraph.createNode('InfinityMemory');
+      n.pos = [870, 700];
+      app.graph.add(n);
+      const sampler = app.graph.getNodeById(ids.sampler);
+      n.connect(0, sampler, sampler.findInputSlot('memory'));
+      return n.id;
+    }, ids);
+    res.steps.job_memory_linked = await waitWidget(page, ids.config, v, 'plan');
+    v = res.steps.job_memory_linked.version;
+    await setWidget(page, ids.memory, 'block_swap', 2);
+    res.steps.job_swap = await waitWidget(page, ids.config, v, 'plan');
+    await shot(page, `${mode}_job`);
+    await page.evaluate((ids) => { // back to the run's settings: memory node removed, formats and tile reset
+      const graph = window.comfyAPI.app.app.graph;
+      graph.remove(graph.getNodeById(ids.memory));
+      for (const [id, name, value] of [[ids.loader, 'weight_format', 'none'], [ids.loader, 't5_weights', 'none'],
+        [ids.sampler, 'decode_tile', 0]]) {
+        const w = graph.getNodeById(id).widgets.find((x) => x.name === name);
+        w.value = value;
+        w.callback?.(value);
+      }
+    }, ids);
+    const jobBefore = res.steps.restored.job.text + res.steps.restored.job.peakMb;
+    res.steps.job_restored = await until(page, ids.config, (w) => w.state === 'plan'
+      && w.job.text + w.job.peakMb === jobBefore && w.version > res.steps.job_swap.version, 'the job line restored');
+
     res.api_prompt = await page.evaluate(async () => (await window.comfyAPI.app.app.graphToPrompt()).output);
     const before = await readWidget(page, ids.sampler);
     const configBefore = await readWidget(page, ids.config);
@@ -264,6 +387,41 @@ async function runMode(browser, mode) {
     await shot(page, `${mode}_executed`);
     res.timings_ms.executed = Date.now() - t0;
     if (docs && mode === 'classic') await docShots(page, ids, ['loader', 'text_encode', 'sampler', 'calibrate']);
+
+    // Both widgets in the dark and the light palette: every text's contrast against the widget's background.
+    res.steps.contrast_dark = await contrast(page, [ids.config, ids.sampler]);
+    await setPalette(page, 'light');
+    res.steps.contrast_light = await contrast(page, [ids.config, ids.sampler]);
+    await shot(page, `${mode}_light`);
+    await setPalette(page, 'dark');
+
+    // budget_file linked from a ScaleKV Calibrate: first a prefix whose file does not exist, then one that does
+    // (the pytest driver wrote skvtest_256x256_10pct.json into the server's models/scalekv).
+    v = (await readWidget(page, ids.config)).version;
+    ids.calibrate = await page.evaluate((ids) => {
+      const app = window.comfyAPI.app.app;
+      const n = window.LiteGraph.createNode('ScaleKVCalibrate');
+      n.pos = [370, 760];
+      for (const [k, x] of [['filename_prefix', 'skvnone'], ['resolution', '256x256 (1:1)'], ['budget', 10]]) {
+        n.widgets.find((w) => w.name === k).value = x;
+      }
+      app.graph.add(n);
+      const loader = app.graph.getNodeById(ids.loader);
+      loader.connect(0, n, n.findInputSlot('model'));
+      loader.connect(1, n, n.findInputSlot('t5'));
+      const config = app.graph.getNodeById(ids.config);
+      n.connect(0, config, config.findInputSlot('budget_file'));
+      return n.id;
+    }, ids);
+    res.steps.cal_missing = await waitWidget(page, ids.config, v, 'plan', 'not in models/scalekv yet');
+    v = res.steps.cal_missing.version;
+    await setWidget(page, ids.calibrate, 'filename_prefix', 'skvtest');
+    res.steps.cal_file = await waitWidget(page, ids.config, v, 'plan', 'written by the linked');
+    await shot(page, `${mode}_calibrate`);
+    v = res.steps.cal_file.version;
+    await page.evaluate((id) => { const g = window.comfyAPI.app.app.graph; g.remove(g.getNodeById(id)); }, ids.calibrate);
+    res.steps.cal_removed = await until(page, ids.config, (w) => w.version > v && w.state === 'plan'
+      && w.budget_file_note === null, 'the calibration note gone');
 
     // No sampler downstream: the widget falls back to the defaults its header offers (2B, 1024x1024), and the
     // user can pick another model shape there.

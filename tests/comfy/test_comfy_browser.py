@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from scalekv_core.kvcache import CacheConfig
-from scalekv_core.kvcache.budget import kv_bytes_per_token
+from scalekv_core.kvcache.budget import kv_bytes_per_token, plan_to_original_json
 from scalekv_core.job_memory import JobOptions, plan_job, t5_shape
 from scalekv_core.kvcache.memory import plan_memory
 from scalekv_core.loader import load_transformer
@@ -42,7 +42,14 @@ MiB = 2**20
 #: What the check sets in the page: budget 48 tokens and window 4, then the user types 24 into the budget.
 SETTINGS = dict(policy="scalekv", budget=48, window=4, kernel=5)
 EDITED_BUDGET = 24
-TIMEOUT = 240
+TIMEOUT = 300
+#: The budget file a linked ScaleKV Calibrate (prefix skvtest, 256x256, 10%) names; written before the page opens.
+CALIBRATED = "skvtest_256x256_10pct.json"
+#: The fit-line steps: what the check changes, as the route's JobOptions fields (cumulative, in this order).
+JOB_STEPS = {"job_weights": dict(weights="fp8_e4m3fn"), "job_t5": dict(t5_weights="int8"),
+             "job_tile": dict(decode_tile=8), "job_memory_linked": {}, "job_swap": dict(block_swap=2)}
+#: WCAG AA for normal text.
+MIN_CONTRAST = 4.5
 
 
 def playwright_modules() -> pathlib.Path | None:
@@ -73,6 +80,7 @@ pytestmark = pytest.mark.skipif(missing_browser() is not None, reason=str(missin
 def page_run(server):  # noqa: F811  (the imported fixture)
     """One browser session over both display modes; its JSON summary (steps, texts, prompt ids, screenshots)."""
     shutil.rmtree(OUT, ignore_errors=True)
+    write_calibrated(server.log.parent / "models" / "scalekv" / CALIBRATED)
     cmd = ["node", str(CHECK), "--url", server.url, "--out", str(OUT), "--modes", ",".join(MODES),
            "--timeout", "90"]
     docs = os.environ.get("SCALEKV_DOCS_IMAGES")
@@ -92,15 +100,26 @@ def page_run(server):  # noqa: F811  (the imported fixture)
 # ------------------------------------------------------------------------------------------- expectations
 
 
+def write_calibrated(path: pathlib.Path) -> None:
+    """A budget file for the tiny model at 256x256 in the original format, from a 40-token plan (so its capacities
+    differ from the 24-token plan the widget shows without it)."""
+    cfg = load_transformer(TINY / "infinity_tiny.safetensors").cfg
+    config = CacheConfig(policy="scalekv", budget=40, window=SETTINGS["window"], kernel=SETTINGS["kernel"])
+    _, plan = config.build(schedule_from_label(RES), cfg.depth, cfg.num_heads, cfg.head_dim, 2, torch.float32)
+    path.write_text(json.dumps(plan_to_original_json(plan)))
+
+
 @pytest.fixture(scope="module")
 def tiny_cfg():
     return load_transformer(TINY / "infinity_tiny.safetensors").cfg
 
 
-def expected(cfg, budget: int, resolution: str = RES) -> dict:
-    """The engine's own plan for the check's graph: CFG on (2 rows), fp32 blocks (auto on the CPU server)."""
+def expected(cfg, budget: int, resolution: str = RES, budget_file: str | None = None, **job_options) -> dict:
+    """The engine's own plan for the check's graph: CFG on (2 rows), fp32 blocks (auto on the CPU server); the
+    whole job with the route's JobOptions plus `job_options` (weights, t5_weights, decode_tile, block_swap)."""
     schedule = schedule_from_label(resolution)
-    config = CacheConfig(policy="scalekv", budget=budget, window=SETTINGS["window"], kernel=SETTINGS["kernel"])
+    config = CacheConfig(policy="scalekv", budget=budget, window=SETTINGS["window"], kernel=SETTINGS["kernel"],
+                         budget_file=budget_file)
     _, plan = config.build(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, 2, torch.float32)
     memory = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule, 1, config,
                          torch.float32)
@@ -123,9 +142,11 @@ def expected(cfg, budget: int, resolution: str = RES) -> dict:
         files = dict(t5=t5_shape(json.loads((TINY / "t5_tiny" / "config.json").read_text())),
                      vae_params=sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values()))
     h, w = schedule.pixel_size
-    job = plan_job(cfg, w, h, 1, JobOptions(dtype="fp32", t5_offload=True, previews=True), cache=config, **files)
+    job = plan_job(cfg, w, h, 1, JobOptions(dtype="fp32", t5_offload=True, previews=True, **job_options),
+                   cache=config, **files)
     return {"rows": rows, "stored_peak": memory.analytic_mb, "full_total": memory.full_analytic_mb,
-            "planned_peak": memory.sampling_peak_mb, "job_gib": f"{job.peak_mb / 1024:.2f} GiB",
+            "planned_peak": memory.sampling_peak_mb, "job_gib": f"{job.peak_mb / 1024:.2f} GiB", "job": job,
+            "last_scale": f"{schedule.num_scales - 1} {schedule.grids[-1][0]}×{schedule.grids[-1][1]}",
             "job_fits": job.peak_mb <= psutil.virtual_memory().total / MiB}  # ComfyUI's CPU total is psutil's
 
 
@@ -153,6 +174,13 @@ def assert_widget_shows(widget: dict, exp: dict) -> None:
     assert job["text"].startswith(f"whole job {exp['job_gib']} ("), job
     assert job["fits"] == str(exp["job_fits"]).lower(), job
     assert (": fits" in job["text"]) == exp["job_fits"] and " on cpu: " in job["text"], job
+    for part in ("peak", "sampling", "decode", "transformer", "t5"):  # the planner's own figures, MB
+        assert float(job[f"{part}Mb"]) == pytest.approx(getattr(exp["job"], f"{part}_mb"), rel=1e-9), (part, job)
+    # the legend, the last scale (never stored) and the rule the planned peak follows
+    assert widget["legend"][-1] == "full cache" and "refiners" in widget["legend"], widget["legend"]
+    assert widget["last_scale"] == exp["last_scale"]
+    assert widget["last_note"] == "never stored: the last scale's keys/values are not cached"
+    assert widget["planned_for"] == "for prompts up to 512 tokens"
 
 
 # ------------------------------------------------------------------------------------------- tests
@@ -161,7 +189,8 @@ def assert_widget_shows(widget: dict, exp: dict) -> None:
 def test_page_loads_the_extension_without_errors(page_run):
     for mode in MODES:
         res = page_run["modes"][mode]
-        assert res["extensions"] == ["scalekv.budget_widget"], res["extensions"]
+        # this widget's extension, once (the pack's other extensions may load beside it)
+        assert res["extensions"].count("scalekv.budget_widget") == 1, res["extensions"]
         assert res["vue_nodes"] is (mode == "vue")
     assert page_run["page_errors"] == [] and page_run["extension_errors"] == []
 
@@ -239,17 +268,82 @@ def test_run_shows_measured_figures(page_run, server, tiny_cfg, mode):  # noqa: 
     assert shown["held"] == ["= plan"] * len(stored)
     assert all(s["held_tokens"] == s["planned_tokens"] for s in stored)
     assert_shown(shown["measured_peak"], report["measured_peak_mb"])
-    assert_shown(shown["planned_peak"], report["planned_peak_mb"])
+    assert_shown(shown["planned_peak"], report["planned_peak_max_prompt_mb"])
     assert_shown(shown["measured_stored"], max(sum(s["stored_bytes"]) for s in stored) / MiB)
     assert shown["match"] == "held = plan"
     after = res["steps"]["config_after_run"]
     assert after["last_run"].startswith("last run: measured peak") and after["measured_peak"] == shown["measured_peak"]
+    assert shown["legend"] == ["drafters", "refiners", "full cache", "measured"]
+    assert shown["last_scale"] == "6 16×16" and "never stored" in shown["last_note"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_config_and_sampler_show_one_planned_peak(page_run, server, tiny_cfg, mode):  # noqa: F811
+    """Both nodes plan for prompts up to T5's 512 tokens; the run's own short prompt is the sampler's tooltip."""
+    res = page_run["modes"][mode]
+    [report] = server.history(res["prompt_id"])["outputs"][str(res["ids"]["sampler"])]["scalekv_memory"]
+    config, sampler = res["steps"]["config_after_run"], res["steps"]["executed"]
+    assert config["planned_peak"] == sampler["planned_peak"]
+    assert config["planned_for"] == sampler["planned_for"] == "for prompts up to 512 tokens"
+    assert_shown(sampler["planned_peak"], expected(tiny_cfg, EDITED_BUDGET)["planned_peak"])
+    assert report["planned_peak_mb"] < report["planned_peak_max_prompt_mb"]  # this prompt is shorter than 512
+    assert f"(planned {config['planned_peak']} MB)" in config["last_run"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fit_line_follows_the_job_settings(page_run, tiny_cfg, mode):
+    """The loader's formats, the sampler's decode tile and a linked memory node's block swap re-plan the job, each
+    through a change event (not the slow check); the run's settings give the run's line back."""
+    steps = page_run["modes"][mode]["steps"]
+    options: dict = {}
+    previous = steps["restored"]["job"]
+    for step, change in JOB_STEPS.items():
+        options.update(change)
+        shown = steps[step]
+        assert shown["trigger"] == "event", (step, shown["trigger"])
+        assert_widget_shows(shown, expected(tiny_cfg, EDITED_BUDGET, **options))
+        if step != "job_memory_linked":  # linked with block_swap 0: the same job
+            assert shown["job"] != previous, step
+        part = {"job_weights": "transformer", "job_t5": "t5", "job_tile": "decode"}.get(step)
+        if part:  # the part the setting is about got smaller
+            assert float(shown["job"][f"{part}Mb"]) < float(previous[f"{part}Mb"]), (step, shown["job"], previous)
+        previous = shown["job"]
+    assert steps["job_restored"]["job"] == steps["restored"]["job"]
+    assert steps["budget"]["trigger"] == "event"  # the user's typed edit, in both display modes
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_text_is_readable_in_dark_and_light_palettes(page_run, mode):
+    steps = page_run["modes"][mode]["steps"]
+    dark, light = steps["contrast_dark"], steps["contrast_light"]
+    assert dark["background_luminance"] < 0.2 and light["background_luminance"] > 0.4, (dark, light)
+    for shown in (dark, light):
+        assert shown["count"] > 50, shown  # header, legend, rows and footers of both widgets
+        assert shown["min"] >= MIN_CONTRAST, shown
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_linked_calibration_shows_its_files_plan(page_run, tiny_cfg, server, mode):  # noqa: F811
+    steps = page_run["modes"][mode]["steps"]
+    missing, present = steps["cal_missing"], steps["cal_file"]
+    assert "skvnone_256x256_10pct.json is not in models/scalekv yet" in missing["budget_file_note"]
+    assert_widget_shows(missing, expected(tiny_cfg, EDITED_BUDGET))  # budget_source's plan meanwhile
+    assert present["budget_file_note"] == f"budget_file: {CALIBRATED}, written by the linked ScaleKV Calibrate"
+    path = server.log.parent / "models" / "scalekv" / CALIBRATED
+    if not path.is_file():  # the module's server is gone only after its last test
+        write_calibrated(path)
+    exp = expected(tiny_cfg, EDITED_BUDGET, budget_file=str(path))
+    assert_widget_shows(present, exp)
+    assert present["refiners"] != missing["refiners"]
+    assert missing["last_run"] is None  # the run's figures belong to the settings it ran with
+    assert steps["cal_removed"]["budget_file_note"] is None
 
 
 def test_screenshots_are_kept(page_run):
     names = {pathlib.Path(p).name for p in page_run["shots"]}
     for mode in MODES:
-        for step in ("initial", "budget", "invalid", "executed", "defaults", "defaults_8b"):
+        for step in ("initial", "budget", "invalid", "job", "executed", "light", "calibrate", "defaults",
+                     "defaults_8b"):
             assert f"{mode}_{step}.png" in names
     for p in page_run["shots"]:
         assert pathlib.Path(p).stat().st_size > 20_000, p  # a rendered page, not a blank one

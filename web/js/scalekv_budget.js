@@ -4,6 +4,9 @@
 // Every number comes from the pack's route POST /scalekv/plan (nodes/routes.py), which asks the engine's planner;
 // this file only gathers widget values from the graph, formats the answer and draws bar widths.
 // DOM widgets only (canvas draw() widgets are not repainted in Nodes 2.0), never serialized into the prompt.
+// Colours come from ComfyUI's palette variables (--input-text, --comfy-input-bg, ...), so light themes read too.
+// The config widget re-plans on change events (widget callbacks, connections, nodes added/removed, graph loads,
+// the frontend's "graphChanged"); only values set by scripts, which raise no event, wait for a slow check.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -13,6 +16,9 @@ const CONFIG = "ScaleKVCacheConfig";
 const SAMPLER = "InfinitySampler";
 const LOADER = "InfinityModelLoader";
 const MEMORY = "InfinityMemory";
+const CALIBRATE = "ScaleKVCalibrate";
+// Node types whose changes can alter a config widget's plan: their edits and links are listened to.
+const WATCHED = [CONFIG, SAMPLER, LOADER, MEMORY, CALIBRATE];
 const WIDGET = "scalekv_budget";
 const CONFIG_FIELDS = ["policy", "budget_unit", "budget", "window", "kernel", "pooling", "scoring", "kv_dtype",
   "budget_source", "refiner_decay"];
@@ -21,37 +27,46 @@ const LOADER_FIELDS = ["transformer", "vae", "text_encoder", "precision", "weigh
 const DEFAULT_MODEL = "2b";
 const DEFAULT_RESOLUTION = "1024x1024 (1:1)";
 const DEBOUNCE_MS = 250;
-const POLL_MS = 400; // Nodes 2.0 and programmatic edits change values without calling widget callbacks
-const MIN_WIDTH = 460; // room for the per-scale columns
+// A script that assigns widget.value raises no event in LiteGraph or Nodes 2.0 (no setter, no callback), so such
+// values are noticed by this slow comparison; every user edit arrives through an event first.
+const FALLBACK_MS = 2000;
+const MIN_WIDTH = 520; // room for the per-scale columns at 12px
 
+// Text uses the palette's own pairs (input text on the input background, description text for the dim parts); the
+// coloured figures are mixed toward the text colour so they keep its contrast in dark and light palettes.
 const CSS = `
-.skv-root { font: 10px/1.35 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; color: var(--input-text, #ddd);
-  background: rgba(0,0,0,0.25); border-radius: 4px; padding: 4px 6px; box-sizing: border-box; width: 100%;
-  overflow: hidden; pointer-events: auto; }
+.skv-root { font: 12px/1.35 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; color: var(--input-text, #ddd);
+  background: var(--comfy-input-bg, #222); border: 1px solid var(--border-color, #4e4e4e); border-radius: 4px;
+  padding: 4px 6px; box-sizing: border-box; width: 100%; overflow: hidden; pointer-events: auto;
+  --skv-d: #f0a040; --skv-r: #4aa3f0; --skv-m: #3fb950; --skv-bad: var(--error-text, #f44);
+  --skv-full: color-mix(in srgb, var(--input-text, #ddd) 22%, transparent); }
 .skv-head { display: flex; flex-wrap: wrap; gap: 2px 8px; align-items: center; margin-bottom: 3px; }
-.skv-head b { color: #fff; font-weight: 600; }
-.skv-head select { font: inherit; background: #222; color: #ddd; border: 1px solid #555; border-radius: 3px;
-  padding: 0 2px; }
-.skv-dim { opacity: 0.65; }
-.skv-grid { display: grid; grid-template-columns: 52px minmax(40px, 1fr) repeat(4, auto); column-gap: 6px; row-gap: 1px;
-  align-items: center; }
-.skv-grid.skv-with-measured { grid-template-columns: 52px minmax(40px, 1fr) repeat(6, auto); }
-.skv-grid > .skv-h { opacity: 0.65; font-size: 9px; }
+.skv-head b { color: var(--fg-color, #fff); font-weight: 600; }
+.skv-head select { font: inherit; background: var(--bg-color, #202020); color: var(--input-text, #ddd);
+  border: 1px solid var(--border-color, #4e4e4e); border-radius: 3px; padding: 0 2px; }
+.skv-dim, .skv-grid > .skv-h { color: var(--descrip-text, #999); }
+.skv-legend { display: flex; flex-wrap: wrap; gap: 0 10px; margin-bottom: 2px; color: var(--descrip-text, #999); }
+.skv-grid { display: grid; grid-template-columns: 64px minmax(40px, 1fr) repeat(4, auto); column-gap: 6px;
+  row-gap: 1px; align-items: center; }
+.skv-grid.skv-with-measured { grid-template-columns: 64px minmax(40px, 1fr) repeat(6, auto); }
+.skv-grid > .skv-h { font-size: 11px; }
 .skv-grid > .skv-n { text-align: right; white-space: nowrap; }
-.skv-bars { position: relative; height: 10px; }
+.skv-grid > .skv-last-note { grid-column: 2 / -1; white-space: normal; color: var(--descrip-text, #999); }
+.skv-bars { position: relative; height: 12px; }
 .skv-bar { position: absolute; left: 0; border-radius: 1px; min-width: 1px; }
-.skv-bar-full { top: 0; height: 10px; background: rgba(160,160,160,0.28); }
-.skv-bar-d { top: 1px; height: 4px; background: #f0a040; }
-.skv-bar-r { top: 5px; height: 4px; background: #4aa3f0; }
-.skv-bar-m { top: 0; height: 10px; border-right: 2px solid #7fdc7f; background: transparent; }
-.skv-key { display: inline-block; width: 8px; height: 6px; margin-right: 2px; border-radius: 1px; }
+.skv-bar-full { top: 0; height: 12px; background: var(--skv-full); }
+.skv-bar-d { top: 1px; height: 5px; background: var(--skv-d); }
+.skv-bar-r { top: 6px; height: 5px; background: var(--skv-r); }
+.skv-bar-m { top: 0; height: 12px; border-right: 2px solid var(--skv-m); background: transparent; }
+.skv-key { display: inline-block; width: 10px; height: 8px; margin-right: 3px; border-radius: 1px; }
+.skv-key-d { background: var(--skv-d); } .skv-key-r { background: var(--skv-r); }
+.skv-key-full { background: var(--skv-full); } .skv-key-m { border-right: 2px solid var(--skv-m); width: 8px; }
 .skv-foot { margin-top: 3px; display: flex; flex-wrap: wrap; gap: 0 10px; }
-.skv-measured { color: #9fe39f; }
-.skv-error { color: #ff8a80; white-space: normal; }
+.skv-measured, .skv-fits { color: color-mix(in srgb, var(--skv-m) 35%, var(--input-text, #ddd)); }
+.skv-error, .skv-no-fit { color: color-mix(in srgb, var(--skv-bad) 45%, var(--input-text, #ddd)); }
+.skv-error { white-space: normal; }
 .skv-job { white-space: normal; font-weight: 600; }
-.skv-fits { color: #9fe39f; }
-.skv-no-fit { color: #ff8a80; }
-.skv-note { opacity: 0.8; white-space: normal; }
+.skv-note { white-space: normal; color: var(--descrip-text, #999); }
 `;
 
 function injectCss() {
@@ -101,6 +116,15 @@ function configRequest(node, state) {
   }
   const linked = node.inputs?.find((i) => i.name === "budget_file")?.link;
   const ctx = { sampler: false, loader: false, samplerId: null, budgetFileLinked: linked !== null && linked !== undefined };
+  // A ScaleKV Calibrate on budget_file: its widgets name the file it writes (the route plans it once it exists).
+  const calibrate = ctx.budgetFileLinked ? inputNode(node, "budget_file") : null;
+  if (isType(calibrate, CALIBRATE)) {
+    const c = { filename_prefix: widgetValue(calibrate, "filename_prefix"),
+      resolution: widgetValue(calibrate, "resolution"), budget: widgetValue(calibrate, "budget") };
+    const model = inputNode(calibrate, "model");
+    if (isType(model, LOADER) && widgetValue(model, "transformer")) c.transformer = widgetValue(model, "transformer");
+    body.calibration = c;
+  }
   const sampler = connectedSampler(node);
   if (sampler) {
     ctx.sampler = true;
@@ -128,8 +152,10 @@ function configRequest(node, state) {
   return { body, ctx };
 }
 
-// What decides the drawing: the request, and whether a budget file arrives through a link (a note then).
-const requestKey = (body, ctx) => JSON.stringify([body, ctx.budgetFileLinked]);
+// What decides the drawing: the request, whether a budget file arrives through a link (a note then), and how many
+// calibrations finished (a linked Calibrate's file may exist now).
+let calibrations = 0;
+const requestKey = (body, ctx) => JSON.stringify([body, ctx.budgetFileLinked, body.calibration ? calibrations : 0]);
 
 // ------------------------------------------------------------------------------------------ drawing
 
@@ -179,6 +205,24 @@ function drawHeader(root, state, answer, ctx) {
   root.append(head);
 }
 
+// The colour key of the bars: drafters orange, refiners blue (all layers for other policies), full cache grey,
+// what the run held green (sampler, after a run).
+function drawLegend(root, answer) {
+  const legend = el("div", "skv-legend");
+  const keys = [["d", "drafters", "layers that look widely: the larger capacity"],
+    ["r", answer.policy === "scalekv" ? "refiners" : "layers", "layers that look locally: the smaller capacity"],
+    ["full", "full cache", "what every layer would hold without compression"]];
+  if (answer.mode === "report") keys.push(["m", "measured", "what the run's cache really held"]);
+  if (answer.policy !== "scalekv") keys.shift(); // no drafters outside ScaleKV
+  for (const [cls, text, title] of keys) {
+    const item = el("span", `skv-legend-item skv-legend-${cls}`);
+    item.append(el("i", `skv-key skv-key-${cls}`), text);
+    item.title = title;
+    legend.append(item);
+  }
+  root.append(legend);
+}
+
 function drawRows(root, answer) {
   const measured = answer.mode === "report";
   const grid = el("div", "skv-grid" + (measured ? " skv-with-measured" : ""));
@@ -224,6 +268,12 @@ function drawRows(root, answer) {
         el("span", "skv-n skv-meas skv-measured", mb(m.stored_mb)));
     }
   }
+  const last = answer.last_scale;
+  if (last) { // the last scale's keys and values are used once and never cached: no bar, no figures
+    const label = el("span", "skv-last-scale", `${last.scale} `);
+    label.append(el("span", "skv-dim", `${last.grid[0]}×${last.grid[1]}`));
+    grid.append(label, el("span", "skv-last-note", "never stored: the last scale's keys/values are not cached"));
+  }
   root.append(grid);
 }
 
@@ -234,7 +284,13 @@ function drawFooter(root, answer, lastRun) {
   stored.append(el("b", "skv-stored-peak", mb(t.stored_peak_mb)), ` MB of `, el("span", "skv-full-total", mb(t.full_mb)),
     ` MB full (${(100 * (t.stored_ratio ?? 1)).toFixed(1)}%)`);
   const peak = el("span", null, "planned peak ");
-  peak.append(el("b", "skv-planned-peak", mb(t.planned_peak_mb)), " MB");
+  peak.append(el("b", "skv-planned-peak", mb(t.planned_peak_mb)), " MB ");
+  // the config node and the sampler plan the same way: for the longest prompt T5 takes (an older report: its own)
+  peak.append(el("span", "skv-dim skv-planned-for", answer.text_tokens
+    ? `for prompts up to ${answer.text_tokens} tokens` : "for this run's prompt"));
+  if (answer.text_tokens && t.prompt_peak_mb !== undefined && t.prompt_peak_mb !== null) {
+    peak.title = `this run's prompt alone: ${mb(t.prompt_peak_mb)} MB planned`;
+  }
   foot.append(stored, peak);
   root.append(foot);
   const m = answer.measured;
@@ -259,6 +315,7 @@ function drawFooter(root, answer, lastRun) {
   if (answer.job) {
     const job = el("div", "skv-foot skv-job " + (answer.job.fits ? "skv-fits" : "skv-no-fit"), answer.job.line);
     job.dataset.fits = String(answer.job.fits);
+    for (const k of ["peak", "sampling", "decode", "transformer", "t5"]) job.dataset[`${k}Mb`] = String(answer.job[`${k}_mb`]);
     job.title = `${answer.job.setting}\nT5 encode ${mb(answer.job.encode_mb)} MB · sampling ${mb(answer.job.sampling_mb)} MB · ` +
       `decode ${mb(answer.job.decode_mb)} MB (weights included: transformer ${mb(answer.job.transformer_mb)} MB, ` +
       `T5 ${mb(answer.job.t5_mb)} MB, VAE ${mb(answer.job.vae_mb)} MB)`;
@@ -276,12 +333,17 @@ function draw(state) {
     root.append(el("div", "skv-note skv-dim", state.placeholder));
   } else {
     drawHeader(root, state, state.answer, state.ctx);
+    drawLegend(root, state.answer);
     drawRows(root, state.answer);
-    // a run's figures belong to the sampler that made them: not shown once the config feeds another (or none)
-    const lastRun = state.lastRun && state.ctx?.samplerId === state.lastRun.samplerId ? state.lastRun : null;
+    // a run's figures belong to the sampler and settings that made them: not shown once either changed
+    const lastRun = state.lastRun && state.ctx?.samplerId === state.lastRun.samplerId && state.key === state.lastRun.key
+      ? state.lastRun : null;
     drawFooter(root, state.answer, lastRun);
-    if (state.ctx?.budgetFileLinked) {
-      root.append(el("div", "skv-note", "budget_file is linked: the run uses that file; this is budget_source's plan"));
+    if (state.answer.budget_file_note) { // a linked ScaleKV Calibrate: its file, or why not yet
+      root.append(el("div", "skv-note skv-budget-file", state.answer.budget_file_note));
+    } else if (state.ctx?.budgetFileLinked) {
+      root.append(el("div", "skv-note skv-budget-file",
+        "budget_file is linked: the run uses that file; this is budget_source's plan"));
     }
   }
   root.dataset.state = state.error ? "error" : state.answer ? state.answer.mode : "empty";
@@ -325,37 +387,71 @@ async function fetchPlan(state, body) {
   draw(state);
 }
 
+// ------------------------------------------------------------------------------------------ change events
+
+const configs = new Set(); // the config widgets on the page
+let fallbackTimer = null;
+
+// Something that may alter a plan happened: every config widget re-reads the graph after the debounce (a request
+// with the same values as the last one sends nothing). `reason` is kept on the widget for the browser test.
+function graphChanged(reason = "event") {
+  for (const state of configs) state.schedule(DEBOUNCE_MS, reason);
+}
+
+// The slow check for values set by scripts (see FALLBACK_MS); it runs only while a config widget exists.
+function watchFallback() {
+  if (configs.size && !fallbackTimer) fallbackTimer = setInterval(() => configs.forEach((s) => s.watch()), FALLBACK_MS);
+  if (!configs.size && fallbackTimer) { clearInterval(fallbackTimer); fallbackTimer = null; }
+}
+
+// Wrap a prototype or instance method so it also reports a change (the original runs first, its result kept).
+function chain(target, name, after) {
+  const orig = target[name];
+  target[name] = function () {
+    const r = orig?.apply(this, arguments);
+    after.apply(this, arguments);
+    return r;
+  };
+}
+
+// Widget edits: classic widgets call their callback and node.onWidgetChanged; Nodes 2.0's Vue widgets call the
+// callback too. Widgets a node gains later (converted inputs) are caught by the frontend's graphChanged.
+function listenToWidgets(node) {
+  for (const w of node.widgets || []) {
+    if (w.name !== WIDGET) chain(w, "callback", () => graphChanged());
+  }
+}
+
 function attach(node, kind) {
   injectCss();
   const root = el("div", "skv-root");
   root.dataset.scalekv = kind;
   const state = {
     node, kind, root, answer: null, error: null, ctx: null, key: null, seq: 0, version: 0, height: 0,
-    model: DEFAULT_MODEL, resolution: DEFAULT_RESOLUTION, report: null, lastRun: null, timer: null, watched: null,
+    model: DEFAULT_MODEL, resolution: DEFAULT_RESOLUTION, report: null, lastRun: null, timer: null, reason: null,
     placeholder: kind === CONFIG ? "planning the cache…" : "ScaleKV memory: planned and measured figures after a run",
   };
-  // One request per settled set of values: edits restart the debounce timer, identical values send nothing.
+  // One request per settled set of values: changes restart the debounce timer, identical values send nothing.
   state.refresh = () => {
-    if (state.kind !== CONFIG) return;
+    state.timer = null;
+    if (state.kind !== CONFIG || !node.graph) return;
     const { body, ctx } = configRequest(node, state);
     const key = requestKey(body, ctx);
     if (key === state.key) return;
     state.key = key;
     state.ctx = ctx;
+    root.dataset.trigger = state.reason || "event"; // what noticed the change: an event or the slow check
     fetchPlan(state, body);
   };
-  state.schedule = (delay = DEBOUNCE_MS) => {
+  state.schedule = (delay = DEBOUNCE_MS, reason = "event") => {
     clearTimeout(state.timer);
+    state.reason = reason;
     state.timer = setTimeout(state.refresh, delay);
   };
-  state.watch = () => { // values changed without a callback: seen by comparing them with the last request
-    if (state.kind !== CONFIG || !node.graph) return;
+  state.watch = () => { // the slow check: values changed with no event, seen by comparing with the last request
+    if (state.timer || !node.graph) return; // an event's refresh is already on its way
     const { body, ctx } = configRequest(node, state);
-    const key = requestKey(body, ctx);
-    if (key !== state.key && key !== state.watched) {
-      state.watched = key;
-      state.schedule();
-    }
+    if (requestKey(body, ctx) !== state.key) state.schedule(0, "fallback");
   };
   const widget = node.addDOMWidget(WIDGET, "scalekv_budget", root, {
     serialize: false, hideOnZoom: false,
@@ -366,19 +462,13 @@ function attach(node, kind) {
   if (node.size && node.size[0] < MIN_WIDTH) node.size = [MIN_WIDTH, node.size[1]];
   state.widget = widget;
   node.__scalekv = state;
-  if (kind === CONFIG) {
-    for (const w of node.widgets || []) {
-      if (!CONFIG_FIELDS.includes(w.name)) continue;
-      const orig = w.callback;
-      w.callback = function () { const r = orig?.apply(this, arguments); state.schedule(); return r; };
-    }
-  }
-  // Values changed by Vue widgets (Nodes 2.0), by other nodes (sampler, loader) or by scripts: watched by value.
-  const poll = setInterval(state.watch, POLL_MS);
-  const onRemoved = node.onRemoved;
-  node.onRemoved = function () { clearInterval(poll); clearTimeout(state.timer); return onRemoved?.apply(this, arguments); };
+  chain(node, "onRemoved", () => { clearTimeout(state.timer); configs.delete(state); watchFallback(); });
   draw(state);
-  if (kind === CONFIG) state.schedule(0);
+  if (kind === CONFIG) {
+    configs.add(state);
+    watchFallback();
+    state.schedule(0);
+  }
   return state;
 }
 
@@ -390,25 +480,41 @@ function showReport(sampler, report) {
   fetchPlan(state, { report });
   const config = inputNode(sampler, "cache_config");
   if (config?.__scalekv) {
-    config.__scalekv.lastRun = { measured_peak_mb: report.measured_peak_mb, planned_peak_mb: report.planned_peak_mb,
-      samplerId: sampler.id };
+    // the planned peak as both widgets show it: for the longest prompt (an older report: its own prompt's)
+    config.__scalekv.lastRun = { measured_peak_mb: report.measured_peak_mb,
+      planned_peak_mb: report.planned_peak_max_prompt_mb ?? report.planned_peak_mb, samplerId: sampler.id,
+      key: config.__scalekv.key };
     draw(config.__scalekv);
   }
 }
 
 app.registerExtension({
   name: EXTENSION,
+  async setup() {
+    // The frontend's change tracker: fired after user actions that changed the workflow (edits in either display
+    // mode, nodes added, removed or pasted, links drawn), where the frontend has it.
+    api.addEventListener?.("graphChanged", () => graphChanged());
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== SAMPLER) return;
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      const r = onExecuted?.apply(this, arguments);
-      showReport(this, message?.scalekv_memory?.[0]);
-      return r;
-    };
+    if (!WATCHED.includes(nodeData?.name)) return;
+    const proto = nodeType.prototype;
+    // Links made or broken, widgets changed on the canvas, nodes added to or removed from a graph, graphs loaded.
+    for (const hook of ["onConnectionsChange", "onWidgetChanged", "onAdded", "onRemoved", "onConfigure"]) {
+      chain(proto, hook, () => graphChanged());
+    }
+    if (nodeData.name === SAMPLER) {
+      chain(proto, "onExecuted", function (message) { showReport(this, message?.scalekv_memory?.[0]); });
+    } else if (nodeData.name === CALIBRATE) {
+      // a finished calibration may have written the file a linked config widget names
+      chain(proto, "onExecuted", () => { calibrations += 1; graphChanged(); });
+    }
   },
   nodeCreated(node) {
+    if (WATCHED.some((t) => isType(node, t))) listenToWidgets(node);
     if (isType(node, CONFIG)) attach(node, CONFIG);
     else if (isType(node, SAMPLER)) attach(node, SAMPLER);
+  },
+  afterConfigureGraph() {
+    graphChanged(); // a workflow was loaded: its values arrived after the nodes were created
   },
 });
