@@ -16,7 +16,6 @@ from .kvcache.cache import AttentionObserver, KeptRecorder, ScaleUsage
 from .limits import LIMITS
 from .model.text_encoder import TextConditioning
 from .model.transformer import Infinity, TextKV
-from .model.rope import rope_table
 from .model.vae import bits_to_codes, unpatchify_bits
 from .schedules import Schedule
 
@@ -78,7 +77,12 @@ class SampleOutput:
 
 
 def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one class per row of (B, L, V) logits after top-k and top-p, with the original's single multinomial."""
+    """Draw one class per row of (B, L, V) logits after top-k and top-p, with the original's single multinomial draw.
+
+    torch.multinomial draws one sample per row as argmax(p / E) with E ~ Exp(1) from the generator, after checking
+    the probabilities with two host reads; the same race is written out here, so the same generator gives the same
+    draws (tests/test_parity.py) and the host never waits for the device.
+    """
     B, L, V = logits.shape
     if top_k > 0:
         kth = logits.topk(min(top_k, V), dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
@@ -86,10 +90,11 @@ def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch
     if top_p > 0:
         sorted_logits, order = logits.sort(dim=-1, descending=False)
         drop = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        drop[..., -1:] = False
+        drop[..., -1].fill_(False)  # one fill; assigning a Python value makes a device scalar and copies it
         logits = logits.masked_fill(drop.scatter(order.ndim - 1, order, drop), -torch.inf)
     probs = logits.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, L)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.div(probs, race, out=race).argmax(dim=-1).view(B, L)
 
 
 def _uncond_text(model: Infinity, cond: TextConditioning) -> torch.Tensor:
@@ -157,7 +162,9 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
         generator.manual_seed(int(settings.seed))
 
     cond_vec, gss, ca = model.condition(text, lens)
-    rope = rope_table(model.cfg.head_dim, schedule).to(device)
+    image = model.image_constants(gss, ca)  # what every scale reuses, made once per image
+    head_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the head's AdaLN table per row count
+    rope = model.rope(schedule)  # on the device, copied from the host once per schedule
     cache = make_cache(model, schedule, bs, cache_config or CacheConfig(policy="full"), record_kept, observer)
     cache.time_eviction = time_eviction
     vae_grids = schedule.vae_grids(vae_patchify)
@@ -171,13 +178,14 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
             start = schedule.offsets[si]
             cache.begin_scale(si)
             hidden = None  # the previous scale's hidden state must not live on through this larger one
-            hidden = model.forward_scale(x, si, gss, ca, rope[:, start:start + h * w], cache)  # updates x in place
+            hidden = model.forward_scale(x, si, image, rope[:, start:start + h * w], cache)  # updates x in place
             cache.end_scale()
-            if use_cfg and cfgs[si] != 1:
-                logits = model.logits(hidden, cond_vec).mul(1 / taus[si])
+            rows = bs if use_cfg and cfgs[si] != 1 else B
+            if rows not in head_tables:
+                head_tables[rows] = model.head_nm.table(cond_vec[:rows])
+            logits = model.logits(hidden[:rows], cond_vec[:rows], head_tables[rows]).mul(1 / taus[si])
+            if rows != B:
                 logits = cfgs[si] * logits[:B] + (1 - cfgs[si]) * logits[B:]
-            else:
-                logits = model.logits(hidden[:B], cond_vec[:B]).mul(1 / taus[si])
             logits = logits.reshape(B, -1, 2)
             if keep_logits:
                 out.logits.append(logits.clone())

@@ -214,7 +214,9 @@ def test_each_weight_dequantizes_once_per_forward(monkeypatch: pytest.MonkeyPatc
     for i in range(model.cfg.depth):
         key = model.cfg.block_key(i)
         for path in quant.QUANTIZED_LAYERS:
-            assert per_layer[(f"{key}.{path}", None)] == n, (key, path)  # once per scale, whatever the slices
+            # once per scale, whatever the slices; the text's keys and values are projected once per image
+            expected = 1 if path == "ca.mat_kv" else n
+            assert per_layer[(f"{key}.{path}", None)] == expected, (key, path)
         assert per_layer[(f"{key}.sa.mat_qkv", C)] == n  # the policy's query rows: a third of the weight
 
 

@@ -32,24 +32,41 @@ def rope_table(head_dim: int, schedule: Schedule, base: float = 10000.0) -> torc
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=0)
 
 
+def rope_pairs(table: torch.Tensor) -> torch.Tensor:
+    """(2, L, c) from rope_table's (2, L, c/2): each cos twice, and (-sin, +sin) per pair, so `rotate` needs 4 ops.
+
+    Built once per schedule: the values are the table's own (negation is exact), so rotations keep their bits.
+    """
+    cos, sin = table[0], table[1]
+    return torch.stack((cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)))
+
+
+def rotate(x: torch.Tensor, pairs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate the pairs (x[2p], x[2p+1]) of float32 x (..., L, c) by `pairs` (2, L, c) from `rope_pairs`.
+
+    x*cos + swap(x)*(-sin, +sin) gives cos*x0 - sin*x1 and sin*x0 + cos*x1 with the same roundings as the direct
+    formula (a + (-b) is a - b and addition commutes), in 4 element-wise ops instead of 7. `out` may be a view of
+    any float dtype (a cache slot): the float32 sum is rounded once on the way in.
+    """
+    return torch.add(x * pairs[0], swap_pairs(x) * pairs[1], out=out)
+
+
+def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x0, x3, x2, ...): each pair of the last dim swapped (one copy), the partner `rotate` multiplies by sin."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
 #: Tokens rotated at a time, so the temporaries stay small at large scales (the arithmetic is per element).
 ROPE_CHUNK = 1024
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate the pairs (x[2p], x[2p+1]) of x (B, H, L, c) by the L rows of `table` (2, L, c/2), in float32."""
+    pairs = rope_pairs(table)
     L = x.shape[-2]
     if L <= ROPE_CHUNK:
-        return _rotate(x, table)
+        return rotate(x.float(), pairs)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for s in range(0, L, ROPE_CHUNK):
-        out[..., s:s + ROPE_CHUNK, :] = _rotate(x[..., s:s + ROPE_CHUNK, :], table[:, s:s + ROPE_CHUNK])
+        rotate(x[..., s:s + ROPE_CHUNK, :].float(), pairs[:, s:s + ROPE_CHUNK], out=out[..., s:s + ROPE_CHUNK, :])
     return out
-
-
-def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    cos, sin = table[0], table[1]
-    x = x.float().reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = x[..., 0], x[..., 1]
-    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
-    return out.reshape(*out.shape[:-2], -1)
