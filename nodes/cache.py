@@ -36,7 +36,7 @@ def with_policies(inputs: list[io.Input]) -> list[io.Input]:
     the other policies: web/js/scalekv_policy_inputs.js). Set on extra_dict, which every host's inputs merge into
     their definition (0.3.75's Combo takes no extra_dict argument)."""
     for node_input in inputs:
-        setting = "budget" if node_input.id == "budget_unit" else node_input.id
+        setting = {"budget_unit": "budget", "budget_source": "budget_file"}.get(node_input.id, node_input.id)
         if setting in POLICY_SETTINGS:
             node_input.extra_dict = {**node_input.extra_dict, "scalekv_policies": list(POLICY_SETTINGS[setting])}
     return inputs

@@ -190,4 +190,5 @@ def test_cache_config_inputs_carry_the_policies_that_read_them(node_classes):
     for name in ("budget", "window", "kernel", "pooling", "scoring", "kv_dtype", "refiner_decay", "budget_file"):
         assert specs[name][1]["scalekv_policies"] == list(POLICY_SETTINGS[name]), name
     assert specs["budget_unit"][1]["scalekv_policies"] == list(POLICY_SETTINGS["budget"])
+    assert specs["budget_source"][1]["scalekv_policies"] == list(POLICY_SETTINGS["budget_file"])
     assert "scalekv_policies" not in specs["policy"][1]
