@@ -300,6 +300,7 @@ async function runMode(browser, mode) {
     await page.waitForTimeout(1000); // extensions' setup()
     res.extensions = await page.evaluate(() => window.comfyAPI.app.app.extensions.map((e) => e.name)
       .filter((n) => n.startsWith('scalekv')));
+    res.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
     res.vue_nodes = await page.evaluate(() => !!document.querySelector('.graph-canvas-container, body')
       && window.comfyAPI.app.app.ui.settings.getSettingValue('Comfy.VueNodes.Enabled'));
     await page.evaluate(() => {

@@ -32,26 +32,28 @@ const DEBOUNCE_MS = 250;
 const FALLBACK_MS = 2000;
 const MIN_WIDTH = 520; // room for the per-scale columns at 12px
 
-// Text uses the palette's own pairs (input text on the input background, description text for the dim parts); the
-// coloured figures are mixed toward the text colour so they keep its contrast in dark and light palettes.
+// Text uses the palette's own pairs (input text on the input background; the dim parts are description text moved a
+// quarter toward the input text); the coloured figures are mixed toward the text colour too, so every text keeps
+// its contrast in dark and light palettes.
 const CSS = `
 .skv-root { font: 12px/1.35 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; color: var(--input-text, #ddd);
   background: var(--comfy-input-bg, #222); border: 1px solid var(--border-color, #4e4e4e); border-radius: 4px;
-  padding: 4px 6px; box-sizing: border-box; width: 100%; overflow: hidden; pointer-events: auto;
+  padding: 4px 6px; box-sizing: border-box; width: 100%; overflow: hidden; pointer-events: auto; position: relative;
   --skv-d: #f0a040; --skv-r: #4aa3f0; --skv-m: #3fb950; --skv-bad: var(--error-text, #f44);
-  --skv-full: color-mix(in srgb, var(--input-text, #ddd) 22%, transparent); }
+  --skv-full: color-mix(in srgb, var(--input-text, #ddd) 22%, transparent);
+  --skv-dim: color-mix(in srgb, var(--descrip-text, #999) 75%, var(--input-text, #ddd)); }
 .skv-head { display: flex; flex-wrap: wrap; gap: 2px 8px; align-items: center; margin-bottom: 3px; }
 .skv-head b { color: var(--fg-color, #fff); font-weight: 600; }
 .skv-head select { font: inherit; background: var(--bg-color, #202020); color: var(--input-text, #ddd);
   border: 1px solid var(--border-color, #4e4e4e); border-radius: 3px; padding: 0 2px; }
-.skv-dim, .skv-grid > .skv-h { color: var(--descrip-text, #999); }
-.skv-legend { display: flex; flex-wrap: wrap; gap: 0 10px; margin-bottom: 2px; color: var(--descrip-text, #999); }
+.skv-dim, .skv-grid > .skv-h { color: var(--skv-dim); }
+.skv-legend { display: flex; flex-wrap: wrap; gap: 0 10px; margin-bottom: 2px; color: var(--skv-dim); }
 .skv-grid { display: grid; grid-template-columns: 64px minmax(40px, 1fr) repeat(4, auto); column-gap: 6px;
   row-gap: 1px; align-items: center; }
 .skv-grid.skv-with-measured { grid-template-columns: 64px minmax(40px, 1fr) repeat(6, auto); }
 .skv-grid > .skv-h { font-size: 11px; }
 .skv-grid > .skv-n { text-align: right; white-space: nowrap; }
-.skv-grid > .skv-last-note { grid-column: 2 / -1; white-space: normal; color: var(--descrip-text, #999); }
+.skv-grid > .skv-last-note { grid-column: 2 / -1; white-space: normal; color: var(--skv-dim); }
 .skv-bars { position: relative; height: 12px; }
 .skv-bar { position: absolute; left: 0; border-radius: 1px; min-width: 1px; }
 .skv-bar-full { top: 0; height: 12px; background: var(--skv-full); }
@@ -66,7 +68,7 @@ const CSS = `
 .skv-error, .skv-no-fit { color: color-mix(in srgb, var(--skv-bad) 45%, var(--input-text, #ddd)); }
 .skv-error { white-space: normal; }
 .skv-job { white-space: normal; font-weight: 600; }
-.skv-note { white-space: normal; color: var(--descrip-text, #999); }
+.skv-note { white-space: normal; color: var(--skv-dim); }
 `;
 
 function injectCss() {
@@ -355,7 +357,11 @@ function draw(state) {
 function fitNode(state) {
   const node = state.node;
   requestAnimationFrame(() => {
-    const h = Math.ceil(state.root.scrollHeight) + 16; // the frontend keeps a margin of the widget's height
+    // The content's own height (its last child's bottom), not the root's: Nodes 2.0 stretches the root to fill the
+    // node, so the root's height would grow the node by the margin on every drawing.
+    const last = state.root.lastElementChild;
+    const content = last ? last.offsetTop + last.offsetHeight + 6 : state.root.scrollHeight; // + padding, border
+    const h = Math.ceil(content) + 16; // the frontend keeps a margin of the widget's height
     if (Math.abs(h - state.height) < 2) return;
     state.height = h;
     const want = node.computeSize?.();
