@@ -183,6 +183,7 @@ async function setWidget(page, nodeId, name, value) {
     if (!w) throw new Error(`node ${id} has no widget ${name}`);
     w.value = value;
     w.callback?.(value);
+    window.comfyAPI.app.app.canvas.setDirty(true, true); // the canvas shows the new value in screenshots
   }, { id: nodeId, name, value });
 }
 

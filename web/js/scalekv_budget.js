@@ -212,7 +212,8 @@ function drawHeader(root, state, answer, ctx) {
 function drawLegend(root, answer) {
   const legend = el("div", "skv-legend");
   const keys = [["d", "drafters", "layers that look widely: the larger capacity"],
-    ["r", answer.policy === "scalekv" ? "refiners" : "layers", "layers that look locally: the smaller capacity"],
+    answer.policy === "scalekv" ? ["r", "refiners", "layers that look locally: the smaller capacity"]
+      : ["r", "layers", "what each layer keeps"],
     ["full", "full cache", "what every layer would hold without compression"]];
   if (answer.mode === "report") keys.push(["m", "measured", "what the run's cache really held"]);
   if (answer.policy !== "scalekv") keys.shift(); // no drafters outside ScaleKV
@@ -420,8 +421,9 @@ function chain(target, name, after) {
   };
 }
 
-// Widget edits: classic widgets call their callback and node.onWidgetChanged; Nodes 2.0's Vue widgets call the
-// callback too. Widgets a node gains later (converted inputs) are caught by the frontend's graphChanged.
+// Widget edits: classic widgets call their callback and node.onWidgetChanged; a Nodes 2.0 edit reaches the callback
+// or, at the latest, the frontend's graphChanged (the browser test types a budget in both modes). Widgets a node
+// gains later (converted inputs) are caught by graphChanged too.
 function listenToWidgets(node) {
   for (const w of node.widgets || []) {
     if (w.name !== WIDGET) chain(w, "callback", () => graphChanged());
