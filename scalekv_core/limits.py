@@ -146,12 +146,15 @@ class TextLimit:
 
 
 MAX_BATCH = 64
-MAX_SEED = 2**63 - 1
+#: Seeds span signed and unsigned 64-bit: ComfyUI's integer node (PrimitiveInt) randomises over signed 64-bit and
+#: feeds samplers' seeds, KSampler's seeds go to 2^64 - 1; torch's generator takes every one of them.
+MIN_SEED = -(2**63)
+MAX_SEED = 2**64 - 1
 
 #: Every numeric input, by name (node input names; the CLI's flags map onto them).
 LIMITS: dict[str, Limit] = {lim.name: lim for lim in (
     # sampler
-    Limit("seed", int, 0, MAX_SEED),
+    Limit("seed", int, MIN_SEED, MAX_SEED),
     Limit("cfg", float, 0.0, 30.0),
     Limit("tau", float, 0.01, 5.0),
     Limit("top_k", int, 0, 100_000),

@@ -151,8 +151,8 @@ CASES: dict[str, Case] = {
     "tau_list_inf": Case(lambda e: _gen(e, "--tau", "1,1,1,1,1,1,inf"), lambda e: ["--tau[6]", "inf"]),
     "top_k_negative": Case(lambda e: _gen(e, "--top-k", "-1"), lambda e: ["--top-k", "-1"]),
     "top_p_2": Case(lambda e: _gen(e, "--top-p", "2"), lambda e: ["--top-p", "2"]),
-    "seed_negative": Case(lambda e: _gen(e, "--seed", "-1"), lambda e: ["--seed", "-1"]),
-    "seed_2_64": Case(lambda e: _gen(e, "--seed", str(2**64)), lambda e: ["--seed", str(2**64)]),
+    "seed_below_int64": Case(lambda e: _gen(e, "--seed", str(-(2**63) - 1)), lambda e: ["--seed", str(-(2**63) - 1)]),
+    "seed_2_64": Case(lambda e: _gen(e, "--seed", str(2**64)), lambda e: ["--seed", str(2**64)]),  # past uint64
     "seed_text": Case(lambda e: _gen(e, "--seed", "lucky"), lambda e: ["--seed", "lucky"]),
     "width_huge": Case(lambda e: _gen(e, "--width", "100000"), lambda e: ["--width", "100000"]),
     "width_float": Case(lambda e: _gen(e, "--width", "256.5"), lambda e: ["--width", "256.5"]),

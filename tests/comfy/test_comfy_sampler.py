@@ -243,3 +243,12 @@ def test_budget_file_drives_the_cache(run, loaded, encoded, sampler_inputs, conf
         assert planned == [s.planned_tokens for s in ref.memory.scales]
     finally:
         path.unlink()
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -8371, 2**64 - 1])
+def test_seeds_over_the_64_bit_range_from_comfyuis_integer_node_run(run, loaded, encoded, sampler_inputs, seed):
+    """PrimitiveInt randomises over signed 64-bit (the full_vs_scalekv workflow's seed node feeds both samplers):
+    a negative seed must run, as ComfyUI's KSampler takes seeds up to 2^64 - 1; the same seed, the same image."""
+    first = run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(seed=seed)).result[0]
+    again = run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(seed=seed)).result[0]
+    assert torch.equal(first, again) and first.std() > 0
