@@ -8,7 +8,15 @@ Memory model, per layer and scale (S stored tokens, n new ones, `keep` to hold a
   attention reads them, the policy picks `keep` of them, and those are gathered straight into the layer's
   buffer. So only one layer at a time ever holds more than its budget.
 - The last scale's keys and values are never stored: nothing reads them again.
-Buffers are sized to the most the layer holds before its next eviction, and re-sized only when that changes.
+Buffers are sized to the most the layer holds before its next eviction, and re-sized only when that changes; a
+layer's first buffer is made before its first write, so a step that keeps everything never goes through the workspace.
+
+Row layout (RowLayout): a layer's keys, values (codes and scales when 8-bit) and, for policies that track them, each
+token's int32 id sit side by side in one buffer (B, H, T, row), so the stored tokens reach the workspace in one copy
+and the kept ones come back in one gather. Keys and values are strided views of it; rows are padded to 16 bytes
+(attention reads values in place). In the workspace, a scale's new tokens always start at the same row for every
+layer (the most any layer stores at that scale) and a layer's stored tokens end there, so the new tokens' ids are
+written once per scale, not once per layer. A buffer made before its first eviction holds its tokens' ids already.
 
 Scaled 8-bit storage (k_dtype and v_dtype both float8_e4m3fn or int8; docs/kv_storage.md): each layer holds codes
 and one float32 scale per token and head, (B, H, T, 1). A step then always runs in a float32 staging area shared
@@ -87,6 +95,29 @@ class ScaleUsage:
     workspace_bytes: int
 
 
+class RowLayout:
+    """Byte layout of one cached token of one head: named fields side by side, moved as whole rows of `unit`."""
+
+    def __init__(self, fields: list[tuple[str, torch.dtype, int]], align: int) -> None:
+        self.fields: dict[str, tuple[torch.dtype, int, int]] = {}  # name -> (dtype, elements, byte offset)
+        off = 0
+        for name, dtype, width in fields:
+            off = -(-off // dtype.itemsize) * dtype.itemsize
+            self.fields[name] = (dtype, width, off)
+            off += width * dtype.itemsize
+        self.row_bytes = -(-off // align) * align
+        size = next(u for u in (8, 4, 2, 1) if self.row_bytes % u == 0 and all(
+            o % u == 0 and (w * d.itemsize) % u == 0 for d, w, o in self.fields.values()))
+        self.unit = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[size]
+        self.units = self.row_bytes // size
+
+    def view(self, raw: torch.Tensor, name: str) -> torch.Tensor:
+        """Field `name` of raw rows (..., units) as (..., elements) of its dtype: a view, no copy."""
+        dtype, width, off = self.fields[name]
+        u = self.unit.itemsize
+        return raw[..., off // u:(off + width * dtype.itemsize) // u].view(dtype)
+
+
 class KVCache:
     """Keys and values of every layer for one generation (the CFG-doubled batch), driven by a budget plan."""
 
@@ -110,17 +141,33 @@ class KVCache:
         self.time_eviction = False
         self.eviction_seconds = 0.0
         self.track_positions = policy.needs_positions
+        policy.prepare(schedule, batch, num_heads, self.device)  # device tables: no host copy inside a step
+        self._token_ids = policy.token_ids() if self.track_positions else None
+        if self.track_positions and self._token_ids is None:
+            raise RuntimeError(f"policy {policy.name} needs positions but gives no token ids")
+        fields = [("k", k_dtype, head_dim), ("v", v_dtype, head_dim)]
+        if self.quantized:
+            fields += [("ks", SCALE_DTYPE, 1), ("vs", SCALE_DTYPE, 1)]
+        if self.track_positions:
+            fields.append(("id", torch.int32, 1))
+        self.layout = RowLayout(fields, 4 if self.quantized else 16)
         L = self.num_layers
+        self.rows: list[torch.Tensor | None] = [None] * L
         self.keys: list[torch.Tensor | None] = [None] * L
         self.values: list[torch.Tensor | None] = [None] * L
         self.positions: list[torch.Tensor | None] = [None] * L
         #: Scaled storage only: float32 scales (B, H, capacity, 1) beside each layer's codes.
         self.k_scales: list[torch.Tensor | None] = [None] * L
         self.v_scales: list[torch.Tensor | None] = [None] * L
+        #: Whether a layer's buffer still holds the ids written when it was made (no eviction since).
+        self._ids_prefilled = [False] * L
         self.lengths = [0] * L
         self.scale = 0
         self.usage: list[ScaleUsage] = []
-        self._ws_tokens = self._workspace_tokens()
+        self._ws_base = self._workspace_bases()
+        self._ws_tokens = max((b + n for b, n in zip(self._ws_base, schedule.tokens_per_scale) if b is not None),
+                              default=0)
+        self._ws_raw: torch.Tensor | None = None
         self._ws: tuple[torch.Tensor, torch.Tensor] | None = None
         self._ws_pos: torch.Tensor | None = None
         self._ws_scales: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -139,24 +186,39 @@ class KVCache:
             j += 1
         return kept[j][layer]
 
+    def _fresh(self, layer: int, scale: int, stored: int, capacity: int) -> bool:
+        """Whether this step makes the layer's first buffer and writes into it (nothing stored, nothing dropped)."""
+        last = scale == self.schedule.num_scales - 1
+        return stored == 0 and capacity == 0 and not last and not self.plan.evicts(scale, layer)
+
     def _in_place(self, layer: int, scale: int, stored: int, capacity: int) -> bool:
+        if self._fresh(layer, scale, stored, capacity):
+            capacity = self._run_capacity(layer, scale)
         n = self.schedule.tokens_per_scale[scale]
         last = scale == self.schedule.num_scales - 1
         return stored + n <= capacity and (last or not self.plan.evicts(scale, layer))
 
-    def _workspace_tokens(self) -> int:
-        """The largest step that has to go through the workspace, found by walking the plan."""
-        need = 0
+    def _walk(self, layer: int, scales: int):  # noqa: ANN202 - generator of (scale, stored, in place, capacity after)
+        """The plan's storage steps for one layer: (scale, stored before, in place, buffer capacity after)."""
+        stored, cap = 0, 0
+        for scale in range(scales):
+            n_kept = len(self.plan.kept)
+            fresh = self._fresh(layer, scale, stored, cap)
+            in_place = self._in_place(layer, scale, stored, cap)
+            if (fresh or not in_place) and scale < n_kept:
+                cap = self._run_capacity(layer, scale)
+            yield scale, stored, in_place, cap
+            if scale < n_kept:
+                stored = self.plan.kept[scale][layer]
+
+    def _workspace_bases(self) -> list[int | None]:
+        """Per scale, the workspace row where the new tokens go: the most any layer stepping through it stores."""
+        bases: list[int | None] = [None] * self.schedule.num_scales
         for layer in range(self.num_layers):
-            stored, cap = 0, 0
-            for scale, n in enumerate(self.schedule.tokens_per_scale):
-                if not self._in_place(layer, scale, stored, cap):
-                    need = max(need, stored + n)
-                    if scale < len(self.plan.kept):
-                        cap = self._run_capacity(layer, scale)
-                if scale < len(self.plan.kept):
-                    stored = self.plan.kept[scale][layer]
-        return need
+            for scale, stored, in_place, _ in self._walk(layer, self.schedule.num_scales):
+                if not in_place:
+                    bases[scale] = max(bases[scale] or 0, stored)
+        return bases
 
     def _staging_tokens(self) -> int:
         """The most tokens one step attends over (stored plus new): the staging area of scaled storage."""
@@ -183,13 +245,9 @@ class KVCache:
         """Buffer capacity per layer after `scale`, as the allocation rule gives it (for planning and reports)."""
         caps = []
         for layer in range(self.num_layers):
-            stored, cap = 0, 0
-            for s in range(scale + 1):
-                if s >= len(self.plan.kept):
-                    break
-                if not self._in_place(layer, s, stored, cap):
-                    cap = self._run_capacity(layer, s)
-                stored = self.plan.kept[s][layer]
+            cap = 0
+            for s, _, _, after in self._walk(layer, min(scale + 1, len(self.plan.kept))):
+                cap = after
             caps.append(cap)
         return caps
 
@@ -204,30 +262,61 @@ class KVCache:
     def _alloc(self, tokens: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(self.batch, self.num_heads, tokens, self.head_dim, device=self.device, dtype=dtype)
 
-    def _alloc_scales(self, tokens: int) -> torch.Tensor:
-        return torch.empty(self.batch, self.num_heads, tokens, 1, device=self.device, dtype=SCALE_DTYPE)
+    def _alloc_rows(self, tokens: int) -> torch.Tensor:
+        return torch.empty(self.batch, self.num_heads, tokens, self.layout.units, device=self.device,
+                           dtype=self.layout.unit)
+
+    def _fields(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                  torch.Tensor | None, torch.Tensor | None]:
+        """Keys, values, key scales, value scales and ids (B, H, T) of raw rows; views, None where absent."""
+        lay = self.layout
+        ks = lay.view(raw, "ks") if self.quantized else None
+        vs = lay.view(raw, "vs") if self.quantized else None
+        ids = lay.view(raw, "id")[..., 0] if self.track_positions else None
+        return lay.view(raw, "k"), lay.view(raw, "v"), ks, vs, ids
+
+    def _set_buffer(self, layer: int, raw: torch.Tensor | None) -> None:
+        if raw is None:
+            self.rows[layer] = self.keys[layer] = self.values[layer] = None
+            self.k_scales[layer] = self.v_scales[layer] = self.positions[layer] = None
+            return
+        self.rows[layer] = raw
+        (self.keys[layer], self.values[layer], self.k_scales[layer], self.v_scales[layer],
+         self.positions[layer]) = self._fields(raw)
+
+    def _new_buffer(self, layer: int, tokens: int, prefill: bool) -> torch.Tensor:
+        """A layer's buffer; `prefill` writes the ids of positions 0.. (a run that has evicted nothing yet)."""
+        self._set_buffer(layer, None)  # the old buffer goes back before the new one is made
+        raw = self._alloc_rows(tokens)
+        self._set_buffer(layer, raw)
+        self._ids_prefilled[layer] = prefill and self.track_positions
+        if self._ids_prefilled[layer]:
+            self.positions[layer].copy_(self._token_ids[:tokens])
+        return raw
 
     def _staging(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._stage is None:
             self._stage = (self._alloc(self.staging_tokens, SCALE_DTYPE), self._alloc(self.staging_tokens, SCALE_DTYPE))
         return self._stage
 
-    def _workspace(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._ws is None:
-            self._ws = (self._alloc(self._ws_tokens, self.k_dtype), self._alloc(self._ws_tokens, self.v_dtype))
-            if self.quantized:
-                self._ws_scales = (self._alloc_scales(self._ws_tokens), self._alloc_scales(self._ws_tokens))
-            if self.track_positions:
-                self._ws_pos = torch.empty(self.batch, self.num_heads, self._ws_tokens, device=self.device,
-                                           dtype=torch.int32)
-        return self._ws
-
-    def _new_positions(self, n: int) -> torch.Tensor:
-        start = self.schedule.offsets[self.scale]
-        return torch.arange(start, start + n, device=self.device, dtype=torch.int32).expand(self.batch, self.num_heads, n)
+    def _workspace(self) -> torch.Tensor:
+        if self._ws_raw is None:
+            self._ws_raw = self._alloc_rows(self._ws_tokens)
+            k, v, ks, vs, ids = self._fields(self._ws_raw)
+            self._ws, self._ws_pos = (k, v), ids
+            self._ws_scales = (ks, vs) if self.quantized else None
+        return self._ws_raw
 
     def begin_scale(self, scale: int) -> None:
+        """Start a scale: the workspace exists from the first scale on; the new tokens' ids go in once per scale."""
         self.scale = scale
+        if self._ws_tokens:
+            self._workspace()
+        base = self._ws_base[scale]
+        last = scale == self.schedule.num_scales - 1
+        if self.track_positions and base is not None and (not last or self.record_kept is not None):
+            start, n = self.schedule.offsets[scale], self.schedule.tokens_per_scale[scale]
+            self._ws_pos[:, :, base:base + n].copy_(self._token_ids[start:start + n])
 
     def new_slots(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (B, H, n, c) where this scale's keys and values for `layer` must be written before `attend`.
@@ -237,23 +326,26 @@ class KVCache:
         a copy of the stored tokens in the shared workspace.
         """
         scale, S = self.scale, self.lengths[layer]
-        total = S + n
-        buf_k, buf_v = self.keys[layer], self.values[layer]
-        cap = 0 if buf_k is None else buf_k.shape[2]
+        raw = self.rows[layer]
+        cap = 0 if raw is None else raw.shape[2]
         in_place = self._in_place(layer, scale, S, cap)
+        if self._fresh(layer, scale, S, cap):
+            raw = self._new_buffer(layer, self._run_capacity(layer, scale), prefill=True)
         if self.quantized:
             return self._staged_slots(layer, scale, S, n, in_place)
         if in_place:
-            dst_k, dst_v = buf_k, buf_v
+            base = S
+            dst_k, dst_v = self.keys[layer], self.values[layer]
         else:
-            dst_k, dst_v = self._workspace()
-            if S:
-                dst_k[:, :, :S].copy_(buf_k[:, :, :S])
-                dst_v[:, :, :S].copy_(buf_v[:, :, :S])
+            ws = self._workspace()
+            base = self._ws_base[scale]
+            if S:  # one copy moves the stored keys, values and ids
+                ws[:, :, base - S:base].copy_(raw[:, :, :S])
             if scale == self.schedule.num_scales - 1:  # the last scale reads the buffer once: the copy is it
-                self.keys[layer] = self.values[layer] = None
+                self._set_buffer(layer, None)
+            dst_k, dst_v = self._ws
         self._step = (layer, scale, S, n, in_place)
-        return dst_k[:, :, S:total], dst_v[:, :, S:total]
+        return dst_k[:, :, base:base + n], dst_v[:, :, base:base + n]
 
     def _staged_slots(self, layer: int, scale: int, S: int, n: int, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled storage: the stored tokens dequantized into the staging area, and the new tokens' views after them."""
@@ -262,9 +354,15 @@ class KVCache:
             dequantize_into(self.keys[layer][:, :, :S], self.k_scales[layer][:, :, :S], st_k[:, :, :S])
             dequantize_into(self.values[layer][:, :, :S], self.v_scales[layer][:, :, :S], st_v[:, :, :S])
         if scale == self.schedule.num_scales - 1:  # read once, now in the staging area: the codes can go
-            self.keys[layer] = self.values[layer] = self.k_scales[layer] = self.v_scales[layer] = None
+            self._set_buffer(layer, None)
         self._step = (layer, scale, S, n, in_place)
         return st_k[:, :, S:S + n], st_v[:, :, S:S + n]
+
+    def _write_new_ids(self, layer: int, S: int, n: int) -> None:
+        """Ids of an in-place step's tokens, unless the buffer was made holding them (the usual case)."""
+        if self.track_positions and not self._ids_prefilled[layer]:
+            start = self.schedule.offsets[self.scale]
+            self.positions[layer][:, :, S:S + n].copy_(self._token_ids[start:start + n])
 
     def attend(self, layer: int, q: torch.Tensor, compute_dtype: torch.dtype, x: torch.Tensor | None = None,
                w_q: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,29 +379,23 @@ class KVCache:
             return self._attend_staged(layer, q, compute_dtype, x, w_q, scale, S, n, in_place)
         total = S + n
         last = scale == self.schedule.num_scales - 1
-        buf_k, buf_v = self.keys[layer], self.values[layer]
         if in_place:
-            if self.track_positions and not last:
-                self.positions[layer][:, :, S:total] = self._new_positions(n)
-            out = sdpa(q, buf_k[:, :, :total], buf_v[:, :, :total], compute_dtype)
+            if not last:
+                self._write_new_ids(layer, S, n)
+            out = sdpa(q, self.keys[layer][:, :, :total], self.values[layer][:, :, :total], compute_dtype)
             if self.observer is not None:
-                self.observer(scale, layer, q, buf_k[:, :, :total], S)
+                self.observer(scale, layer, q, self.keys[layer][:, :, :total], S)
             if last:  # nothing reads this layer's cache again: its memory serves the layers still to come
-                self.keys[layer] = self.values[layer] = self.positions[layer] = None
+                self._set_buffer(layer, None)
             else:
                 self.lengths[layer] = total
             return out
 
+        base = self._ws_base[scale]
+        lo, hi = base - S, base + n
         ws_k, ws_v = self._ws
-        keys, values = ws_k[:, :, :total], ws_v[:, :, :total]
-        positions = None
-        if self.track_positions:
-            if S:
-                self._ws_pos[:, :, :S].copy_(self.positions[layer][:, :, :S])
-            self._ws_pos[:, :, S:total] = self._new_positions(n)
-            positions = self._ws_pos[:, :, :total]
-            if last:
-                self.positions[layer] = None
+        keys, values = ws_k[:, :, lo:hi], ws_v[:, :, lo:hi]
+        positions = self._ws_pos[:, :, lo:hi] if self.track_positions else None
         out = sdpa(q, keys, values, compute_dtype)
         if self.observer is not None:
             self.observer(scale, layer, q, keys, S)
@@ -314,32 +406,29 @@ class KVCache:
             if self.record_kept is not None and keep < total:  # what the original would keep; never stored
                 self.record_kept(scale, layer, self._select(layer, q, keys, positions, S, keep, x, w_q))
             return out
+        self._keep_rows(layer, scale, self._ws_raw[:, :, lo:hi], keep, total, q, keys, positions, S, x, w_q)
+        return out
+
+    def _keep_rows(self, layer: int, scale: int, src: torch.Tensor, keep: int, total: int, q: torch.Tensor,
+                   keys: torch.Tensor, positions: torch.Tensor | None, S: int, x: torch.Tensor | None,
+                   w_q: torch.Tensor | None) -> None:
+        """Move the step's rows (workspace) into the layer's buffer: all of them, or the kept ones in one gather."""
         new_cap = self._run_capacity(layer, scale)
-        if buf_k is None or buf_k.shape[2] != new_cap:
-            self.keys[layer] = buf_k = self._alloc(new_cap, self.k_dtype)
-            self.values[layer] = buf_v = self._alloc(new_cap, self.v_dtype)
-            if self.track_positions:
-                self.positions[layer] = torch.empty(self.batch, self.num_heads, new_cap, device=self.device,
-                                                    dtype=torch.int32)
+        if self.rows[layer] is None or self.rows[layer].shape[2] != new_cap:  # no reference keeps the old one alive
+            self._new_buffer(layer, new_cap, prefill=False)
+        raw = self.rows[layer]
+        self._ids_prefilled[layer] = False
         if keep == total:
-            buf_k[:, :, :total].copy_(keys)
-            buf_v[:, :, :total].copy_(values)
-            if self.track_positions:
-                self.positions[layer][:, :, :total].copy_(positions)
+            raw[:, :, :total].copy_(src)
         else:
             t0 = self._clock()
             idx = self._select(layer, q, keys, positions, S, keep, x, w_q)
             if self.record_kept is not None:
                 self.record_kept(scale, layer, idx)
-            gather_idx = idx.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
-            _gather_into(buf_k, keys, gather_idx, keep)
-            _gather_into(buf_v, values, gather_idx, keep)
-            if self.track_positions:
-                self.positions[layer][:, :, :keep] = positions.gather(2, idx)
+            _gather_into(raw, src, idx.unsqueeze(-1).expand(-1, -1, -1, self.layout.units), keep)
             if self.time_eviction:
                 self.eviction_seconds += self._clock() - t0
         self.lengths[layer] = keep
-        return out
 
     def _attend_staged(self, layer: int, q: torch.Tensor, compute_dtype: torch.dtype, x: torch.Tensor | None,
                        w_q: torch.Tensor | None, scale: int, S: int, n: int, in_place: bool) -> torch.Tensor:
@@ -348,19 +437,13 @@ class KVCache:
         last = scale == self.schedule.num_scales - 1
         st_k, st_v = self._stage
         keys, values = st_k[:, :, :total], st_v[:, :, :total]
+        base = self._ws_base[scale]
         positions = None
-        if self.track_positions:
-            if in_place:
-                if not last:
-                    self.positions[layer][:, :, S:total] = self._new_positions(n)
-            else:
-                self._workspace()
-                if S:
-                    self._ws_pos[:, :, :S].copy_(self.positions[layer][:, :, :S])
-                self._ws_pos[:, :, S:total] = self._new_positions(n)
-                positions = self._ws_pos[:, :, :total]
-            if last:
-                self.positions[layer] = None
+        if in_place:
+            if not last:
+                self._write_new_ids(layer, S, n)
+        elif self.track_positions:
+            positions = self._ws_pos[:, :, base - S:base + n]
         out = sdpa(q, keys, values, compute_dtype)
         if self.observer is not None:
             self.observer(scale, layer, q, keys, S)
@@ -375,47 +458,16 @@ class KVCache:
             self.lengths[layer] = total
             return out
 
-        # Codes of stored + new tokens laid out in the workspace, so the kept ones gather straight into the buffer.
-        ws_k, ws_v = self._workspace()
+        # Rows of stored + new tokens laid out in the workspace, so the kept ones gather straight into the buffer.
+        ws = self._workspace()
+        ws_k, ws_v = self._ws
         ws_ks, ws_vs = self._ws_scales
-        buf_k, buf_v = self.keys[layer], self.values[layer]
         if S:
-            ws_k[:, :, :S].copy_(buf_k[:, :, :S])
-            ws_v[:, :, :S].copy_(buf_v[:, :, :S])
-            ws_ks[:, :, :S].copy_(self.k_scales[layer][:, :, :S])
-            ws_vs[:, :, :S].copy_(self.v_scales[layer][:, :, :S])
-        quantize_into(st_k[:, :, S:total], ws_k[:, :, S:total], ws_ks[:, :, S:total])
-        quantize_into(st_v[:, :, S:total], ws_v[:, :, S:total], ws_vs[:, :, S:total])
+            ws[:, :, base - S:base].copy_(self.rows[layer][:, :, :S])
+        quantize_into(st_k[:, :, S:total], ws_k[:, :, base:base + n], ws_ks[:, :, base:base + n])
+        quantize_into(st_v[:, :, S:total], ws_v[:, :, base:base + n], ws_vs[:, :, base:base + n])
         keep = self.plan.kept[scale][layer]
-        new_cap = self._run_capacity(layer, scale)
-        if buf_k is None or buf_k.shape[2] != new_cap:
-            self.keys[layer] = self.values[layer] = self.k_scales[layer] = self.v_scales[layer] = None
-            self.keys[layer] = buf_k = self._alloc(new_cap, self.k_dtype)
-            self.values[layer] = buf_v = self._alloc(new_cap, self.v_dtype)
-            self.k_scales[layer] = self._alloc_scales(new_cap)
-            self.v_scales[layer] = self._alloc_scales(new_cap)
-            if self.track_positions:
-                self.positions[layer] = torch.empty(self.batch, self.num_heads, new_cap, device=self.device,
-                                                    dtype=torch.int32)
-        pairs = ((buf_k, ws_k), (buf_v, ws_v), (self.k_scales[layer], ws_ks), (self.v_scales[layer], ws_vs))
-        if keep == total:
-            for dst, src in pairs:
-                dst[:, :, :total].copy_(src[:, :, :total])
-            if self.track_positions:
-                self.positions[layer][:, :, :total].copy_(positions)
-        else:
-            t0 = self._clock()
-            idx = self._select(layer, q, keys, positions, S, keep, x, w_q)
-            if self.record_kept is not None:
-                self.record_kept(scale, layer, idx)
-            data_idx = idx.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
-            for (dst, src), gather_idx in zip(pairs, (data_idx, data_idx, idx.unsqueeze(-1), idx.unsqueeze(-1))):
-                _gather_into(_raw(dst), _raw(src[:, :, :total]), gather_idx, keep)
-            if self.track_positions:
-                self.positions[layer][:, :, :keep] = positions.gather(2, idx)
-            if self.time_eviction:
-                self.eviction_seconds += self._clock() - t0
-        self.lengths[layer] = keep
+        self._keep_rows(layer, scale, ws[:, :, base - S:base + n], keep, total, q, keys, positions, S, x, w_q)
         return out
 
     def _clock(self) -> float:
@@ -432,8 +484,8 @@ class KVCache:
     def end_scale(self) -> None:
         """Record what every layer holds now (planned tokens are checked against it)."""
         tb = self.token_bytes
-        alloc = [0 if t is None else t.shape[2] for t in self.keys]
-        ws = 0 if self._ws is None else self._ws[0].shape[2] * tb
+        alloc = [0 if t is None else t.shape[2] for t in self.rows]
+        ws = 0 if self._ws_raw is None else self._ws_raw.shape[2] * tb
         if self._stage is not None:
             ws += self._stage[0].shape[2] * self.staging_token_bytes
         self.usage.append(ScaleUsage(tokens=list(self.lengths), stored_bytes=[n * tb for n in self.lengths],
@@ -449,28 +501,19 @@ class KVCache:
 
     def nbytes(self) -> int:
         """Bytes the buffers and the workspace occupy now."""
-        tensors = [t for t in (*self.keys, *self.values, *self.positions, *self.k_scales, *self.v_scales)
-                   if t is not None]
-        for pair in (self._ws, self._ws_scales, self._stage):
-            if pair is not None:
-                tensors += list(pair)
-        if self._ws_pos is not None:
-            tensors.append(self._ws_pos)
+        tensors = [t for t in (*self.rows, self._ws_raw) if t is not None]
+        if self._stage is not None:
+            tensors += list(self._stage)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def release(self) -> None:
         """Drop every buffer so its memory returns to the allocator at once (also after an interrupt)."""
         L = self.num_layers
-        self.keys, self.values, self.positions = [None] * L, [None] * L, [None] * L
-        self.k_scales, self.v_scales = [None] * L, [None] * L
-        self._ws, self._ws_pos, self._ws_scales, self._stage = None, None, None, None
+        for layer in range(L):
+            self._set_buffer(layer, None)
+        self._ws_raw, self._ws, self._ws_pos, self._ws_scales, self._stage = None, None, None, None, None
         self._step = None
         self.lengths = [0] * L
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    """float8 codes seen as their bytes: CPU gather has no float8 kernel, and moving bytes is all eviction does."""
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def _gather_into(dst: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, keep: int) -> None:

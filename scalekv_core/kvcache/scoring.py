@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from ..schedules import Schedule
 
 POOLINGS = ("maxpool", "avgpool")
 
@@ -47,50 +47,109 @@ def pool_1d(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling {pooling!r}; choose {', '.join(POOLINGS)}")
 
 
-@lru_cache(maxsize=32)
-def _neighbour_table(grids: tuple[tuple[int, int], ...], kernel: int, device: str) -> torch.Tensor:
-    """(L+1, kernel²) absolute positions of each token's neighbours inside its own scale's map.
+@dataclass(frozen=True)
+class ScheduleTables:
+    """Everything ScaleKV's selection looks up, built once on the device so no step copies a table from the host.
 
-    Neighbours outside the map, and the extra row L, point at position L: an empty slot.
+    Token maps are stacked top to bottom on one canvas `width` cells wide, `radius` empty rows apart (radius =
+    kernel // 2): a (2r+1)-square max pool of the canvas then never mixes two maps, so 2-D pooling inside each
+    map is one pooling call for all scales. `slots[p]` is the canvas cell of sequence position p.
     """
-    L = sum(h * w for h, w in grids)
-    r = kernel // 2
-    offs = torch.arange(-r, r + 1)
+
+    width: int
+    radius: int
+    canvas_rows: tuple[int, ...]  # canvas rows in use once scale s is present
+    slots: torch.Tensor  # (L,) int32
+    windows: tuple[torch.Tensor, ...]  # per scale: the grid window's local indices, int64
+    rows: torch.Tensor  # (B, 1, 1) int64: batch row index, for (row, head, slot) indexing
+    heads: torch.Tensor  # (1, H, 1) int64
+    neighbours: torch.Tensor | None  # (cells + 1, (2r+1)²) int64 canvas cells, avgpool only; absent -> cells
+
+
+def _device_window(h: int, w: int, window: int, device: torch.device) -> torch.Tensor:
+    """grid_window(h, w, window) made with device ops (two strided ranges), never copied from the host."""
+    g = math.isqrt(window)
+    if g * g != window:
+        raise ValueError(f"the observation window must be a square number of tokens (4, 9, 16, ...), got {window}")
+    gh, gw = min(g, h), min(g, w)
+    ph, pw = h // gh, w // gw
+    r0, c0 = (ph - 1) // 2, (pw - 1) // 2
+    rows = torch.arange(r0 * w, (r0 + gh * ph) * w, ph * w, device=device)
+    cols = torch.arange(c0, c0 + gw * pw, pw, device=device)
+    return (rows.unsqueeze(1) + cols).reshape(-1)
+
+
+@lru_cache(maxsize=32)
+def schedule_tables(grids: tuple[tuple[int, int], ...], window: int, kernel: int, pooling: str, batch: int,
+                    heads: int, device: str) -> ScheduleTables:
+    """ScaleKV's tables for a schedule, once per process and device (a generation's setup builds them)."""
+    dev = torch.device(device)
+    r = kernel // 2 if kernel > 1 else 0
+    width = max(w for _, w in grids)
+    slots, canvas_rows, top = [], [], 0
+    for h, w in grids:
+        ys = torch.arange(top * width, (top + h) * width, width, device=dev, dtype=torch.int32)
+        slots.append((ys.unsqueeze(1) + torch.arange(w, device=dev, dtype=torch.int32)).reshape(-1))
+        canvas_rows.append(top + h)
+        top += h + r
+    neighbours = None
+    if pooling == "avgpool" and r:
+        neighbours = _canvas_neighbours(grids, width, r, dev)
+    return ScheduleTables(width=width, radius=r, canvas_rows=tuple(canvas_rows), slots=torch.cat(slots),
+                          windows=tuple(_device_window(h, w, window, dev) for h, w in grids),
+                          rows=torch.arange(batch, device=dev).view(batch, 1, 1),
+                          heads=torch.arange(heads, device=dev).view(1, heads, 1), neighbours=neighbours)
+
+
+#: The launch census (bench/launches.py) empties the process-wide tables by this name before and after a count.
+_neighbour_table = schedule_tables
+
+
+def _canvas_neighbours(grids: tuple[tuple[int, int], ...], width: int, r: int, dev: torch.device) -> torch.Tensor:
+    """(cells + 1, (2r+1)²) canvas cells of each cell's neighbours inside its own map (dy-major, as avg pooling
+    sums them); neighbours outside the map, and the extra last row, point at the empty cell `cells`."""
+    offs = torch.arange(-r, r + 1, device=dev)
     dy, dx = torch.meshgrid(offs, offs, indexing="ij")
     dy, dx = dy.reshape(-1), dx.reshape(-1)
-    parts, start = [], 0
+    cells = (sum(h for h, _ in grids) + r * (len(grids) - 1)) * width
+    table = torch.full((cells + 1, dy.numel()), cells, dtype=torch.long, device=dev)
+    top = 0
     for h, w in grids:
-        y = torch.arange(h).repeat_interleave(w)[:, None] + dy
-        x = torch.arange(w).repeat(h)[:, None] + dx
-        inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
-        parts.append(torch.where(inside, start + y * w + x, torch.full_like(y, L)))
-        start += h * w
-    parts.append(torch.full((1, kernel * kernel), L, dtype=torch.long))
-    return torch.cat(parts).to(device)
+        y = torch.arange(h, device=dev).repeat_interleave(w)[:, None]
+        x = torch.arange(w, device=dev).repeat(h)[:, None]
+        ny, nx = y + dy, x + dx
+        inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        table[(top + y[:, 0]) * width + x[:, 0]] = torch.where(inside, (top + ny) * width + nx, cells)
+        top += h + r
+    return table
 
 
-def pool_in_maps(scores: torch.Tensor, positions: torch.Tensor, schedule: Schedule, scale: int, kernel: int,
-                 pooling: str) -> torch.Tensor:
+def pool_in_canvas(scores: torch.Tensor, slots: torch.Tensor, tables: ScheduleTables, scale: int,
+                   pooling: str) -> torch.Tensor:
     """Smooth (B, H, T) scores over each token's 2-D neighbours in its own scale's map, never across rows or scales.
 
-    Tokens already evicted simply don't take part. `positions` (B, H, T) are absolute sequence positions.
+    `slots` (B, H, T) int32 are the tokens' canvas cells (ScheduleTables). Tokens already evicted simply don't take
+    part. Max pooling is four kernels (fill, scatter, pool, gather), with no index table or cast per step.
     """
-    if kernel <= 1:
+    r = tables.radius
+    if r == 0:
         return scores
-    grids = tuple(schedule.grids[: scale + 1])
-    L = sum(h * w for h, w in grids)
-    table = _neighbour_table(grids, kernel, str(scores.device))  # (L+1, k²)
     B, H, T = scores.shape
-    empty = -torch.inf if pooling == "maxpool" else 0.0
-    canvas = scores.new_full((B, H, L + 1), empty)
-    canvas.scatter_(-1, positions.long(), scores)
-    nbr = table[positions.long()]  # (B, H, T, k²)
-    vals = canvas.gather(-1, nbr.reshape(B, H, -1)).reshape(B, H, T, -1)
+    cells = tables.canvas_rows[scale] * tables.width
+    at = (tables.rows, tables.heads, slots)
     if pooling == "maxpool":
-        return vals.amax(-1)
+        canvas = scores.new_full((B, H, cells), -torch.inf)
+        canvas[at] = scores
+        pooled = F.max_pool2d(canvas.view(B * H, tables.canvas_rows[scale], tables.width), 2 * r + 1, 1, r)
+        return pooled.view(B, H, cells)[at]
     if pooling == "avgpool":
+        total = tables.neighbours.shape[0] - 1
+        canvas = scores.new_zeros((B, H, total + 1))
+        canvas[at] = scores
         present = torch.zeros_like(canvas, dtype=torch.bool)
-        present.scatter_(-1, positions.long(), True)
-        count = present.gather(-1, nbr.reshape(B, H, -1)).reshape(B, H, T, -1).sum(-1).clamp_min(1)
+        present[at] = True
+        nbr = tables.neighbours[slots.long()].reshape(B, H, -1)  # (B, H, T * k²)
+        vals = canvas.gather(-1, nbr).reshape(B, H, T, -1)
+        count = present.gather(-1, nbr).reshape(B, H, T, -1).sum(-1).clamp_min(1)
         return vals.sum(-1) / count
     raise ValueError(f"unknown pooling {pooling!r}; choose {', '.join(POOLINGS)}")

@@ -23,7 +23,7 @@ class StepContext:
     q: torch.Tensor  # (B, H, n, c): the real queries of the current scale (bias, cos-norm, RoPE)
     x: torch.Tensor | None = None  # (B, n, C): the self-attention input, for the original's raw query
     w_q: torch.Tensor | None = None  # (C, C): the query projection weight
-    positions: torch.Tensor | None = None  # (B, H, stored + n) absolute sequence positions, when tracked
+    positions: torch.Tensor | None = None  # (B, H, stored + n) int32 ids the policy gave each token, when tracked
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -46,6 +46,13 @@ class EvictionPolicy:
 
     def plan(self, schedule: Schedule, num_layers: int) -> BudgetPlan:
         raise NotImplementedError
+
+    def prepare(self, schedule: Schedule, batch: int, num_heads: int, device: torch.device) -> None:
+        """Build the policy's device tables before the first step, so no step copies data from the host."""
+
+    def token_ids(self) -> torch.Tensor | None:
+        """(L,) int32 id the cache stores beside each sequence position when `needs_positions` (after prepare)."""
+        return None
 
     def select(self, ctx: StepContext, keys: torch.Tensor, keep: int) -> torch.Tensor:
         """Indices (B, H, keep) into the step's keys, ascending, of the tokens to keep."""

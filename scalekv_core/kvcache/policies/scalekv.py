@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ...schedules import Schedule
 from ..budget import BudgetError, BudgetPlan, default_drafters, load_budget_file, preset_path, scalekv_plan
-from ..scoring import grid_window, pool_1d, pool_in_maps, softmax_window_scores
+from ..scoring import ScheduleTables, pool_1d, pool_in_canvas, schedule_tables, softmax_window_scores
 from .base import EvictionPolicy, StepContext, topk_keep
 
 SCORINGS = ("original", "improved")
@@ -36,7 +36,7 @@ class ScaleKV(EvictionPolicy):
     drafters: Sequence[int] | Sequence[Sequence[int]] | None = None  # per scale or for all; default: by depth
     refiner_decay: float = 0.0
     name = "scalekv"
-    _windows: dict = field(default_factory=dict, repr=False)
+    _tables: ScheduleTables | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -65,12 +65,19 @@ class ScaleKV(EvictionPolicy):
         drafters = self.drafters if self.drafters is not None else default_drafters(num_layers)
         return scalekv_plan(schedule, num_layers, self.budget, drafters, self.refiner_decay, self.window)
 
-    def _window(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """The grid window's local indices, made once per map size and device (no host-to-device copy per layer)."""
-        key = (h, w, str(device))
-        if key not in self._windows:
-            self._windows[key] = torch.tensor(grid_window(h, w, self.window), device=device)
-        return self._windows[key]
+    def prepare(self, schedule: Schedule, batch: int, num_heads: int, device: torch.device) -> None:
+        """Windows, canvas cells and index rows for this schedule, from the process-wide device tables."""
+        self._tables = schedule_tables(tuple(schedule.grids), self.window, self.kernel, self.pooling, batch,
+                                       num_heads, str(device))
+
+    def token_ids(self) -> torch.Tensor | None:
+        """Each position's canvas cell: what pooling inside the token maps indexes by."""
+        return self._tables.slots if self._tables is not None else None
+
+    def _ready(self, ctx: StepContext, keys: torch.Tensor) -> ScheduleTables:
+        if self._tables is None:  # a caller outside KVCache: build (or fetch) the tables now
+            self.prepare(ctx.schedule, keys.shape[0], keys.shape[1], keys.device)
+        return self._tables
 
     def select(self, ctx: StepContext, keys: torch.Tensor, keep: int) -> torch.Tensor:
         if self.scoring == "original":
@@ -78,11 +85,11 @@ class ScaleKV(EvictionPolicy):
         return self._select_improved(ctx, keys, keep)
 
     def _select_improved(self, ctx: StepContext, keys: torch.Tensor, keep: int) -> torch.Tensor:
-        local = self._window(*ctx.grid, keys.device)
-        scores = softmax_window_scores(ctx.q[:, :, local], keys)
+        tables = self._ready(ctx, keys)
+        scores = softmax_window_scores(ctx.q[:, :, tables.windows[ctx.scale]], keys)
         if ctx.positions is None:
             raise RuntimeError("improved ScaleKV scoring needs the cache to track positions")
-        scores = pool_in_maps(scores, ctx.positions, ctx.schedule, ctx.scale, self.kernel, self.pooling)
+        scores = pool_in_canvas(scores, ctx.positions, tables, ctx.scale, self.pooling)
         return topk_keep(scores, keep)
 
     def _select_original(self, ctx: StepContext, keys: torch.Tensor, keep: int) -> torch.Tensor:
@@ -91,7 +98,7 @@ class ScaleKV(EvictionPolicy):
         h, w = ctx.grid
         g = math.isqrt(self.window)
         if h >= g and w >= g:
-            local = self._window(h, w, keys.device)
+            local = self._ready(ctx, keys).windows[ctx.scale]
             window = local + ctx.stored
         else:  # the original falls back to the newest tokens while the map is smaller than the grid
             size = min(self.window, total)
