@@ -88,7 +88,10 @@ def page_run(server):  # noqa: F811  (the imported fixture)
         cmd += ["--docs", str((REPO / docs).resolve())]
     env = {**os.environ, "PLAYWRIGHT_CORE_DIR": str(playwright_modules()), "CHROMIUM": CHROMIUM}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    # the check also writes its summary to a file: a large summary on a pipe can be cut when node exits
+    saved = OUT / "summary.json"
+    lines = [saved.read_text()] if saved.is_file() else [line for line in proc.stdout.splitlines()
+                                                          if line.startswith("{")]
     assert lines, f"widget_check.mjs printed no summary (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     summary = json.loads(lines[-1])
     assert proc.returncode == 0 and summary["ok"], json.dumps(

@@ -154,6 +154,11 @@ class Client:
         raise AssertionError(f"{prompt_id} not in /history")
 
 
+#: A frontend other than the host's own (a comfyui-frontend-package's static/ folder), served with --front-end-root:
+#: scripts/test.sh runs the browser tests again with the newest one from the registry.
+FRONT_END_ROOT = os.environ.get("SCALEKV_FRONT_END_ROOT") or None
+
+
 @pytest.fixture(scope="module")
 def server():
     root = pathlib.Path(tempfile.mkdtemp(prefix="scalekv-comfy-server-"))
@@ -178,7 +183,8 @@ def server():
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--extra-model-paths-config", str(config), "--database-url", "sqlite:///:memory:",
          "--user-directory", str(root / "user"), "--output-directory", str(root / "output"),
-         "--temp-directory", str(root / "temp"), "--input-directory", str(root / "input")],
+         "--temp-directory", str(root / "temp"), "--input-directory", str(root / "input"),
+         *(["--front-end-root", FRONT_END_ROOT] if FRONT_END_ROOT else [])],
         cwd=COMFYUI, env=env, stdout=log, stderr=subprocess.STDOUT)
     client = None
     url = f"http://127.0.0.1:{port}"

@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -34,10 +35,14 @@ pytestmark = pytest.mark.skipif(missing_browser() is not None, reason=str(missin
 
 @pytest.fixture(scope="module")
 def runs(comfy):  # noqa: F811
+    shutil.rmtree(OUT, ignore_errors=True)  # no summary of an earlier run is read back
     cmd = ["node", str(CHECK), "--url", comfy.url, "--out", str(OUT), "--modes", ",".join(MODES), "--timeout", "240"]
     env = {**os.environ, "PLAYWRIGHT_CORE_DIR": str(playwright_modules()), "CHROMIUM": CHROMIUM}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    # the check also writes its summary to a file: a large summary on a pipe can be cut when node exits
+    saved = OUT / "summary.json"
+    lines = [saved.read_text()] if saved.is_file() else [line for line in proc.stdout.splitlines()
+                                                          if line.startswith("{")]
     assert lines, f"workflow_check.mjs printed no summary (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     summary = json.loads(lines[-1])
     assert proc.returncode == 0 and summary["ok"], json.dumps(
