@@ -219,7 +219,8 @@ def import_original(folder: Path, compile_norm: bool) -> types.ModuleType:
     if not (folder / "infinity/models/infinity.py").exists():
         raise FileNotFoundError(f"{folder}: no original Infinity code; run --prepare-original first")
     sys.path.insert(0, str(folder.resolve()))
-    torch._dynamo.config.cache_size_limit = 64  # as tools/run_infinity.py sets it
+    with contextlib.suppress(Exception):  # as tools/run_infinity.py sets it (renamed in later torch versions)
+        torch._dynamo.config.cache_size_limit = 64
     real_compile = torch.compile
     if not compile_norm:
         torch.compile = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)  # type: ignore[assignment]
@@ -704,7 +705,8 @@ def worker(a: argparse.Namespace) -> int:
     cfg = KNOWN_MODELS[a.worker] if a.worker in KNOWN_MODELS else smoke_models()[a.worker]
     ctx: dict = {"model": a.worker, "size": a.size, "device": device, "cfg": cfg, "text_len": a.text_len,
                  "schedule": get_schedule(1.0, a.size), "hook_marks": [None, None], "first_batch": min(a.batches)}
-    info: dict = {"model": a.worker, "setup": True, "original_compiled_norm": compile_norm}
+    info: dict = {"model": a.worker, "setup": True, "original_compiled_norm": compile_norm,
+                  "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
     t0 = time.perf_counter()
     try:
         info["stand_ins"] = install_stand_ins(a.original_flash)
@@ -836,9 +838,8 @@ def main() -> int:
     deadline = start + a.budget_s
     import torch
 
-    machine = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
-               "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") and torch.cuda.is_available()
-               else a.device}
+    # no CUDA call here: a context in this process would hold device memory while the workers run
+    machine = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
     origin = Path(a.original) / "ORIGIN.json"
     report: dict = {"script": "scripts/gpu_speed.py", "args": {k: v for k, v in vars(a).items() if v is not None},
                     "machine": machine, "sampling": SAMPLING,
@@ -871,6 +872,7 @@ def main() -> int:
         for r in got:
             if r.get("setup"):
                 report["models"][model] = r
+                report["machine"].setdefault("device", r.get("device"))
                 print(f"== {model}: built in {r.get('build_s', 0):.1f} s, shared tensors {r.get('shared_tensors')}"
                       f"{', ERROR ' + r['error'] if 'error' in r else ''}", flush=True)
             else:
