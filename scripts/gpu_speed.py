@@ -53,7 +53,13 @@ import traceback
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+    from scalekv_core.model.config import InfinityConfig
+    from scalekv_core.model.transformer import Infinity
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -83,7 +89,7 @@ EVICTION_TARGET = 0.05
 BUDGET_WEIGHT = {"8b": 1.6}
 
 
-def smoke_models() -> dict:
+def smoke_models() -> dict[str, InfinityConfig]:
     """Shapes small enough for a CPU smoke run of both codes: one per VAE layout (2B-like d32, 8B-like patchify d56)."""
     from scalekv_core.model.config import InfinityConfig
 
@@ -235,13 +241,13 @@ def import_original(folder: Path, compile_norm: bool) -> types.ModuleType:
 class _LFQStandIn:
     """The VAE quantizer surface autoregressive_infer_cfg touches: bits -> codes and the interpolation mode."""
 
-    def __init__(self, d: int, device) -> None:
+    def __init__(self, d: int, device: torch.device) -> None:
         import torch
 
         self.mask = 2 ** torch.arange(d, device=device)
         self.recorded: list | None = None  # set to a list to keep each scale's bits (the agreement check)
 
-    def indices_to_codes(self, idx, label_type: str = "bit_label"):
+    def indices_to_codes(self, idx: torch.Tensor, label_type: str = "bit_label") -> torch.Tensor:
         from scalekv_core.model.vae import bits_to_codes
 
         if self.recorded is not None:
@@ -252,7 +258,7 @@ class _LFQStandIn:
 class OriginalVAEStandIn:
     """What the original's constructor and sampler read off its VAE; nothing is decoded (ret_img=False)."""
 
-    def __init__(self, d: int, device) -> None:
+    def __init__(self, d: int, device: torch.device) -> None:
         self.embed_dim = d
         self.vocab_size = 2 ** min(d, 16)
         self.quantizer = types.SimpleNamespace(lfq=_LFQStandIn(d, device), z_interplote_up="trilinear")
@@ -278,7 +284,8 @@ def _skip_init():
 # ---------------------------------------------------------------------------------------------------------------
 # Models: one random state dict, loaded into both codes
 
-def random_state_dict(cfg, device, block_dtype, seed: int = 0) -> dict:
+def random_state_dict(cfg: InfinityConfig, device: torch.device, block_dtype: torch.dtype,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint layout: matrices N(0, 0.02), norm weights 1, biases 0, attention scales log 4."""
     import torch
 
@@ -304,7 +311,7 @@ def random_state_dict(cfg, device, block_dtype, seed: int = 0) -> dict:
     return sd
 
 
-def build_ours(sd: dict, device, block_dtype):
+def build_ours(sd: dict[str, torch.Tensor], device: torch.device, block_dtype: torch.dtype) -> Infinity:
     """Our transformer as the loader builds it from a file: detected on meta, strict load (sharing sd's tensors)."""
     from scalekv_core.loader import build_transformer_on_meta, place_transformer
 
@@ -314,7 +321,8 @@ def build_ours(sd: dict, device, block_dtype):
     return model.eval().requires_grad_(False)
 
 
-def build_original(original: types.ModuleType, cfg, sd: dict, device, size: str):
+def build_original(original: types.ModuleType, cfg: InfinityConfig, sd: dict[str, torch.Tensor], device: torch.device,
+                   size: str) -> tuple[Any, OriginalVAEStandIn, bool]:
     """The original Infinity with tools/run_infinity.py's constructor arguments, loaded by its own load_state_dict."""
     import torch
 
@@ -333,14 +341,15 @@ def build_original(original: types.ModuleType, cfg, sd: dict, device, size: str)
     model.load_state_dict(dict(sd), strict=True, assign=True)  # a copy: its cfg_uncond rule rewrites that entry
     # that rule rebuilds cfg_uncond on the construction device (the host): point it at the shared tensor instead
     model.cfg_uncond = torch.nn.Parameter(sd["cfg_uncond"], requires_grad=False)
-    stray = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device != sd["pos_start"].device]
+    where = sd["pos_start"].device
+    stray = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device != where]
     if stray:
         raise RuntimeError(f"original model tensors left off the device: {stray[:5]}")
     model.rng = torch.Generator(device=device)  # as load_infinity does
     return model, vae, patchify
 
 
-def shared_tensor_count(original_model, ours) -> tuple[int, int]:
+def shared_tensor_count(original_model: Any, ours: Infinity) -> tuple[int, int]:
     """How many state-dict entries the two models hold as the very same storage (proof both run one set of weights)."""
     a, b = original_model.state_dict(), ours.state_dict()
     same = sum(1 for k, v in a.items() if k in b and v.data_ptr() == b[k].data_ptr())
@@ -481,7 +490,7 @@ class Case:
             for b in c["original_model"].unregistered_blocks:  # an interrupted run must not keep its cat-grown cache
                 b.sa.kv_caching(False)
 
-    def run_ours(self, policy: str, marks: Marks | None):
+    def run_ours(self, policy: str, marks: Marks | None) -> Any:
         from scalekv_core.kvcache import CacheConfig
         from scalekv_core.sampler import SamplerSettings, sample
 
@@ -639,7 +648,8 @@ def run_case(ctx: dict, batch: int, repeats: int, warmup: int, deadline: float, 
         if scales:
             rec["scale_ms_median"] = [statistics.median(col) for col in zip(*scales)]
             rec["setup_ms_median"] = _median([x["setup_ms"] for x in runs if "setup_ms" in x])
-            rec["event_total_ms_median"] = _median([x["setup_ms"] + sum(x["scale_ms"]) for x in runs if "scale_ms" in x])
+            rec["event_total_ms_median"] = _median([x["setup_ms"] + sum(x["scale_ms"])
+                                                    for x in runs if "scale_ms" in x])
         notes = {x["marks_note"] for x in runs if "marks_note" in x}
         if notes:
             rec["marks_note"] = sorted(notes)
@@ -787,7 +797,8 @@ def print_summary(cases: list[dict], ratios: list[dict], targets: list[dict]) ->
             last = " ".join(f"{x:.1f}" for x in sc[-3:])
             err = f"  ERROR {e['error'][:80]}" if "error" in e else ""
             print(f"{c['model']:<6} {c['batch']:>5}  {engine:<14} {_fmt(e.get('median_s')):>9} "
-                  f"{_fmt(e.get('min_s')):>7} {_fmt(e.get('peak_gib'), '.2f'):>9} {_fmt(e.get('setup_ms_median'), '.1f'):>9}"
+                  f"{_fmt(e.get('min_s')):>7} {_fmt(e.get('peak_gib'), '.2f'):>9} "
+                  f"{_fmt(e.get('setup_ms_median'), '.1f'):>9}"
                   f"  {last}{err}")
         if "skipped" in c or "error" in c:
             print(f"{c['model']:<6} {c.get('batch', '-'):>5}  {c.get('skipped') or c.get('error')}")
