@@ -51,7 +51,7 @@ const SCALEKV_10 = { policy: 'scalekv', budget_unit: 'percent', budget: 10, budg
 
 // nodes: key -> {type, col (layout column), title?, size? (else SIZES or the node's own), widgets};
 // links: [from, output, to, input] by slot names.
-const SIZES = { InfinityModelLoader: [360, 0], InfinityTextEncode: [400, 140], ScaleKVCacheConfig: [310, 0],
+const SIZES = { InfinityModelLoader: [360, 0], InfinityTextEncode: [400, 140], ScaleKVCacheConfig: [470, 0],
                 SaveImage: [300, 340], Note: [360, 220] };
 // What each workflow's title group says, and its Note node (what to do, in an artist's words).
 const TITLES = {

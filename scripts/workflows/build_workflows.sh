@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the example workflows (workflows/*.json) and their thumbnails (workflows/*.jpg) in the real
+# Regenerates the example workflows (workflows/*.json), their thumbnails (workflows/*.jpg) and their screenshots
+# after a run (docs/images/workflow_*.jpg) in the real
 # frontend: a headless ComfyUI 0.3.75 (frontend 1.32.9, scripts/comfy_host.sh) with this pack mounted, on a free
 # port with its own state folder, and build_workflows.mjs in headless Chromium. The server is stopped on exit.
 #
@@ -37,3 +38,17 @@ fi
 bash scripts/comfy_host.sh setup
 bash scripts/comfy_host.sh start
 node scripts/workflows/build_workflows.mjs --url "http://127.0.0.1:$COMFY_PORT" --out "$ROOT/workflows"
+# docs/images: each workflow after a run on the embedded model, as the template browser opens it (classic canvas)
+PLAYWRIGHT_CORE_DIR=${PLAYWRIGHT_CORE_DIR:-$ROOT/.browser/node_modules} \
+  node tests/browser/workflow_check.mjs --url "http://127.0.0.1:$COMFY_PORT" --out "$work/shots" --modes classic >/dev/null
+"${COMFY_VENV:-${COMFY_HOST_DIR:-/tmp/scalekv-comfy}/venv}/bin/python" - "$work/shots" "$ROOT/docs/images" <<'PY'
+import pathlib, sys
+from PIL import Image
+shots, docs = map(pathlib.Path, sys.argv[1:])
+for shot in sorted(shots.glob("classic_*.png")):
+    image = Image.open(shot).convert("RGB")
+    image = image.resize((1260, round(image.height * 1260 / image.width)), Image.LANCZOS)
+    name = shot.stem.removeprefix("classic_")
+    image.save(docs / f"workflow_{name}.jpg", quality=80, optimize=True)
+    print(f"wrote docs/images/workflow_{name}.jpg")
+PY

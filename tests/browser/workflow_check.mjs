@@ -159,7 +159,9 @@ async function runMode(browser, mode, templates) {
   const res = {};
   summary.modes[mode] = res;
   await settings({ 'Comfy.TutorialCompleted': true, 'Comfy.VueNodes.Enabled': mode === 'vue',
-    'Comfy.Notification.ShowVersionUpdates': false, 'Comfy.Minimap.Visible': false });
+    'Comfy.Notification.ShowVersionUpdates': false, 'Comfy.Minimap.Visible': false,
+    // full detail at any zoom in the screenshots (1.32's name of the setting, and the newer one)
+    'LiteGraph.Canvas.LowQualityRenderingZoomThreshold': 0, 'LiteGraph.Canvas.MinFontSizeForLOD': 0 });
   const ctx = await browser.newContext({ viewport: { width: 1680, height: 1000 } });
   await ctx.addInitScript(() => { try { localStorage.setItem('vueNodesBannerDismissed', 'true'); } catch {} });
   const page = await ctx.newPage();
