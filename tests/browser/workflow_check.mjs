@@ -13,12 +13,14 @@
 //              included; Nodes 2.0: the nodes' DOM boxes)
 //   previews   every preview image the server streamed during the run: its size and whether it has colour
 //   widget     the ScaleKV Cache Config panel: its legend and whole-job fit line
+//   contrast   the lowest WCAG contrast of the panels' text in the light palette
 // It prints one JSON summary (also <out>/summary.json) for tests/comfy/test_comfy_workflow_browser.py to check,
 // and screenshots each workflow after its run. Exit 0 only if every run finished with no page error.
 import { createRequire } from 'node:module';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { contrast, setPalette } from './palette.mjs';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const modulesDir = process.env.PLAYWRIGHT_CORE_DIR || path.join(REPO, '.browser', 'node_modules');
@@ -147,6 +149,12 @@ async function runWorkflow(page, name, json) {
     policy.callback?.(saved);
     return { scalekv: before, full, restored: names() };
   });
+  // the panels' text against their background in the light palette (WCAG contrast of every text)
+  const panels = await page.evaluate(() => window.comfyAPI.app.app.graph._nodes.filter((n) => n.__scalekv?.root)
+    .map((n) => n.id));
+  await setPalette(page, 'light');
+  res.contrast_light = await contrast(page, panels);
+  await setPalette(page, 'dark');
   res.status = entry.status.status_str;
   res.previews = await page.evaluate(() => window.__previews);
   const shot = path.join(out, `${page.__mode}_${name}.png`);

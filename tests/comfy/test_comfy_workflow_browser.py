@@ -3,7 +3,7 @@ frontend (classic and Nodes 2.0), run, and looked at (tests/browser/workflow_che
 
 After each run: no two nodes overlap; the previews the sampler streamed are colour pictures of the output's size
 (256x256 on the embedded model's stand-in); the ScaleKV panel shows its legend and the whole-job fit line, whose
-figure is the job planner's. Screenshots: out/browser_workflows/.
+figure is the job planner's; the panels' text keeps a contrast of 4.5 or more in the light palette. Screenshots: out/browser_workflows/.
 """
 from __future__ import annotations
 
@@ -110,3 +110,9 @@ def test_calibrate_shows_its_file_and_drafters_on_the_node(runs):
         text = runs["modes"][mode]["calibrate_then_generate"]["calibration"]
         assert text and "wrote scalekv_budget_256x256_10pct.json" in text, (mode, text)
         assert "drafters" in text and "256x256 (1:1)" in text, (mode, text)
+
+
+def test_panel_text_is_readable_in_the_light_palette(runs):
+    for mode, name, run in each_run(runs):
+        light = run["contrast_light"]
+        assert light["count"] > 20 and light["min"] >= 4.5, (mode, name, light["worst"])  # WCAG AA for text
