@@ -24,8 +24,17 @@ SEARCH_ALIASES = ["Infinity", "ScaleKV", "text to image", "autoregressive"]
 _SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
 
 
+#: The words the node search must find every node by; where the host cannot carry search aliases (0.3.75, whose
+#: frontend 1.32 searches names and display names only) the display name carries them.
+SEARCH_WORDS = ("Infinity", "ScaleKV")
+
+
 def schema(**fields: Any) -> io.Schema:
     """io.Schema with the pack's search aliases; a field this ComfyUI's Schema lacks (0.3.75 has no
-    search_aliases) is left out, so one declaration serves every supported version."""
+    search_aliases) is left out, so one declaration serves every supported version. Without aliases the display
+    name gains the search words it lacks ("Infinity Sampler · ScaleKV"), so searching either word finds every node."""
     fields["search_aliases"] = [*fields.get("search_aliases", []), *SEARCH_ALIASES]
+    if "search_aliases" not in _SCHEMA_FIELDS:
+        missing = [w for w in SEARCH_WORDS if w not in fields["display_name"]]
+        fields["display_name"] = " · ".join([fields["display_name"], *missing])
     return io.Schema(**{k: v for k, v in fields.items() if k in _SCHEMA_FIELDS})
