@@ -366,6 +366,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="block precision; auto = bf16 on CUDA like the original, fp32 on CPU")
     _add_weights_flag(g)
+    g.add_argument("--fp8-matmul", action="store_true",
+                   help="with --weights fp8_e4m3fn: multiply in fp8 on GPUs with fp8 tensor cores (Ada, Hopper); "
+                        "elsewhere the dequantized matmul runs and a note says why")
     g.add_argument("--out", default="out/image.png", help="output PNG (a batch writes NAME_00.png, NAME_01.png, ...)")
     g.add_argument("--dump", help="also write per-scale bits, token ids, codes and decoded arrays here")
     g.add_argument("--threads", type=_number("threads", "--threads"), default=0,
@@ -638,6 +641,17 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     _add_weights_flag(c, "store a transformer's block linears pre-quantized (none: the same tensors, any checkpoint)")
 
 
+def _prequantized_fp8(path: str) -> bool:
+    """A .safetensors file converted to fp8 (its metadata says so), which --fp8-matmul can use without --weights."""
+    from .checkpoint import safetensors_metadata
+    from .model.quant import META_FORMAT
+
+    try:
+        return str(path).endswith(".safetensors") and safetensors_metadata(path).get(META_FORMAT) == "fp8_e4m3fn"
+    except Exception:  # an unreadable file is reported, naming it, when it loads
+        return False
+
+
 def _generate(a: argparse.Namespace) -> int:
     import torch
 
@@ -659,6 +673,8 @@ def _generate(a: argparse.Namespace) -> int:
     _check_lists(a, schedule)
     cache = _check_cache_flags(a, schedule)
     text_kv = _load_text_kv(a.text_kv) if a.text_kv else None
+    if a.fp8_matmul and a.weights != "fp8_e4m3fn" and not _prequantized_fp8(a.transformer):
+        raise InputError(f"--fp8-matmul needs --weights fp8_e4m3fn (or a file converted to it); --weights is {a.weights}")
     if a.block_swap:
         from .model.block_swap import check_block_swap
 
@@ -680,6 +696,12 @@ def _generate(a: argparse.Namespace) -> int:
     pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder if need_t5 and t5 is None else None,
                                        device=a.device, precision=a.dtype, weights=a.weights,
                                        t5_weights=a.t5_weights, block_swap=a.block_swap)
+    if a.fp8_matmul:
+        from .model.quant import enable_fp8_matmul
+
+        note = enable_fp8_matmul(pipe.transformer, a.device)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     if t5 is not None:
         check_text_width(pipe.transformer, t5, a.transformer, a.text_encoder)
         del t5

@@ -453,3 +453,56 @@ def test_cli_weights_on_a_file_of_another_format(converted: dict, tmp_path: Path
     assert cli.main(["convert", str(src), str(tmp_path / "x.safetensors"), "--weights", "int4"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already quantized as int8" in err and str(src) in err
+
+
+# ------------------------------------------------------------------------------------------ fp8 matmul
+
+
+def test_fp8_matmul_falls_back_with_a_note_where_the_device_has_no_fp8_tensor_cores() -> None:
+    """Asked on a device without fp8 tensor cores (this CPU), the dequantized matmul stays and the note says why;
+    the image is the one without the option."""
+    model = load_transformer(MODELS["tiny"][0], weights="fp8_e4m3fn")
+    before = _generate(model, MODELS["tiny"][1], _cond("tiny"))
+    note = quant.enable_fp8_matmul(model, "cpu")
+    assert note and "compute capability 8.9" in note and "dequantized matmul runs instead" in note
+    assert not any(m.fp8_matmul for m in model.modules() if isinstance(m, quant.QuantLinear))
+    assert np.array_equal(_generate(model, MODELS["tiny"][1], _cond("tiny")).images, before.images)
+
+
+def test_fp8_matmul_needs_fp8_weights() -> None:
+    model = load_transformer(MODELS["tiny"][0], weights="int8")
+    with pytest.raises(ValueError, match="needs weights stored as fp8_e4m3fn.*are int8"):
+        quant.enable_fp8_matmul(model, "cpu")
+
+
+def test_scaled_fp8_matmul_is_close_to_the_dequantized_one() -> None:
+    """torch._scaled_mm runs on this CPU too, so the fp8 path (activations quantized per token) is checked here:
+    a layer's output against the dequantized matmul, and a whole generation's bits against the dequantized run."""
+    layer = quant.QuantLinear.from_linear(torch.nn.Linear(256, 128), "fp8_e4m3fn")
+    x = _rand(3, 17, 256, seed=4)
+    ref = layer(x)
+    layer.fp8_matmul = True
+    out = layer(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 0.05, rel  # e4m3 activations: a step of 2^-3 relative, averaged over 256 products
+    model = load_transformer(MODELS["tiny"][0], weights="fp8_e4m3fn")
+    plain = _generate(model, MODELS["tiny"][1], _cond("tiny"))
+    assert quant.enable_fp8_matmul(model, "cpu", force=True) is None
+    fast = _generate(model, MODELS["tiny"][1], _cond("tiny"))
+    equal = [(a == b).float().mean().item() for a, b in zip(plain.samples.bits, fast.samples.bits)]
+    assert min(equal) > 0.9, equal  # tau 1: a few draws near 50:50 flip (measured: 0.945-0.969 per scale)
+
+
+def test_cli_fp8_matmul(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "scalekv_core", "generate", "--transformer", str(MODELS["tiny"][0]), "--vae",
+            str(MODELS["tiny"][1]), "--text-kv", str(TINY / "full_kv" / "p0_apple_s0_cfg3_tau0.5" / "text_kv_compact.npy"),
+            "--width", "256", "--height", "256", "--out", str(tmp_path / "x.png"), "--fp8-matmul"]
+    wrong = subprocess.run(base, cwd=ROOT, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--fp8-matmul needs --weights fp8_e4m3fn" in wrong.stderr
+    ok = subprocess.run([*base, "--weights", "fp8_e4m3fn"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "note: fp8 matmul not used" in ok.stderr and (tmp_path / "x.png").is_file()

@@ -177,8 +177,29 @@ class QuantLinear(nn.Module):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_matmul:
+            return self.scaled_matmul(x, self.bias)
         w = self.dequantize()
         return F.linear(x.to(w.dtype), w, self.bias)
+
+    #: Run the matmul in fp8 on the tensor cores (enable_fp8_matmul), instead of dequantizing the weight.
+    fp8_matmul = False
+
+    def scaled_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W^T + bias with fp8 operands: x quantized per row (token) to e4m3 with its own scale, W's stored
+        codes and per-channel scales used as they are, accumulated by torch._scaled_mm in the compute dtype."""
+        if self.fmt != "fp8_e4m3fn":
+            raise ValueError(f"the fp8 matmul needs fp8_e4m3fn weights, this layer's are {self.fmt}")
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1]).float()
+        scale_a = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / _QMAX["fp8_e4m3fn"]
+        xq = (rows / scale_a).clamp_(-_QMAX["fp8_e4m3fn"], _QMAX["fp8_e4m3fn"]).to(torch.float8_e4m3fn)
+        scale_b = self.weight_scale.float().reshape(1, -1)
+        out = torch._scaled_mm(xq, self.weight_q.t(), scale_a=scale_a, scale_b=scale_b,
+                               out_dtype=self.compute_dtype)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "QuantLinear":
         # What `fn` does to a float tensor says where the module goes and in which dtype it should compute.
@@ -230,6 +251,37 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP_S
                                                           name=f"{cfg.block_key(index)}.{path}.weight"))
             del layer
     return model
+
+
+def fp8_matmul_problem(device: torch.device | str) -> str | None:
+    """Why `device` cannot run the scaled fp8 matmul (None if it can): it needs CUDA fp8 tensor cores (compute
+    capability 8.9: Ada, Hopper and later) and a torch with `_scaled_mm`."""
+    device = torch.device(device)
+    if not hasattr(torch, "_scaled_mm"):
+        return "this torch has no torch._scaled_mm"
+    if device.type != "cuda":
+        return f"it needs a CUDA GPU with fp8 tensor cores (compute capability 8.9 or later); this device is {device}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"it needs fp8 tensor cores (compute capability 8.9 or later: Ada, Hopper); "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
+    return None
+
+
+def enable_fp8_matmul(model: nn.Module, device: torch.device | str, force: bool = False) -> str | None:
+    """Run every fp8 block linear's matmul in fp8 where `device` has fp8 tensor cores; elsewhere keep the
+    dequantized bf16 matmul and return the note saying why (`force` skips the device check: tests on the CPU)."""
+    fmt, _ = model_format(model)
+    if fmt != "fp8_e4m3fn":
+        raise ValueError(f"the fp8 matmul needs weights stored as fp8_e4m3fn (weights fp8_e4m3fn); this model's "
+                         f"are {fmt}")
+    problem = None if force else fp8_matmul_problem(device)
+    if problem is not None:
+        return f"fp8 matmul not used, the dequantized matmul runs instead: {problem}"
+    for layer in model.modules():
+        if isinstance(layer, QuantLinear):
+            layer.fp8_matmul = True
+    return None
 
 
 def model_format(model: nn.Module) -> tuple[str, int]:

@@ -57,11 +57,24 @@ class CrossKV:
     mask: torch.Tensor | None
 
 
-def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """nn.Linear in the layer's own dtype, so bf16 blocks take fp32 activations (a quantized layer's weight is
-    read once: each read dequantizes it)."""
-    w = layer.weight
-    return F.linear(x.to(w.dtype), w, layer.bias)
+_LAYER_BIAS = object()
+
+
+def _linear(x: torch.Tensor, layer: nn.Module, weight: torch.Tensor | None = None,
+            bias: torch.Tensor | None | object = _LAYER_BIAS) -> torch.Tensor:
+    """nn.Linear in the layer's own dtype, so bf16 blocks take fp32 activations; `weight` is the layer's weight
+    already read (a quantized layer's weight is read once: each read dequantizes it), `bias` another bias. A
+    quantized layer with the fp8 matmul on (quant.enable_fp8_matmul) multiplies in fp8 instead."""
+    b = layer.bias if bias is _LAYER_BIAS else bias
+    if getattr(layer, "fp8_matmul", False):
+        return layer.scaled_matmul(x, b)
+    w = layer.weight if weight is None else weight
+    return F.linear(x.to(w.dtype), w, b)
+
+
+def _read_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The layer's weight for repeated use, or None when it multiplies in fp8 (its codes are used as they are)."""
+    return None if getattr(layer, "fp8_matmul", False) else layer.weight
 
 
 def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
@@ -112,8 +125,7 @@ class CrossAttention(nn.Module):
     def project(self, text: TextKV) -> CrossKV:
         """Keys and values of the text tokens, (B, H, Lk, c) each, and the key mask for prompts of unequal length."""
         H, c = self.num_heads, self.head_dim
-        w = self.mat_kv.weight
-        kv = F.linear(text.tokens.to(w.dtype), w, torch.cat((self.zero_k_bias, self.v_bias)))  # (N, 2D)
+        kv = _linear(text.tokens, self.mat_kv, bias=torch.cat((self.zero_k_bias, self.v_bias)))  # (N, 2D)
         kv, mask = text.padded(kv.view(-1, 2, H, c))  # (B, Lk, 2, H, c)
         return CrossKV(kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), mask)
 
@@ -193,11 +205,11 @@ class SelfAttention(nn.Module):
         """
         B, L, _ = x.shape
         H, c = self.num_heads, self.head_dim
-        w = self.mat_qkv.weight
+        w = _read_weight(self.mat_qkv)
         bias, qk_scale = (consts.qkv_bias, consts.qk_scale) if consts is not None else self.qkv_constants()
         pairs = rope if rope.shape[-1] == c else rope_pairs(rope)
         if L <= QKV_CHUNK:
-            qkv = F.linear(x.to(w.dtype), w, bias).view(B, L, 3, H, c).permute(2, 0, 3, 1, 4)  # (3, B, H, L, c)
+            qkv = _linear(x, self.mat_qkv, w, bias).view(B, L, 3, H, c).permute(2, 0, 3, 1, 4)  # (3, B, H, L, c)
             q, k = _rotated_qk(qkv[:2], pairs, qk_scale, k_out=None if into is None else into[0])
             if into is None:
                 return q, k, qkv[2]
@@ -206,10 +218,10 @@ class SelfAttention(nn.Module):
         # Large scales: project a slice of tokens at a time into preallocated q, k, v (no full packed qkv). q is
         # laid out (B, L, H, c), as a one-piece q is, so attention's output reshapes without a copy.
         q = torch.empty(B, L, H, c, device=x.device, dtype=torch.float32).transpose(1, 2)
-        k, v = into if into is not None else (torch.empty_like(q), torch.empty_like(q, dtype=w.dtype))
+        k, v = into if into is not None else (torch.empty_like(q), torch.empty_like(q, dtype=self.q_bias.dtype))
         for s in range(0, L, QKV_CHUNK):
             e = min(L, s + QKV_CHUNK)
-            part = F.linear(x[:, s:e].to(w.dtype), w, bias).view(B, e - s, 3, H, c).permute(2, 0, 3, 1, 4)
+            part = _linear(x[:, s:e], self.mat_qkv, w, bias).view(B, e - s, 3, H, c).permute(2, 0, 3, 1, 4)
             _rotated_qk(part[:2], pairs[:, s:e], qk_scale, q_out=q[:, :, s:e], k_out=k[:, :, s:e])
             v[:, :, s:e] = part[2]
             del part
@@ -252,9 +264,9 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """fc1 -> GELU -> fc2; `weights` (fc1's, fc2's) lets token slices share one dequantization."""
-        w1, w2 = weights or (self.fc1.weight, self.fc2.weight)
-        h = F.gelu(F.linear(x.to(w1.dtype), w1, self.fc1.bias), approximate="tanh")
-        return F.linear(h.to(w2.dtype), w2, self.fc2.bias)
+        w1, w2 = weights or (_read_weight(self.fc1), _read_weight(self.fc2))
+        h = F.gelu(_linear(x, self.fc1, w1), approximate="tanh")
+        return _linear(h, self.fc2, w2)
 
 
 class Block(nn.Module):
@@ -291,10 +303,11 @@ class Block(nn.Module):
         x.add_(self.ca(n, consts.text))  # a bf16 output is added in float32, as .float() then add
         del n
         # The FFN's hidden layer is the largest activation; large scales run it a slice of tokens at a time.
-        weights = (self.ffn.fc1.weight, self.ffn.fc2.weight)  # read once: a quantized layer dequantizes per read
+        weights = (_read_weight(self.ffn.fc1), _read_weight(self.ffn.fc2))  # read once: a quantized layer
+        dtype = self.sa.q_bias.dtype  # dequantizes per read; the block dtype, which the FFN's weights have
         for s in range(0, x.shape[1], FFN_CHUNK):
             xs = x[:, s:s + FFN_CHUNK]
-            xs.add_(torch.mul(self.ffn(ada_norm(xs, scale2p, shift2, self.eps, weights[0].dtype), weights), gamma2))
+            xs.add_(torch.mul(self.ffn(ada_norm(xs, scale2p, shift2, self.eps, dtype), weights), gamma2))
         return x
 
 
