@@ -182,3 +182,22 @@ def test_cuda_block_swap_same_bits_and_n_minus_2_blocks_less_memory(dtype: torch
     assert abs(peak_from_host - peak_swap) <= 2**20
     assert torch.cuda.memory_allocated() == empty and model.pos_start.device.type == "cpu"
     assert all(t.device.type == "cpu" for t in model.state_dict().values())
+
+
+def test_cuda_fp8_matmul_runs_on_fp8_tensor_cores_or_says_why():
+    """On an 8.9+ GPU (H100, H200, Ada) the scaled fp8 matmul is turned on and a generation runs; on an older one
+    the dequantized matmul stays and the note names the GPU's compute capability."""
+    from scalekv_core.loader import load_transformer, load_vae
+    from scalekv_core.model import quant
+
+    model = load_transformer(TINY / "infinity_tiny.safetensors", device="cuda", precision="bf16",
+                             weights="fp8_e4m3fn")
+    note = quant.enable_fp8_matmul(model, "cuda")
+    if torch.cuda.get_device_capability() >= (8, 9):
+        assert note is None and any(m.fp8_matmul for m in model.modules() if isinstance(m, quant.QuantLinear))
+    else:
+        assert note and "compute capability" in note
+    pipe = InfinityPipeline(model, load_vae(TINY / "vae_tiny.safetensors", device="cuda"))
+    cond = TextConditioning.from_numpy_file(TINY / "full_kv" / "p0_apple_s0_cfg3_tau0.5" / "text_kv_compact.npy")
+    result = pipe.generate(cond, seed=0, width=256, height=256)
+    assert result.images.shape == (1, 256, 256, 3) and result.images.std() > 0
