@@ -5,7 +5,7 @@
 //        [--modes classic,vue] [--timeout 240]
 //
 // For each mode and each workflow the pack lists at /api/workflow_templates (the list ComfyUI's template browser
-// shows under Extensions), it fetches the template as the browser does and opens it with app.loadGraphData, gives
+// shows under Extensions), it opens the workflow through the template browser (Templates -> the pack -> the card), gives
 // its seeds fresh values (a repeated prompt would be served from the server's cache, with no run; the
 // calibration's seed too, so it runs and shows its result), queues it as
 // the Run button does and waits for the run. Then it records:
@@ -105,11 +105,30 @@ function inspect(mode) {
   };
 }
 
-async function runWorkflow(page, name, json) {
-  await page.evaluate(async (wf) => {
-    window.__previews = [];
-    await window.comfyAPI.app.app.loadGraphData(wf);
-  }, json);
+/** Opens a workflow as an artist does: Templates (the Browse Templates command), the pack's entry under
+ *  Extensions, then the workflow's card; resolves once its nodes are on the canvas. */
+async function openFromTemplates(page, pack, name) {
+  await page.evaluate(() => window.comfyAPI.app.app.extensionManager.command.execute('Comfy.BrowseTemplates'));
+  const dialog = page.locator('[role=dialog]');
+  await dialog.getByText(pack, { exact: true }).first().click({ timeout: 20000 });
+  await dialog.getByText(name, { exact: true }).first().click({ timeout: 20000 });
+  await page.waitForFunction((n) => {
+    const types = window.comfyAPI.app.app.graph._nodes.map((x) => x.type);
+    return types.includes('InfinitySampler') && types.length === n;
+  }, (await getJson(`${base}/api/workflow_templates/${encodeURIComponent(pack)}/${name}.json`)).nodes.length,
+  { timeout: 20000 });
+  await page.keyboard.press('Escape'); // the dialog closes on its own in most versions; never leave it open
+}
+
+async function runWorkflow(page, name, json, pack) {
+  await page.evaluate(() => { window.__previews = []; });
+  let openedBy = 'template browser';
+  try {
+    await openFromTemplates(page, pack, name);
+  } catch (e) { // recorded, and the test fails on it: the workflow is still run from the same file
+    openedBy = `route (the template browser failed: ${String(e.message).slice(0, 200)})`;
+    await page.evaluate(async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf); }, json);
+  }
   await page.waitForTimeout(1500); // DOM widgets and the panel's first plan
   await page.evaluate(() => { // fresh seeds: the seed node, or the samplers' own seed widgets
     const seed = 1 + Math.floor(Math.random() * 1e9);
@@ -135,6 +154,7 @@ async function runWorkflow(page, name, json) {
   if (!entry) throw new Error(`${name}: no finished run after ${timeout / 1000} s`);
   await page.waitForTimeout(2500); // the outputs reach the nodes; panels and images settle their sizes
   const res = await page.evaluate(inspect, page.__mode);
+  res.opened_by = openedBy;
   // inputs the policy does not read are greyed out: none under scalekv, the scoring ones under full
   res.disabled = await page.evaluate(() => {
     const config = window.comfyAPI.app.app.graph._nodes.find((n) => n.type === 'ScaleKVCacheConfig');
@@ -181,7 +201,7 @@ async function runMode(browser, mode, templates) {
   await page.waitForTimeout(1000);
   await page.evaluate(recordPreviews);
   for (const [name, url] of templates) {
-    res[name] = await runWorkflow(page, name, await getJson(url));
+    res[name] = await runWorkflow(page, name, await getJson(url), summary.templates.pack);
   }
   await ctx.close();
 }

@@ -1,5 +1,5 @@
-"""The example workflows as an artist meets them: listed by the template browser's route, opened in the real
-frontend (classic and Nodes 2.0), run, and looked at (tests/browser/workflow_check.mjs does the browsing).
+"""The example workflows as an artist meets them: opened from the template browser in the real frontend (classic
+and Nodes 2.0), run, and looked at (tests/browser/workflow_check.mjs does the browsing).
 
 After each run: no two nodes overlap; the previews the sampler streamed are colour pictures of the output's size
 (256x256 on the embedded model's stand-in); the ScaleKV panel shows its legend and the whole-job fit line, whose
@@ -58,6 +58,12 @@ def each_run(runs):
 
 def test_the_template_browser_lists_the_three_workflows(runs):
     assert sorted(runs["templates"]["names"]) == sorted(WORKFLOWS)
+
+
+def test_every_workflow_opens_from_the_template_browser(runs):
+    """Templates -> Extensions -> ComfyUI-ScaleKV -> the workflow's card, as an artist opens it."""
+    for mode, name, run in each_run(runs):
+        assert run["opened_by"] == "template browser", (mode, name, run["opened_by"])
 
 
 def test_every_workflow_runs_and_no_nodes_overlap_after_the_run(runs):
