@@ -18,14 +18,14 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..scalekv_core.kvcache import CacheConfig
-from ..scalekv_core.kvcache.memory import MemoryPlan, MiB, admission_problem, decode_peak_bytes, overcommit_allowed
+from ..scalekv_core.kvcache.memory import (MemoryPlan, MiB, admission_problem, overcommit_allowed,
+                                           preview_peak_bytes)
 from ..scalekv_core.loader import (PRECISIONS, load_transformer, load_vae, native_resolution, resolve_precision,
                                    vae_patchify_for)
 from ..scalekv_core.model.block_swap import planned_device_bytes
 from ..scalekv_core.model.config import KNOWN_MODELS
 from ..scalekv_core.model.quant import model_format
 from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
-from ..scalekv_core.model.vae import PREVIEW_GRID
 from ..scalekv_core.pipeline import InfinityPipeline, check_text_width
 from ..scalekv_core.schedules import Schedule
 from . import paths
@@ -81,8 +81,7 @@ class InfinityModel:
         """The per-scale preview's decode (BSQVAE.preview), which runs while the cache is held."""
         h, w = schedule.pixel_size
         vae = self.pipeline.vae.cfg
-        side = PREVIEW_GRID * vae.patch_size
-        return decode_peak_bytes(1, min(h, side), min(w, side), vae.base_ch, vae.patch_size)
+        return preview_peak_bytes(h, w, vae.base_ch, vae.patch_size)
 
     def peaks_mb(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True,
                  decode_tile: int | None = None) -> tuple[float, float]:

@@ -23,10 +23,9 @@ from typing import Sequence
 import torch
 
 from .kvcache import CacheConfig
-from .kvcache.memory import MiB, decode_peak_bytes, plan_memory
+from .kvcache.memory import MiB, decode_peak_bytes, plan_memory, preview_peak_bytes
 from .limits import shown
 from .model.config import KNOWN_MODELS, InfinityConfig
-from .model.vae import PREVIEW_GRID
 from .model.quant import T5_WEIGHT_FORMATS, check_format, dequant_workspace_bytes, quantize_model, weight_bytes
 from .schedules import Schedule, schedule_for_pixels
 
@@ -190,8 +189,7 @@ def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 
     vae = 4 * (vae_params if vae_params is not None else VAE_PARAMS.get(cfg.d_vae, VAE_PARAMS[32]))
     sampling_extra = memory.sampling_peak_mb * MiB + dequant_workspace_bytes(cfg, fmt, dtype)
     if options.previews:
-        side = PREVIEW_GRID * VAE_PATCH.get(cfg.d_vae, 16)
-        sampling_extra += decode_peak_bytes(1, min(h, side), min(w, side), VAE_BASE_CH, VAE_PATCH.get(cfg.d_vae, 16))
+        sampling_extra += preview_peak_bytes(h, w, VAE_BASE_CH, VAE_PATCH.get(cfg.d_vae, 16))
     decode_extra = decode_peak_bytes(batch, h, w, VAE_BASE_CH, VAE_PATCH.get(cfg.d_vae, 16), options.decode_tile)
     resident_t5 = 0 if options.t5_offload else t5
     encode = t5 + t5_act + (0 if options.t5_offload else transformer + vae)

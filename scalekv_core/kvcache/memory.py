@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from ..model.vae import PREVIEW_GRID
 from ..schedules import Schedule
 from .budget import BudgetPlan
 from .cache import KVCache, ScaleUsage
@@ -206,6 +207,13 @@ def decode_peak_bytes(batch: int, height: int, width: int, vae_base_ch: int, pat
         return batch * height * width * maps
     th, tw = min(tile * patch, height), min(tile * patch, width)
     return th * tw * maps + 3 * batch * height * width * 4
+
+
+def preview_peak_bytes(height: int, width: int, vae_base_ch: int, patch: int) -> int:
+    """The per-scale preview's decode (BSQVAE.preview: one image, at most PREVIEW_GRID latent positions per side),
+    which the ComfyUI sampler runs while the cache is held."""
+    side = PREVIEW_GRID * patch
+    return decode_peak_bytes(1, min(height, side), min(width, side), vae_base_ch, patch)
 
 
 #: Full-resolution maps of base_ch channels a tiled decode keeps in host memory at once: level 0's first ResBlock
