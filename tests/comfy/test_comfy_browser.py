@@ -86,17 +86,23 @@ def page_run(server):  # noqa: F811  (the imported fixture)
     docs = os.environ.get("SCALEKV_DOCS_IMAGES")
     if docs:
         cmd += ["--docs", str((REPO / docs).resolve())]
+    return run_check(cmd, OUT, TIMEOUT, server.log)
+
+
+def run_check(cmd: list[str], out: pathlib.Path, timeout: float, server_log: pathlib.Path) -> dict:
+    """Run a browser check (node + playwright-core) and return its JSON summary; fails with its errors and the
+    server log's tail unless it completed with no page error."""
     env = {**os.environ, "PLAYWRIGHT_CORE_DIR": str(playwright_modules()), "CHROMIUM": CHROMIUM}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     # the check also writes its summary to a file: a large summary on a pipe can be cut when node exits
-    saved = OUT / "summary.json"
+    saved = out / "summary.json"
     lines = [saved.read_text()] if saved.is_file() else [line for line in proc.stdout.splitlines()
                                                           if line.startswith("{")]
-    assert lines, f"widget_check.mjs printed no summary (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert lines, f"{pathlib.Path(cmd[1]).name} printed no summary (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     summary = json.loads(lines[-1])
     assert proc.returncode == 0 and summary["ok"], json.dumps(
         {k: summary.get(k) for k in ("fatal", "page_errors", "extension_errors")}, indent=1) + \
-        f"\nserver log tail:\n{server.log.read_text()[-3000:]}"
+        f"\nserver log tail:\n{server_log.read_text()[-3000:]}"
     return summary
 
 

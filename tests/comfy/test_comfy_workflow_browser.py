@@ -8,11 +8,9 @@ figure is the job planner's; the panels' text keeps a contrast of 4.5 or more in
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import shutil
-import subprocess
 
 import pytest
 from safetensors.torch import load_file
@@ -20,7 +18,7 @@ from safetensors.torch import load_file
 from scalekv_core.job_memory import JobOptions, plan_job, t5_shape
 from scalekv_core.kvcache import CacheConfig
 from scalekv_core.loader import load_transformer
-from test_comfy_browser import CHROMIUM, missing_browser, playwright_modules
+from test_comfy_browser import missing_browser, run_check
 from test_comfy_server import TINY, server  # noqa: F401  (the module-scoped server fixture)
 from test_comfy_workflows import comfy  # noqa: F401  (the tiny files under the embedded model's names)
 
@@ -37,17 +35,7 @@ pytestmark = pytest.mark.skipif(missing_browser() is not None, reason=str(missin
 def runs(comfy):  # noqa: F811
     shutil.rmtree(OUT, ignore_errors=True)  # no summary of an earlier run is read back
     cmd = ["node", str(CHECK), "--url", comfy.url, "--out", str(OUT), "--modes", ",".join(MODES), "--timeout", "240"]
-    env = {**os.environ, "PLAYWRIGHT_CORE_DIR": str(playwright_modules()), "CHROMIUM": CHROMIUM}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    # the check also writes its summary to a file: a large summary on a pipe can be cut when node exits
-    saved = OUT / "summary.json"
-    lines = [saved.read_text()] if saved.is_file() else [line for line in proc.stdout.splitlines()
-                                                          if line.startswith("{")]
-    assert lines, f"workflow_check.mjs printed no summary (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-    summary = json.loads(lines[-1])
-    assert proc.returncode == 0 and summary["ok"], json.dumps(
-        {k: summary.get(k) for k in ("fatal", "page_errors")}, indent=1) + f"\n{comfy.log.read_text()[-3000:]}"
-    return summary
+    return run_check(cmd, OUT, 1200, comfy.log)
 
 
 def each_run(runs):
