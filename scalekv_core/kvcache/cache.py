@@ -118,6 +118,17 @@ class RowLayout:
         return raw[..., off // u:(off + width * dtype.itemsize) // u].view(dtype)
 
 
+def row_layout(k_dtype: torch.dtype, v_dtype: torch.dtype, head_dim: int, track_positions: bool) -> RowLayout:
+    """The one row layout of cache buffers and workspace, so the planner counts exactly the bytes the cache allocates."""
+    quantized = k_dtype in QUANT_MAX
+    fields = [("k", k_dtype, head_dim), ("v", v_dtype, head_dim)]
+    if quantized:
+        fields += [("ks", SCALE_DTYPE, 1), ("vs", SCALE_DTYPE, 1)]
+    if track_positions:
+        fields.append(("id", torch.int32, 1))
+    return RowLayout(fields, 4 if quantized else 16)  # values are read in place by attention unless quantized
+
+
 class KVCache:
     """Keys and values of every layer for one generation (the CFG-doubled batch), driven by a budget plan."""
 
@@ -145,12 +156,7 @@ class KVCache:
         self._token_ids = policy.token_ids() if self.track_positions else None
         if self.track_positions and self._token_ids is None:
             raise RuntimeError(f"policy {policy.name} needs positions but gives no token ids")
-        fields = [("k", k_dtype, head_dim), ("v", v_dtype, head_dim)]
-        if self.quantized:
-            fields += [("ks", SCALE_DTYPE, 1), ("vs", SCALE_DTYPE, 1)]
-        if self.track_positions:
-            fields.append(("id", torch.int32, 1))
-        self.layout = RowLayout(fields, 4 if self.quantized else 16)
+        self.layout = row_layout(k_dtype, v_dtype, head_dim, self.track_positions)
         L = self.num_layers
         self.rows: list[torch.Tensor | None] = [None] * L
         self.keys: list[torch.Tensor | None] = [None] * L
@@ -239,7 +245,7 @@ class KVCache:
     @property
     def planned_workspace_bytes(self) -> int:
         """Bytes of the shared workspace (codes and scales or plain) and the staging area, once both exist."""
-        return self._ws_tokens * self.token_bytes + self.staging_tokens * self.staging_token_bytes
+        return self._ws_tokens * self.row_token_bytes + self.staging_tokens * self.staging_token_bytes
 
     def buffer_tokens(self, scale: int) -> list[int]:
         """Buffer capacity per layer after `scale`, as the allocation rule gives it (for planning and reports)."""
@@ -256,6 +262,11 @@ class KVCache:
         """Bytes of one cached token in one layer (keys + values, all rows and heads)."""
         return kv_bytes_per_token(self.num_heads, self.head_dim, self.k_dtype.itemsize, self.v_dtype.itemsize,
                                   self.batch)
+
+    @property
+    def row_token_bytes(self) -> int:
+        """Bytes one token takes in a layer's buffer or the workspace as allocated: padded rows, ids included."""
+        return self.batch * self.num_heads * self.layout.row_bytes
 
     # ------------------------------------------------------------------ storage
 
@@ -483,13 +494,13 @@ class KVCache:
 
     def end_scale(self) -> None:
         """Record what every layer holds now (planned tokens are checked against it)."""
-        tb = self.token_bytes
+        tb, rb = self.token_bytes, self.row_token_bytes
         alloc = [0 if t is None else t.shape[2] for t in self.rows]
-        ws = 0 if self._ws_raw is None else self._ws_raw.shape[2] * tb
+        ws = 0 if self._ws_raw is None else self._ws_raw.shape[2] * rb
         if self._stage is not None:
             ws += self._stage[0].shape[2] * self.staging_token_bytes
         self.usage.append(ScaleUsage(tokens=list(self.lengths), stored_bytes=[n * tb for n in self.lengths],
-                                     allocated_bytes=[a * tb for a in alloc], workspace_bytes=ws))
+                                     allocated_bytes=[a * rb for a in alloc], workspace_bytes=ws))
 
     def stored(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the keys and values a layer holds now (scaled storage: dequantized float32 copies)."""

@@ -240,26 +240,29 @@ def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, sc
     policy, plan = config.build(schedule, depth, num_heads, head_dim, rows, block_dtype)
     k_dtype, v_dtype = config.storage_dtypes(block_dtype)
     cache = KVCache(plan, policy, schedule, rows, num_heads, head_dim, "meta", k_dtype, v_dtype)
-    tb = cache.token_bytes
-    pos_bytes_per_token = rows * num_heads * 4 if policy.needs_positions else 0
+    tb, rb = cache.token_bytes, cache.row_token_bytes  # stored data; rows as allocated (padding and ids included)
     per_scale, peak, act_peak = [], 0, 0
     block_bytes = _size(block_dtype)
     prev_alloc = [0] * depth
     for si, n in enumerate(schedule.tokens_per_scale):
         if si < len(plan.kept):
             alloc = cache.buffer_tokens(si)
-            # Layers re-size one after another; while layer l does, its old and new buffers coexist.
-            worst = max(sum(alloc[:l]) + alloc[l] + (prev_alloc[l] if alloc[l] != prev_alloc[l] else 0)
-                        + sum(prev_alloc[l + 1:]) for l in range(depth))
-        else:  # the last scale frees each layer's buffer once read: layers before l hold nothing
+            # Layers step one after another and a layer frees its old buffer before making its new one, so the
+            # most held at once is after some first l layers have stepped: theirs new, the rest still old.
+            worst = during = max(sum(alloc[:l]) + sum(prev_alloc[l:]) for l in range(depth + 1))
+        else:
+            # The last scale frees each layer's buffer once read: all are held until layer 0 reads its own (a copy
+            # into the workspace, before its attention's temporaries exist); while layer l's block runs, only the
+            # later layers' buffers, and its own if attention reads it in place.
             alloc, stored = prev_alloc, plan.kept[-1]
-            worst = max(sum(alloc[l + 1:]) + (alloc[l] if cache._in_place(l, si, stored[l], alloc[l]) else 0)
-                        for l in range(depth))
-        cache_bytes = worst * (tb + pos_bytes_per_token) + cache._ws_tokens * (tb + pos_bytes_per_token)
-        cache_bytes += cache.staging_tokens * cache.staging_token_bytes  # scaled storage's float32 staging area
+            worst = sum(alloc)
+            during = max(sum(alloc[l + 1:]) + (alloc[l] if cache._in_place(l, si, stored[l], alloc[l]) else 0)
+                         for l in range(depth))
+        fixed = cache.planned_workspace_bytes  # workspace rows and scaled storage's float32 staging area
+        cache_bytes = worst * rb + fixed
         act = _activation_bytes(rows, n, width, ffn, text_tokens, block_bytes, 2 * d_vae)
         per_scale.append(cache_bytes / MiB)
-        peak = max(peak, cache_bytes + act)
+        peak = max(peak, during * rb + fixed + act)
         act_peak = max(act_peak, act)
         prev_alloc = alloc
     H, W = schedule.pixel_size
