@@ -373,6 +373,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dump", help="also write per-scale bits, token ids, codes and decoded arrays here")
     g.add_argument("--threads", type=_number("threads", "--threads"), default=0,
                    help="CPU threads (0 = torch's default)")
+    _add_attention_flag(g)
     _add_cache_flags(g, default_policy="full")
     g.add_argument("--memory-report", help="write the memory report (planned and measured, per scale and layer) here")
     g.add_argument("--no-memory-check", action="store_true",
@@ -389,6 +390,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                      help="keep N transformer blocks in CPU memory and stream each to the device when its turn "
                           "comes; the device holds the other blocks and two block slots (at most depth - 2: 30 "
                           "for the 2B, 38 for the 8B); same image; docs/block_swap.md")
+
+
+def _add_attention_flag(p: argparse.ArgumentParser) -> None:
+    from .kvcache.attention import BACKENDS, CHOICES
+
+    p.add_argument("--attention", default="auto", choices=CHOICES, metavar="NAME",
+                   help="attention backend: auto (the fastest installed here; on the CPU today's SDPA call), "
+                        + "; ".join(f"{n}: {b.about}" for n, b in BACKENDS.items())
+                        + "; see docs/attention.md")
 
 
 def _add_t5_weights_flag(p: argparse.ArgumentParser) -> None:
@@ -682,6 +692,15 @@ def _generate(a: argparse.Namespace) -> int:
         if depth is not None:  # a .pth is checked once loaded (its keys are inside the pickle)
             check_block_swap(a.block_swap, depth, "--block-swap")
 
+    if a.attention != "auto":  # refused by name before the model loads (auto always runs)
+        from .kvcache.attention import resolve as resolve_attention
+        from .loader import resolve_precision
+
+        try:
+            resolve_attention(a.attention, a.device, resolve_precision(a.dtype, a.device))
+        except ValueError as e:
+            raise InputError(f"--attention: {e}") from None
+
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -729,7 +748,8 @@ def _generate(a: argparse.Namespace) -> int:
     record = (lambda s, l, idx: kept.__setitem__((s, l), idx.cpu())) if dump and a.kv_policy != "full" else None
     result = pipe.generate(prompt, negative, seed=a.seed, cfg=a.cfg, tau=a.tau, top_k=a.top_k, top_p=a.top_p,
                            schedule=schedule, batch=a.batch, on_scale=progress, cache=cache,
-                           record_kept=record, memory_report=report is not None, decode_tile=a.decode_tile)
+                           record_kept=record, memory_report=report is not None, decode_tile=a.decode_tile,
+                           attention=a.attention)
     paths = result.save_images(out)
     if dump:
         result.dump(dump)
@@ -742,7 +762,7 @@ def _generate(a: argparse.Namespace) -> int:
               f"{m.measured_peak_mb:.1f} MB above the weights ({m.measurement}); report: {a.memory_report}",
               file=sys.stderr)
     print(json.dumps({"images": [str(p) for p in paths], "seconds": round(time.perf_counter() - t1, 3),
-                      "dump": a.dump}), flush=True)
+                      "dump": a.dump, "attention": result.info["attention"]}), flush=True)
     return 0
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .kvcache import CacheConfig
+from .kvcache.attention import resolve as resolve_attention, use_backend
 from .kvcache.budget import kv_bytes_per_token
 from .kvcache.cache import KeptRecorder
 from .kvcache.memory import (ALLOW_OVERCOMMIT_ENV, MemoryPlan, MemoryReport, PeakMeter, admission_problem,
@@ -169,7 +170,8 @@ class InfinityPipeline:
                  on_scale: ScaleCallback | None = None, cache: CacheConfig | None = None,
                  record_kept: KeptRecorder | None = None, memory_report: bool = False,
                  bits_hook: BitsHook | None = None, decode_tile: int | None = None,
-                 offload_text_encoder: bool = False, block_swap: int | None = None) -> GenerationResult:
+                 offload_text_encoder: bool = False, block_swap: int | None = None,
+                 attention: str = "auto") -> GenerationResult:
         """Generate `batch` images per prompt; the same seed and settings give the same image as the original.
 
         `bits_hook` is the sampler's (diagnostics: replace a scale's drawn bits). `decode_tile` decodes in tiles of
@@ -177,10 +179,14 @@ class InfinityPipeline:
         `offload_text_encoder` moves T5 to the CPU once the prompts are encoded (see offload_text_encoder).
         `block_swap` (None: the pipeline's) keeps that many transformer blocks in host memory while sampling and
         streams each to the device in turn (model/block_swap.py); the bits are the same as without.
+        `attention` is the attention backend sampling runs with (kvcache/attention.py, docs/attention.md; "auto":
+        the fastest installed here, today's SDPA call on the CPU); one that cannot run here is refused by name
+        before any work, and `info["attention"]` says which ran.
         """
         batch = LIMITS["batch"].check(batch)
         swap = check_block_swap(self.block_swap if block_swap is None else block_swap, self.transformer.cfg.depth)
         decode_tile = check_decode_tiling(decode_tile or 0)  # refused by name before any work
+        attention = resolve_attention(attention, self.device, self.transformer.block_dtype)
         settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed)
         settings.validate()  # before T5 runs: a NaN cfg is refused by name, not as a failed draw
         schedule = schedule or schedule_for_pixels(width, height)
@@ -199,13 +205,14 @@ class InfinityPipeline:
         meter = PeakMeter(self.device)
         placed = swap or self.transformer.pos_start.device != self.device
         with (meter.measure() if memory_report else contextlib.nullcontext()), \
-                (swap_blocks(self.transformer, swap, self.device) if placed else contextlib.nullcontext()):
+                (swap_blocks(self.transformer, swap, self.device) if placed else contextlib.nullcontext()), \
+                use_backend(attention, self.device, self.transformer.block_dtype):
             samples = sample(self.transformer, cond.to(self.device), schedule, settings, self.vae_patchify,
                              negative=None if neg is None else neg.to(self.device), keep_logits=keep_logits,
                              on_scale=on_scale, cache_config=cache, record_kept=record_kept, bits_hook=bits_hook)
         decoded = self._decode(samples.summed_codes.float(), decode_tile)
         result = GenerationResult(images=decoded_to_uint8(decoded), decoded=decoded, samples=samples,
-                                  schedule=schedule, settings=settings)
+                                  schedule=schedule, settings=settings, info={"attention": attention})
         if memory_report:
             result.memory = self.memory_report(samples, cond.batch_size, settings, schedule, meter)
         return result

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kvcache import KVCache, sdpa
+from ..kvcache.attention import attention
 from ..schedules import Schedule
 from .config import InfinityConfig
 from .rope import rope_pairs, rope_table, swap_pairs
@@ -139,7 +140,7 @@ class CrossAttention(nn.Module):
             q = self.mat_q.to(k.dtype).expand(B, H, c).unsqueeze(2)  # (B, H, 1, c)
         else:
             q = _linear(x, self.mat_q).view(B, -1, H, c).transpose(1, 2)  # (B, H, Lq, c)
-        out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=1 / math.sqrt(c))
+        out = attention(q.to(k.dtype), k, v, 1 / math.sqrt(c), mask)  # the selected backend; masked: SDPA
         out = out.transpose(1, 2).reshape(B, -1, H * c)  # (B, Lq, D)
         return _linear(out, self.proj)
 
