@@ -12,6 +12,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..scalekv_core.kvcache import CacheConfig
+from ..scalekv_core.kvcache.attention import CHOICES as ATTENTION_CHOICES, resolve as resolve_attention
 from ..scalekv_core.model.block_swap import check_block_swap
 from ..scalekv_core.model.text_encoder import TextConditioning
 from ..scalekv_core.model.vae import check_decode_tiling
@@ -82,31 +83,44 @@ class InfinitySampler(io.ComfyNode):
                                          tooltip="from Infinity Memory (block swap): keep some transformer blocks "
                                                  "in CPU memory while sampling. Unconnected: the whole model on "
                                                  "the GPU"),
+                io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto", optional=True,
+                               tooltip="attention backend. auto: the fastest installed here (PyTorch's own SDPA "
+                                       "pick until GPU measurements promote another; the same picture as "
+                                       "before). flash, efficient, cudnn, math: SDPA held to one kernel. "
+                                       "flash_attn, sage: those packages, if installed (CUDA, bf16/fp16; sage "
+                                       "quantizes q.k to 8 bits, so pictures differ slightly). One that cannot "
+                                       "run here is refused with the reason",
+                               **widgets.ADVANCED),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
 
     @classmethod
-    def validate_inputs(cls, cfg=None, tau=None, top_p=None, resolution=None, decode_tile=None) -> bool | str:
-        """The float widgets (NaN passes ComfyUI's own range check), the resolution and the decode tile (1-7 are
-        in the table's range but refused), quoted briefly if wrong."""
+    def validate_inputs(cls, cfg=None, tau=None, top_p=None, resolution=None, decode_tile=None,
+                        attention=None) -> bool | str:
+        """The float widgets (NaN passes ComfyUI's own range check), the resolution, the decode tile (1-7 are
+        in the table's range but refused) and the attention menu, quoted briefly if wrong."""
         problem = widgets.problem(widgets.number("cfg", cfg), widgets.number("tau", tau),
                                   widgets.number("top_p", top_p),
                                   widgets.choice("resolution", resolution, RESOLUTIONS),
-                                  lambda: None if decode_tile is None else check_decode_tiling(decode_tile))
+                                  lambda: None if decode_tile is None else check_decode_tiling(decode_tile),
+                                  widgets.choice("attention", attention, ATTENTION_CHOICES))
         return True if problem is None else problem
 
     @classmethod
     def execute(cls, model: models.InfinityModel, positive: TextConditioning, seed: int, cfg: float, tau: float,
                 top_k: int, top_p: float, resolution: str, batch: int, negative: TextConditioning | None = None,
                 cache_config: CacheConfig | None = None, decode_tile: int = 0,
-                memory: MemorySettings | None = None) -> io.NodeOutput:
+                memory: MemorySettings | None = None, attention: str = "auto") -> io.NodeOutput:
         problem = widgets.problem(*(widgets.number(k, v) for k, v in
                                     dict(seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, batch=batch).items()),
                                   widgets.choice("resolution", resolution, RESOLUTIONS),
-                                  lambda: check_decode_tiling(decode_tile))
+                                  lambda: check_decode_tiling(decode_tile),
+                                  widgets.choice("attention", attention, ATTENTION_CHOICES))
         if problem is not None:  # inputs that came through links were not validated
             raise ValueError(problem)
+        # a backend this device cannot run is refused by name before the weights move
+        attention = resolve_attention(attention, model.patcher.load_device, model.pipeline.transformer.block_dtype)
         schedule = schedule_for(resolution, model.info.get("native_resolution"))
         note = resolution_note(model.info["native_resolution"], schedule, model.info.get("architecture", "the model")) \
             if model.info.get("native_resolution") else None
@@ -132,7 +146,7 @@ class InfinitySampler(io.ComfyNode):
             result = model.pipeline.generate(positive, negative, seed=seed, cfg=cfg, tau=tau, top_k=top_k,
                                              top_p=top_p, schedule=schedule, batch=batch, on_scale=on_scale,
                                              cache=cache_config, memory_report=True, decode_tile=decode_tile,
-                                             block_swap=swap)
+                                             block_swap=swap, attention=attention)
         # the last preview is the picture itself, so the node shows the result, not the last scale's preview
         pbar.update_absolute(schedule.num_scales, schedule.num_scales,
                              ("JPEG", preview_image(result.decoded[:1], (h, w)), preview_size))
@@ -143,4 +157,5 @@ class InfinitySampler(io.ComfyNode):
                                                           cfg != 1).sampling_peak_mb
         if note:
             report["note"] = note
+        report["attention"] = result.info["attention"]
         return io.NodeOutput(decoded_to_image(result.decoded), ui={"scalekv_memory": [report]})

@@ -19,7 +19,7 @@ EXPECTED = {
                             "budget_source", "refiner_decay"], ["budget_file"], ["SCALEKV_CACHE_CONFIG"]),
     # decode_tile is optional and last, for the same reason (and saved workflows keep their widget order)
     "InfinitySampler": (["model", "positive", "seed", "cfg", "tau", "top_k", "top_p", "resolution", "batch"],
-                        ["negative", "cache_config", "decode_tile", "memory"], ["IMAGE"]),
+                        ["negative", "cache_config", "decode_tile", "memory", "attention"], ["IMAGE"]),
     "ScaleKVCalibrate": (["model", "t5", "prompts", "resolution", "budget", "num_drafters", "seed", "filename_prefix"],
                          [], ["STRING"]),
     "InfinityMemory": (["block_swap"], [], ["INFINITY_MEMORY"]),
