@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .graphs import GRAPH_MODES, ScaleGraphRunner, refusal, run_scale
 from .kvcache import CacheConfig, KVCache
 from .kvcache.budget import BudgetPlan
 from .kvcache.cache import AttentionObserver, KeptRecorder, ScaleUsage
@@ -126,14 +127,30 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
            vae_patchify: bool, negative: TextConditioning | None = None, keep_logits: bool = False,
            on_scale: ScaleCallback | None = None, cache_config: CacheConfig | None = None,
            record_kept: KeptRecorder | None = None, observer: AttentionObserver | None = None,
-           time_eviction: bool = False, bits_hook: BitsHook | None = None) -> SampleOutput:
+           time_eviction: bool = False, bits_hook: BitsHook | None = None, graphs: str = "off",
+           runner: ScaleGraphRunner | None = None) -> SampleOutput:
     """Generate the bits of every scale for a batch of prompts, as the original sampler does.
 
     `on_scale(scale_index, num_scales, summed_codes)` runs after every scale (progress, previews, interrupts);
     an exception it raises stops sampling and frees the cache. `bits_hook` may replace a scale's drawn bits
     before they are used (diagnostics: hand the first scales the ground truth and sample the rest).
+
+    `graphs` runs each scale's transformer step from a captured graph (docs/cuda_graphs.md): "off" (the exact
+    eager path), "cuda" (CUDA graphs), "replay" (their CPU stand-in, for tests). Keep `runner` between images to
+    capture once and replay after; without one, a runner is made and released within this call. With graphs, the
+    runner keeps its cache and graphs after an exception (release() frees them); record_kept, observer,
+    time_eviction and block swap are refused (ValueError), since they run Python inside a step.
     """
     settings.validate()
+    if graphs not in GRAPH_MODES:
+        raise ValueError(f"graphs={graphs!r}: expected one of {', '.join(GRAPH_MODES)}")
+    if graphs != "off":
+        why = refusal(model, model.pos_start.device, graphs, record_kept=record_kept, observer=observer,
+                      time_eviction=time_eviction)
+        if why is not None:
+            raise ValueError(why)
+        if runner is not None and runner.mode != graphs:
+            raise ValueError(f"graphs={graphs!r} with a runner made for {runner.mode!r}")
     n = schedule.num_scales
     cfgs, taus = settings.per_scale(n)
     device = model.pos_start.device
@@ -162,24 +179,43 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
         generator.manual_seed(int(settings.seed))
 
     cond_vec, gss, ca = model.condition(text, lens)
-    image = model.image_constants(gss, ca)  # what every scale reuses, made once per image
     head_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the head's AdaLN table per row count
-    rope = model.rope(schedule)  # on the device, copied from the host once per schedule
-    cache = make_cache(model, schedule, bs, cache_config or CacheConfig(policy="full"), record_kept, observer)
-    cache.time_eviction = time_eviction
+    config = cache_config or CacheConfig(policy="full")
+
+    def new_cache() -> KVCache:
+        return make_cache(model, schedule, bs, config, record_kept, observer)
+
+    cache: KVCache | None = None
+    own_runner = graphs != "off" and runner is None
+    if graphs == "off":
+        image = model.image_constants(gss, ca)  # what every scale reuses, made once per image
+        rope = model.rope(schedule)  # on the device, copied from the host once per schedule
+        cache = new_cache()
+        cache.time_eviction = time_eviction
+        plan = cache.plan
+
+        def transformer(si: int, x: torch.Tensor) -> torch.Tensor:
+            return run_scale(model, cache, image, rope, schedule, si, x)  # updates x in place
+    else:
+        runner = ScaleGraphRunner(graphs) if runner is None else runner
+        try:
+            runner.bind(model, schedule, lens, config, gss, ca, new_cache)  # captures on a new key
+        except BaseException:
+            if own_runner:
+                runner.release()
+            raise
+        plan = runner.plan
+        transformer = runner.step
     vae_grids = schedule.vae_grids(vae_patchify)
     final_hw = (1, *vae_grids[-1])
-    out = SampleOutput(bits=[], bits_vae=[], summed_codes=torch.empty(0), plan=cache.plan,
+    out = SampleOutput(bits=[], bits_vae=[], summed_codes=torch.empty(0), plan=plan,
                        cache_config=cache_config, text_len=max(lens))
     summed: torch.Tensor | None = None
     x = model.start_tokens(cond_vec)
     try:
         for si, (h, w) in enumerate(schedule.grids):
-            start = schedule.offsets[si]
-            cache.begin_scale(si)
             hidden = None  # the previous scale's hidden state must not live on through this larger one
-            hidden = model.forward_scale(x, si, image, rope[:, start:start + h * w], cache)  # updates x in place
-            cache.end_scale()
+            hidden = transformer(si, x)
             rows = bs if use_cfg and cfgs[si] != 1 else B
             if rows not in head_tables:
                 head_tables[rows] = model.head_nm.table(cond_vec[:rows])
@@ -213,9 +249,14 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
             if on_scale is not None:
                 on_scale(si, n, summed.squeeze(-3))
     finally:
-        out.usage = cache.usage
-        out.eviction_seconds = cache.eviction_seconds
-        cache.release()
+        if cache is not None:
+            out.usage = cache.usage
+            out.eviction_seconds = cache.eviction_seconds
+            cache.release()
+        else:
+            out.usage = list(runner.usage)
+            if own_runner:
+                runner.release()
     assert summed is not None and d_bits == summed.shape[1]
     out.summed_codes = summed.squeeze(-3)
     return out
