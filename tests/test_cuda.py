@@ -201,3 +201,79 @@ def test_cuda_fp8_matmul_runs_on_fp8_tensor_cores_or_says_why():
     cond = TextConditioning.from_numpy_file(TINY / "full_kv" / "p0_apple_s0_cfg3_tau0.5" / "text_kv_compact.npy")
     result = pipe.generate(cond, seed=0, width=256, height=256)
     assert result.images.shape == (1, 256, 256, 3) and result.images.std() > 0
+
+
+# ---------------------------------------------------------------- per-scale CUDA graphs (scalekv_core/graphs.py)
+
+def _graphs_model():
+    """A narrow bf16 model on the GPU (random weights) and the 0.60M schedule (QKV and FFN slices at its last scales),
+    for the graph runner's checks."""
+    from helpers_tiny import make_tiny_transformer_state
+    from scalekv_core.model.config import InfinityConfig
+    from scalekv_core.model.transformer import Infinity
+
+    cfg = InfinityConfig(depth=2, embed_dim=64, num_heads=2, block_chunks=2, ffn_hidden=256, text_channels=64,
+                         text_maxlen=64, pool_heads=2, d_vae=32)
+    model = Infinity(cfg)
+    model.load_state_dict(make_tiny_transformer_state(cfg, seed=5))
+    return model.set_block_dtype(torch.bfloat16).eval().requires_grad_(False).to("cuda"), get_schedule(1.0, "0.60M")
+
+
+def _graph_images():
+    from helpers_tiny import random_text
+    return [(random_text(9, 64, seed=10 * i).to("cuda"), SamplerSettings(seed=100 + i, cfg=3.0 + i)) for i in range(2)]
+
+
+def _same_sample(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.bits, b.bits)) and torch.equal(a.summed_codes, b.summed_codes)
+
+
+@pytest.mark.parametrize("config", [CacheConfig(policy="full"), CacheConfig(policy="scalekv", budget="10%"),
+                                    CacheConfig(policy="scalekv", scoring="original", budget="10%")],
+                         ids=["full", "scalekv", "scalekv_original"])
+def test_cuda_graphs_give_the_eager_bits_for_two_images_in_a_row(config: CacheConfig) -> None:
+    """CUDA graphs per scale, one runner, two prompts and seeds: every bit equals the eager run's, one capture;
+    the second image replays under sync debug mode 'error' (no host sync in replay or between graphs)."""
+    from scalekv_core.graphs import ScaleGraphRunner
+
+    model, schedule = _graphs_model()
+    runner = ScaleGraphRunner("cuda")
+    for i, (cond, settings) in enumerate(_graph_images()):
+        eager = sample(model, cond, schedule, settings, vae_patchify=False, cache_config=config)
+        torch.cuda.synchronize()
+        if i:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            graphed = sample(model, cond, schedule, settings, vae_patchify=False, cache_config=config,
+                             graphs="cuda", runner=runner)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert _same_sample(eager, graphed), f"image {i}"
+    assert runner.captures == 1
+    runner.release()
+
+
+def test_cuda_graphs_release_returns_the_memory() -> None:
+    """The runner's pool, cache and static inputs hold memory while kept, and none of it after release()."""
+    import gc
+
+    from scalekv_core.graphs import ScaleGraphRunner
+
+    model, schedule = _graphs_model()
+    config = CacheConfig(policy="scalekv", budget="10%")
+    (cond, settings), _ = _graph_images()
+    sample(model, cond, schedule, settings, vae_patchify=False, cache_config=config)  # RoPE and ScaleKV tables
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    runner = ScaleGraphRunner("cuda")
+    out = sample(model, cond, schedule, settings, vae_patchify=False, cache_config=config, graphs="cuda",
+                 runner=runner)
+    del out
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() > before  # kept between images: workspace, static inputs
+    runner.release()
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
