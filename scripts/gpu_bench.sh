@@ -59,6 +59,9 @@ fid=(-m scalekv_core.bench fidelity --num-pairs 24 --budgets 10%)
 step fidelity_nccl 240 torchrun --standalone --nproc_per_node=1 "${fid[@]}" --out "$out/fidelity_nccl"
 step fidelity_single 240 "$py" "${fid[@]}" --out "$out/fidelity_single"
 step fidelity_equal 10 diff "$out/fidelity_nccl/fidelity.md" "$out/fidelity_single/fidelity.md"
+# issue 22, item 5: every attention backend that runs here, 2B and 8B shapes at 1024x1024, batch 1 and 4; its
+# fastest exact backend is what AUTO_ORDER in scalekv_core/kvcache/attention.py should follow (docs/attention.md)
+step attention 240 "$py" scripts/gpu_attention.py --out "$out/gpu_attention.json"
 # issue 22: the original Infinity code against ours (full, ScaleKV 10%), 2B and 8B, batch 1 and 4 (docs/speed.md;
 # needs .original, written by `scripts/gpu_speed.py --prepare-original` and carried to the machine)
 step speed 580 "$py" scripts/gpu_speed.py --original .original --out "$out/gpu_speed.json"

@@ -302,3 +302,25 @@ def test_cli_refuses_a_backend_that_cannot_run_before_loading(tmp_path: Path) ->
     r = _cli("--attention", "xformers", "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "--attention" in r.stderr and "'xformers'" in r.stderr and "flash_attn" in r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_gpu_attention_script_runs_on_the_cpu_and_names_the_fastest(tmp_path: Path) -> None:
+    """scripts/gpu_attention.py (run on a GPU by scripts/gpu_bench.sh) on a small shape here: every CPU backend
+    timed at every scale, errors against float32 math tiny, the refused ones listed with their reasons."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_attention
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    out = tmp_path / "attention.json"
+    assert gpu_attention.main(["--device", "cpu", "--dtype", "fp32", "--size", "0.06M", "--models", "layer12",
+                               "--batches", "1", "--reps", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["info"]["auto_resolves_to"] == "sdpa" and "needs a CUDA device" in data["info"]["problems"]["cudnn"]
+    (run,) = data["runs"]
+    assert [s["queries"] for s in run["scales"]] == [1, 4, 16, 36, 64, 144, 256]
+    assert run["scales"][-1]["keys"] == 521 and run["rows"] == 2 and run["heads"] == 8
+    assert set(run["backends"]) == {"sdpa", "flash", "math"} and run["fastest"] in run["backends"]
+    for stats in run["backends"].values():
+        assert len(stats["ms"]) == 7 and all(t > 0 for t in stats["ms"]) and stats["image_attention_ms"] > 0
+        assert stats["max_err"] < 1e-5 and stats["lse_max_err"] < 1e-5 and not stats["errors"]
