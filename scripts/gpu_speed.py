@@ -78,6 +78,9 @@ ORIGINAL_FILES = (
 )
 RESULT = "@@gpu_speed "  # prefix of the worker's result lines on stdout (the original prints a lot)
 ENGINES = ("original", "ours_full", "ours_scalekv")
+#: Ours with a captured graph per scale (docs/cuda_graphs.md): engine -> (policy, the eager engine it must equal).
+#: Timed after the eager rounds, one runner alive at a time (a runner keeps its cache between images).
+GRAPH_ENGINES = {"ours_full_graphs": ("full", "ours_full"), "ours_scalekv_graphs": ("scalekv", "ours_scalekv")}
 #: Issue 22's targets: (name, numerator engine, denominator engine, batch, at most).
 TARGETS = (
     ("ours full <= 0.6x original, batch 1", "ours_full", "original", 1, 0.6),
@@ -464,6 +467,8 @@ class Case:
         hidden = torch.randn(batch, L, ctx["cfg"].text_channels, generator=gen) * 0.1
         self.cond = TextConditioning.from_padded(hidden, torch.ones(batch, L, dtype=torch.bool)).to(device)
         self.cuda = device.type == "cuda"
+        self.runners: dict[str, Any] = {}  # graph engine -> its ScaleGraphRunner, alive during its phase only
+        self.last: dict[str, Any] = {}  # engine -> its latest SampleOutput (same seed each run: the bits reference)
 
     # one run of each engine; `marks` gets [start, block 0 of every scale..., end]
     def run_original(self, marks: Marks | None) -> None:
@@ -490,7 +495,9 @@ class Case:
             for b in c["original_model"].unregistered_blocks:  # an interrupted run must not keep its cat-grown cache
                 b.sa.kv_caching(False)
 
-    def run_ours(self, policy: str, marks: Marks | None) -> Any:
+    def run_ours(self, policy: str, marks: Marks | None, graph_runner: Any = None) -> Any:
+        """One generation of ours; with `graph_runner`, from its per-scale graphs ('replay', the CPU stand-in, off
+        CUDA). Graphs run no Python hook, so their marks come from on_scale: the end of each scale's sampling."""
         from scalekv_core.kvcache import CacheConfig
         from scalekv_core.sampler import SamplerSettings, sample
 
@@ -498,11 +505,16 @@ class Case:
         cache = CacheConfig(policy="full") if policy == "full" else CacheConfig(policy="scalekv", budget="10%")
         settings = SamplerSettings(cfg=SAMPLING["cfg"], tau=SAMPLING["tau"], top_k=SAMPLING["top_k"],
                                    top_p=SAMPLING["top_p"], seed=SAMPLING["seed"])
-        c["hook_marks"][1] = marks
+        graphs = {}
+        if graph_runner is not None:
+            graphs = {"graphs": graph_runner.mode, "runner": graph_runner,
+                      "on_scale": (lambda *_: marks.mark()) if marks else None}
+        c["hook_marks"][1] = None if graph_runner is not None else marks
         try:
             if marks:
                 marks.mark()
-            out = sample(c["ours_model"], self.cond, c["schedule"], settings, c["patchify"], cache_config=cache)
+            out = sample(c["ours_model"], self.cond, c["schedule"], settings, c["patchify"], cache_config=cache,
+                         **graphs)
             if marks:
                 marks.mark()
         finally:
@@ -512,6 +524,8 @@ class Case:
     def runner(self, engine: str) -> Callable[[Marks | None], Any]:
         if engine == "original":
             return self.run_original
+        if engine in GRAPH_ENGINES:
+            return lambda marks: self.run_ours(GRAPH_ENGINES[engine][0], marks, self.runners[engine])
         return lambda marks: self.run_ours("full" if engine == "ours_full" else "scalekv", marks)
 
     def timed(self, engine: str) -> dict:
@@ -525,13 +539,18 @@ class Case:
             torch.cuda.reset_peak_memory_stats()
             start_bytes = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        self.runner(engine)(marks)
+        out = self.runner(engine)(marks)
         if self.cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
+        if out is not None:
+            self.last[engine] = out
         iv = marks.intervals_ms()
         rec = {"wall_s": wall}
-        if len(iv) == n + 1:  # start->block0(s0), then each scale, the last to the end of the call
+        if engine in GRAPH_ENGINES and len(iv) == n + 1:  # start->end of scale 0's sampling, each scale, the rest
+            rec["scale_ms"], rec["after_ms"] = iv[:n], iv[n]
+            rec["setup_ms"] = 0.0  # folded into scale 0: no hook runs inside a graph
+        elif len(iv) == n + 1:  # start->block0(s0), then each scale, the last to the end of the call
             rec["setup_ms"], rec["scale_ms"] = iv[0], iv[1:]
         else:
             rec["marks_note"] = f"{len(marks.points)} marks for {n} scales: block 0's pre-hook did not fire per scale"
@@ -610,7 +629,54 @@ def profile_scalekv(case: Case) -> dict:
     return out
 
 
-def run_case(ctx: dict, batch: int, repeats: int, warmup: int, deadline: float, profile: bool) -> dict:
+def _same_bits(a: Any, b: Any) -> dict:
+    """Whether two SampleOutputs hold the same bits at every scale and the same decoder input."""
+    import torch
+
+    scales = [bool(torch.equal(x, y)) for x, y in zip(a.bits, b.bits)]
+    return {"identical": all(scales) and len(a.bits) == len(b.bits) and torch.equal(a.summed_codes, b.summed_codes),
+            "scales_identical": sum(scales), "scales": len(scales)}
+
+
+def run_graph_engines(case: Case, res: dict, repeats: int, deadline: float) -> None:
+    """Each graph engine in turn: a runner, its first run (warm-up pass + capture + replay, timed apart), timed
+    replays, the bits against the eager engine's run of the same seed, then release() and the memory it returns."""
+    import torch
+
+    from scalekv_core.graphs import ScaleGraphRunner
+
+    for engine, (_, eager) in GRAPH_ENGINES.items():
+        rec: dict = {"warmup_s": [], "runs": []}
+        res["engines"][engine] = rec
+        if eager not in case.last or time.time() > deadline:
+            why = f"no eager {eager} run to compare with" if eager not in case.last else "time budget reached"
+            rec["error"] = f"skipped: {why}"
+            continue
+        if case.cuda:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+        case.runners[engine] = ScaleGraphRunner("cuda" if case.cuda else "replay")
+        try:
+            rec["capture_run_s"] = case.timed(engine)["wall_s"]
+            rec["bits_vs_eager"] = _same_bits(case.last[engine], case.last[eager])
+            for r in range(repeats):
+                if time.time() > deadline:
+                    rec["truncated"] = f"time budget reached after {r} of {repeats} timed replays"
+                    break
+                rec["runs"].append(case.timed(engine))
+            rec["bits_vs_eager_last"] = _same_bits(case.last[engine], case.last[eager])["identical"]
+        except Exception as e:  # noqa: BLE001 - a graph engine that fails is a result
+            rec["error"] = _error(e)
+        finally:
+            case.runners.pop(engine).release()
+            case.last.pop(engine, None)
+            _after_failure(case.cuda)
+            if case.cuda:
+                rec["memory_after_release_minus_before"] = torch.cuda.memory_allocated() - before
+
+
+def run_case(ctx: dict, batch: int, repeats: int, warmup: int, deadline: float, profile: bool,
+             graphs: bool = True) -> dict:
     """Warm-ups, interleaved timed rounds, the eviction-timed ScaleKV run and the agreement check for one batch."""
     cuda = ctx["device"].type == "cuda"
     case = Case(ctx, batch)
@@ -637,6 +703,8 @@ def run_case(ctx: dict, batch: int, repeats: int, warmup: int, deadline: float, 
                 res["engines"][engine]["error"] = _error(e)
                 live.remove(engine)
                 _after_failure(cuda)
+    if graphs:
+        run_graph_engines(case, res, repeats, deadline)
     for engine, rec in res["engines"].items():
         runs = rec.pop("runs")
         walls = [x["wall_s"] for x in runs]
@@ -745,7 +813,7 @@ def worker(a: argparse.Namespace) -> int:
             continue
         t1 = time.perf_counter()
         try:
-            res = run_case(ctx, batch, a.repeats, a.warmup, a.deadline, a.profile == "scalekv")
+            res = run_case(ctx, batch, a.repeats, a.warmup, a.deadline, a.profile == "scalekv", a.graphs == "on")
         except Exception as e:  # noqa: BLE001
             traceback.print_exc(file=sys.stderr)
             res = {"model": a.worker, "batch": batch, "error": _error(e)}
@@ -766,6 +834,14 @@ def summarise(cases: list[dict]) -> tuple[list[dict], list[dict]]:
             row["ours_full/original"] = med["ours_full"] / med["original"]
         if med.get("ours_full") and med.get("ours_scalekv"):
             row["scalekv/ours_full"] = med["ours_scalekv"] / med["ours_full"]
+        for num, den in (("ours_full_graphs", "ours_full"), ("ours_scalekv_graphs", "ours_scalekv"),
+                         ("ours_scalekv_graphs", "ours_full_graphs"), ("ours_full_graphs", "original")):
+            if med.get(num) and med.get(den):
+                row[f"{num}/{den}"] = med[num] / med[den]
+        for g in GRAPH_ENGINES:
+            if "bits_vs_eager" in eng.get(g, {}):
+                row[f"{g} bits == eager"] = float(eng[g]["bits_vs_eager"]["identical"] and
+                                                  eng[g].get("bits_vs_eager_last", True))
         ev = c.get("eviction", {})
         if "keep_rows_fraction" in ev:
             row["eviction_fraction_events"] = ev["keep_rows_fraction"]
@@ -790,13 +866,13 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 def print_summary(cases: list[dict], ratios: list[dict], targets: list[dict]) -> None:
     """A table a reader takes in at a glance; every figure is also in the JSON."""
-    print("\nmodel  batch  engine          median s   min s   peak GiB  setup ms  last 3 scales ms")
+    print("\nmodel  batch  engine               median s   min s   peak GiB  setup ms  last 3 scales ms")
     for c in cases:
         for engine, e in c.get("engines", {}).items():
             sc = e.get("scale_ms_median") or []
             last = " ".join(f"{x:.1f}" for x in sc[-3:])
             err = f"  ERROR {e['error'][:80]}" if "error" in e else ""
-            print(f"{c['model']:<6} {c['batch']:>5}  {engine:<14} {_fmt(e.get('median_s')):>9} "
+            print(f"{c['model']:<6} {c['batch']:>5}  {engine:<19} {_fmt(e.get('median_s')):>9} "
                   f"{_fmt(e.get('min_s')):>7} {_fmt(e.get('peak_gib'), '.2f'):>9} "
                   f"{_fmt(e.get('setup_ms_median'), '.1f'):>9}"
                   f"  {last}{err}")
@@ -827,6 +903,8 @@ def main() -> int:
                    help="torch.compile the original's fused AdaLN as its code does (auto: on CUDA only)")
     p.add_argument("--original-flash", choices=("stand-in", "real"), default="stand-in",
                    help="'real' uses an installed flash_attn for the original's cross-attention")
+    p.add_argument("--graphs", choices=("on", "off"), default="on",
+                   help="also time ours with a CUDA graph per scale (ours_full_graphs, ours_scalekv_graphs)")
     p.add_argument("--profile", choices=("scalekv", "none"), default="scalekv",
                    help="one profiled ScaleKV run per case for the kernel-busy share of scoring (CUDA only)")
     p.add_argument("--out", default="out/gpu_speed.json")
@@ -867,7 +945,7 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--worker", model, "--deadline", str(model_deadline),
                *(f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
                  if k in ("original", "size", "device", "repeats", "warmup", "text_len", "original_compile",
-                          "original_flash", "profile")),
+                          "original_flash", "profile", "graphs")),
                f"--batches={','.join(map(str, a.batches))}"]
         print(f"== {model}: worker starts ({left:.0f} s of budget left)", flush=True)
         lines: list[str] = []
