@@ -396,7 +396,8 @@ def _add_attention_flag(p: argparse.ArgumentParser) -> None:
     from .kvcache.attention import BACKENDS, CHOICES
 
     p.add_argument("--attention", default="auto", choices=CHOICES, metavar="NAME",
-                   help="attention backend: auto (the fastest installed here; on the CPU today's SDPA call), "
+                   help="attention backend: auto (the fastest installed here by a fixed order; today SDPA's own pick, "
+                        "the engine's call before this flag existed), "
                         + "; ".join(f"{n}: {b.about}" for n, b in BACKENDS.items())
                         + "; see docs/attention.md")
 

@@ -184,7 +184,7 @@ def _table() -> dict[str, Backend]:
         Backend("efficient", "SDPA's memory-efficient (xFormers) kernel only",
                 _kernel_problem("efficient", cuda_only=True, half_only_on_cuda=False),
                 _kernel_call(K.EFFICIENT_ATTENTION), _efficient_lse),
-        Backend("cudnn", "SDPA's cuDNN kernel only (recent GPUs, cuDNN 9)",
+        Backend("cudnn", "SDPA's cuDNN kernel only (recent GPUs)",
                 _kernel_problem("cudnn", cuda_only=True, half_only_on_cuda=True), _kernel_call(K.CUDNN_ATTENTION),
                 _cudnn_lse, masks=False),
         Backend("math", "SDPA's unfused reference (slow, materialises the scores)", _always,
