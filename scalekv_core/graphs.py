@@ -92,7 +92,7 @@ class CudaGraphCapturer:
 
     @contextlib.contextmanager
     def warmup(self) -> Iterator[None]:
-        stream = torch.cuda.Stream()
+        stream = _warmup_stream(torch.cuda.current_device())
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             yield
@@ -111,6 +111,17 @@ class CudaGraphCapturer:
         for graph in self.graphs:
             graph.reset()
         self.graphs, self.pool = [], None
+
+
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: int) -> torch.cuda.Stream:
+    """One side stream per device for every runner's warm-up: cuBLAS keeps a workspace per stream it has run on, so a
+    new stream per runner would leave a new workspace allocated each time."""
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
 
 
 @dataclass
