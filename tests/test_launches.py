@@ -160,8 +160,9 @@ def test_target_full_per_image(census_2b: dict[str, Census]) -> None:
     assert census_2b["full"].total() <= TARGETS["full_per_image"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22 target not met yet: ScaleKV adds at most 8 ops per evicting layer "
-                   "(12 today: 2 to move rows, 10 to score with stock torch ops; docs/launches.md)")
+@pytest.mark.xfail(strict=True, reason="issue 22 target not met: ScaleKV adds at most 8 ops per evicting layer "
+                   "(12 today: 2 to move rows, 10 to score, each a kernel of its own with stock torch ops; the split "
+                   "attention of item 4 costs more; docs/launches.md has the table)")
 def test_target_scalekv_extra(census_2b: dict[str, Census]) -> None:
     extra = extra_per_evicting_layer(census_2b["scalekv"], census_2b["full"])
     assert max(r["extra_evicting_max"] for r in extra if r["evicting_layers"]) <= \

@@ -138,3 +138,60 @@ def test_improved_selection_reads_device_tables_only() -> None:
                       positions=policy.token_ids()[:total].expand(1, 2, total))
     idx = policy.select(ctx, keys, 12)
     assert idx.shape == (1, 2, 12) and (idx[..., 1:] > idx[..., :-1]).all()
+
+
+def _evicting_run(cache: KVCache, sched, layers: int, B: int, H: int, c: int) -> None:  # noqa: ANN001
+    g = torch.Generator().manual_seed(1)
+    for si, n in enumerate(sched.tokens_per_scale):
+        cache.begin_scale(si)
+        for layer in range(layers):
+            k, v = cache.new_slots(layer, n)
+            k.copy_(torch.nn.functional.normalize(torch.randn(B, H, n, c, generator=g), dim=-1))
+            v.copy_(torch.randn(B, H, n, c, generator=g))
+            cache.attend(layer, torch.randn(B, H, n, c, generator=g), torch.float32)
+        cache.end_scale()
+
+
+def test_eviction_reads_no_clock_unless_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With timing off no step calls the host clock (a host call inside a step breaks CUDA graphs and
+    torch.compile); with it on, eviction time is measured."""
+    import scalekv_core.kvcache.cache as cache_mod
+
+    calls = []
+
+    class Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            calls.append(1)
+            return float(len(calls))
+
+    monkeypatch.setattr(cache_mod, "time", Clock)
+    sched, B, H, c, layers = SCHEDULES[0], 1, 2, 8, 2
+    for timed in (False, True):
+        policy = ScaleKV(budget=12, window=4, kernel=3)
+        cache = KVCache(policy.plan(sched, layers), policy, sched, B, H, c)
+        cache.time_eviction = timed
+        _evicting_run(cache, sched, layers, B, H, c)
+        if timed:
+            assert calls and cache.eviction_seconds > 0
+        else:
+            assert calls == [] and cache.eviction_seconds == 0.0
+
+
+@pytest.mark.parametrize("forced", [0, 3])
+def test_topk_keep_gives_the_best_scored_in_position_order(forced: int) -> None:
+    """Against a reference by hand: rank every position by score (distinct scores), take the best, sort them."""
+    from scalekv_core.kvcache.policies.base import topk_keep
+
+    g = torch.Generator().manual_seed(2)
+    B, H, T, keep = 2, 3, 300, 40
+    scores = torch.randperm(B * H * T, generator=g).float().view(B, H, T)  # distinct: one right answer
+    force = torch.arange(T - forced, T).expand(B, H, forced)
+    if forced:
+        scores[..., T - forced:] = -torch.inf
+    got = topk_keep(scores, keep, force if forced else None)
+    for b in range(B):
+        for h in range(H):
+            row = scores[b, h].tolist()
+            best = sorted(range(T), key=lambda i: -row[i])[:keep - forced]
+            assert got[b, h].tolist() == sorted(best + list(range(T - forced, T)))

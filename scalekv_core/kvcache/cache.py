@@ -432,12 +432,13 @@ class KVCache:
         if keep == total:
             raw[:, :, :total].copy_(src)
         else:
-            t0 = self._clock()
+            timed = self.time_eviction  # off: no clock call at all (a host call inside a step breaks graphs/compile)
+            t0 = self._clock() if timed else 0.0
             idx = self._select(layer, q, keys, positions, S, keep, x, w_q)
             if self.record_kept is not None:
                 self.record_kept(scale, layer, idx)
             _gather_into(raw, src, idx.unsqueeze(-1).expand(-1, -1, -1, self.layout.units), keep)
-            if self.time_eviction:
+            if timed:
                 self.eviction_seconds += self._clock() - t0
         self.lengths[layer] = keep
 
@@ -482,7 +483,8 @@ class KVCache:
         return out
 
     def _clock(self) -> float:
-        if self.time_eviction and self.device.type == "cuda":
+        """Wall time for `time_eviction`, after the device's queued work (so it measures what eviction took)."""
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 

@@ -64,10 +64,12 @@ def topk_keep(scores: torch.Tensor, keep: int, forced: torch.Tensor | None = Non
 
     Forced positions must already carry -inf scores so they are not picked twice.
     """
+    # The indices are sorted by position below, so top-k need not order them by score (on CUDA that is a sort less).
     if forced is None or forced.shape[-1] == 0:
-        chosen = scores.topk(keep, dim=-1).indices
+        chosen = scores.topk(keep, dim=-1, sorted=False).indices
     else:
         rest = keep - forced.shape[-1]
-        picked = scores.topk(rest, dim=-1).indices if rest > 0 else scores.new_empty((*scores.shape[:-1], 0), dtype=torch.long)
+        picked = (scores.topk(rest, dim=-1, sorted=False).indices if rest > 0
+                  else scores.new_empty((*scores.shape[:-1], 0), dtype=torch.long))
         chosen = torch.cat([picked, forced.to(picked.dtype)], dim=-1)
     return chosen.sort(dim=-1).values
