@@ -374,6 +374,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=_number("threads", "--threads"), default=0,
                    help="CPU threads (0 = torch's default)")
     _add_attention_flag(g)
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay one captured CUDA graph per scale (docs/cuda_graphs.md; opt-in until measured on a "
+                        "GPU); a single image pays the capture, so this is for checks and benchmarks")
     _add_cache_flags(g, default_policy="full")
     g.add_argument("--memory-report", help="write the memory report (planned and measured, per scale and layer) here")
     g.add_argument("--no-memory-check", action="store_true",
@@ -702,6 +705,13 @@ def _generate(a: argparse.Namespace) -> int:
         except ValueError as e:
             raise InputError(f"--attention: {e}") from None
 
+    if a.cuda_graphs:  # refused by name before the model loads
+        if torch.device(a.device).type != "cuda":
+            raise InputError(f"--cuda-graphs needs a CUDA device; --device is {a.device}")
+        for flag, on in (("--block-swap", a.block_swap), ("--dump", a.dump)):
+            if on:
+                raise InputError(f"--cuda-graphs with {flag}: graphs run no per-step Python (block copies, "
+                                 "kept-token records); use one or the other")
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -750,7 +760,7 @@ def _generate(a: argparse.Namespace) -> int:
     result = pipe.generate(prompt, negative, seed=a.seed, cfg=a.cfg, tau=a.tau, top_k=a.top_k, top_p=a.top_p,
                            schedule=schedule, batch=a.batch, on_scale=progress, cache=cache,
                            record_kept=record, memory_report=report is not None, decode_tile=a.decode_tile,
-                           attention=a.attention)
+                           attention=a.attention, graphs="cuda" if a.cuda_graphs else "off")
     paths = result.save_images(out)
     if dump:
         result.dump(dump)

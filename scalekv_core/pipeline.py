@@ -21,6 +21,7 @@ from .model.block_swap import check_block_swap, planned_device_bytes, swap_block
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, check_decode_tiling
+from .graphs import GRAPH_MODES, ScaleGraphRunner
 from .sampler import BitsHook, SampleOutput, SamplerSettings, ScaleCallback, sample
 from .schedules import Schedule, schedule_for_pixels
 
@@ -116,6 +117,7 @@ class InfinityPipeline:
         if self._device is not None and self._device.type == "cuda" and self._device.index is None:
             self._device = torch.device("cuda", torch.cuda.current_device())  # compares equal to tensors' devices
         self.block_swap = check_block_swap(block_swap, transformer.cfg.depth)
+        self._graph_runner: ScaleGraphRunner | None = None  # kept between images: capture once, replay after
 
     @classmethod
     def from_files(cls, transformer: str | Path, vae: str | Path, text_encoder: str | Path | None = None,
@@ -171,7 +173,7 @@ class InfinityPipeline:
                  record_kept: KeptRecorder | None = None, memory_report: bool = False,
                  bits_hook: BitsHook | None = None, decode_tile: int | None = None,
                  offload_text_encoder: bool = False, block_swap: int | None = None,
-                 attention: str = "auto") -> GenerationResult:
+                 attention: str = "auto", graphs: str = "off") -> GenerationResult:
         """Generate `batch` images per prompt; the same seed and settings give the same image as the original.
 
         `bits_hook` is the sampler's (diagnostics: replace a scale's drawn bits). `decode_tile` decodes in tiles of
@@ -182,11 +184,17 @@ class InfinityPipeline:
         `attention` is the attention backend sampling runs with (kvcache/attention.py, docs/attention.md; "auto":
         the fastest installed here, today's SDPA call on the CPU); one that cannot run here is refused by name
         before any work, and `info["attention"]` says which ran.
+        `graphs` "cuda" replays one captured CUDA graph per scale (docs/cuda_graphs.md); the pipeline keeps the
+        graphs for the next image of the same shape until release_graphs(). "off": the exact eager path.
         """
         batch = LIMITS["batch"].check(batch)
         swap = check_block_swap(self.block_swap if block_swap is None else block_swap, self.transformer.cfg.depth)
         decode_tile = check_decode_tiling(decode_tile or 0)  # refused by name before any work
         attention = resolve_attention(attention, self.device, self.transformer.block_dtype)
+        if graphs != "off" and swap:  # refused before T5 runs: a graph would point at the swap slots' last block
+            raise ValueError(f"graphs={graphs!r} with block_swap={swap}: graphs need every block on the device; "
+                             "use one or the other")
+        runner = self._runner_for(graphs)
         settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed)
         settings.validate()  # before T5 runs: a NaN cfg is refused by name, not as a failed draw
         schedule = schedule or schedule_for_pixels(width, height)
@@ -209,13 +217,32 @@ class InfinityPipeline:
                 use_backend(attention, self.device, self.transformer.block_dtype):
             samples = sample(self.transformer, cond.to(self.device), schedule, settings, self.vae_patchify,
                              negative=None if neg is None else neg.to(self.device), keep_logits=keep_logits,
-                             on_scale=on_scale, cache_config=cache, record_kept=record_kept, bits_hook=bits_hook)
+                             on_scale=on_scale, cache_config=cache, record_kept=record_kept, bits_hook=bits_hook,
+                             graphs=graphs, runner=runner)
         decoded = self._decode(samples.summed_codes.float(), decode_tile)
         result = GenerationResult(images=decoded_to_uint8(decoded), decoded=decoded, samples=samples,
                                   schedule=schedule, settings=settings, info={"attention": attention})
         if memory_report:
             result.memory = self.memory_report(samples, cond.batch_size, settings, schedule, meter)
         return result
+
+    def _runner_for(self, graphs: str) -> ScaleGraphRunner | None:
+        """The pipeline's graph runner for this mode (a new one, the old released, when the mode changes)."""
+        if graphs not in GRAPH_MODES:
+            raise ValueError(f"graphs={graphs!r}: expected one of {', '.join(GRAPH_MODES)}")
+        if graphs == "off":
+            return None
+        if self._graph_runner is not None and self._graph_runner.mode != graphs:
+            self.release_graphs()
+        if self._graph_runner is None:
+            self._graph_runner = ScaleGraphRunner(graphs)
+        return self._graph_runner
+
+    def release_graphs(self) -> None:
+        """Free the captured graphs, their memory pool and the cache they own (the next graphed image captures again)."""
+        if self._graph_runner is not None:
+            self._graph_runner.release()
+            self._graph_runner = None
 
     def _decode(self, z: torch.Tensor, tile: int) -> torch.Tensor:
         """The VAE decode on the pipeline's device; a VAE kept elsewhere is placed there for it and put back."""
