@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CASES = ["8b:none:0", "8b:fp8_e4m3fn:11", "8b:int4:7", "8b:fp8_e4m3fn:7:24", "2b:none:0", "2b:none:5:7",
-         "2b:fp8_e4m3fn:3.5:4"]
+         "2b:fp8_e4m3fn:3.5:5"]
 VAES = {32: dict(codebook_dim=32, patch_size=16, base_ch=128, ch_mult=(1, 2, 4, 4, 4)),
         56: dict(codebook_dim=14, patch_size=8, base_ch=128, ch_mult=(1, 2, 4, 4))}
 DECODE_TILE = 32
