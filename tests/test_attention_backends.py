@@ -183,6 +183,19 @@ def test_cross_attention_takes_the_backend_unmasked_and_sdpa_masked(monkeypatch)
                                                               scale=0.25))
 
 
+@pytest.mark.parametrize("name", sorted(A.BACKENDS))
+def test_float32_on_cuda_goes_to_sdpa_where_the_kernel_takes_only_half(name: str) -> None:
+    """The prompt pooling attends in float32 inside the generation: a half-only CUDA kernel must not receive it."""
+    backend = A.BACKENDS[name]
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    half_only = name in {"flash", "cudnn", "flash_attn", "sage"}  # SDPA's flash/cuDNN and both packages
+    assert A.runs_plain_sdpa(backend, cuda, torch.float32, masked=False) == half_only
+    assert not A.runs_plain_sdpa(backend, cuda, torch.bfloat16, masked=False)
+    assert not A.runs_plain_sdpa(backend, cpu, torch.float32, masked=False)  # the CPU flash kernel takes fp32
+    assert A.runs_plain_sdpa(backend, cuda, torch.bfloat16, masked=True) == (name in {"flash", "cudnn", "flash_attn",
+                                                                                     "sage"})
+
+
 def test_fake_sage_is_called_in_hnd_layout_with_its_scale(monkeypatch) -> None:
     calls = _fake_package(monkeypatch, "sageattention", "sageattn", lambda q, k, v, kw: torch.full_like(q, 5.0))
     q, k, v = _qkv()

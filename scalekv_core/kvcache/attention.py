@@ -39,6 +39,7 @@ class Backend:
     attend: Attend  # (q, k, v (B, H, L, c), scale, key mask or None) -> (B, H, Lq, c)
     attend_lse: AttendLse | None = None  # attention plus float32 log-sum-exp; None: sdpa_lse uses SDPA's
     masks: bool = True  # takes a key mask; without, masked calls (cross-attention to padded text) run plain SDPA
+    half_on_cuda: bool = False  # on CUDA only fp16/bf16: float32 calls (the prompt pooling) run plain SDPA
 
 
 def _plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -180,19 +181,21 @@ def _table() -> dict[str, Backend]:
                         "fp32; the fused flash kernel on the CPU)", _always, _plain_sdpa, _sdpa_lse_default),
         Backend("flash", "SDPA's FlashAttention-2 kernel only (on the CPU: its fused CPU flash kernel)",
                 _kernel_problem("flash", cuda_only=False, half_only_on_cuda=True), _kernel_call(K.FLASH_ATTENTION),
-                _flash_lse, masks=False),
+                _flash_lse, masks=False, half_on_cuda=True),
         Backend("efficient", "SDPA's memory-efficient (xFormers) kernel only",
                 _kernel_problem("efficient", cuda_only=True, half_only_on_cuda=False),
                 _kernel_call(K.EFFICIENT_ATTENTION), _efficient_lse),
         Backend("cudnn", "SDPA's cuDNN kernel only (recent GPUs)",
                 _kernel_problem("cudnn", cuda_only=True, half_only_on_cuda=True), _kernel_call(K.CUDNN_ATTENTION),
-                _cudnn_lse, masks=False),
+                _cudnn_lse, masks=False, half_on_cuda=True),
         Backend("math", "SDPA's unfused reference (slow, materialises the scores)", _always,
                 _kernel_call(K.MATH), _math_lse),
         Backend("flash_attn", "the flash-attn package's flash_attn_func (CUDA, fp16/bf16)",
-                _package_problem("flash_attn", "flash_attn_func", "flash-attn"), _flash_attn, masks=False),
+                _package_problem("flash_attn", "flash_attn_func", "flash-attn"), _flash_attn, masks=False,
+                half_on_cuda=True),
         Backend("sage", "SageAttention's sageattn (CUDA, fp16/bf16; 8-bit q.k, so not exact)",
-                _package_problem("sageattention", "sageattn", "sageattention"), _sage, masks=False),
+                _package_problem("sageattention", "sageattn", "sageattention"), _sage, masks=False,
+                half_on_cuda=True),
     )}
 
 
@@ -257,11 +260,17 @@ def current() -> str:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, H, L, c) attention with the selected backend; a key mask it cannot take goes to plain SDPA."""
+    """(B, H, L, c) attention with the selected backend; a key mask or a CUDA dtype it cannot take (the prompt
+    pooling runs in float32) goes to plain SDPA."""
     backend = _selected.get()
-    if backend is _DEFAULT or (mask is not None and not backend.masks):
+    if backend is _DEFAULT or runs_plain_sdpa(backend, q.device, q.dtype, mask is not None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return backend.attend(q, k, v, scale, mask)
+
+
+def runs_plain_sdpa(backend: Backend, device: torch.device, dtype: torch.dtype, masked: bool) -> bool:
+    """Whether a call the backend cannot take (a key mask; float32 on CUDA for a half-only kernel) goes to SDPA."""
+    return (masked and not backend.masks) or (backend.half_on_cuda and device.type == "cuda" and dtype not in _HALF)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
