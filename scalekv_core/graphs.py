@@ -113,6 +113,12 @@ class CudaGraphCapturer:
         self.graphs, self.pool = [], None
 
 
+def _on_device(device: torch.device | None) -> contextlib.AbstractContextManager:
+    """Make the model's GPU current: CUDA graphs capture, pool and replay on the current device, which need not be
+    the one the model is on (cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
+
+
 _WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -238,6 +244,7 @@ class ScaleGraphRunner:
         self._x: list[torch.Tensor] = []
         self._gss: torch.Tensor | None = None
         self._text: torch.Tensor | None = None
+        self._device: torch.device | None = None
 
     @staticmethod
     def key_for(model: Infinity, schedule: Schedule, lens: list[int], config: CacheConfig) -> tuple:
@@ -255,11 +262,13 @@ class ScaleGraphRunner:
         if key != self.key:
             self.release()
             try:
-                self._capture(model, schedule, lens, gss, text, make_cache)
+                with _on_device(model.pos_start.device):  # capture stream, pool and warm-up on the model's GPU
+                    self._capture(model, schedule, lens, gss, text, make_cache)
             except BaseException:
                 self.release()
                 raise
             self.key = key
+            self._device = model.pos_start.device
         self._gss.copy_(gss)
         self._text.copy_(text.tokens)
 
@@ -307,7 +316,8 @@ class ScaleGraphRunner:
             raise RuntimeError("the graph runner holds no graphs: bind() it to an image first")
         static = self._x[scale]
         static.copy_(x)
-        self._steps[scale]()
+        with _on_device(self._device):
+            self._steps[scale]()
         return static
 
     def static_tensors(self) -> list[torch.Tensor]:

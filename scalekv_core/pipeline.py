@@ -227,10 +227,12 @@ class InfinityPipeline:
         return result
 
     def _runner_for(self, graphs: str) -> ScaleGraphRunner | None:
-        """The pipeline's graph runner for this mode (a new one, the old released, when the mode changes)."""
+        """The pipeline's graph runner for this mode (a new one, the old released, when the mode changes). An eager
+        image releases it: its pool would otherwise hold about one more sampling peak beside the eager run's."""
         if graphs not in GRAPH_MODES:
             raise ValueError(f"graphs={graphs!r}: expected one of {', '.join(GRAPH_MODES)}")
         if graphs == "off":
+            self.release_graphs()
             return None
         if self._graph_runner is not None and self._graph_runner.mode != graphs:
             self.release_graphs()

@@ -25,28 +25,30 @@ def pipe() -> InfinityPipeline:
 def test_graphed_generations_equal_eager_ones_and_reuse_one_runner(pipe: InfinityPipeline, policy: str) -> None:
     cache = CacheConfig(policy=policy, budget="10%")
     channels = pipe.transformer.cfg.text_channels
+    conds = [random_text(9, channels, seed=i) for i in range(2)]  # other prompt and seed, same text length
+    eager = [pipe.generate(c, seed=40 + i, schedule=SCHEDULE, cache=cache) for i, c in enumerate(conds)]
     runners = []
-    for i in range(2):  # other prompt and seed, same text length: one capture, then a replay
-        cond = random_text(9, channels, seed=i)
-        eager = pipe.generate(cond, seed=40 + i, schedule=SCHEDULE, cache=cache)
+    for i, cond in enumerate(conds):  # one capture, then a replay
         graphed = pipe.generate(cond, seed=40 + i, schedule=SCHEDULE, cache=cache, graphs="replay")
-        assert np.array_equal(eager.images, graphed.images)
-        assert all(torch.equal(a, b) for a, b in zip(eager.samples.bits, graphed.samples.bits))
+        assert np.array_equal(eager[i].images, graphed.images)
+        assert all(torch.equal(a, b) for a, b in zip(eager[i].samples.bits, graphed.samples.bits))
         runners.append(pipe._graph_runner)
-    assert runners[0] is not None and runners[0] is runners[1]
+    assert runners[0] is not None and runners[0] is runners[1] and runners[0].captures == 1
+    eager = eager[1]
     assert not np.array_equal(eager.images, pipe.generate(random_text(9, channels, seed=0), seed=40,
                                                           schedule=SCHEDULE, cache=cache).images)
     pipe.release_graphs()
     assert pipe._graph_runner is None
 
 
-def test_graphs_off_drops_nothing_and_a_new_mode_replaces_the_runner(pipe: InfinityPipeline) -> None:
+def test_an_eager_image_releases_the_runner_and_cuda_is_refused_off_cuda(pipe: InfinityPipeline) -> None:
     cond = random_text(9, pipe.transformer.cfg.text_channels, seed=3)
     pipe.generate(cond, seed=1, schedule=SCHEDULE, graphs="replay")
     kept = pipe._graph_runner
-    pipe.generate(cond, seed=1, schedule=SCHEDULE)  # eager: the runner stays for the next graphed image
-    assert pipe._graph_runner is kept
-    with pytest.raises(ValueError, match="needs a CUDA device|CUDA"):
+    assert kept is not None and kept.cache_buffers()
+    pipe.generate(cond, seed=1, schedule=SCHEDULE)  # eager: the graphs' memory must not sit beside its own
+    assert pipe._graph_runner is None and not kept.cache_buffers() and not kept.static_tensors()
+    with pytest.raises(ValueError, match="CUDA"):
         pipe.generate(cond, seed=1, schedule=SCHEDULE, graphs="cuda")  # this CPU pipeline cannot capture CUDA
     pipe.release_graphs()
 

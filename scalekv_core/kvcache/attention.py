@@ -50,10 +50,10 @@ def _plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 def _sdpa_lse_default(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel SDPA would pick (flash for fp16/bf16 on CUDA, memory-efficient otherwise; the CPU flash
-    kernel on the CPU), called directly because F.scaled_dot_product_attention does not return the LSE."""
+    """A fused kernel with its LSE, as F.scaled_dot_product_attention returns none: flash for fp16/bf16 on GPUs
+    that have it (sm80+), memory-efficient on other GPUs and dtypes, the CPU flash kernel on the CPU."""
     if q.device.type == "cuda":
-        if q.dtype in _HALF:
+        if q.dtype in _HALF and torch.cuda.get_device_capability(q.device) >= (8, 0):
             return _flash_lse(q, k, v, scale)
         return _efficient_lse(q, k, v, scale)
     return _flash_lse(q, k, v, scale)
