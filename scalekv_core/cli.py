@@ -347,7 +347,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                        description="Generate images with Infinity, reproducing the original sampler.")
     g.add_argument("--transformer", required=True, help="Infinity checkpoint: .safetensors, .pth, or the 8B shard folder")
     g.add_argument("--vae", required=True, help="BSQ-VAE checkpoint (.pth with {'vae': ...} or .safetensors)")
-    g.add_argument("--text-encoder", help="T5 folder (e.g. flan-t5-xl/); not needed with --text-kv")
+    g.add_argument("--text-encoder", help="T5: a folder (e.g. flan-t5-xl/) or one .safetensors file with "
+                                          "--t5-tokenizer; not needed with --text-kv")
+    _add_t5_tokenizer_flag(g)
     g.add_argument("--prompt", default="", type=_text("prompt", "--prompt"), help="text prompt")
     g.add_argument("--negative-prompt", default="", type=_text("prompt", "--negative-prompt"),
                    help="negative prompt (replaces the learned unconditional text)")
@@ -403,6 +405,12 @@ def _add_attention_flag(p: argparse.ArgumentParser) -> None:
                         "the engine's call before this flag existed), "
                         + "; ".join(f"{n}: {b.about}" for n, b in BACKENDS.items())
                         + "; see docs/attention.md")
+
+
+def _add_t5_tokenizer_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--t5-tokenizer", metavar="DIR",
+                   help="with a single-file --text-encoder: a folder with T5's tokenizer (spiece.model or "
+                        "tokenizer.json), e.g. ComfyUI's comfy/text_encoders/t5_tokenizer")
 
 
 def _add_t5_weights_flag(p: argparse.ArgumentParser) -> None:
@@ -592,7 +600,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                                    "their Attention Selectivity Index, and write an original-format budget JSON.")
     c.add_argument("--transformer", required=True)
     c.add_argument("--vae", required=True)
-    c.add_argument("--text-encoder", required=True)
+    c.add_argument("--text-encoder", required=True, help="T5: a folder, or one .safetensors file with --t5-tokenizer")
+    _add_t5_tokenizer_flag(c)
     c.add_argument("--prompts", required=True, help="a text file, one prompt per line")
     c.add_argument("--width", type=_number("width", "--width"), default=1024)
     c.add_argument("--height", type=_number("height", "--height"), default=1024)
@@ -633,7 +642,7 @@ def _calibrate(a: argparse.Namespace) -> int:
                           f"({sum(schedule.tokens_per_scale[:-1])} tokens before the last scale); nothing to "
                           f"calibrate")
     pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder, device=a.device, precision=a.dtype,
-                                       weights=a.weights)
+                                       weights=a.weights, t5_tokenizer=a.t5_tokenizer)
     res = calibrate(pipe, prompts, schedule, tokens, a.num_drafters, a.seed, a.refiner_decay, a.window,
                     on_prompt=lambda i, n: print(f"  prompt {i + 1}/{n}", file=sys.stderr, flush=True),
                     cfg=a.cfg, tau=a.tau, max_queries=a.max_queries, topk_fraction=a.topk_fraction,
@@ -719,13 +728,14 @@ def _generate(a: argparse.Namespace) -> int:
     negative = a.negative_prompt or None
     t5 = None
     if need_t5 and a.offload_t5:  # T5 encodes alone on the device and is gone before the transformer arrives
-        t5 = load_text_encoder(a.text_encoder, a.device, a.dtype, a.t5_weights)
+        t5 = load_text_encoder(a.text_encoder, a.device, a.dtype, a.t5_weights, a.t5_tokenizer)
         text_kv = t5.encode([a.prompt]) if text_kv is None else text_kv
         negative = t5.encode([negative]) if negative else None
         t5.to("cpu")
     pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder if need_t5 and t5 is None else None,
                                        device=a.device, precision=a.dtype, weights=a.weights,
-                                       t5_weights=a.t5_weights, block_swap=a.block_swap)
+                                       t5_weights=a.t5_weights, block_swap=a.block_swap,
+                                       t5_tokenizer=a.t5_tokenizer)
     if a.fp8_matmul:
         from .model.quant import enable_fp8_matmul
 

@@ -91,11 +91,21 @@ def check_text_width(transformer: Infinity, encoder: T5TextEncoder, transformer_
 
 
 def load_text_encoder(folder: str | Path, device: str = "cpu", precision: str = "fp32",
-                      weights: str = "none") -> T5TextEncoder:
+                      weights: str = "none", tokenizer: str | Path | None = None) -> T5TextEncoder:
     """T5 as the pipeline runs it: fp16 on CUDA unless fp32 is asked (the original's choice), fp32 on the CPU;
-    `weights` "fp8_e4m3fn" stores its linears in 8 bits (T5TextEncoder.from_folder)."""
+    `weights` "fp8_e4m3fn" stores its linears in 8 bits. `folder` is a Hugging Face folder, or one .safetensors
+    file (as ComfyUI keeps text encoders) with `tokenizer`, a folder holding T5's tokenizer."""
     dtype = resolve_precision(precision, device)
     te_dtype = torch.float16 if dtype != torch.float32 and torch.device(device).type == "cuda" else torch.float32
+    path = Path(folder).expanduser()
+    if path.is_file():
+        if tokenizer is None:
+            raise ValueError(f"T5 {path} is a single file, which holds no tokenizer: also give a folder with T5's "
+                             "tokenizer (spiece.model or tokenizer.json; the CLI's --t5-tokenizer), e.g. "
+                             "ComfyUI's comfy/text_encoders/t5_tokenizer or a flan-t5-xl folder")
+        return T5TextEncoder.from_single_file(path, tokenizer, device=device, dtype=te_dtype, weights=weights)
+    if tokenizer is not None:
+        raise ValueError(f"a T5 tokenizer ({tokenizer}) is for a single-file T5; the folder {path} has its own")
     return T5TextEncoder.from_folder(folder, device=device, dtype=te_dtype, weights=weights)
 
 
@@ -122,9 +132,11 @@ class InfinityPipeline:
     @classmethod
     def from_files(cls, transformer: str | Path, vae: str | Path, text_encoder: str | Path | None = None,
                    device: str = "cpu", precision: str = "fp32", weights: str = "none",
-                   t5_weights: str = "none", block_swap: int = 0) -> "InfinityPipeline":
+                   t5_weights: str = "none", block_swap: int = 0,
+                   t5_tokenizer: str | Path | None = None) -> "InfinityPipeline":
         """Load everything from the original release's files (or converted .safetensors); `weights` is the block
-        linears' storage format (loader.load_transformer), `t5_weights` T5's (load_text_encoder).
+        linears' storage format (loader.load_transformer), `t5_weights` T5's and `t5_tokenizer` a single-file T5's
+        tokenizer folder (load_text_encoder).
 
         With `block_swap` N > 0 the transformer stays in CPU memory (in the precision `device` runs) and each
         generate places it on `device` with N blocks streamed (model.block_swap), so it never has to fit whole.
@@ -141,7 +153,7 @@ class InfinityPipeline:
             raise ValueError(str(e)) from None
         te = None
         if text_encoder is not None:
-            te = load_text_encoder(text_encoder, device, precision, t5_weights)
+            te = load_text_encoder(text_encoder, device, precision, t5_weights, t5_tokenizer)
             check_text_width(model, te, str(transformer), str(text_encoder))
         return cls(model, vae_model, te, device=device, block_swap=block_swap)
 
