@@ -5,7 +5,12 @@
 # torchrun (NCCL) against one plain process. The whole script runs longer than one 10-minute device call: ONLY
 # picks steps.
 # Usage: [ONLY="kv_8b kv_8b_batch4"] bash scripts/gpu_bench.sh [OUT_DIR] [PYTHON]   (defaults: out/gpu, python3).
-# A 15-minute device session: ONLY="test_cuda low_vram" bash scripts/gpu_bench.sh "$OUT" (about 10 minutes).
+# A device session has 15 minutes, one command at most 10: pick one line per session, the open issue's first.
+#   issue 20 figures:           ONLY="test_cuda low_vram"   (about 10 minutes)
+#   issue 22 speed (+ graphs):  ONLY="speed"                (about 9.5; run gpu_speed.py --prepare-original here
+#                                                             first and carry .original)
+#   issue 22 attention + tests: ONLY="test_cuda attention"  (about 6.5; test_cuda includes the graph and backend
+#                                                             checks that decide graphs' default and AUTO_ORDER)
 # Each step has its own log; a failing step is reported and the next one still runs. ONLY names the steps to run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
