@@ -6,10 +6,10 @@
 # picks steps.
 # Usage: [ONLY="kv_8b kv_8b_batch4"] bash scripts/gpu_bench.sh [OUT_DIR] [PYTHON]   (defaults: out/gpu, python3).
 # A device session has 15 minutes, one command at most 10: pick one line per session, the open issue's first.
-#   issue 20 figures:           ONLY="test_cuda low_vram"   (about 10 minutes)
+#   issue 20 figures:           ONLY="generate_cuda low_vram" (about 9 minutes)
 #   issue 22 speed (+ graphs):  ONLY="speed"                (about 9.5; run gpu_speed.py --prepare-original here
 #                                                             first and carry .original)
-#   issue 22 attention + tests: ONLY="test_cuda attention"  (about 6.5; test_cuda includes the graph and backend
+#   issue 22 attention + tests: ONLY="test_cuda attention"  (at most 7; test_cuda includes the graph and backend
 #                                                             checks that decide graphs' default and AUTO_ORDER)
 # Each step has its own log; a failing step is reported and the next one still runs. ONLY names the steps to run.
 set -uo pipefail
@@ -37,7 +37,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
   "$py" -c "import torch, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', platform.python_version())"
 } | tee "$out/machine.txt"
 
-step test_cuda 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step test_cuda 180 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step generate_cuda 60 "$py" -m scalekv_core generate \
     --transformer default_model/infinity/infinity_shapes.safetensors \
     --vae default_model/vae/infinity_shapes_vae.safetensors --text-encoder default_model/text_encoders/t5_shapes \
