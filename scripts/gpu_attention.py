@@ -79,8 +79,8 @@ def measure(model: str, batch: int, size: str, dtype: torch.dtype, device: torch
     runnable = [n for n, why in problems.items() if why is None]
     result: dict = {"model": model, "batch": batch, "rows": rows, "heads": heads, "head_dim": c,
                     "depth": cfg.depth, "scales": [], "backends": {}}
-    per_backend = {n: {"ms": [], "lse_ms": [], "host_us": [], "max_err": 0.0, "lse_max_err": 0.0, "errors": {}}
-                   for n in runnable}
+    per_backend = {n: {"ms": [], "lse_ms": [], "host_us": [], "max_err": 0.0, "lse_max_err": 0.0,
+                       "lse_out_max_err": 0.0, "errors": {}} for n in runnable}
     seen = 0
     for si, n in enumerate(schedule.tokens_per_scale):
         m = seen + n
@@ -109,8 +109,8 @@ def measure(model: str, batch: int, size: str, dtype: torch.dtype, device: torch
             stats["ms"].append(ms), stats["lse_ms"].append(lse_ms), stats["host_us"].append(host)
             if ref_out is not None:
                 stats["max_err"] = max(stats["max_err"], (out.float() - ref_out).abs().max().item())
-                stats["lse_max_err"] = max(stats["lse_max_err"], (lse.float() - ref_lse).abs().max().item(),
-                                           (lse_out.float() - ref_out).abs().max().item())
+                stats["lse_max_err"] = max(stats["lse_max_err"], (lse.float() - ref_lse).abs().max().item())
+                stats["lse_out_max_err"] = max(stats["lse_out_max_err"], (lse_out.float() - ref_out).abs().max().item())
         del q, k, v, ref_out, ref_lse
         if device.type == "cuda":
             torch.cuda.empty_cache()

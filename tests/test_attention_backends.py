@@ -336,4 +336,5 @@ def test_gpu_attention_script_runs_on_the_cpu_and_names_the_fastest(tmp_path: Pa
     assert set(run["backends"]) == {"sdpa", "flash", "math"} and run["fastest"] in run["backends"]
     for stats in run["backends"].values():
         assert len(stats["ms"]) == 7 and all(t > 0 for t in stats["ms"]) and stats["image_attention_ms"] > 0
-        assert stats["max_err"] < 1e-5 and stats["lse_max_err"] < 1e-5 and not stats["errors"]
+        assert stats["max_err"] < 1e-5 and stats["lse_max_err"] < 1e-5 and stats["lse_out_max_err"] < 1e-5
+        assert not stats["errors"]
