@@ -49,6 +49,13 @@ _HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "unique", "_unique
 _ALLOC_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"})
 
 
+def check_graph_mode(mode: str) -> str:
+    """A sample(graphs=...) mode, refused by name (and the choices) when it is none of GRAPH_MODES."""
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"graphs={mode!r}: expected one of {', '.join(GRAPH_MODES)}")
+    return mode
+
+
 class CaptureError(RuntimeError):
     """A step did something a captured graph cannot repeat (a host sync, a random draw)."""
 
@@ -202,9 +209,9 @@ def make_capturer(mode: str) -> Capturer:
     """The capturer of a sample(graphs=...) mode."""
     if mode == "cuda":
         return CudaGraphCapturer()
-    if mode == "replay":
+    if check_graph_mode(mode) == "replay":
         return ReplayCapturer()
-    raise ValueError(f"graphs={mode!r}: expected one of {', '.join(GRAPH_MODES)}")
+    raise ValueError("graphs='off' runs eagerly: it has no capturer")
 
 
 def refusal(model: Infinity, device: torch.device, mode: str, **callbacks: object) -> str | None:

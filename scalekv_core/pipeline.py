@@ -21,7 +21,7 @@ from .model.block_swap import check_block_swap, planned_device_bytes, swap_block
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, check_decode_tiling
-from .graphs import GRAPH_MODES, ScaleGraphRunner
+from .graphs import ScaleGraphRunner, check_graph_mode
 from .sampler import BitsHook, SampleOutput, SamplerSettings, ScaleCallback, sample
 from .schedules import Schedule, schedule_for_pixels
 
@@ -241,9 +241,7 @@ class InfinityPipeline:
     def _runner_for(self, graphs: str) -> ScaleGraphRunner | None:
         """The pipeline's graph runner for this mode (a new one, the old released, when the mode changes). An eager
         image releases it: its pool would otherwise hold about one more sampling peak beside the eager run's."""
-        if graphs not in GRAPH_MODES:
-            raise ValueError(f"graphs={graphs!r}: expected one of {', '.join(GRAPH_MODES)}")
-        if graphs == "off":
+        if check_graph_mode(graphs) == "off":
             self.release_graphs()
             return None
         if self._graph_runner is not None and self._graph_runner.mode != graphs:

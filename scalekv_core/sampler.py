@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .graphs import GRAPH_MODES, ScaleGraphRunner, refusal, run_scale
+from .graphs import ScaleGraphRunner, check_graph_mode, refusal, run_scale
 from .kvcache import CacheConfig, KVCache
 from .kvcache.budget import BudgetPlan
 from .kvcache.cache import AttentionObserver, KeptRecorder, ScaleUsage
@@ -142,9 +142,7 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
     time_eviction and block swap are refused (ValueError), since they run Python inside a step.
     """
     settings.validate()
-    if graphs not in GRAPH_MODES:
-        raise ValueError(f"graphs={graphs!r}: expected one of {', '.join(GRAPH_MODES)}")
-    if graphs != "off":
+    if check_graph_mode(graphs) != "off":
         why = refusal(model, model.pos_start.device, graphs, record_kept=record_kept, observer=observer,
                       time_eviction=time_eviction)
         if why is not None:

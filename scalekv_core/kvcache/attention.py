@@ -279,10 +279,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) 
     Keys are cos-normalised and queries carry the learned scale, so the softmax scale is 1. The selected backend
     runs it (default: SDPA's own pick, the flash or memory-efficient kernel on CUDA, the fused CPU kernel elsewhere).
     """
-    backend = _selected.get()
-    if backend is _DEFAULT:
-        return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=1.0)
-    return backend.attend(q.to(dtype), k.to(dtype), v.to(dtype), 1.0, None)
+    return attention(q.to(dtype), k.to(dtype), v.to(dtype), 1.0)
 
 
 def sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
