@@ -165,10 +165,10 @@ class ScaleKVCacheConfig(io.ComfyNode):
                                tooltip="advanced (scalekv): improved scores with the real queries, pooled inside "
                                        "each token map; original: exactly as the released ScaleKV code"),
                 io.Combo.Input("kv_dtype", options=list(KV_DTYPES), default="auto", **widgets.ADVANCED,
-                               tooltip="advanced (every policy): how the cache stores numbers. auto: keys fp32, "
-                                       "values in the model's precision, as the original. int8 / fp8_e4m3fn: "
-                                       "1 byte each (a third of auto) with a small change to the picture, int8 the "
-                                       "closer"),
+                               tooltip="advanced (every policy): how the cache stores numbers. auto: the model's "
+                                       "precision (the same picture), keys fp32 where a policy scores them, as the "
+                                       "original. int8 / fp8_e4m3fn: 1 byte each with a small change to the picture, "
+                                       "int8 the closer"),
                 io.Combo.Input("budget_source", options=budget_source_choices(), default=GENERATED,
                                tooltip="generated = the rule-based plan; preset:* = the released 10% files "
                                        "(1024x1024); file:* = a calibration in models/scalekv"),

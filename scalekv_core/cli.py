@@ -448,7 +448,8 @@ def _add_cache_flags(p: argparse.ArgumentParser, default_policy: str) -> None:
     k.add_argument("--pooling", default="maxpool", choices=POOLINGS)
     k.add_argument("--scoring", default="improved", choices=SCORINGS, help="scalekv scoring mode")
     k.add_argument("--kv-dtype", default="auto", choices=sorted(KV_DTYPES),
-                   help="cache storage: auto = keys fp32 + values in the block dtype (the original); bf16 saves 33%%")
+                   help="cache storage: auto = values in the block dtype, keys too for full, sliding_window and "
+                        "streamingllm (same bits), fp32 where a policy scores them (as the original)")
     k.add_argument("--refiner-decay", type=_number("refiner_decay", "--refiner-decay"), default=0.0,
                    help="scalekv: refiner budget decay per scale (tokens)")
 

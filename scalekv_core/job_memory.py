@@ -57,7 +57,7 @@ class JobOptions:
     block_swap: int = 0  # transformer blocks kept in CPU memory and streamed in when their turn comes
     policy: str = "full"
     budget: str = "10%"
-    kv_dtype: str = "auto"  # auto: keys fp32 and values in the block dtype, as the original stores them
+    kv_dtype: str = "auto"  # auto: values in the block dtype, keys too unless scored (then fp32, as the original)
     previews: bool = False  # the ComfyUI sampler decodes a small preview per scale while the cache is held
 
     def cache_config(self) -> CacheConfig:

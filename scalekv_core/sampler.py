@@ -116,8 +116,9 @@ def make_cache(model: Infinity, schedule: Schedule, batch_rows: int, config: Cac
                record_kept: KeptRecorder | None = None, observer: AttentionObserver | None = None) -> KVCache:
     """The KV cache for one generation: policy and budget plan from `config`, buffers on the model's device."""
     cfg = model.cfg
-    policy, plan = config.build(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, batch_rows, model.block_dtype)
-    k_dtype, v_dtype = config.storage_dtypes(model.block_dtype)
+    read = observer is not None  # the observer reads the keys: auto keeps them in float32
+    policy, plan = config.build(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, batch_rows, model.block_dtype, read)
+    k_dtype, v_dtype = config.storage_dtypes(model.block_dtype, read)
     return KVCache(plan, policy, schedule, batch_rows, cfg.num_heads, cfg.head_dim, model.pos_start.device,
                    k_dtype=k_dtype, v_dtype=v_dtype, record_kept=record_kept, observer=observer)
 

@@ -54,7 +54,11 @@ def test_each_option_lowers_its_phase():
     tiled = plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True, decode_tile=LADDER_DECODE_TILE))
     assert tiled.decode_mb < base.decode_mb and tiled.sampling_mb == base.sampling_mb
     scalekv = plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True, policy="scalekv", budget="10%"))
-    assert scalekv.sampling_mb < base.sampling_mb and scalekv.kv_stored_mb < 0.15 * base.kv_stored_mb
+    assert scalekv.sampling_mb < base.sampling_mb
+    # auto: full stores bf16 keys, ScaleKV float32 ones (it scores them); at the same width 10% stores ~a tenth
+    same_width = plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True, policy="scalekv", budget="10%",
+                                                        kv_dtype="bf16"))
+    assert same_width.kv_stored_mb < 0.15 * base.kv_stored_mb < scalekv.kv_stored_mb
     fp8, int4 = (plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True, weights=w)) for w in ("fp8_e4m3fn", "int4"))
     assert int4.transformer_mb < fp8.transformer_mb < 0.55 * base.transformer_mb
     swap = plan_job("8b", 1024, 1024, 1, JobOptions(t5_offload=True, block_swap=10))

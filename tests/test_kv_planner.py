@@ -222,10 +222,11 @@ def test_planned_cache_peak_bounds_the_allocator(policy: str, kv_dtype: str) -> 
 
 def test_scalekv_rows_carry_ids_and_padding_full_rows_do_not() -> None:
     """ScaleKV's rows hold keys, values and an int32 id padded to 16 bytes; full's hold keys and values only.
-    Counted by hand for fp32 keys and bf16 values, head dim 8: 32 + 16 (+ 4 -> 52 -> 64 with an id)."""
+    Counted by hand, head dim 8, auto storage: ScaleKV fp32 keys and bf16 values, 32 + 16 (+ 4 -> 52 -> 64 with an
+    id); full bf16 keys and values, 16 + 16."""
     block = torch.bfloat16
-    for policy, row in (("full", 48), ("scalekv", 64)):
+    for policy, row, data in (("full", 32, 32), ("scalekv", 64, 48)):
         config = CacheConfig(policy=policy, budget="10%", window=4)
         cache, _ = _run(config, block)
         assert cache.row_token_bytes == ROWS * HEADS * row
-        assert cache.token_bytes == ROWS * HEADS * 48  # the stored data a budget divides by has no padding
+        assert cache.token_bytes == ROWS * HEADS * data  # the stored data a budget divides by has no padding

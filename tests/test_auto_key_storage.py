@@ -1,0 +1,88 @@
+"""kv_dtype auto stores keys in the block dtype where nothing but attention reads them (full, sliding_window,
+streamingllm): attention casts keys to the block dtype anyway, so every drawn bit stays what float32 keys give,
+with a third fewer cache bytes. Scoring policies and calibration's observer keep float32 keys."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from scalekv_core.kvcache import CacheConfig
+from scalekv_core.kvcache.config import POLICIES
+from scalekv_core.model.text_encoder import TextConditioning
+from scalekv_core.pipeline import InfinityPipeline
+from scalekv_core.sampler import SamplerSettings, sample
+from scalekv_core.schedules import get_schedule
+
+TINY = Path(__file__).parent / "data" / "infinity-tiny"
+SCHEDULE = get_schedule(1.0, "0.06M")
+UNSCORED = ("full", "sliding_window", "streamingllm")
+SCORED = ("snapkv", "pyramidkv", "scalekv")
+ROWS = 2  # CFG: two rows per image
+
+
+@pytest.fixture(scope="module")
+def pipe() -> InfinityPipeline:
+    p = InfinityPipeline.from_files(TINY / "infinity_tiny.safetensors", TINY / "vae_tiny.safetensors")
+    p.transformer.set_block_dtype(torch.bfloat16)  # as on a GPU: attention runs in bf16 and casts keys to it
+    return p
+
+
+def _cond() -> TextConditioning:
+    return TextConditioning.from_numpy_file(TINY / "full_kv" / "p0_apple_s0_cfg3_tau0.5" / "text_kv_compact.npy")
+
+
+def test_auto_key_dtype_by_policy_and_reader() -> None:
+    assert set(UNSCORED) | set(SCORED) == set(POLICIES)
+    bf16, f32 = torch.bfloat16, torch.float32
+    for name in UNSCORED:
+        assert CacheConfig(policy=name).storage_dtypes(bf16) == (bf16, bf16), name
+        assert CacheConfig(policy=name).storage_dtypes(bf16, keys_read=True) == (f32, bf16), name
+        assert CacheConfig(policy=name).storage_dtypes(f32) == (f32, f32), name
+    for name in SCORED:
+        assert CacheConfig(policy=name).storage_dtypes(bf16) == (f32, bf16), name
+    # A named format is what it says, whatever the policy.
+    assert CacheConfig(policy="full", kv_dtype="fp32").storage_dtypes(bf16) == (f32, f32)
+    assert CacheConfig(policy="scalekv", kv_dtype="bf16").storage_dtypes(bf16) == (bf16, bf16)
+
+
+def test_budget_in_mb_buys_tokens_at_the_stored_key_width() -> None:
+    heads, c, depth = 4, 32, 4
+    per = {name: CacheConfig(policy=name).token_bytes(heads, c, ROWS, torch.bfloat16) for name in POLICIES}
+    for name in UNSCORED:
+        assert per[name] == ROWS * heads * c * (2 + 2)  # bf16 keys and values, counted by hand
+    for name in SCORED:
+        assert per[name] == ROWS * heads * c * (4 + 2)  # float32 keys
+    cfg = CacheConfig(policy="sliding_window", budget="0.1MB")
+    prefix = sum(SCHEDULE.tokens_per_scale[:-1])
+    assert cfg.budget_tokens(SCHEDULE, depth, heads, c, ROWS, torch.bfloat16) == min(
+        prefix, int(0.1 * 2**20 // (depth * ROWS * heads * c * 4)))
+    assert cfg.budget_tokens(SCHEDULE, depth, heads, c, ROWS, torch.bfloat16, keys_read=True) == min(
+        prefix, int(0.1 * 2**20 // (depth * ROWS * heads * c * 6)))
+
+
+@pytest.mark.parametrize("policy", UNSCORED)
+def test_block_dtype_keys_draw_the_bits_float32_keys_draw(pipe: InfinityPipeline, policy: str) -> None:
+    cfg = pipe.transformer.cfg
+    runs = {}
+    for kv_dtype in ("auto", "fp32"):  # fp32: float32 keys, values stored exactly as bf16 gave them
+        config = CacheConfig(policy=policy, budget="30%", kv_dtype=kv_dtype)
+        runs[kv_dtype] = pipe.generate(_cond(), seed=0, schedule=SCHEDULE, cache=config, memory_report=True)
+    auto, f32 = runs["auto"], runs["fp32"]
+    assert auto.memory.bytes_per_token_layer == ROWS * cfg.num_heads * cfg.head_dim * (2 + 2)
+    assert f32.memory.bytes_per_token_layer == ROWS * cfg.num_heads * cfg.head_dim * (4 + 4)
+    for si, (a, b) in enumerate(zip(auto.samples.bits, f32.samples.bits)):
+        assert torch.equal(a, b), f"scale {si}"
+    assert (auto.images == f32.images).all()
+
+
+def test_calibrations_observer_reads_float32_keys(pipe: InfinityPipeline) -> None:
+    seen: list[torch.dtype] = []
+
+    def observer(scale: int, layer: int, q: torch.Tensor, keys: torch.Tensor, stored: int) -> None:
+        seen.append(keys.dtype)
+
+    sample(pipe.transformer, _cond(), SCHEDULE, SamplerSettings(seed=0), pipe.vae_patchify,
+           cache_config=CacheConfig(policy="full"), observer=observer)
+    assert seen and set(seen) == {torch.float32}
