@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from scalekv_core.kvcache import CacheConfig
+from scalekv_core.kvcache.cache import KVCache
 from scalekv_core.kvcache.config import POLICIES
+from scalekv_core.model import transformer
 from scalekv_core.model.text_encoder import TextConditioning
 from scalekv_core.pipeline import InfinityPipeline
 from scalekv_core.sampler import SamplerSettings, sample
@@ -75,6 +77,40 @@ def test_block_dtype_keys_draw_the_bits_float32_keys_draw(pipe: InfinityPipeline
     for si, (a, b) in enumerate(zip(auto.samples.bits, f32.samples.bits)):
         assert torch.equal(a, b), f"scale {si}"
     assert (auto.images == f32.images).all()
+
+
+def _logits(pipe: InfinityPipeline, config: CacheConfig, observer=None) -> list[torch.Tensor]:  # noqa: ANN001
+    return sample(pipe.transformer, _cond(), SCHEDULE, SamplerSettings(seed=0), pipe.vae_patchify,
+                  cache_config=config, observer=observer, keep_logits=True).logits
+
+
+@pytest.mark.parametrize("chunk", [None, 40])
+@pytest.mark.parametrize("policy", UNSCORED + SCORED)
+def test_queries_rounded_as_made_give_the_logits_of_float32_queries(pipe: InfinityPipeline, policy: str,
+                                                                    chunk: int | None,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queries are rounded to bf16 by the op that makes them at every step where nothing scores with them (every
+    step of full, sliding_window and streamingllm; the non-evicting steps of the scoring policies); with an
+    observer (which keeps them float32 everywhere, as before) every scale's logits are the same to the bit.
+    chunk 40: the sliced projection of large scales, forced from scale 4 (64 tokens) on."""
+    if chunk is not None:
+        monkeypatch.setattr(transformer, "QKV_CHUNK", chunk)
+    attended: list[torch.dtype] = []
+    attend = KVCache.attend
+
+    def recording(self: KVCache, layer: int, q: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+        attended.append(q.dtype)
+        return attend(self, layer, q, *args, **kwargs)
+
+    monkeypatch.setattr(KVCache, "attend", recording)
+    seen: list[torch.dtype] = []
+    config = CacheConfig(policy=policy, budget="30%")
+    rounded = _logits(pipe, config)
+    assert attended and set(attended) == ({torch.bfloat16} if policy in UNSCORED else {torch.bfloat16, torch.float32})
+    as_before = _logits(pipe, config, observer=lambda scale, layer, q, keys, stored: seen.append(q.dtype))
+    assert seen and set(seen) == {torch.float32}
+    for si, (a, b) in enumerate(zip(rounded, as_before)):
+        assert torch.equal(a, b), f"scale {si}"
 
 
 def test_calibrations_observer_reads_float32_keys(pipe: InfinityPipeline) -> None:

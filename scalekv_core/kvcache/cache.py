@@ -329,6 +329,24 @@ class KVCache:
             start, n = self.schedule.offsets[scale], self.schedule.tokens_per_scale[scale]
             self._ws_pos[:, :, base:base + n].copy_(self._token_ids[start:start + n])
 
+    def query_dtype(self, layer: int, compute_dtype: torch.dtype) -> torch.dtype:
+        """Dtype this step's queries (after `new_slots`) may be rounded to as they are made: attention's own, unless
+        the policy scores with them at this step or an observer reads them (then float32), so attention need not
+        cast them again (the same single rounding)."""
+        if self._step is None or self._step[:2] != (layer, self.scale):
+            raise RuntimeError(f"query_dtype(layer {layer}) at scale {self.scale} without new_slots() for it first")
+        _, scale, S, n, in_place = self._step
+        last = scale == self.schedule.num_scales - 1
+        scores = (self.policy.scores_keys and not in_place and self._step_keep(layer, scale, S + n) < S + n
+                  and (not last or self.record_kept is not None))
+        return torch.float32 if scores or self.observer is not None else compute_dtype
+
+    def _step_keep(self, layer: int, scale: int, total: int) -> int:
+        """Tokens the layer keeps after this scale's step of `total` (at the last scale: its cap, or all)."""
+        if scale == self.schedule.num_scales - 1:
+            return self.plan.final_caps[layer] if self.plan.final_caps else total
+        return self.plan.kept[scale][layer]
+
     def new_slots(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (B, H, n, c) where this scale's keys and values for `layer` must be written before `attend`.
 
@@ -411,8 +429,7 @@ class KVCache:
         if self.observer is not None:
             self.observer(scale, layer, q, keys, S)
 
-        keep = self.plan.final_caps[layer] if last and self.plan.final_caps else (
-            total if last else self.plan.kept[scale][layer])
+        keep = self._step_keep(layer, scale, total)
         if last:
             if self.record_kept is not None and keep < total:  # what the original would keep; never stored
                 self.record_kept(scale, layer, self._select(layer, q, keys, positions, S, keep, x, w_q))
@@ -460,7 +477,7 @@ class KVCache:
         if self.observer is not None:
             self.observer(scale, layer, q, keys, S)
         if last:
-            keep = self.plan.final_caps[layer] if self.plan.final_caps else total
+            keep = self._step_keep(layer, scale, total)
             if self.record_kept is not None and keep < total and not in_place:
                 self.record_kept(scale, layer, self._select(layer, q, keys, positions, S, keep, x, w_q))
             return out
@@ -478,7 +495,7 @@ class KVCache:
             ws[:, :, base - S:base].copy_(self.rows[layer][:, :, :S])
         quantize_into(st_k[:, :, S:total], ws_k[:, :, base:base + n], ws_ks[:, :, base:base + n])
         quantize_into(st_v[:, :, S:total], ws_v[:, :, base:base + n], ws_vs[:, :, base:base + n])
-        keep = self.plan.kept[scale][layer]
+        keep = self._step_keep(layer, scale, total)
         self._keep_rows(layer, scale, ws[:, :, base - S:base + n], keep, total, q, keys, positions, S, x, w_q)
         return out
 

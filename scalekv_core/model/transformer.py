@@ -176,6 +176,12 @@ def _rotated_qk(qk: torch.Tensor, pairs: torch.Tensor, qk_scale: torch.Tensor, q
     return (torch.add(cos_part[0], sin_part[0], out=q_out), torch.add(cos_part[1], sin_part[1], out=k_out))
 
 
+def _query_buffer(B: int, L: int, H: int, c: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Queries (B, H, L, c) laid out (B, L, H, c), as a one-piece projection's are, so attention's output reshapes
+    without a copy."""
+    return torch.empty(B, L, H, c, device=device, dtype=dtype).transpose(1, 2)
+
+
 class SelfAttention(nn.Module):
     """Cos-attention with 2-D RoPE; keys and values go through the KV cache."""
 
@@ -196,13 +202,15 @@ class SelfAttention(nn.Module):
         return bias, torch.stack((log_scale, torch.zeros_like(log_scale))).exp()  # exp(0) is exactly 1
 
     def qkv(self, x: torch.Tensor, rope: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None = None,
-            consts: "LayerConstants | None" = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            consts: "LayerConstants | None" = None, q_dtype: torch.dtype = torch.float32
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries and keys normalised, scaled and rotated in float32; values in the block's dtype. (B, H, L, c) each.
 
         `rope` is rope_pairs' (2, L, c) table (or rope_table's (2, L, c/2), converted here). With `into` (the
         cache's slots for this scale), keys and values are written there and those views returned, so at large
         scales no full-size key or value tensor exists beside the cache. `consts` holds the bias and query scale
-        made once per image; without it they are made here.
+        made once per image; without it they are made here. The queries are rounded to `q_dtype` by the last add
+        (the bits of a float32 result cast after it, without the cast).
         """
         B, L, _ = x.shape
         H, c = self.num_heads, self.head_dim
@@ -211,15 +219,17 @@ class SelfAttention(nn.Module):
         pairs = rope if rope.shape[-1] == c else rope_pairs(rope)
         if L <= QKV_CHUNK:
             qkv = _linear(x, self.mat_qkv, w, bias).view(B, L, 3, H, c).permute(2, 0, 3, 1, 4)  # (3, B, H, L, c)
-            q, k = _rotated_qk(qkv[:2], pairs, qk_scale, k_out=None if into is None else into[0])
+            q_out = None if q_dtype == torch.float32 else _query_buffer(B, L, H, c, q_dtype, x.device)
+            q, k = _rotated_qk(qkv[:2], pairs, qk_scale, q_out=q_out, k_out=None if into is None else into[0])
             if into is None:
                 return q, k, qkv[2]
             into[1].copy_(qkv[2])
             return q, into[0], into[1]
         # Large scales: project a slice of tokens at a time into preallocated q, k, v (no full packed qkv). q is
         # laid out (B, L, H, c), as a one-piece q is, so attention's output reshapes without a copy.
-        q = torch.empty(B, L, H, c, device=x.device, dtype=torch.float32).transpose(1, 2)
-        k, v = into if into is not None else (torch.empty_like(q), torch.empty_like(q, dtype=self.q_bias.dtype))
+        q = _query_buffer(B, L, H, c, q_dtype, x.device)
+        k, v = into if into is not None else (torch.empty_like(q, dtype=torch.float32),
+                                              torch.empty_like(q, dtype=self.q_bias.dtype))
         for s in range(0, L, QKV_CHUNK):
             e = min(L, s + QKV_CHUNK)
             part = _linear(x[:, s:e], self.mat_qkv, w, bias).view(B, e - s, 3, H, c).permute(2, 0, 3, 1, 4)
@@ -249,7 +259,9 @@ class SelfAttention(nn.Module):
             del xs
             out = sdpa(q, k, v, dtype)
         else:
-            q = self.qkv(xs, rope, into=cache.new_slots(layer, L), consts=consts)[0]
+            slots = cache.new_slots(layer, L)  # first: the step it opens decides the queries' dtype
+            q = self.qkv(xs, rope, into=slots, consts=consts, q_dtype=cache.query_dtype(layer, dtype))[0]
+            del slots  # a view of a buffer the last scale frees inside attend
             w_q = self.mat_qkv.dequantize(C) if hasattr(self.mat_qkv, "dequantize") else self.mat_qkv.weight[:C]
             out = cache.attend(layer, q, dtype, x=xs, w_q=w_q)
         del q

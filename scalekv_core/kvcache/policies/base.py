@@ -41,7 +41,8 @@ class EvictionPolicy:
     name = "base"
     #: Whether the cache must track each stored token's absolute position for this policy.
     needs_positions = False
-    #: Whether `select` reads the stored keys (then auto storage keeps them in float32 for the scores' bits).
+    #: Whether `select` reads the keys and queries (then auto storage keeps keys in float32 and the queries stay
+    #: float32, for the scores' bits; else both may be rounded to attention's dtype as they are made).
     scores_keys = False
     #: Tokens a budget must at least allow (an observation window that is always kept).
     min_budget = 1
