@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import PRESETS, parse_budget
-from ..scalekv_core.kvcache.calibration import calibrate
+from ..scalekv_core.kvcache.calibration import calibrate, measurement_cache
 from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES, POLICY_SETTINGS
 from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
 from ..scalekv_core.kvcache.scoring import POOLINGS
@@ -305,7 +305,7 @@ class ScaleKVCalibrate(io.ComfyNode):
         if not os.access(os.path.dirname(path), os.W_OK):
             raise PermissionError(f"cannot write the budget file: {os.path.dirname(path)} is not writable")
         conds = [t5.encode([p]) for p in lines]
-        model.load(model.memory_required(schedule, 1, None))
+        model.load(model.memory_required(schedule, 1, measurement_cache()))
         pbar = comfy.utils.ProgressBar(len(lines))
 
         def on_prompt(done: int, total: int) -> None:

@@ -4,7 +4,7 @@ It reproduces the original `autoregressive_infer_cfg` with bit labels and CFG on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -116,9 +116,10 @@ def make_cache(model: Infinity, schedule: Schedule, batch_rows: int, config: Cac
                record_kept: KeptRecorder | None = None, observer: AttentionObserver | None = None) -> KVCache:
     """The KV cache for one generation: policy and budget plan from `config`, buffers on the model's device."""
     cfg = model.cfg
-    read = observer is not None  # the observer reads the keys: auto keeps them in float32
-    policy, plan = config.build(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, batch_rows, model.block_dtype, read)
-    k_dtype, v_dtype = config.storage_dtypes(model.block_dtype, read)
+    if observer is not None and not config.float_keys:  # the observer reads the keys: auto keeps them in float32
+        config = replace(config, float_keys=True)
+    policy, plan = config.build(schedule, cfg.depth, cfg.num_heads, cfg.head_dim, batch_rows, model.block_dtype)
+    k_dtype, v_dtype = config.storage_dtypes(model.block_dtype)
     return KVCache(plan, policy, schedule, batch_rows, cfg.num_heads, cfg.head_dim, model.pos_start.device,
                    k_dtype=k_dtype, v_dtype=v_dtype, record_kept=record_kept, observer=observer)
 

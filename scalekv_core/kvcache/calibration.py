@@ -98,6 +98,11 @@ def attention_ratios(q: torch.Tensor, keys: torch.Tensor, stored: int, max_queri
     return current, probs[..., :stored].topk(k, dim=-1, sorted=False).values.sum(-1).mean()
 
 
+def measurement_cache() -> CacheConfig:
+    """The cache a measurement runs on: full, keys in float32 as the observer reads them; plan a calibration with it."""
+    return CacheConfig(policy="full", float_keys=True)
+
+
 @torch.no_grad()
 def measure_asi(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextConditioning], schedule: Schedule,
                 seed: int = 0, cfg: float | Sequence[float] = 3.0, tau: float | Sequence[float] = 0.5,
@@ -130,7 +135,7 @@ def measure_asi(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextCo
 
         settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed + i)
         sample(model, cond.to(pipe.device), schedule, settings, pipe.vae_patchify,
-               cache_config=CacheConfig(policy="full"), observer=observer)
+               cache_config=measurement_cache(), observer=observer)
         if on_prompt is not None:
             on_prompt(i + 1, len(prompts))
     cur_l = (cur / len(prompts)).cpu().tolist()

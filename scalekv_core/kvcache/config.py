@@ -23,8 +23,8 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     "pyramidkv": PyramidKV, "scalekv": ScaleKV,
 }
 #: Storage formats by name, the one table the CLI, the nodes and the plan route offer. None (auto): values in the
-#: block dtype; keys in float32 where a policy scores them or an observer reads them (as the original stores them),
-#: else in the block dtype, which attention casts them to anyway (same bits, a third fewer bytes). The one-byte
+#: block dtype; keys in float32 where a policy scores them or `float_keys` asks (as the original stores them), else
+#: in the block dtype, which attention casts them to anyway (same bits, a third fewer bytes). The one-byte
 #: formats are stored as codes with a float32 scale per token and head (cache.py).
 KV_DTYPES: dict[str, torch.dtype | None] = {
     "auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -59,6 +59,7 @@ class CacheConfig:
     budget_file: str | None = None  # original-format JSON or a preset name (scalekv only)
     drafters: Sequence[int] | Sequence[Sequence[int]] | None = None
     refiner_decay: float = 0.0
+    float_keys: bool = False  # auto: float32 keys whatever the policy, for a reader besides attention (calibration)
 
     def validate(self) -> None:
         """Reject impossible settings with a message naming the value."""
@@ -79,40 +80,35 @@ class CacheConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def storage_dtypes(self, block_dtype: torch.dtype, keys_read: bool = False) -> tuple[torch.dtype, torch.dtype]:
-        """(key, value) storage dtypes KVCache takes; a one-byte dtype there means scaled 8-bit codes.
-
-        `keys_read`: something besides attention reads the stored keys (calibration's observer), so auto keeps
-        them in float32 as it does for the policies that score them.
-        """
+    def storage_dtypes(self, block_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+        """(key, value) storage dtypes KVCache takes; a one-byte dtype there means scaled 8-bit codes."""
         if not isinstance(self.kv_dtype, str) or self.kv_dtype not in KV_DTYPES:
             self.validate()
         chosen = KV_DTYPES[self.kv_dtype]
         if chosen is not None:
             return chosen, chosen
-        if keys_read or self.policy not in POLICIES or POLICIES[self.policy].scores_keys:
+        if self.float_keys or self.policy not in POLICIES or POLICIES[self.policy].scores_keys:
             return torch.float32, block_dtype
         return block_dtype, block_dtype
 
-    def token_bytes(self, num_heads: int, head_dim: int, batch_rows: int, block_dtype: torch.dtype,
-                    keys_read: bool = False) -> int:
+    def token_bytes(self, num_heads: int, head_dim: int, batch_rows: int, block_dtype: torch.dtype) -> int:
         """Bytes one token costs in one layer as stored (codes plus scales), the figure budgets in MB divide by."""
-        k, v = self.storage_dtypes(block_dtype, keys_read)
+        k, v = self.storage_dtypes(block_dtype)
         return kv_bytes_per_token(num_heads, head_dim, k.itemsize, v.itemsize, batch_rows)
 
     def budget_tokens(self, schedule: Schedule, num_layers: int, num_heads: int, head_dim: int, batch_rows: int,
-                      block_dtype: torch.dtype, keys_read: bool = False) -> int:
-        per = self.token_bytes(num_heads, head_dim, batch_rows, block_dtype, keys_read)
+                      block_dtype: torch.dtype) -> int:
+        per = self.token_bytes(num_heads, head_dim, batch_rows, block_dtype)
         return parse_budget(self.budget, schedule, num_layers, per)
 
     def build(self, schedule: Schedule, num_layers: int, num_heads: int, head_dim: int, batch_rows: int,
-              block_dtype: torch.dtype, keys_read: bool = False) -> tuple[EvictionPolicy, BudgetPlan]:
+              block_dtype: torch.dtype) -> tuple[EvictionPolicy, BudgetPlan]:
         """The policy object and its budget plan for one generation."""
         self.validate()
         if self.policy == "full":
             policy: EvictionPolicy = FullCache()
             return policy, policy.plan(schedule, num_layers)
-        tokens = self.budget_tokens(schedule, num_layers, num_heads, head_dim, batch_rows, block_dtype, keys_read)
+        tokens = self.budget_tokens(schedule, num_layers, num_heads, head_dim, batch_rows, block_dtype)
         common = dict(budget=tokens)
         scored = dict(window=self.window, kernel=self.kernel, pooling=self.pooling)
         if self.policy in ("sliding_window", "streamingllm"):

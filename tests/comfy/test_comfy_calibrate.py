@@ -12,7 +12,7 @@ import comfy.utils
 import folder_paths
 
 from scalekv_core.kvcache import CacheConfig
-from scalekv_core.kvcache.calibration import calibrate
+from scalekv_core.kvcache.calibration import calibrate, measurement_cache
 from scalekv_core.pipeline import InfinityPipeline
 from scalekv_core.schedules import schedule_from_label
 
@@ -129,3 +129,25 @@ def test_interrupt_writes_nothing(run, loaded, scalekv_dir, monkeypatch):
     finally:
         mm.interrupt_current_processing(False)
     assert not list(scalekv_dir.glob("tiny_calib*"))
+
+
+def test_reserves_room_for_the_cache_the_measurement_holds(run, loaded, scalekv_dir, monkeypatch):
+    """The node loads the model with room for the measurement's cache: full, with the float32 keys its observer
+    reads (auto would plan bf16 keys for full, a third less than the run holds)."""
+    model = loaded[0]
+    original = type(model).memory_required
+    asked = []
+
+    def recording(self, schedule, batch, cache, *args, **kwargs):
+        asked.append(cache)
+        return original(self, schedule, batch, cache, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "memory_required", recording)
+    try:
+        run("ScaleKVCalibrate", model=model, t5=loaded[1], **calibrate_inputs())
+    finally:
+        for p in scalekv_dir.glob("tiny_calib*"):
+            p.unlink()
+    # the pack's scalekv_core is imported under ComfyUI's package name: compare the settings, not the class
+    assert asked and asked[0].to_dict() == measurement_cache().to_dict()
+    assert asked[0].storage_dtypes(torch.bfloat16) == (torch.float32, torch.bfloat16)

@@ -42,8 +42,9 @@ class EvictionPolicy:
     #: Whether the cache must track each stored token's absolute position for this policy.
     needs_positions = False
     #: Whether `select` reads the keys and queries (then auto storage keeps keys in float32 and the queries stay
-    #: float32, for the scores' bits; else both may be rounded to attention's dtype as they are made).
-    scores_keys = False
+    #: float32, for the scores' bits; else both may be rounded to attention's dtype as they are made). True unless
+    #: a policy opts out, so a new scoring policy cannot get rounded keys by forgetting it.
+    scores_keys = True
     #: Tokens a budget must at least allow (an observation window that is always kept).
     min_budget = 1
 

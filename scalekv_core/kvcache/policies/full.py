@@ -13,6 +13,7 @@ from .base import EvictionPolicy, StepContext
 @dataclass
 class FullCache(EvictionPolicy):
     name = "full"
+    scores_keys = False  # select reads positions only: keys and queries may be rounded as made
 
     def plan(self, schedule: Schedule, num_layers: int) -> BudgetPlan:
         return full_plan(schedule, num_layers)

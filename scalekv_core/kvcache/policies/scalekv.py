@@ -36,7 +36,6 @@ class ScaleKV(EvictionPolicy):
     drafters: Sequence[int] | Sequence[Sequence[int]] | None = None  # per scale or for all; default: by depth
     refiner_decay: float = 0.0
     name = "scalekv"
-    scores_keys = True
     _tables: ScheduleTables | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from .base import EvictionPolicy, StepContext
 class SlidingWindow(EvictionPolicy):
     budget: int = 650
     name = "sliding_window"
+    scores_keys = False  # select reads positions only: keys and queries may be rounded as made
 
     def plan(self, schedule: Schedule, num_layers: int) -> BudgetPlan:
         return uniform_plan(schedule, num_layers, self.budget)

@@ -21,7 +21,6 @@ class SnapKV(EvictionPolicy):
     kernel: int = 5
     pooling: str = "maxpool"
     name = "snapkv"
-    scores_keys = True
 
     @property
     def min_budget(self) -> int:  # type: ignore[override]

@@ -17,6 +17,7 @@ class StreamingLLM(EvictionPolicy):
     budget: int = 650
     sink_tokens: int = 21
     name = "streamingllm"
+    scores_keys = False  # select reads positions only: keys and queries may be rounded as made
 
     def plan(self, schedule: Schedule, num_layers: int) -> BudgetPlan:
         return uniform_plan(schedule, num_layers, self.budget)
