@@ -319,3 +319,19 @@ def test_cuda_every_available_attention_backend_matches_math_on_a_2b_shape() -> 
         else:
             assert (masked.float() - masked_ref.float()).abs().max().item() < 2e-2, name
     print("attention backends run:", ran, "refused:", {k: v for k, v in problems.items() if v})
+
+
+@pytest.mark.parametrize("policy", ["full", "sliding_window", "scalekv"])
+def test_cuda_queries_and_keys_made_in_bf16_give_the_logits_of_float32_ones(policy: str) -> None:
+    """auto stores full's keys in bf16 and makes queries in bf16 where nothing scores them (rounded by the RoPE
+    add's write, which CUDA computes in float32): every logit equals the float32 path's, which an observer forces.
+    The 0.60M schedule takes the sliced projection at its large scales too."""
+    model, schedule = _graphs_model()
+    cond, settings = _graph_images()[0]
+    config = CacheConfig(policy=policy, budget="20%")
+    rounded = sample(model, cond, schedule, settings, vae_patchify=False, cache_config=config, keep_logits=True)
+    as_before = sample(model, cond, schedule, settings, vae_patchify=False, cache_config=config, keep_logits=True,
+                       observer=lambda *args: None)
+    for si, (a, b) in enumerate(zip(rounded.logits, as_before.logits)):
+        assert torch.equal(a, b), f"scale {si}"
+    assert _same_sample(rounded, as_before)
