@@ -27,6 +27,7 @@ from scalekv_core.pipeline import InfinityPipeline
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT_KV = FULL_KV / "p1_spaceship_s99_cfg4_tau1" / "text_kv_compact.npy"
+T5_SINGLE = T5_TINY / "model.safetensors"  # the tiny folder's weights file: a single-file T5 on its own
 
 
 class _RunsCode:
@@ -234,6 +235,21 @@ CASES: dict[str, Case] = {
     "text_kv_not_npy": Case(lambda e: _gen(e, kv=e.file), lambda e: ["--text-kv", str(e.file)]),
     "t5_bin_carries_code": Case(lambda e: _gen(e, "--text-encoder", e.t5_evil, "--prompt", "x", kv=None),
                                 lambda e: [str(e.t5_evil / "pytorch_model.bin"), "pickled code"], loads=True),
+    "t5_tokenizer_dev_zero": Case(lambda e: _gen(e, "--text-encoder", T5_SINGLE, "--t5-tokenizer", "/dev/zero",
+                                                 "--prompt", "x", kv=None),
+                                  lambda e: ["model.safetensors", "/dev/zero", "not a folder"], loads=True),
+    "t5_tokenizer_fifo": Case(lambda e: _gen(e, "--text-encoder", T5_SINGLE, "--t5-tokenizer", e.fifo, "--prompt",
+                                             "x", kv=None),
+                              lambda e: [str(e.fifo), "not a folder"], loads=True, fifo=True),
+    "t5_tokenizer_is_a_file": Case(lambda e: _gen(e, "--text-encoder", T5_SINGLE, "--t5-tokenizer", e.file,
+                                                  "--prompt", "x", kv=None),
+                                   lambda e: [str(e.file), "not a folder"], loads=True),
+    "t5_tokenizer_empty_folder": Case(lambda e: _gen(e, "--text-encoder", T5_SINGLE, "--t5-tokenizer", e.folder,
+                                                     "--prompt", "x", kv=None),
+                                      lambda e: [str(e.folder), "no tokenizer", "spiece.model"], loads=True),
+    "t5_tokenizer_path_too_long": Case(lambda e: _gen(e, "--text-encoder", T5_SINGLE, "--t5-tokenizer",
+                                                      "/tmp/" + "t" * 20_000, "--prompt", "x", kv=None),
+                                       lambda e: ["tokenizer folder", "model.safetensors", "too long"], loads=True),
     "t5_folder_missing": Case(lambda e: _gen(e, "--text-encoder", e.tmp / "no_t5", "--prompt", "x", kv=None),
                               lambda e: ["no_t5"], loads=True),
     "transformer_fifo": Case(lambda e: _gen(e, "--transformer", e.fifo), lambda e: [str(e.fifo), "FIFO"],

@@ -127,8 +127,20 @@ def _check_folder(folder: Path) -> None:
         raise FileNotFoundError(f"T5 folder {folder} has no config.json")
     if not any((folder / f).is_file() for f in _WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"T5 folder {folder} has no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+    _check_tokenizer_folder(folder, "T5 folder")
+
+
+def _check_tokenizer_folder(folder: Path, what: str) -> None:
+    """Fail early, naming `what` and the path, when it is no folder holding a T5 tokenizer (instead of the Hub's
+    repo-id complaint, or a read of a FIFO or a device)."""
+    try:
+        is_dir, exists = folder.is_dir(), folder.exists()
+    except OSError as e:  # a name too long for the file system, say
+        raise FileNotFoundError(f"{what}: {e.strerror}: {folder}") from None
+    if not is_dir:
+        raise FileNotFoundError(f"{what} {folder} is not a folder" if exists else f"{what} not found: {folder}")
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"T5 folder {folder} has no tokenizer (expected {' or '.join(_TOKENIZER_FILES)})")
+        raise FileNotFoundError(f"{what} {folder} has no tokenizer (expected {' or '.join(_TOKENIZER_FILES)})")
 
 
 #: A key every T5 encoder file has; a single file without it is not listed as a text encoder.
@@ -250,13 +262,15 @@ class T5TextEncoder:
         from .quant import check_format
         weights = check_format(weights, "weights")
         path = Path(path).expanduser()
+        tokenizer_folder = Path(tokenizer_folder).expanduser()
+        _check_tokenizer_folder(tokenizer_folder, f"T5 tokenizer folder (for {path.name})")
         config = single_file_t5_config(path)
         sd = load_file(str(path))
         sd.setdefault("encoder.embed_tokens.weight", sd.get("shared.weight"))
         sd.setdefault("shared.weight", sd["encoder.embed_tokens.weight"])
         with _quiet_transformers():
             try:
-                tokenizer = AutoTokenizer.from_pretrained(Path(tokenizer_folder), legacy=True,
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, legacy=True,
                                                           model_max_length=TEXT_MAXLEN, local_files_only=True)
             except Exception as e:  # transformers and tokenizers raise their own types
                 raise FileNotFoundError(f"no T5 tokenizer for {path.name} in {tokenizer_folder}: "
