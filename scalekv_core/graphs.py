@@ -207,11 +207,9 @@ def _replay(recorder: _Recorder) -> None:
 
 def make_capturer(mode: str) -> Capturer:
     """The capturer of a sample(graphs=...) mode."""
-    if mode == "cuda":
-        return CudaGraphCapturer()
-    if check_graph_mode(mode) == "replay":
-        return ReplayCapturer()
-    raise ValueError("graphs='off' runs eagerly: it has no capturer")
+    if check_graph_mode(mode) == "off":
+        raise ValueError("graphs='off' runs eagerly: it has no capturer")
+    return CudaGraphCapturer() if mode == "cuda" else ReplayCapturer()
 
 
 def refusal(model: Infinity, device: torch.device, mode: str, **callbacks: object) -> str | None:
