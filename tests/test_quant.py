@@ -377,14 +377,36 @@ def test_bad_metadata_is_named(int8_file: Path, tmp_path: Path, edit_meta, match
     (lambda t: t.__setitem__(f"{KEY}.weight_scale", t[f"{KEY}.weight_scale"].clone().index_fill_(0, torch.tensor([5]),
                                                                                                  float("nan"))),
      rf"'{KEY}\.weight_scale' holds nan at index 5"),
-    (lambda t: t.__setitem__(f"{KEY}.weight_scale", -t[f"{KEY}.weight_scale"]), r"scales must be finite and positive"),
+    (lambda t: t.__setitem__(f"{KEY}.weight_scale", -t[f"{KEY}.weight_scale"]), r"scales must be positive, and finite"),
+    (lambda t: t.__setitem__(f"{KEY}.weight_scale", t[f"{KEY}.weight_scale"].clone().index_fill_(0, torch.tensor([7]),
+                                                                                                 2.0**127)),
+     rf"'{KEY}\.weight_scale' holds 1\.7014118346046923e\+38 at index 7; scales must be positive, and finite times the largest code "
+     r"\(127\)"),
     (lambda t: t.__setitem__(f"{KEY}.weight_q", t[f"{KEY}.weight_q"].float()),
      rf"'{KEY}\.weight_q' is float32, expected int8"),
     (lambda t: t.__setitem__(f"{KEY}.weight", torch.zeros(128, 128)), rf"unexpected keys: {KEY}\.weight"),
-], ids=["missing-scale", "scale-shape", "packed-shape", "nan-scale", "negative-scale", "dtype", "extra-weight"])
+], ids=["missing-scale", "scale-shape", "packed-shape", "nan-scale", "negative-scale", "overflowing-scale", "dtype",
+        "extra-weight"])
 def test_bad_tensors_are_named(int8_file: Path, tmp_path: Path, edit, match: str) -> None:
     bad = _rewrite(int8_file, tmp_path / "bad.safetensors", edit_tensors=edit)
     with pytest.raises(CheckpointError, match=match) as e:
+        load_transformer(bad)
+    assert str(bad) in str(e.value)
+
+
+@pytest.mark.parametrize("code", [0x7F, 0xFF])
+def test_a_nan_fp8_code_is_refused_naming_the_tensor(converted: dict, tmp_path: Path, code: int) -> None:
+    """e4m3fn's NaN (S.1111.111) would dequantize to NaN weights and draw a black image without an error."""
+    src = converted[("tiny", "fp8_e4m3fn")]["file"]
+
+    def corrupt(t: dict) -> None:
+        codes = t[f"{KEY}.weight_q"].view(torch.uint8).clone()
+        codes.view(-1)[300] = code
+        t[f"{KEY}.weight_q"] = codes.view(torch.float8_e4m3fn)
+
+    assert load_transformer(_rewrite(src, tmp_path / "ok.safetensors")) is not None  # the rewrite alone is fine
+    bad = _rewrite(src, tmp_path / "bad.safetensors", edit_tensors=corrupt)
+    with pytest.raises(CheckpointError, match=rf"'{KEY}\.weight_q' holds a NaN fp8 code at index 300") as e:
         load_transformer(bad)
     assert str(bad) in str(e.value)
 
@@ -492,6 +514,33 @@ def test_scaled_fp8_matmul_is_close_to_the_dequantized_one() -> None:
     fast = _generate(model, MODELS["tiny"][1], _cond("tiny"))
     equal = [(a == b).float().mean().item() for a, b in zip(plain.samples.bits, fast.samples.bits)]
     assert min(equal) > 0.9, equal  # tau 1: a few draws near 50:50 flip (measured: 0.945-0.969 per scale)
+
+
+def test_scaled_mm_probe_says_why_this_torch_cannot_and_accepts_the_old_tuple_result(monkeypatch) -> None:
+    """Row-wise scaled fp8 matmuls depend on the torch release, GPU and output dtype together, so the GPU check ends
+    with a tiny real one: a torch that refuses it, or answers wrongly, gets the dequantized matmul and a note naming
+    torch's reason; torch 2.4's (out, amax) result is read as the output."""
+    real = torch._scaled_mm
+    assert quant.scaled_mm_problem("cpu", torch.bfloat16) is None  # this CPU torch runs it
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("Invalid scaling configuration.\nmore detail")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuses)
+    why = quant.scaled_mm_problem("cpu", torch.float16)
+    assert why == (f"torch {torch.__version__} cannot run the row-wise scaled fp8 matmul here in torch.float16: "
+                   "Invalid scaling configuration.")
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: real(*a, **k) * 0)
+    assert "gave a wrong result" in quant.scaled_mm_problem("cpu", torch.bfloat16)
+
+    layer = quant.QuantLinear.from_linear(torch.nn.Linear(64, 32), "fp8_e4m3fn")
+    layer.fp8_matmul = True
+    x = _rand(2, 5, 64, seed=1)
+    monkeypatch.setattr(torch, "_scaled_mm", real)
+    expected = layer(x)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (real(*a, **k), torch.zeros(())))
+    assert torch.equal(layer(x), expected)
+    assert quant.scaled_mm_problem("cpu", torch.bfloat16) is None
 
 
 def test_cli_fp8_matmul(tmp_path: Path) -> None:

@@ -195,8 +195,7 @@ class QuantLinear(nn.Module):
         scale_a = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / _QMAX["fp8_e4m3fn"]
         xq = (rows / scale_a).clamp_(-_QMAX["fp8_e4m3fn"], _QMAX["fp8_e4m3fn"]).to(torch.float8_e4m3fn)
         scale_b = self.weight_scale.float().reshape(1, -1)
-        out = torch._scaled_mm(xq, self.weight_q.t(), scale_a=scale_a, scale_b=scale_b,
-                               out_dtype=self.compute_dtype)
+        out = _scaled_mm(xq, self.weight_q.t(), scale_a, scale_b, self.compute_dtype)
         if bias is not None:
             out = out + bias.to(out.dtype)
         return out.reshape(*shape[:-1], self.out_features)
@@ -253,9 +252,31 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP_S
     return model
 
 
-def fp8_matmul_problem(device: torch.device | str) -> str | None:
-    """Why `device` cannot run the scaled fp8 matmul (None if it can): it needs CUDA fp8 tensor cores (compute
-    capability 8.9: Ada, Hopper and later) and a torch with `_scaled_mm`."""
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with fp8 operands scaled per row of a and per column of b, in `dtype` (torch 2.4 also returned amax)."""
+    out = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=dtype)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def scaled_mm_problem(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Why this torch cannot run the row-wise scaled fp8 matmul on `device` in `dtype` (None if it can), found by
+    running a tiny one: support depends on the torch release, the GPU and the output dtype together."""
+    a = torch.ones(16, 32, device=device).to(torch.float8_e4m3fn)
+    b = torch.ones(16, 32, device=device).to(torch.float8_e4m3fn)
+    try:
+        out = _scaled_mm(a, b.t(), torch.ones(16, 1, device=device), torch.ones(1, 16, device=device), dtype)
+    except (RuntimeError, TypeError, NotImplementedError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"torch {torch.__version__} cannot run the row-wise scaled fp8 matmul here in {dtype}: {first}"
+    if out.dtype != dtype or not bool((out == 32).all()):
+        return f"torch {torch.__version__}'s row-wise scaled fp8 matmul gave a wrong result here in {dtype}"
+    return None
+
+
+def fp8_matmul_problem(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why `device` cannot run the scaled fp8 matmul in `dtype` (None if it can): it needs CUDA fp8 tensor cores
+    (compute capability 8.9: Ada, Hopper and later) and a torch whose `_scaled_mm` takes row-wise scales there."""
     device = torch.device(device)
     if not hasattr(torch, "_scaled_mm"):
         return "this torch has no torch._scaled_mm"
@@ -265,7 +286,7 @@ def fp8_matmul_problem(device: torch.device | str) -> str | None:
     if (major, minor) < (8, 9):
         return (f"it needs fp8 tensor cores (compute capability 8.9 or later: Ada, Hopper); "
                 f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
-    return None
+    return scaled_mm_problem(device, dtype)
 
 
 def enable_fp8_matmul(model: nn.Module, device: torch.device | str, force: bool = False) -> str | None:
@@ -275,12 +296,12 @@ def enable_fp8_matmul(model: nn.Module, device: torch.device | str, force: bool 
     if fmt != "fp8_e4m3fn":
         raise ValueError(f"the fp8 matmul needs weights stored as fp8_e4m3fn (weights fp8_e4m3fn); this model's "
                          f"are {fmt}")
-    problem = None if force else fp8_matmul_problem(device)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    problem = None if force else fp8_matmul_problem(device, layers[0].compute_dtype)
     if problem is not None:
         return f"fp8 matmul not used, the dequantized matmul runs instead: {problem}"
-    for layer in model.modules():
-        if isinstance(layer, QuantLinear):
-            layer.fp8_matmul = True
+    for layer in layers:
+        layer.fp8_matmul = True
     return None
 
 
@@ -428,7 +449,8 @@ def check_file_architecture(metadata: Mapping[str, str], cfg: InfinityConfig, so
 
 
 def check_quantized_tensors(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
-    """Every packed weight and scale has its format's dtype, and every scale is finite and positive."""
+    """Every packed weight and scale has its format's dtype, every scale is finite and positive and dequantizes to
+    finite weights, and no fp8 code is NaN: a corrupt file is refused here, not drawn as a black image."""
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantLinear):
             continue
@@ -439,11 +461,19 @@ def check_quantized_tensors(model: nn.Module, sd: Mapping[str, torch.Tensor], so
                 raise CheckpointError(f"{source}: '{key}' is {str(t.dtype).replace('torch.', '')}, expected "
                                       f"{str(expected).replace('torch.', '')} for {layer.fmt}")
         scale = sd[name + SCALE_SUFFIX]
-        bad = ~(torch.isfinite(scale) & (scale > 0))
+        bad = ~(torch.isfinite(scale) & (scale > 0) & torch.isfinite(scale.float() * _QMAX[layer.fmt]))
         if bad.any():
             i = int(bad.flatten().nonzero()[0])
             raise CheckpointError(f"{source}: '{name}{SCALE_SUFFIX}' holds {float(scale.flatten()[i])!r} at index "
-                                  f"{i}; scales must be finite and positive (a corrupt file?)")
+                                  f"{i}; scales must be positive, and finite times the largest code "
+                                  f"({_QMAX[layer.fmt]:g}) (a corrupt file?)")
+        if layer.fmt == "fp8_e4m3fn":  # e4m3fn has no infinity; S.1111.111 is its NaN
+            codes = sd[name + PACKED_SUFFIX].view(torch.uint8)
+            nan = (codes & 0x7F) == 0x7F
+            if nan.any():
+                i = int(nan.flatten().nonzero()[0])
+                raise CheckpointError(f"{source}: '{name}{PACKED_SUFFIX}' holds a NaN fp8 code at index {i} "
+                                      f"(a corrupt file?)")
 
 
 def quantization_error(w: torch.Tensor, fmt: str, group_size: int = DEFAULT_GROUP_SIZE) -> float:
