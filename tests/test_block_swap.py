@@ -218,6 +218,30 @@ def test_restore_puts_every_tensor_back_and_releases_the_buffers() -> None:
     assert not any(_storage(t) in ours for t in _tensors(model))
 
 
+def test_restore_forgets_rope_tables_made_on_the_swap_device(monkeypatch) -> None:
+    """A model kept on the host runs on the GPU during a swap and makes its RoPE table there; restore must not leave
+    that table allocated on the GPU. Here the model's position parameter is rebound to meta, as the swap rebinds it
+    to the GPU (not through `.to()`), and back: the meta table is forgotten, the host table kept."""
+    model = _model()
+    home = model.pos_start
+
+    def on(param: torch.nn.Parameter) -> torch.Tensor:
+        model.pos_start = param
+        return model.rope(SCHEDULE)
+
+    away = torch.nn.Parameter(home.detach().to("meta"), requires_grad=False)
+    host_table, meta_table = on(home), on(away)
+    assert meta_table.device.type == "meta" and on(away) is meta_table  # kept while the model is there
+    on(home)
+    model.drop_rope_tables_elsewhere()
+    assert on(home) is host_table and on(away) is not meta_table  # the meta one was dropped, the host one kept
+    model.pos_start = home
+    dropped = []
+    monkeypatch.setattr(model, "drop_rope_tables_elsewhere", lambda: dropped.append(True))
+    BlockSwap(model, 2, "cpu").restore()
+    assert dropped == [True]
+
+
 def test_an_exception_in_the_middle_of_a_scale_restores_everything(monkeypatch) -> None:
     model = _model()
     ref = _sample(model)

@@ -147,7 +147,7 @@ def pool_in_canvas(scores: torch.Tensor, slots: torch.Tensor, tables: ScheduleTa
         canvas = scores.new_zeros((B, H, total + 1))
         canvas[at] = scores
         present = torch.zeros_like(canvas, dtype=torch.bool)
-        present[at] = True
+        present.index_put_(at, present.new_ones(()))  # a device True: `present[at] = True` syncs on CUDA
         nbr = tables.neighbours[slots.long()].reshape(B, H, -1)  # (B, H, T * k²)
         vals = canvas.gather(-1, nbr).reshape(B, H, T, -1)
         count = present.gather(-1, nbr).reshape(B, H, T, -1).sum(-1).clamp_min(1)

@@ -227,6 +227,7 @@ class BlockSwap:
                     _set(entry, t.to(home))
             self._host, self._host_views, self._layouts = {}, {}, {}
             self._stream, self._ready, self._free = None, [], []
+            self.model.drop_rope_tables_elsewhere()
         self._active = False
         if getattr(self.model, "block_swap", None) is self:
             self.model.block_swap = None

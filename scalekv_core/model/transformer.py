@@ -423,6 +423,14 @@ class Infinity(nn.Module):
             table = tables[key] = rope_pairs(rope_table(self.cfg.head_dim, schedule)).to(device)
         return table
 
+    def drop_rope_tables_elsewhere(self) -> None:
+        """Forget tables on devices the model is no longer on (a block swap that placed it on the GPU for one call
+        moves it back without `.to()`), so none stays allocated there."""
+        here = str(self.pos_start.device)
+        tables = self.__dict__.setdefault("_rope_tables", {})
+        for key in [k for k in tables if k[2] != here]:
+            del tables[key]
+
     @property
     def blocks(self) -> list[Block]:
         return [b for chunk in self.block_chunks for b in chunk.module]

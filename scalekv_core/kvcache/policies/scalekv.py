@@ -109,7 +109,9 @@ class ScaleKV(EvictionPolicy):
         q = F.linear(ctx.x[:, local].to(ctx.w_q.dtype), ctx.w_q)  # (B, w, C): no bias, norm or RoPE
         q = q.view(B, -1, H, c).transpose(1, 2).to(keys.dtype)  # (B, H, w, c)
         logits = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(c)  # (B, H, w, total)
-        logits[..., window] = -torch.inf
+        # index_fill_, not `x[..., window] = -inf`: on CUDA that setitem copies a host scalar (a sync, and an error
+        # inside CUDA-graph capture); the values written are the same.
+        logits.index_fill_(-1, window, -torch.inf)
         scores = pool_1d(logits.sum(dim=2), self.kernel, self.pooling)
-        scores[..., window] = -torch.inf
+        scores.index_fill_(-1, window, -torch.inf)
         return topk_keep(scores, keep, window.expand(B, H, -1))
