@@ -219,11 +219,11 @@ def ladder(options: JobOptions, depth: int, block_swap: bool = BLOCK_SWAP_READY)
         add("ScaleKV 10%", policy="scalekv", budget="10%")
     if options.kv_dtype == "auto":
         add("KV stored in bf16", kv_dtype="bf16")
-    if options.weights in ("none", "int8"):
+    if options.weights == "none":  # int8 weights take the bytes fp8 would, with less error (docs/quantization.md)
         add("fp8 weights", weights="fp8_e4m3fn")
     base = steps[-1][1]
-    # n blocks off the device save n - 2 blocks
-    swaps = range(SWAP_BUFFERS + 2, depth - SWAP_BUFFERS + 1, 2) if block_swap else range(0)
+    # n blocks off the device save n - 2 blocks (the two slots): every n from 3, so the fewest that fit is named
+    swaps = range(SWAP_BUFFERS + 1, depth - SWAP_BUFFERS + 1) if block_swap else range(0)
     steps += [(f"block swap {n}", dataclasses.replace(base, block_swap=n)) for n in swaps if n > base.block_swap]
     if options.weights != "int4":
         four = dataclasses.replace(base, weights="int4", block_swap=0)
