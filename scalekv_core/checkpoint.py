@@ -240,17 +240,28 @@ def check_keys(expected: Mapping[str, Sequence[int]], got: Mapping[str, torch.Te
         raise CheckpointError(f"{source}: does not match the detected architecture; " + "; ".join(problems))
 
 
-def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
-    """Rewrite a .pth (or sharded folder) as one .safetensors file with the same keys and tensors."""
+def write_safetensors(tensors: Mapping[str, torch.Tensor], dst: str | Path, metadata: Mapping[str, str]) -> Path:
+    """Write a .safetensors file readable as an ordinary file is (safetensors alone makes it owner-only, which a
+    ComfyUI service account cannot read), never leaving a half-written file under the final name."""
     from safetensors.torch import save_file
 
-    sd = load_state_dict(src)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".partial")
-    save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(dst)  # never leave a half-written file under the final name
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    tmp.replace(dst)
     return dst
+
+
+def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
+    """Rewrite a .pth (or sharded folder, or .safetensors) as one .safetensors file with the same keys and tensors;
+    a safetensors source keeps its metadata, so a pre-quantized file stays one."""
+    sd = load_state_dict(src)
+    meta = safetensors_metadata(src) if Path(src).is_file() else {}
+    return write_safetensors({k: v.clone() for k, v in sd.items()}, dst, {**meta, "format": "pt"})
 
 
 #: Largest safetensors header read for its metadata (safetensors itself refuses headers over 100 MB).

@@ -497,7 +497,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="transformer blocks kept in host memory while sampling (two device slots stream them)")
     j.add_argument("--previews", action="store_true",
                    help="count the ComfyUI sampler's per-scale preview decode (the CLI makes none)")
-    j.add_argument("--decode-tile", type=_number("decode_tile", "--decode-tile"), default=0,
+    j.add_argument("--decode-tile", type=_decode_tile, default=0,
                    help="VAE decode in tiles of this many latent positions (0: the whole latent at once)")
     j.add_argument("--job-table", action="store_true",
                    help="print a Markdown table of the whole job for 2B and 8B at 1024x1024 in each weight format")
@@ -565,6 +565,10 @@ def _plan_job(a: argparse.Namespace) -> int:
                   f"**{r['peak_gib']:.2f} GiB** |")
         return 0
     _check_cache_flags(a, None)
+    from .model.block_swap import check_block_swap
+    from .model.config import KNOWN_MODELS
+
+    check_block_swap(a.block_swap, KNOWN_MODELS[a.model].depth, "--block-swap")
     options = JobOptions(weights=a.weights, dtype=a.dtype, t5_offload=a.offload_t5, t5_weights=a.t5_weights,
                          decode_tile=a.decode_tile or None, block_swap=a.block_swap, policy=a.kv_policy,
                          kv_dtype=a.kv_dtype, budget=str(a.budget), previews=a.previews)
@@ -661,19 +665,24 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("convert", help="rewrite a .pth checkpoint (or shard folder) as .safetensors, optionally with "
                                        "its block weights quantized (--weights)")
     c.add_argument("src")
-    c.add_argument("dst")
+    c.add_argument("dst", help="the .safetensors (or .sft) file to write; not src, and not an existing file unless "
+                               "--overwrite")
+    c.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     _add_weights_flag(c, "store a transformer's block linears pre-quantized (none: the same tensors, any checkpoint)")
 
 
-def _prequantized_fp8(path: str) -> bool:
-    """A .safetensors file converted to fp8 (its metadata says so), which --fp8-matmul can use without --weights."""
-    from .checkpoint import safetensors_metadata
+def _prequantized_format(path: str) -> str | None:
+    """The weight format a converted .safetensors file declares (None for any other checkpoint), so --fp8-matmul
+    can use an fp8 file without --weights and name another file's format."""
+    from .checkpoint import SAFETENSORS_SUFFIXES, safetensors_metadata
     from .model.quant import META_FORMAT
 
     try:
-        return str(path).endswith(".safetensors") and safetensors_metadata(path).get(META_FORMAT) == "fp8_e4m3fn"
+        if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
+            return None
+        return safetensors_metadata(path).get(META_FORMAT)
     except Exception:  # an unreadable file is reported, naming it, when it loads
-        return False
+        return None
 
 
 def _generate(a: argparse.Namespace) -> int:
@@ -697,8 +706,11 @@ def _generate(a: argparse.Namespace) -> int:
     _check_lists(a, schedule)
     cache = _check_cache_flags(a, schedule)
     text_kv = _load_text_kv(a.text_kv) if a.text_kv else None
-    if a.fp8_matmul and a.weights != "fp8_e4m3fn" and not _prequantized_fp8(a.transformer):
-        raise InputError(f"--fp8-matmul needs --weights fp8_e4m3fn (or a file converted to it); --weights is {a.weights}")
+    if a.fp8_matmul and a.weights != "fp8_e4m3fn":
+        held = _prequantized_format(a.transformer)
+        if held != "fp8_e4m3fn":
+            now = f"{a.transformer} holds {held} weights" if held else f"--weights is {a.weights}"
+            raise InputError(f"--fp8-matmul needs --weights fp8_e4m3fn (or a file converted to it); {now}")
     if a.block_swap:
         from .model.block_swap import check_block_swap
 
@@ -789,9 +801,16 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def _convert(a: argparse.Namespace) -> int:
-    from .checkpoint import convert_to_safetensors
+    from .checkpoint import SAFETENSORS_SUFFIXES, convert_to_safetensors
 
     dst = _output_file(a.dst, "dst")
+    if dst.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        raise InputError(f"dst {dst}: convert writes safetensors; name it .safetensors")
+    if dst.exists():
+        if Path(a.src).exists() and dst.resolve() == Path(a.src).resolve():
+            raise InputError(f"dst {dst}: is src itself; write the converted file under another name")
+        if not a.overwrite:
+            raise InputError(f"dst {dst}: exists; give another name, or --overwrite to replace it")
     if a.weights == "none":
         out = convert_to_safetensors(a.src, dst)
     else:  # quantized from the file's own values (fp32 elsewhere), on the CPU

@@ -3,6 +3,8 @@ and the errors for files that do not fit."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -456,6 +458,56 @@ def test_cli_convert_then_generate(tmp_path: Path, capsys: pytest.CaptureFixture
     # without --weights convert writes the same tensors as before
     assert cli.main(["convert", str(path), str(tmp_path / "same.safetensors")]) == 0
     assert "scalekv_weights" not in dst.with_name("same.safetensors").read_bytes()[:4096].decode("latin-1")
+
+
+def test_cli_convert_keeps_a_pre_quantized_file_loadable_and_readable(converted: dict, tmp_path: Path) -> None:
+    """Converting a converted file without --weights copies it as it is: its metadata too, so it still loads as int8
+    (it had lost the metadata and was then refused); the file is readable by others as ordinary files are."""
+    src = converted[("tiny", "int8")]["file"]
+    dst = tmp_path / "copy.safetensors"
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    again = load_transformer(dst)
+    assert quant.model_format(again) == ("int8", 0)
+    a, b = again.state_dict(), converted[("tiny", "int8")]["reloaded"].state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o666 & ~umask
+
+
+def test_cli_convert_never_replaces_a_file_unasked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, _ = MODELS["tiny"]
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(path.read_bytes())
+    before = src.read_bytes()
+    for dst, words in ((src, "is src itself"), (tmp_path / "image.png", "name it .safetensors")):
+        assert cli.main(["convert", str(src), str(dst), "--weights", "int4", "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and str(dst) in err
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"keep me")
+    assert cli.main(["convert", str(src), str(other), "--weights", "int4"]) == 2
+    err = capsys.readouterr().err
+    assert "exists; give another name, or --overwrite" in err and str(other) in err
+    assert other.read_bytes() == b"keep me" and src.read_bytes() == before and not (tmp_path / "image.png").exists()
+    assert cli.main(["convert", str(src), str(other), "--weights", "int4", "--overwrite"]) == 0
+    assert quant.model_format(load_transformer(other)) == ("int4", quant.DEFAULT_GROUP_SIZE)
+
+
+def test_cli_fp8_matmul_reads_the_files_own_format(converted: dict, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """An fp8 file named .sft is taken as fp8 (ComfyUI's other safetensors suffix); an int8 file is named with its
+    format, not "--weights is none"."""
+    base = ["generate", "--vae", str(MODELS["tiny"][1]), "--text-kv", str(TINY / "full_kv" / "p0_apple_s0_cfg3_tau0.5"
+            / "text_kv_compact.npy"), "--width", "256", "--height", "256", "--fp8-matmul"]
+    int8 = converted[("tiny", "int8")]["file"]
+    assert cli.main([*base, "--transformer", str(int8), "--out", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{int8} holds int8 weights" in err
+    sft = tmp_path / "tiny_fp8.sft"
+    sft.write_bytes(converted[("tiny", "fp8_e4m3fn")]["file"].read_bytes())
+    assert cli.main([*base, "--transformer", str(sft), "--out", str(tmp_path / "b.png")]) == 0
+    assert "fp8 matmul not used" in capsys.readouterr().err and (tmp_path / "b.png").is_file()
 
 
 @pytest.mark.parametrize("argv", [

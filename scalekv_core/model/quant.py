@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, write_safetensors
 from ..limits import check_choice, shown
 from .config import InfinityConfig
 
@@ -387,16 +387,7 @@ def file_metadata(model: nn.Module) -> dict[str, str]:
 def save_quantized(model: nn.Module, path: str | Path) -> Path:
     """Write a quantized model as one .safetensors file (packed weights, scales, the rest as loaded) plus metadata
     that `load_transformer` recognises, so it loads without quantizing again."""
-    from safetensors.torch import save_file
-
-    meta = file_metadata(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # never leave a half-written file under the final name
-    return path
+    return write_safetensors(model.state_dict(), path, file_metadata(model))
 
 
 def file_format(metadata: Mapping[str, str], source: str) -> tuple[str, int] | None:
