@@ -24,7 +24,7 @@ import torch
 
 from .kvcache import CacheConfig
 from .kvcache.memory import MiB, decode_peak_bytes, plan_memory, preview_peak_bytes
-from .limits import shown
+from .limits import LIMITS, shown
 from .model.config import KNOWN_MODELS, InfinityConfig
 from .model.quant import T5_WEIGHT_FORMATS, check_format, dequant_workspace_bytes, quantize_model, weight_bytes
 from .schedules import Schedule, schedule_for_pixels
@@ -168,13 +168,17 @@ def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 
     `cache` replaces the options' policy/budget/kv_dtype with a full cache setting (budget files, windows);
     `t5` and `vae_params` size other encoders and VAEs than the released ones (the embedded model's, say).
     """
+    from .model.block_swap import check_block_swap  # (block_swap reads SWAP_BUFFERS from here)
+    from .model.vae import check_decode_tiling
+
     name, cfg = _model(model)
     fmt = check_format(options.weights)
     if options.dtype not in _DTYPES:
         raise ValueError(f"dtype: unknown {options.dtype!r}; choose {', '.join(_DTYPES)}")
-    if not 0 <= options.block_swap <= cfg.depth - SWAP_BUFFERS:
-        raise ValueError(f"block_swap: {options.block_swap} blocks, but the model has {cfg.depth}; swap at most "
-                         f"{cfg.depth - SWAP_BUFFERS} (two stay on the device)")
+    check_block_swap(options.block_swap, cfg.depth)  # the checks generate applies, so a plan is never of a
+    if options.decode_tile is not None:  # setting that would be refused
+        check_decode_tiling(options.decode_tile)
+    LIMITS["batch"].check(batch, "batch")
     dtype = _DTYPES[options.dtype]
     schedule: Schedule = schedule_for_pixels(width, height)
     h, w = schedule.pixel_size
@@ -236,6 +240,7 @@ def cheapest_fit(model: str | InfinityConfig, width: int, height: int, vram_gib:
                  options: JobOptions = JobOptions(), cfg_on: bool = True) -> dict:
     """Does the job fit `vram_gib`? If not, the first setting of the ladder that does (or none), with every try."""
     _, cfg = _model(model)
+    vram_gib = LIMITS["vram_gib"].check(vram_gib, "vram_gib")
     tried = []
     found = None
     for label, opts in ladder(options, cfg.depth):

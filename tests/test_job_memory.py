@@ -115,7 +115,8 @@ def test_cli_plan_vram(capsys):
 @pytest.mark.parametrize("flag, value", [("--vram", "nan"), ("--vram", "abc"), ("--vram", "1e9"), ("--vram", "-4"),
                                          ("--decode-tile", "nan"), ("--decode-tile", "100000"),
                                          ("--weights", "int3"), ("--t5-weights", "int4"),
-                                         ("--block-swap", "-1"), ("--block-swap", "2.5")])
+                                         ("--block-swap", "-1"), ("--block-swap", "2.5"), ("--decode-tile", "3"),
+                                         ("--decode-tile", "1")])
 def test_cli_plan_job_flags_are_checked(capsys, flag, value):
     from scalekv_core.cli import main
 
@@ -136,7 +137,7 @@ def test_cli_plan_block_swap_and_t5_weights(capsys):
     assert swapped["transformer_mb"] < plain["transformer_mb"] and swapped["t5_mb"] < 0.55 * plain["t5_mb"]
     assert main(["plan", "--model", "2b", "--block-swap", "31"]) == 2  # 32 blocks: at most 30
     err = capsys.readouterr().err
-    assert "block_swap: 31 blocks, but the model has 32" in err
+    assert "error: --block-swap: 31 blocks, but the model has 32" in err
 
 
 def test_swapped_decode_holds_no_transformer_and_previews_hold_one_small_decode():
@@ -206,3 +207,19 @@ def test_int8_weights_are_not_traded_for_fp8():
     labels = [label for label, _ in ladder(JobOptions(weights="int8"), 32)]
     assert "fp8 weights" not in labels
     assert "fp8 weights" in [label for label, _ in ladder(JobOptions(), 32)]
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: plan_job("2b", 1024, 1024, 1, JobOptions(decode_tile=-5)), "decode_tile: -5 is out of range"),
+    (lambda: plan_job("2b", 1024, 1024, 1, JobOptions(decode_tile=3)), "decode_tile: 3 is too small"),
+    (lambda: plan_job("2b", 1024, 1024, 1, JobOptions(block_swap=2.5)), "block_swap: expected a whole number"),
+    (lambda: plan_job("2b", 1024, 1024, 1, JobOptions(block_swap=True)), "block_swap: expected a whole number"),
+    (lambda: plan_job("2b", 1024, 1024, 0), "batch: 0 is out of range"),
+    (lambda: plan_job("2b", 1024, 1024, -2), "batch: -2 is out of range"),
+    (lambda: cheapest_fit("2b", 1024, 1024, float("nan")), "vram_gib: expected a number"),
+    (lambda: cheapest_fit("2b", 1024, 1024, -3), "vram_gib: -3 is out of range"),
+])
+def test_the_planner_api_refuses_what_generate_refuses(call, words):
+    """A plan is never made for a setting the engine would refuse (it had planned tiles of 3 and 2.5 blocks)."""
+    with pytest.raises(ValueError, match=words):
+        call()
