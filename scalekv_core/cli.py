@@ -489,7 +489,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     j = p.add_argument_group("the whole job (T5 encode, sampling, decode, weights included)")
     j.add_argument("--vram", type=_number("vram_gib", "--vram"),
                    help="the card's memory in GiB: does the job fit, and if not, the cheapest setting that does "
-                        "(offloaded T5, tiled decode, a ScaleKV budget, fp8 weights, 4-bit weights)")
+                        "(tried in this order: offloaded T5, tiled decode, ScaleKV 10%%, KV stored in bf16, "
+                        "fp8 weights, block swap, 4-bit weights)")
     _add_weights_flag(j, "the transformer's block weights as they will be loaded")
     j.add_argument("--offload-t5", action="store_true", help="T5 leaves the device once the prompt is encoded")
     _add_t5_weights_flag(j)

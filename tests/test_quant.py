@@ -34,7 +34,7 @@ MODELS = {
 }
 FORMATS = list(quant.QUANTIZED_FORMATS)
 SCHEDULE = get_schedule(1.0, "0.06M")  # 256x256, 7 scales
-#: Relative Frobenius error of dequant(quant(W)) on a Gaussian matrix (measured: 0.0075 / 0.026 / 0.099).
+#: Relative Frobenius error of dequant(quant(W)) on a Gaussian matrix (measured: 0.0075 / 0.026 / 0.108).
 ERROR_BOUNDS = {"int8": 0.009, "fp8_e4m3fn": 0.03, "int4": 0.11}
 
 
