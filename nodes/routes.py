@@ -21,7 +21,7 @@ import torch
 
 import comfy.model_management as mm
 
-from ..scalekv_core.checkpoint import load_state_dict, shard_files
+from ..scalekv_core.checkpoint import load_state_dict, safetensors_metadata, shard_files
 from ..scalekv_core.kvcache.budget import PRESETS
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
@@ -29,7 +29,7 @@ from ..scalekv_core.job_memory import T5_XL, VAE_PARAMS, JobOptions, plan_job, t
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
 from ..scalekv_core.loader import PRECISIONS, native_resolution
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig, detect_infinity_config
-from ..scalekv_core.model.quant import logical_shapes
+from ..scalekv_core.model.quant import file_format, logical_shapes
 from ..scalekv_core.model.text_encoder import TEXT_MAXLEN
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.safe_files import open_regular, read_text
@@ -98,12 +98,17 @@ def _strip_module(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ..
 _shape_cache: dict[tuple[str, float], InfinityConfig] = {}
 
 
-def transformer_config(name: str) -> InfinityConfig:
-    """The architecture of a models/infinity transformer, read from its header (cached per file and mtime)."""
+def _transformer_path(name: str) -> Path:
+    """The loader's transformer file, or the route's 400 naming it (shape and format reads share the lookup)."""
     try:
-        path = Path(paths.resolve_transformer(name))
+        return Path(paths.resolve_transformer(name))
     except (FileNotFoundError, ValueError) as e:
         raise PlanInputError(f"transformer: {brief(str(e))}") from None
+
+
+def transformer_config(name: str) -> InfinityConfig:
+    """The architecture of a models/infinity transformer, read from its header (cached per file and mtime)."""
+    path = _transformer_path(name)
     key = (str(path), path.stat().st_mtime)
     if key not in _shape_cache:
         try:
@@ -120,6 +125,38 @@ def transformer_config(name: str) -> InfinityConfig:
         except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
             raise PlanInputError(f"transformer: {path}: cannot read its shape: {brief(str(e))}") from None
     return _shape_cache[key]
+
+
+def transformer_format(name: str) -> tuple[str, int] | None:
+    """(format, group size) a pre-quantized transformer file declares in its metadata (`convert --weights`), None
+    for an ordinary checkpoint; read from its header alone, as the loader recognises it (cached per file and mtime).
+    A shard folder is never pre-quantized (convert writes one .safetensors file)."""
+    path = _transformer_path(name)
+    try:
+        key = (str(path), path.stat().st_mtime)
+        if key not in _format_cache:
+            _format_cache[key] = None if path.is_dir() else file_format(safetensors_metadata(path), str(path))
+        return _format_cache[key]
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError: an unknown format, version or group size
+        raise PlanInputError(f"transformer: {brief(str(e))}") from None
+
+
+_format_cache: dict[tuple[str, float], tuple[str, int] | None] = {}
+
+
+def job_weights(s: PlanSettings) -> str:
+    """The transformer weight format the loader will hold: a pre-quantized file's own format (the loader loads it
+    as it is, with weight_format none or that format), else weight_format. A different quantized weight_format is
+    the loader's error, so it is the route's too."""
+    found = transformer_format(s.transformer) if s.transformer else None
+    if found is None:
+        return s.weight_format
+    fmt, _group = found  # the job planner sizes every format with the default group size
+    if s.weight_format not in ("none", fmt):
+        raise PlanInputError(f"weight_format: the transformer {shown(s.transformer)} is already quantized as {fmt}; "
+                             f"load it with weight_format none or {fmt} (not {s.weight_format}), or quantize the "
+                             f"original checkpoint to {s.weight_format}")
+    return fmt
 
 
 def native_for(transformer: str | None) -> tuple[str, bool] | None:
@@ -183,9 +220,10 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
     """The whole job (T5 encode, sampling, decode, weights included) against the compute device's memory.
 
     ComfyUI's memory manager moves T5 off the device when the sampler needs the room, so T5 is planned offloaded;
-    the sampler decodes a preview per scale, so that is planned too.
+    the sampler decodes a preview per scale, so that is planned too. A pre-quantized transformer file is planned in
+    its own format (the loader's weight_format is "none" for it).
     """
-    options = JobOptions(weights=s.weight_format, dtype=_JOB_DTYPES[block_dtype], t5_offload=True,
+    options = JobOptions(weights=job_weights(s), dtype=_JOB_DTYPES[block_dtype], t5_offload=True,
                          t5_weights=s.t5_weights, decode_tile=s.decode_tile or None, block_swap=s.block_swap,
                          previews=True)
     h, w = schedule.pixel_size

@@ -231,6 +231,108 @@ def test_pre_quantized_transformer_gives_its_shape(post, tmp_path):
     assert (answer["model"]["depth"], answer["model"]["width"], answer["model"]["heads"]) == (4, 128, 4)
 
 
+# the loader's tiny T5 and VAE too: with T5-XL the encode phase would be the peak whatever the transformer holds
+TINY_JOB = {"resolution": "256x256 (1:1)", "budget_unit": "tokens", "budget": 48, "window": 4,
+            "vae": "vae_tiny.safetensors", "text_encoder": "t5_tiny"}
+
+
+def tiny_job_plan(cfg, weights: str):
+    """The whole-job planner's answer for the tiny model at 256x256 as the route plans TINY_JOB (blocks in fp32,
+    the CPU's auto precision; T5 offloaded, previews; the tiny T5's and VAE's own sizes)."""
+    from safetensors.torch import load_file
+
+    from scalekv_core.job_memory import JobOptions, plan_job, t5_shape
+
+    t5 = t5_shape(json.loads((TINY / "t5_tiny" / "config.json").read_text()))
+    vae = sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values())
+    return plan_job(cfg, 256, 256, 1, JobOptions(weights=weights, dtype="fp32", t5_offload=True, previews=True),
+                    cache=CacheConfig(policy="scalekv", budget=48, window=4), t5=t5, vae_params=vae)
+
+
+@pytest.fixture
+def prequantized():
+    """write(fmt, name) puts a pre-quantized copy of the tiny transformer (as `convert --weights fmt` writes it) in
+    the models folder; removed afterwards."""
+    from scalekv_core.loader import load_transformer
+    from scalekv_core.model.quant import save_quantized
+
+    folder = pathlib.Path(folder_paths.get_folder_paths("infinity")[0])
+    written: list[pathlib.Path] = []
+
+    def write(fmt: str, name: str) -> pathlib.Path:
+        target = folder / name
+        save_quantized(load_transformer(TINY / "infinity_tiny.safetensors", weights=fmt), target)
+        written.append(target)
+        return target
+
+    yield write
+    for target in written:
+        target.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "int8", "int4"])
+def test_job_plans_a_pre_quantized_files_own_format(post, prequantized, fmt):
+    """The loader takes a pre-quantized file with weight_format none and holds it in the file's format: the whole
+    job is planned in that format (read from the file's metadata), not in the block dtype."""
+    from scalekv_core.checkpoint import safetensors_metadata
+    from scalekv_core.loader import load_transformer
+    from scalekv_core.model.quant import file_format
+
+    target = prequantized(fmt, f"tiny_pre_{fmt}.safetensors")
+    declared, _group = file_format(safetensors_metadata(target), str(target))
+    assert declared == fmt
+    cfg = load_transformer(target).cfg
+    want, plain = tiny_job_plan(cfg, declared), tiny_job_plan(cfg, "none")
+    assert want.transformer_mb < plain.transformer_mb and want.peak_mb != plain.peak_mb
+    for weight_format in ("none", fmt):  # the loader accepts both for this file, and holds the same weights
+        status, answer = post({**TINY_JOB, "transformer": target.name, "weight_format": weight_format})
+        assert status == 200, answer
+        job = answer["job"]
+        assert job["transformer_mb"] == pytest.approx(want.transformer_mb, rel=1e-12), (weight_format, job)
+        assert job["peak_mb"] == pytest.approx(want.peak_mb, rel=1e-12), (weight_format, job)
+        assert job["sampling_mb"] == pytest.approx(want.sampling_mb, rel=1e-12), (weight_format, job)
+        assert job["transformer_mb"] != pytest.approx(plain.transformer_mb)
+        assert f"weights {fmt}" in job["setting"] and f"{want.peak_mb / 1024:.2f} GiB" in job["line"]
+    # the unquantized original with weight_format none is still planned in the block dtype
+    status, answer = post({**TINY_JOB, "transformer": "infinity_tiny.safetensors", "weight_format": "none"})
+    assert status == 200, answer
+    assert answer["job"]["transformer_mb"] == pytest.approx(plain.transformer_mb, rel=1e-12)
+    assert answer["job"]["peak_mb"] == pytest.approx(plain.peak_mb, rel=1e-12)
+
+
+def test_job_follows_a_rewritten_pre_quantized_file(post, prequantized):
+    """The format is cached per file and modification time: a file converted again in place is read again."""
+    from scalekv_core.loader import load_transformer
+
+    target = prequantized("int4", "tiny_pre_rewritten.safetensors")
+    cfg = load_transformer(target).cfg
+    status, answer = post({**TINY_JOB, "transformer": target.name})
+    assert status == 200, answer
+    assert answer["job"]["transformer_mb"] == pytest.approx(tiny_job_plan(cfg, "int4").transformer_mb, rel=1e-12)
+    mtime = target.stat().st_mtime
+    prequantized("fp8_e4m3fn", target.name)
+    os.utime(target, (mtime + 10, mtime + 10))  # a coarse clock could give the rewrite the same time
+    status, answer = post({**TINY_JOB, "transformer": target.name})
+    assert status == 200, answer
+    assert answer["job"]["transformer_mb"] == pytest.approx(tiny_job_plan(cfg, "fp8_e4m3fn").transformer_mb,
+                                                            rel=1e-12)
+
+
+def test_job_refuses_another_quantized_format_than_the_files(post, prequantized):
+    """weight_format int8 on an int4 file is the loader's error; the widget says so, naming the file and both."""
+    target = prequantized("int4", "tiny_pre_mismatch.safetensors")
+    status, answer = post({**TINY_JOB, "transformer": target.name, "weight_format": "int8"})
+    assert status == 400, answer
+    error = answer["error"]
+    assert error.startswith("weight_format: ") and target.name in error, error
+    assert "already quantized as int4" in error and "int8" in error, error
+    from scalekv_core.checkpoint import CheckpointError
+    from scalekv_core.loader import load_transformer
+
+    with pytest.raises(CheckpointError, match="already quantized as int4"):  # what the loader itself says
+        load_transformer(target, weights="int8")
+
+
 def test_report_rows_join_measured_with_planned(post, run, loaded, encoded, config_inputs, sampler_inputs):
     """The widget's figures before a run (from the loader's file) are what the run then holds and reports."""
     settings = dict(policy="scalekv", budget_unit="tokens", budget=48.0, window=4)
