@@ -22,7 +22,7 @@ from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, check_decode_tiling
 from .graphs import ScaleGraphRunner, check_graph_mode
-from .sampler import BitsHook, SampleOutput, SamplerSettings, ScaleCallback, sample
+from .sampler import BitsHook, SampleOutput, SamplerSettings, ScaleCallback, check_finite, sample
 from .schedules import Schedule, schedule_for_pixels
 
 
@@ -231,6 +231,7 @@ class InfinityPipeline:
                              negative=None if neg is None else neg.to(self.device), keep_logits=keep_logits,
                              on_scale=on_scale, cache_config=cache, record_kept=record_kept, bits_hook=bits_hook,
                              graphs=graphs, runner=runner)
+        check_finite(samples, self.transformer.block_dtype)
         decoded = self._decode(samples.summed_codes.float(), decode_tile)
         result = GenerationResult(images=decoded_to_uint8(decoded), decoded=decoded, samples=samples,
                                   schedule=schedule, settings=settings, info={"attention": attention})

@@ -75,6 +75,31 @@ class SampleOutput:
     cache_config: CacheConfig | None = None
     text_len: int = 0  # longest prompt, in text tokens
     eviction_seconds: float = 0.0  # time spent scoring and evicting (measured only with time_eviction)
+    logit_sums: list[torch.Tensor] = field(default_factory=list)  # per scale, on the device: one NaN or infinite
+    # logit makes its scale's sum NaN or infinite (one reduction per scale, read after sampling)
+
+    def first_nonfinite_scale(self) -> int | None:
+        """The first scale whose logits held NaN or infinity, None if none did: read once after sampling (no sync
+        inside it), since bits drawn from NaN are a black image that would otherwise pass for a result."""
+        if not self.logit_sums:
+            return None
+        bad = torch.logical_not(torch.isfinite(torch.stack(self.logit_sums))).nonzero()
+        return int(bad[0, 0]) if bad.numel() else None
+
+
+class NonFiniteLogits(ValueError):
+    """The transformer produced NaN or infinite logits: the image would be noise or black, so there is none."""
+
+
+def check_finite(samples: SampleOutput, dtype: torch.dtype) -> None:
+    """Raise NonFiniteLogits naming the first scale whose logits were not finite, and the likely cause."""
+    bad = samples.first_nonfinite_scale()
+    if bad is None:
+        return
+    why = ("float16 overflows in this model; load the transformer in bf16 or fp32" if dtype == torch.float16 else
+           "the weights may be corrupt (NaN or huge values) or the settings extreme (tau, cfg)")
+    raise NonFiniteLogits(f"the transformer's logits at scale {bad + 1} of {len(samples.logit_sums)} are NaN or "
+                          f"infinite in {str(dtype).replace('torch.', '')}, so no image was made: {why}")
 
 
 def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -225,6 +250,7 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
             logits = logits.reshape(B, -1, 2)
             if keep_logits:
                 out.logits.append(logits.clone())
+            out.logit_sums.append(logits.sum(dtype=torch.float32))
             bits = sample_bits(logits, settings.top_k, settings.top_p, generator)
             if bits_hook is not None:
                 bits = bits_hook(si, bits)

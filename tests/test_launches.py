@@ -24,9 +24,10 @@ SCHEDULE_1M = get_schedule(1.0, "1M")
 # Full's keys and queries are made in bf16 since nothing but attention reads them (auto storage; two casts per layer
 # per scale fewer: 19,659 -> 18,827, and a third less cache).
 TODAY_FULL_LAYER_MAX = [46, 33, 33, 33, 33, 33, 33, 33, 33, 33, 55, 76, 98]  # per scale, max over layers
-TODAY_FULL_PER_IMAGE = 18_827
+# Then +13 for both: one sum of the logits per scale, so NaN or infinite logits are an error, not a black image.
+TODAY_FULL_PER_IMAGE = 18_840
 # ScaleKV: after issue 22's ScaleKV pass (was 40,204 per image, +24 per evicting layer, +3 elsewhere, 11 syncs).
-TODAY_SCALEKV_PER_IMAGE = 21_441  # 21,697 until its queries were made in bf16 at the steps that do not score
+TODAY_SCALEKV_PER_IMAGE = 21_454  # 21,697 until its queries were made in bf16 at the steps that do not score
 TODAY_SCALEKV_OVER_FULL = 2_614  # ScaleKV's whole-image ops minus full's, whatever the transformer costs
 # ScaleKV keeps float32 keys (it scores them), so attention casts them where full's bf16 keys need no cast: +1 at
 # every layer and scale on top of ScaleKV's own ops; +1 more where it scores (float32 queries, cast for attention).
