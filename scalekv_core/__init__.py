@@ -1,8 +1,6 @@
 """ComfyUI-ScaleKV's engine: Infinity inference and scale-aware KV-cache compression, torch only."""
 from __future__ import annotations
 
-import importlib.util
-
 __version__ = "0.1.0"
 
 #: The oldest PyTorch the engine imports under (torch.nn.attention's sdpa_kernel with the cuDNN backend, float8).
@@ -15,11 +13,11 @@ def torch_problem() -> str | None:
     import torch
 
     missing = []
-    if importlib.util.find_spec("torch.nn.attention") is None:
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:
         missing.append("torch.nn.attention")
     else:
-        from torch.nn.attention import SDPBackend
-
         if not hasattr(SDPBackend, "CUDNN_ATTENTION"):
             missing.append("SDPBackend.CUDNN_ATTENTION")
     if not hasattr(torch, "float8_e4m3fn"):

@@ -248,11 +248,19 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], dst: str | Path, meta
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".partial")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    tmp.replace(dst)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=dict(metadata))
+        umask = os.umask(0)  # read by setting it back at once (no caller runs in ComfyUI's threads)
+        os.umask(umask)
+        try:
+            os.chmod(tmp, 0o666 & ~umask)
+        except OSError:  # a file system without Unix modes (vfat, some network mounts): its own rules apply
+            pass
+        tmp.replace(dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written (or whole but unnamed) file is left behind
+        raise
     return dst
 
 

@@ -263,6 +263,33 @@ def test_convert_refuses_corrupt_input_and_writes_nothing(tmp_path) -> None:
     assert not dst.exists()
 
 
+def test_a_failed_write_leaves_no_partial_file_and_a_modeless_mount_is_fine(tmp_path, monkeypatch) -> None:
+    """A write that fails midway (disk full) leaves neither dst nor its .partial; a file system that refuses chmod
+    (vfat, some network mounts) still gets the file."""
+    import safetensors.torch as st
+
+    from scalekv_core import checkpoint
+
+    real = st.save_file
+
+    def disk_full(tensors, path, metadata=None):
+        pathlib.Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.write_safetensors({"a": torch.zeros(3)}, tmp_path / "x.safetensors", {})
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(st, "save_file", real)
+
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(checkpoint.os, "chmod", refuse)
+    out = checkpoint.write_safetensors({"a": torch.ones(3)}, tmp_path / "y.safetensors", {"k": "v"})
+    assert torch.equal(load_file(str(out))["a"], torch.ones(3)) and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
 def test_cli_convert(tmp_path) -> None:
     dst = tmp_path / "cli.safetensors"
     r = _run_cli("convert", TINY_TRANSFORMER_PTH, dst)

@@ -53,6 +53,8 @@ FORMAT_NOTES = {
 _STORAGE = {"fp8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}
 _SCALE_DTYPE = {"fp8_e4m3fn": torch.float32, "int8": torch.float32, "int4": torch.float16}
 _QMAX = {"fp8_e4m3fn": 448.0, "int8": 127.0, "int4": 7.0}
+# The largest code magnitude a stored file can hold (int8 -128, int4 code 0 minus 8), which a scale must survive.
+_CODE_MAGNITUDE = {"fp8_e4m3fn": 448.0, "int8": 128.0, "int4": 8.0}
 # Metadata keys of a pre-quantized file (safetensors metadata is str -> str).
 META_FORMAT, META_GROUP, META_VERSION, META_LAYERS = ("scalekv_weights", "scalekv_group_size", "scalekv_version",
                                                       "scalekv_layers")
@@ -254,7 +256,8 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP_S
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
-    """a @ b with fp8 operands scaled per row of a and per column of b, in `dtype` (torch 2.4 also returned amax)."""
+    """a @ b with fp8 operands scaled per row of a and per column of b, in `dtype` (torch 2.4 and older also
+    returned amax)."""
     out = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=dtype)
     return out[0] if isinstance(out, tuple) else out
 
@@ -440,8 +443,8 @@ def check_file_architecture(metadata: Mapping[str, str], cfg: InfinityConfig, so
 
 
 def check_quantized_tensors(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
-    """Every packed weight and scale has its format's dtype, every scale is finite and positive and dequantizes to
-    finite weights, and no fp8 code is NaN: a corrupt file is refused here, not drawn as a black image."""
+    """Every packed weight and scale has its format's dtype, every scale is positive and finite in float32 times
+    the largest code, and no fp8 code is NaN: a corrupt file is refused here, not drawn as a black image."""
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantLinear):
             continue
@@ -452,12 +455,13 @@ def check_quantized_tensors(model: nn.Module, sd: Mapping[str, torch.Tensor], so
                 raise CheckpointError(f"{source}: '{key}' is {str(t.dtype).replace('torch.', '')}, expected "
                                       f"{str(expected).replace('torch.', '')} for {layer.fmt}")
         scale = sd[name + SCALE_SUFFIX]
-        bad = ~(torch.isfinite(scale) & (scale > 0) & torch.isfinite(scale.float() * _QMAX[layer.fmt]))
+        top = _CODE_MAGNITUDE[layer.fmt]
+        bad = ~(torch.isfinite(scale) & (scale > 0) & torch.isfinite(scale.float() * top))
         if bad.any():
             i = int(bad.flatten().nonzero()[0])
             raise CheckpointError(f"{source}: '{name}{SCALE_SUFFIX}' holds {float(scale.flatten()[i])!r} at index "
-                                  f"{i}; scales must be positive, and finite times the largest code "
-                                  f"({_QMAX[layer.fmt]:g}) (a corrupt file?)")
+                                  f"{i}; scales must be positive, and finite times the largest code ({top:g}) "
+                                  f"(a corrupt file?)")
         if layer.fmt == "fp8_e4m3fn":  # e4m3fn has no infinity; S.1111.111 is its NaN
             codes = sd[name + PACKED_SUFFIX].view(torch.uint8)
             nan = (codes & 0x7F) == 0x7F
