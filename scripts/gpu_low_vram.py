@@ -104,6 +104,8 @@ def run_case(case: str, device_name: str, size: int, model_override: str | None)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     cfg = KNOWN_MODELS[model_override or name]
+    if model_override:  # a smoke run's smaller shape swaps what it can of the case's blocks
+        swap = min(swap, cfg.depth - 2)
     if cuda and cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
