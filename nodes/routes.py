@@ -21,15 +21,15 @@ import torch
 
 import comfy.model_management as mm
 
-from ..scalekv_core.checkpoint import load_state_dict, safetensors_metadata, shard_files
+from ..scalekv_core.checkpoint import CheckpointError, load_state_dict, shard_files
 from ..scalekv_core.kvcache.budget import PRESETS
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
 from ..scalekv_core.job_memory import T5_XL, VAE_PARAMS, JobOptions, plan_job, t5_shape
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
-from ..scalekv_core.loader import PRECISIONS, native_resolution
+from ..scalekv_core.loader import PRECISIONS, declared_format, format_to_load, native_resolution
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig, detect_infinity_config
-from ..scalekv_core.model.quant import file_format, logical_shapes
+from ..scalekv_core.model.quant import logical_shapes
 from ..scalekv_core.model.text_encoder import TEXT_MAXLEN
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.safe_files import open_regular, read_text
@@ -135,7 +135,7 @@ def transformer_format(name: str) -> tuple[str, int] | None:
     try:
         key = (str(path), path.stat().st_mtime)
         if key not in _format_cache:
-            _format_cache[key] = None if path.is_dir() else file_format(safetensors_metadata(path), str(path))
+            _format_cache[key] = declared_format(path)
         return _format_cache[key]
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError: an unknown format, version or group size
         raise PlanInputError(f"transformer: {brief(str(e))}") from None
@@ -149,14 +149,11 @@ def job_weights(s: PlanSettings) -> str:
     as it is, with weight_format none or that format), else weight_format. A different quantized weight_format is
     the loader's error, so it is the route's too."""
     found = transformer_format(s.transformer) if s.transformer else None
-    if found is None:
-        return s.weight_format
-    fmt, _group = found  # the job planner sizes every format with the default group size
-    if s.weight_format not in ("none", fmt):
-        raise PlanInputError(f"weight_format: the transformer {shown(s.transformer)} is already quantized as {fmt}; "
-                             f"load it with weight_format none or {fmt} (not {s.weight_format}), or quantize the "
-                             f"original checkpoint to {s.weight_format}")
-    return fmt
+    try:  # the job planner sizes every format with the default group size
+        return format_to_load(None if found is None else found[0], s.weight_format,
+                              f"the transformer {shown(s.transformer)}", "weight_format")
+    except CheckpointError as e:
+        raise PlanInputError(f"weight_format: {e}") from None
 
 
 def native_for(transformer: str | None) -> tuple[str, bool] | None:

@@ -675,15 +675,16 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _prequantized_format(path: str) -> str | None:
     """The weight format a converted .safetensors file declares (None for any other checkpoint), so --fp8-matmul
     can use an fp8 file without --weights and name another file's format."""
-    from .checkpoint import SAFETENSORS_SUFFIXES, safetensors_metadata
-    from .model.quant import META_FORMAT
+    from .checkpoint import SAFETENSORS_SUFFIXES
+    from .loader import declared_format
 
     try:
         if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
             return None
-        return safetensors_metadata(path).get(META_FORMAT)
-    except Exception:  # an unreadable file is reported, naming it, when it loads
+        found = declared_format(path)
+    except Exception:  # an unreadable file (or bad metadata) is reported, naming it, when it loads
         return None
+    return None if found is None else found[0]
 
 
 def _generate(a: argparse.Namespace) -> int:

@@ -116,11 +116,27 @@ def resolution_note(native: tuple[str, bool], schedule: Schedule, model: str = "
             f"'auto' picks {label}")
 
 
+def declared_format(path: str | Path) -> tuple[str, int] | None:
+    """(format, group size) a checkpoint's header declares (`convert --weights`), None for an ordinary checkpoint or
+    a shard folder: read without loading a tensor, so the planner and the CLI see what the loader will."""
+    return quant.file_format({} if Path(path).is_dir() else safetensors_metadata(path), str(path))
+
+
+def format_to_load(declared: str | None, weights: str, source: str, field: str = "weights") -> str:
+    """The format a checkpoint loads in: a pre-quantized file's own (asked as 'none' or as that format), else
+    `weights`; another quantized format is refused naming the file, `field` and both formats."""
+    if declared is None:
+        return weights
+    if weights not in ("none", declared):
+        raise CheckpointError(f"{source}: the file is already quantized as {declared}; load it with {field} 'none' "
+                              f"or '{declared}', or quantize the original checkpoint to {weights}")
+    return declared
+
+
 def _prequantized_format(path: str | Path, sd: dict[str, torch.Tensor]) -> tuple[str, int] | None:
     """(format, group size) of a pre-quantized file, None for an ordinary checkpoint."""
     packed = next((k for k in sd if k.endswith((quant.PACKED_SUFFIX, quant.SCALE_SUFFIX))), None)
-    meta = {} if Path(path).is_dir() else safetensors_metadata(path)
-    found = quant.file_format(meta, str(path))
+    found = declared_format(path)
     if found is None and packed is not None:
         raise CheckpointError(f"{path}: holds quantized tensors ('{packed}') but no '{quant.META_FORMAT}' metadata; "
                               f"pre-quantized checkpoints are single .safetensors files written by "
@@ -132,9 +148,7 @@ def _build_prequantized(path: str | Path, sd: dict[str, torch.Tensor], found: tu
                         weights: str) -> Infinity:
     """A pre-quantized file's model, checked against its metadata, its keys, shapes and dtypes, no quantizing."""
     fmt, group = found
-    if weights not in ("none", fmt):
-        raise CheckpointError(f"{path}: the file is already quantized as {fmt}; load it with weights 'none' or "
-                              f"'{fmt}', or quantize the original checkpoint to {weights}")
+    format_to_load(fmt, weights, str(path))
     model = build_transformer_on_meta(quant.logical_shapes({k: v.shape for k, v in sd.items()}, fmt), str(path))
     quant.check_file_architecture(safetensors_metadata(path), model.cfg, str(path))
     quant.quantize_model(model, fmt, group)  # meta layers in the file's layout
