@@ -30,7 +30,7 @@ from ..scalekv_core.kvcache.memory import MiB, plan_memory
 from ..scalekv_core.loader import PRECISIONS, declared_format, format_to_load, native_resolution
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig, detect_infinity_config
 from ..scalekv_core.model.quant import logical_shapes
-from ..scalekv_core.model.text_encoder import TEXT_MAXLEN
+from ..scalekv_core.model.text_encoder import TEXT_MAXLEN, single_file_t5_config
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.safe_files import open_regular, read_text
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label, schedule_from_label
@@ -184,11 +184,13 @@ def t5_config(name: str | None) -> dict:
         return T5_XL
     try:
         folder = Path(paths.resolve_text_encoder(name))
+        if folder.is_file():  # a single-file T5 encoder: its shape is in its tensors (header only), as the loader reads it
+            return t5_shape(single_file_t5_config(folder).to_dict())
         return t5_shape(json.loads(read_text(folder / "config.json", MAX_T5_CONFIG_BYTES, "T5 config.json",
                                               PlanInputError)))
     except PlanInputError:
         raise
-    except (FileNotFoundError, ValueError) as e:  # JSONDecodeError is a ValueError
+    except (OSError, ValueError) as e:  # JSONDecodeError and CheckpointError are ValueErrors
         raise PlanInputError(f"text_encoder: {brief(str(e))}") from None
 
 

@@ -66,9 +66,19 @@ def _load_pickle(path: Path, zipped: bool) -> object:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
 
 
+#: The released files wrap their state dict at most two deep ({'trainer': {'gpt_fsdp': ...}}).
+_MAX_WRAPPERS = 8
+
+
 def _unwrap(obj: object, path: Path, strip_module: bool = True) -> dict[str, torch.Tensor]:
     """Find the state dict inside the original's wrappers ({'vae': ...}, training checkpoints)."""
+    seen: set[int] = set()
     while isinstance(obj, Mapping) and obj and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        # a pickle may hold a dict inside itself ({'model': <itself>}): weights_only accepts it, so stop on a repeat
+        if id(obj) in seen or len(seen) >= _MAX_WRAPPERS:
+            raise CheckpointError(f"{path}: no state dict found: its wrappers nest more than {_MAX_WRAPPERS} deep "
+                                  f"or contain themselves")
+        seen.add(id(obj))
         inner = [k for k in _WRAPPER_KEYS if k in obj]
         if "trainer" in obj and isinstance(obj["trainer"], Mapping) and "gpt_fsdp" in obj["trainer"]:
             obj = obj["trainer"]["gpt_fsdp"]

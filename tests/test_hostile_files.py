@@ -456,3 +456,50 @@ def test_read_bytes_caps_what_it_reads(tmp_path) -> None:
         read_bytes(str(tmp_path / "a\x00b"), 10)
     with pytest.raises(FileNotFoundError, match="nothing.bin"):
         read_bytes(tmp_path / "nothing.bin", 10)
+
+
+# ------------------------------------------------------------------------------------------ files that exhaust
+
+
+@pytest.mark.parametrize("zipped", [False, True], ids=["legacy_pth", "zip_pth"])
+def test_pth_whose_wrapper_contains_itself_is_refused(tmp_path, zipped) -> None:
+    """{'model': <itself>} passes the weights-only unpickler; unwrapping it must end with an error, not loop."""
+    wrapper: dict = {}
+    wrapper["model"] = wrapper
+    path = tmp_path / "cyclic_vae.pth"
+    torch.save(wrapper, path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(CheckpointError) as e:
+        _within_deadline(load_state_dict, path)
+    _assert_names(e, path.name, "contain themselves")
+
+
+@pytest.mark.parametrize("key", ["block_chunks.0.module.999999999.pad", "block_chunks.999999999.module.0.pad"])
+def test_one_stray_block_key_does_not_build_a_billion_blocks(tmp_path, tiny_sd, key) -> None:
+    """A key naming block 999,999,999 in a small file is refused at once (its architecture cannot be that deep),
+    instead of a set of a billion indices that ran the loader out of memory."""
+    path = save_safetensors({**tiny_sd, key: torch.zeros(0)}, tmp_path / "infinity_stray.safetensors")
+    start = time.monotonic()
+    with pytest.raises(ValueError) as e:
+        load_transformer(path)
+    assert time.monotonic() - start < 5
+    _assert_names(e, path.name, "999999999", "at most 256 blocks")
+
+
+def test_zero_size_tensor_in_the_architecture_is_a_named_error(tmp_path, tiny_sd) -> None:
+    key = "block_chunks.0.module.0.sa.scale_mul_1H11"
+    path = save_safetensors({**tiny_sd, key: torch.zeros(1, 0, 1, 1)}, tmp_path / "infinity_zero_heads.safetensors")
+    with pytest.raises(ValueError) as e:
+        load_transformer(path)
+    _assert_names(e, path.name, key, "[1, 0, 1, 1]")
+
+
+def test_zero_size_vae_tensor_is_a_named_error(tmp_path) -> None:
+    from helpers_tiny import TINY_VAE
+    from scalekv_core.loader import load_vae
+
+    key = "encoder.conv_in.conv.weight"
+    sd = load_file(str(TINY_VAE))
+    path = save_safetensors({**sd, key: torch.zeros(0, *sd[key].shape[1:])}, tmp_path / "vae_zero.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_vae(path)
+    _assert_names(e, path.name, key)

@@ -5,6 +5,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from ..limits import LIMITS
+
 
 @dataclass(frozen=True)
 class InfinityConfig:
@@ -51,7 +53,11 @@ _BLOCK_RE = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.")
 def _shape(shapes: Mapping[str, Sequence[int]], key: str, source: str) -> tuple[int, ...]:
     if key not in shapes:
         raise ValueError(f"{source}: not an Infinity transformer checkpoint: missing key '{key}'")
-    return tuple(int(s) for s in shapes[key])
+    shape = tuple(int(s) for s in shapes[key])
+    if not shape or min(shape) <= 0:
+        raise ValueError(f"{source}: '{key}' has shape {list(shape)}; every Infinity tensor read for the "
+                         f"architecture has at least one element along each dimension")
+    return shape
 
 
 def detect_infinity_config(shapes: Mapping[str, Sequence[int]], source: str = "checkpoint") -> InfinityConfig:
@@ -66,6 +72,10 @@ def detect_infinity_config(shapes: Mapping[str, Sequence[int]], source: str = "c
         raise ValueError(f"{source}: not an Infinity transformer checkpoint: no 'block_chunks.*' keys")
     n_chunks = max(chunks) + 1
     per_chunk = max(max(v) for v in chunks.values()) + 1
+    depth_limit = int(LIMITS["depth"].max)
+    if n_chunks * per_chunk > depth_limit:  # before any range: one stray key must not make a billion-entry set
+        raise ValueError(f"{source}: its 'block_chunks.*' keys name chunk {n_chunks - 1} and block {per_chunk - 1}, "
+                         f"a depth of {n_chunks * per_chunk}; Infinity models have at most {depth_limit} blocks")
     for c in range(n_chunks):
         if chunks.get(c) != set(range(per_chunk)):
             raise ValueError(f"{source}: block chunk {c} has blocks {sorted(chunks.get(c, []))}, "

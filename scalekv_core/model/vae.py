@@ -410,7 +410,11 @@ class TiledDecoder:
 def _need(shapes: Mapping[str, Sequence[int]], key: str) -> tuple[int, ...]:
     if key not in shapes:
         raise ValueError(f"not a BSQ-VAE state dict: missing key {key!r}")
-    return tuple(int(s) for s in shapes[key])
+    shape = tuple(int(s) for s in shapes[key])
+    if len(shape) < 2 or min(shape) <= 0:
+        raise ValueError(f"not a BSQ-VAE state dict: {key!r} has shape {list(shape)}, expected a convolution weight "
+                         f"with at least one element along each dimension")
+    return shape
 
 
 def _count(shapes: Mapping[str, Sequence[int]], fmt: str) -> int:

@@ -204,6 +204,29 @@ def test_job_reads_the_loaders_t5_and_vae(post):
     assert answer["job"]["vae_mb"] == pytest.approx(4 * vae / MiB)
 
 
+def test_job_sizes_a_single_file_t5_as_its_folder(post):
+    """A single-file T5 encoder (in the loader's menu, and loadable) is sized from its tensors' shapes: the same job
+    as the folder it was saved from, not a 400 for a missing config.json."""
+    from safetensors.torch import save_file
+    from transformers import T5EncoderModel
+
+    module = T5EncoderModel.from_pretrained(TINY / "t5_tiny")
+    path = pathlib.Path(folder_paths.get_folder_paths("text_encoders")[0]) / "t5_tiny_route_single.safetensors"
+    save_file({k: v.contiguous() for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              str(path))  # (tied to shared.weight, as ComfyUI's single files have it)
+    try:
+        body = {"transformer": "infinity_tiny.safetensors", "resolution": "256x256 (1:1)", "budget_unit": "tokens",
+                "budget": 48, "window": 4}
+        status, from_file = post({**body, "text_encoder": path.name})
+        assert status == 200, from_file
+        status, from_folder = post({**body, "text_encoder": "t5_tiny"})
+        assert status == 200, from_folder
+        assert from_file["job"]["t5_mb"] == from_folder["job"]["t5_mb"]
+        assert from_file["job"]["t5_mb"] < 100  # the tiny encoder, not T5-XL
+    finally:
+        path.unlink()
+
+
 def test_pth_transformer_is_read_without_loading_it(post):
     folder = pathlib.Path(folder_paths.get_folder_paths("infinity")[0])
     target = folder / "tiny_copy.pth"
