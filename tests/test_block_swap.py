@@ -404,3 +404,17 @@ def test_cli_block_swap_writes_the_same_image(tmp_path) -> None:
     assert cli.main(_gen(tmp_path / "a")) == 0
     assert cli.main(_gen(tmp_path / "b", "--block-swap", "2")) == 0
     assert (tmp_path / "a" / "img.png").read_bytes() == (tmp_path / "b" / "img.png").read_bytes()
+
+
+def test_weights_loaded_in_inference_mode_come_back_as_inference_tensors() -> None:
+    """ComfyUI loads and samples inside torch.inference_mode(): after a swap every weight must be of the kind it
+    was, or the next plain run fails ("Inference tensors do not track version counter")."""
+    with torch.inference_mode():
+        model = _model()
+        plain = _sample(model)
+        with swap_blocks(model, 2, "cpu"):
+            swapped = _sample(model)
+    assert {t.is_inference() for t in _tensors(model)} == {True}
+    with torch.inference_mode():
+        again = _sample(model)
+    assert _same_bits(plain, swapped) and _same_bits(plain, again)

@@ -143,7 +143,7 @@ class BlockSwap:
         self.scale_fetches: list[int] = []  # blocks fetched since the last begin_scale, in order
         self._cuda = device.type == "cuda"
         self._pinned = self._cuda
-        self._homes: list[tuple[_Entry, torch.device]] = []
+        self._homes: list[tuple[_Entry, torch.device, bool]] = []
         self._layouts: dict[int, _Layout] = {}
         self._host: dict[int, torch.Tensor] = {}  # block -> flat host buffer
         self._host_views: dict[int, list[torch.Tensor]] = {}
@@ -170,7 +170,7 @@ class BlockSwap:
     @torch.no_grad()
     def _enable(self) -> None:
         model, blocks = self.model, self.model.blocks
-        self._homes = [(e, _get(e).device) for e in _entries(model)]
+        self._homes = [(e, _get(e).device, _get(e).is_inference()) for e in _entries(model)]
         self._active = True
         model.block_swap = self  # from here on restore() undoes whatever was done
         with torch.inference_mode(False):  # buffers that outlive an inference_mode caller (ComfyUI samples in one)
@@ -185,7 +185,7 @@ class BlockSwap:
                 self._layouts[layer], self._host[layer], self._host_views[layer] = layout, flat, views
                 in_swapped.update(id(m) for m in blocks[layer].modules())
                 self.host_bytes += layout.nbytes
-            for entry, _ in self._homes:
+            for entry, _, _ in self._homes:
                 if id(entry[0]) in in_swapped:
                     continue
                 t = _get(entry)
@@ -218,13 +218,18 @@ class BlockSwap:
             self._bound.clear()
             self._slots, self._slot_views, self._slot_of, self._slot_holds = [], {}, {}, []
             ours = {flat.untyped_storage().data_ptr() for flat in self._host.values()}
-            for entry, home in self._homes:
+            for entry, home, inference in self._homes:
                 t = _get(entry)
                 if t.numel() and t.untyped_storage().data_ptr() in ours:
-                    # a fresh tensor of its own (pageable when home is the host), so the flat buffer can go
-                    _set(entry, torch.empty(t.shape, dtype=t.dtype, device=home).copy_(t))
+                    # a fresh tensor of its own (pageable when home is the host), so the flat buffer can go; of
+                    # the kind it was (ComfyUI loads models inside inference_mode: a weight put back as a normal
+                    # tensor beside inference ones fails the next run, "Inference tensors do not track version
+                    # counter")
+                    with torch.inference_mode(inference):
+                        _set(entry, torch.empty(t.shape, dtype=t.dtype, device=home).copy_(t))
                 elif t.device != home:
-                    _set(entry, t.to(home))
+                    with torch.inference_mode(inference):
+                        _set(entry, t.to(home))
             self._host, self._host_views, self._layouts = {}, {}, {}
             self._stream, self._ready, self._free = None, [], []
             self.model.drop_rope_tables_elsewhere()

@@ -42,3 +42,22 @@ def test_more_blocks_than_the_model_allows_is_refused_naming_the_depth(run, load
     memory = run("InfinityMemory", block_swap=3).result[0]
     with pytest.raises(ValueError, match=r"block_swap: 3 blocks, but the model has 4; swap at most 2"):
         run("InfinitySampler", model=loaded[0], positive=encoded, memory=memory, **sampler_inputs())
+
+
+def test_block_swap_in_the_executors_inference_mode_leaves_later_runs_working(run, encoded, sampler_inputs):
+    """ComfyUI runs every prompt inside torch.inference_mode(): the model loads as inference tensors there, and a
+    block-swap run must put every weight back as the same kind, so a later run without the swap still works."""
+    with torch.inference_mode():
+        model = run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="vae_tiny.safetensors",
+                    text_encoder="t5_tiny", precision="auto").result[0]
+        plain = run("InfinitySampler", model=model, positive=encoded, **sampler_inputs(seed=5)).result[0]
+    with torch.inference_mode():  # a second prompt
+        memory = run("InfinityMemory", block_swap=2).result[0]
+        swapped = run("InfinitySampler", model=model, positive=encoded, memory=memory,
+                      **sampler_inputs(seed=5)).result[0]
+    kinds = {p.is_inference() for p in model.pipeline.transformer.parameters()}
+    with torch.inference_mode():  # a third, without the swap
+        rerun = run("InfinitySampler", model=model, positive=encoded, **sampler_inputs(seed=5)).result[0]
+    assert torch.equal(plain, swapped) and torch.equal(plain, rerun)
+    assert kinds == {True}
+    mm.unload_all_models()
