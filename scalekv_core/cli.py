@@ -3,7 +3,8 @@
 Every user error (a value out of range, a file that is missing, unreadable or of the wrong kind, an output path
 that cannot be written) exits with status 2 and one line on stderr, `error: ...`, naming the flag, value or file.
 Values are checked through the one table of limits (`limits.py`) while the flags are parsed, and input files and
-output paths before any model is loaded, so a mistake never costs a generation.
+output paths before any model is loaded, so a mistake never costs a generation. Every file written appears under
+its name only once it is whole (`pipeline.atomic_output`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class _UsageError(Exception):
     """A bad command line, found while parsing; main prints it as one line."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line naming the flag and value (no usage block)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -116,21 +117,25 @@ def _text(limit: str, flag: str) -> Callable[[str], object]:
 _BUDGET_FORMS = "a percentage ('10%'), tokens ('650') or MB ('900MB')"
 
 
+def check_budget_text(text: str, flag: str) -> str:
+    """'10%' (checked as budget_percent), '650' / '650tokens' / '900MB' (checked as budget); kept as text.
+    InputError naming `flag` otherwise."""
+    spec = text.strip().lower().replace(" ", "")
+    for suffix, limit in (("%", "budget_percent"), ("mb", "budget"), ("tokens", "budget"), ("", "budget")):
+        if spec.endswith(suffix):
+            number = spec[: len(spec) - len(suffix)]
+            break
+    try:
+        float(number)
+    except ValueError:
+        raise InputError(f"{flag}: expected {_BUDGET_FORMS}, got {shown(text)}") from None
+    LIMITS[limit].parse(number, f"{flag} {shown(text)}")
+    return text.strip()
+
+
 def _budget(flag: str) -> Callable[[str], object]:
-    """'10%' (checked as budget_percent), '650' / '650tokens' / '900MB' (checked as budget); kept as text."""
-    def parse(text: str) -> str:
-        spec = text.strip().lower().replace(" ", "")
-        for suffix, limit in (("%", "budget_percent"), ("mb", "budget"), ("tokens", "budget"), ("", "budget")):
-            if spec.endswith(suffix):
-                number = spec[: len(spec) - len(suffix)]
-                break
-        try:
-            float(number)
-        except ValueError:
-            raise InputError(f"{flag}: expected {_BUDGET_FORMS}, got {shown(text)}") from None
-        LIMITS[limit].parse(number, f"{flag} {shown(text)}")
-        return text.strip()
-    return _type("budget", parse)
+    """An argparse type for one budget (check_budget_text)."""
+    return _type("budget", lambda text: check_budget_text(text, flag))
 
 
 _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
@@ -213,9 +218,28 @@ def _writable_folder(folder: Path, flag: str, target: Path) -> None:
 def _output_file(text: str, flag: str, images: int = 0) -> Path:
     """A file the command will write: not a folder or special file, in a folder that exists or can be made.
 
-    `images`: the number of images written there (an image format is then needed; a batch adds _00, _01, ...).
+    `images`: the number of images written there: each file a batch writes (NAME_00.png, NAME_01.png, ...) is
+    checked, and the format its extension names must write RGB images (tried on a 1x1 image in memory).
     """
     path = Path(text)
+    if images:
+        from .pipeline import image_format, image_paths
+
+        targets = image_paths(path, images)
+        for target in targets:
+            _check_output_name(target, flag)
+        try:
+            image_format(targets[0])
+        except ValueError as e:
+            raise InputError(f"{flag} {e}") from None
+    else:
+        _check_output_name(path, flag)
+    _writable_folder(path.parent, flag, path)
+    return path
+
+
+def _check_output_name(path: Path, flag: str) -> None:
+    """Nothing at `path`, or a regular file we may replace."""
     st = _stat(path, flag)
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
@@ -226,18 +250,6 @@ def _output_file(text: str, flag: str, images: int = 0) -> Path:
             raise InputError(f"{flag} {path}: is {kind_of(st.st_mode)}; give a regular file name")
         if not os.access(path, os.W_OK):
             raise InputError(f"{flag} {path}: exists and is not writable")
-    if images:
-        from PIL import Image
-
-        Image.init()
-        suffix = path.suffix.lower()
-        if suffix or images == 1:
-            fmt = Image.registered_extensions().get(suffix)
-            if fmt is None or fmt not in Image.SAVE:
-                raise InputError(f"{flag} {path}: cannot write images of type {shown(suffix or '(no extension)')}; "
-                                 f"use .png (or .jpg, .webp)")
-    _writable_folder(path.parent, flag, path)
-    return path
 
 
 def _output_folder(text: str, flag: str) -> Path:
@@ -319,6 +331,10 @@ def _check_cache_flags(a: argparse.Namespace, schedule=None):
         raise InputError(f"--budget-file {a.budget_file}: a budget file applies to --kv-policy scalekv only, "
                          f"not {a.kv_policy}")
     config = _cache_config(a)
+    if config.policy == "scalekv":
+        from .kvcache.calibration import check_window
+
+        check_window(a.window, "--window")
     if a.budget_file:
         if not os.path.exists(a.budget_file) and not Path(a.budget_file).suffix:
             preset_path(a.budget_file)  # a preset name, as ScaleKV resolves it
@@ -360,9 +376,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tau", type=_numbers("tau", "--tau"), default=0.5, help="temperature, or one per scale")
     g.add_argument("--top-k", type=_number("top_k", "--top-k"), default=900)
     g.add_argument("--top-p", type=_number("top_p", "--top-p"), default=0.97)
-    g.add_argument("--width", type=_number("width", "--width"), default=1024,
-                   help="snapped to the nearest official template")
-    g.add_argument("--height", type=_number("height", "--height"), default=1024)
+    _add_size_flags(g)
     g.add_argument("--batch", type=_number("batch", "--batch"), default=1, help="images per prompt")
     g.add_argument("--device", default="cpu", type=_device, help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -395,6 +409,37 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                      help="keep N transformer blocks in CPU memory and stream each to the device when its turn "
                           "comes; the device holds the other blocks and two block slots (at most depth - 2: 30 "
                           "for the 2B, 38 for the 8B); same image; docs/block_swap.md")
+
+
+def _add_size_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=_number("width", "--width"), default=None,
+                   help="snapped to the nearest official template (default: the resolution the transformer file "
+                        "declares, 1024 for the released models)")
+    p.add_argument("--height", type=_number("height", "--height"), default=None,
+                   help="default: the resolution the transformer file declares, 1024 for the released models")
+
+
+def _schedule(a: argparse.Namespace):
+    """(the schedule of --width/--height, a note or None): a size not given is the transformer file's native one
+    (its metadata's; 1024x1024 for the released models); the note, the ComfyUI sampler's, says when the size is
+    outside what the model was trained at (printed once the model has loaded, so an error stays one line)."""
+    from .loader import RELEASED_RESOLUTION, native_resolution, resolution_note
+    from .schedules import schedule_for_pixels, schedule_from_label
+
+    try:
+        native = native_resolution(a.transformer)
+    except (ValueError, OSError):  # unreadable: the loader names the problem with the file when it loads
+        native = (RELEASED_RESOLUTION, True)
+    trained = schedule_from_label(native[0])
+    if a.width is None and a.height is None:
+        return trained, None
+    th, tw = trained.pixel_size
+    schedule = schedule_for_pixels(tw if a.width is None else a.width, th if a.height is None else a.height)
+    note = resolution_note(native, schedule, Path(a.transformer).name)
+    if note:  # the node's hint names its menu's 'auto'; the CLI's is leaving out the flags
+        sentence = note.split("; 'auto' picks")[0]
+        note = f"note: {sentence}; without --width and --height it runs at {native[0]}"
+    return schedule, note
 
 
 def _add_attention_flag(p: argparse.ArgumentParser) -> None:
@@ -466,11 +511,11 @@ def _cache_config(a: argparse.Namespace):
 
 def _dump_kept(kept: dict, folder: Path, batch: int, cfg_on: bool) -> None:
     """`scalekv_kept_sSS_lL.npy`: kept positions of batch row 0, per CFG row (cond, uncond) and head."""
-    import numpy as np
+    from .pipeline import save_array
 
     for (scale, layer), idx in sorted(kept.items()):
         rows = [0, batch] if idx.shape[0] == 2 * batch else [0]
-        np.save(folder / f"scalekv_kept_s{scale:02d}_l{layer}.npy", idx[rows].numpy())
+        save_array(idx[rows].numpy(), folder / f"scalekv_kept_s{scale:02d}_l{layer}.npy")
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
@@ -572,7 +617,8 @@ def _plan_job(a: argparse.Namespace) -> int:
     check_block_swap(a.block_swap, KNOWN_MODELS[a.model].depth, "--block-swap")
     options = JobOptions(weights=a.weights, dtype=a.dtype, t5_offload=a.offload_t5, t5_weights=a.t5_weights,
                          decode_tile=a.decode_tile or None, block_swap=a.block_swap, policy=a.kv_policy,
-                         kv_dtype=a.kv_dtype, budget=str(a.budget), previews=a.previews)
+                         kv_dtype=a.kv_dtype, budget=str(a.budget), previews=a.previews,
+                         budget_file=a.budget_file, window=a.window)
     if a.vram is None:
         plan = plan_job(a.model, a.width, a.height, a.batch, options)
         if a.json:
@@ -609,8 +655,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--text-encoder", required=True, help="T5: a folder, or one .safetensors file with --t5-tokenizer")
     _add_t5_tokenizer_flag(c)
     c.add_argument("--prompts", required=True, help="a text file, one prompt per line")
-    c.add_argument("--width", type=_number("width", "--width"), default=1024)
-    c.add_argument("--height", type=_number("height", "--height"), default=1024)
+    _add_size_flags(c)
     c.add_argument("--budget", default="10%", type=_budget("--budget"),
                    help="'10%%', tokens or MB; also the base capacity when the file is used")
     c.add_argument("--num-drafters", type=_number("num_drafters", "--num-drafters"), default=None,
@@ -633,24 +678,28 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 def _calibrate(a: argparse.Namespace) -> int:
     from .kvcache.budget import BudgetError, parse_budget
-    from .kvcache.calibration import calibrate, compressing_scales
+    from .kvcache.calibration import calibrate, check_seeds, check_settings, check_window
     from .pipeline import InfinityPipeline
-    from .schedules import schedule_for_pixels
 
     # Everything that can be checked without the model, before loading it.
     prompts = _read_prompts(a.prompts)
     out = _output_file(a.out, "--out")
-    schedule = schedule_for_pixels(a.width, a.height)
+    _output_file(str(out.with_name(out.stem + ".asi.json")), "--out")  # the ASI table is written beside it
+    check_seeds(a.seed, len(prompts), "--seed")
+    check_window(a.window, "--window")
+    schedule, note = _schedule(a)
     _check_lists(a, schedule)
     tokens = parse_budget(a.budget, schedule)
-    if not compressing_scales(schedule, tokens):
-        raise BudgetError(f"--budget {a.budget}: {tokens} tokens never compresses the {schedule.size} schedule "
-                          f"({sum(schedule.tokens_per_scale[:-1])} tokens before the last scale); nothing to "
-                          f"calibrate")
+    try:
+        check_settings(schedule, tokens, a.window, a.refiner_decay)
+    except BudgetError as e:
+        raise BudgetError(f"--budget {a.budget} (--window {a.window}): {e}") from None
     pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder, device=a.device, precision=a.dtype,
                                        weights=a.weights, t5_tokenizer=a.t5_tokenizer)
+    if note:
+        print(note, file=sys.stderr)
     res = calibrate(pipe, prompts, schedule, tokens, a.num_drafters, a.seed, a.refiner_decay, a.window,
-                    on_prompt=lambda i, n: print(f"  prompt {i + 1}/{n}", file=sys.stderr, flush=True),
+                    on_prompt=lambda i, n: print(f"  prompt {i}/{n}", file=sys.stderr, flush=True),
                     cfg=a.cfg, tau=a.tau, max_queries=a.max_queries, topk_fraction=a.topk_fraction,
                     combine=a.combine)
     paths = res.write(out)
@@ -691,8 +740,7 @@ def _generate(a: argparse.Namespace) -> int:
     import torch
 
     from .kvcache.memory import ALLOW_OVERCOMMIT_ENV, overcommit_allowed
-    from .pipeline import InfinityPipeline, check_text_width, load_text_encoder
-    from .schedules import schedule_for_pixels
+    from .pipeline import InfinityPipeline, check_text_width, load_text_encoder, write_text
 
     # Everything that can be checked without the model, before loading it: a mistake never costs a generation.
     if a.text_kv is None and a.text_encoder is None:
@@ -704,7 +752,7 @@ def _generate(a: argparse.Namespace) -> int:
     out = _output_file(a.out, "--out", images=a.batch)
     dump = _output_folder(a.dump, "--dump") if a.dump else None
     report = _output_file(a.memory_report, "--memory-report") if a.memory_report else None
-    schedule = schedule_for_pixels(a.width, a.height)
+    schedule, note = _schedule(a)
     _check_lists(a, schedule)
     cache = _check_cache_flags(a, schedule)
     text_kv = _load_text_kv(a.text_kv) if a.text_kv else None
@@ -770,6 +818,8 @@ def _generate(a: argparse.Namespace) -> int:
                                          decode_tile=a.decode_tile)
         if problem is not None:
             raise InputError(problem)
+    if note:
+        print(note, file=sys.stderr)
     print(f"loaded {pipe.transformer.cfg.describe()} in {time.perf_counter() - t0:.1f}s; "
           f"{schedule.pixel_size[1]}x{schedule.pixel_size[0]} (template {schedule.template}, {schedule.size}, "
           f"{schedule.num_scales} scales)", file=sys.stderr)
@@ -791,8 +841,7 @@ def _generate(a: argparse.Namespace) -> int:
         result.dump(dump)
         _dump_kept(kept, dump, result.images.shape[0], cfg_on=result.samples.usage is not None)
     if report:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps(result.memory.to_dict(), indent=1))
+        write_text(report, json.dumps(result.memory.to_dict(), indent=1))
         m = result.memory
         print(f"KV cache: {m.analytic_mb:.1f} MB stored ({100 * m.stored_ratio:.1f}% of full), measured peak "
               f"{m.measured_peak_mb:.1f} MB above the weights ({m.measurement}); report: {a.memory_report}",
@@ -825,7 +874,7 @@ def _convert(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m scalekv_core")
+    parser = Parser(prog="python -m scalekv_core")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_plan(sub)
@@ -834,15 +883,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; errors in the input come out as one line on stderr and exit status 2, not a traceback.
-
-    Set SCALEKV_TRACEBACK=1 to see the traceback of such an error.
-    """
-    commands = {"generate": _generate, "plan": _plan, "calibrate": _calibrate, "convert": _convert}
+def run_reporting_errors(command: Callable[[], int]) -> int:
+    """Run `command`; a user error (ValueError, OSError, a bad flag) comes out as one line on stderr, `error: ...`,
+    with exit status 2, and Ctrl-C as `error: interrupted` with 130 (SCALEKV_TRACEBACK=1 shows the traceback).
+    `main` and the benchmarks' entry points (`python -m scalekv_core.bench ...`) all answer this way."""
     try:
-        a = build_parser().parse_args(argv)
-        return commands[a.command](a)
+        return command()
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -853,3 +899,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(str(e) or type(e).__name__)}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; errors in the input come out as one line on stderr and exit status 2, not a traceback.
+
+    Set SCALEKV_TRACEBACK=1 to see the traceback of such an error.
+    """
+    commands = {"generate": _generate, "plan": _plan, "calibrate": _calibrate, "convert": _convert}
+
+    def command() -> int:
+        a = build_parser().parse_args(argv)
+        return commands[a.command](a)
+
+    return run_reporting_errors(command)

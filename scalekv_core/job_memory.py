@@ -59,16 +59,21 @@ class JobOptions:
     budget: str = "10%"
     kv_dtype: str = "auto"  # auto: values in the block dtype, keys too unless scored (then fp32, as the original)
     previews: bool = False  # the ComfyUI sampler decodes a small preview per scale while the cache is held
+    budget_file: str | None = None  # scalekv: an original-format budget JSON or a preset name (checked on the depth)
+    window: int = 16  # observation window of the scoring policies (a budget below it is refused)
 
     def cache_config(self) -> CacheConfig:
-        return CacheConfig(policy=self.policy, budget=self.budget, kv_dtype=self.kv_dtype)
+        """The cache these options plan; a budget file only applies to scalekv (the ladder's other policies drop it)."""
+        return CacheConfig(policy=self.policy, budget=self.budget, kv_dtype=self.kv_dtype, window=self.window,
+                           budget_file=self.budget_file if self.policy == "scalekv" else None)
 
     def describe(self) -> str:
         t5 = "fp16" if self.t5_weights == "none" else self.t5_weights
         parts = [f"weights {self.weights}" if self.weights != "none" else f"weights {self.dtype}",
                  f"T5 {t5}" + (" offloaded" if self.t5_offload else " resident"),
                  f"decode tiles of {self.decode_tile}" if self.decode_tile else "whole decode",
-                 "full cache" if self.policy == "full" else f"{self.policy} {self.budget}"]
+                 "full cache" if self.policy == "full" else f"{self.policy} {self.budget}"
+                 + (f" with budget file {self.budget_file}" if self.budget_file and self.policy == "scalekv" else "")]
         if self.kv_dtype != "auto":
             parts.append(f"KV stored in {self.kv_dtype}")
         if self.block_swap:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -39,34 +41,141 @@ class GenerationResult:
     memory: MemoryReport | None = None
 
     def save_images(self, path: str | Path) -> list[Path]:
-        """Write PNGs: `path` itself for one image, `stem_00.png`, `stem_01.png`, ... for a batch."""
-        from PIL import Image
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if len(self.images) == 1:
-            outs = [path]
-        else:
-            outs = [path.with_name(f"{path.stem}_{i:02d}{path.suffix or '.png'}") for i in range(len(self.images))]
+        """Write PNGs: `path` itself for one image, `stem_00.png`, `stem_01.png`, ... for a batch; each file appears
+        under its name only once it is whole."""
+        outs = image_paths(path, len(self.images))
         for img, out in zip(self.images, outs):
-            Image.fromarray(img).save(out)
+            save_image(img, out)
         return outs
 
     def dump(self, folder: str | Path, index: int = 0) -> Path:
-        """Write one batch row in the reference layout (`scale_SS_bits.npy`, ..., `decoded.npy`, `image.png`)."""
-        from PIL import Image
+        """Write one batch row in the reference layout (`scale_SS_bits.npy`, ..., `decoded.npy`, `image.png`).
 
+        The files an earlier dump left in `folder` (the names in DUMP_FILES, `scalekv_kept_*` included) are removed
+        first, so the folder holds one run's arrays; other files there are left alone."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        clear_dump(folder)
         i = slice(index, index + 1)
         for si, (bits, bits_vae) in enumerate(zip(self.samples.bits, self.samples.bits_vae)):
-            np.save(folder / f"scale_{si:02d}_bits.npy", bits[i].cpu().numpy())
-            np.save(folder / f"scale_{si:02d}_bits_vae.npy", bits_vae[i].cpu().numpy())
-            np.save(folder / f"scale_{si:02d}_token_ids.npy", bits_to_token_ids(bits_vae[i]).cpu().numpy())
-        np.save(folder / "summed_codes.npy", self.samples.summed_codes[i].float().cpu().numpy())
-        np.save(folder / "decoded.npy", self.decoded[i].float().cpu().numpy())
-        Image.fromarray(self.images[index]).save(folder / "image.png")
+            save_array(bits[i].cpu().numpy(), folder / f"scale_{si:02d}_bits.npy")
+            save_array(bits_vae[i].cpu().numpy(), folder / f"scale_{si:02d}_bits_vae.npy")
+            save_array(bits_to_token_ids(bits_vae[i]).cpu().numpy(), folder / f"scale_{si:02d}_token_ids.npy")
+        save_array(self.samples.summed_codes[i].float().cpu().numpy(), folder / "summed_codes.npy")
+        save_array(self.decoded[i].float().cpu().numpy(), folder / "decoded.npy")
+        save_image(self.images[index], folder / "image.png")
         return folder
+
+
+#: Names of the files a dump writes (`GenerationResult.dump`, and the CLI's kept positions), and their `.partial`s.
+DUMP_FILES = re.compile(r"(scale_\d+_(bits|bits_vae|token_ids)\.npy|summed_codes\.npy|decoded\.npy|image\.png"
+                        r"|scalekv_kept_s\d+_l\d+\.npy)(\.partial)?")
+
+
+def clear_dump(folder: str | Path) -> list[Path]:
+    """Remove the files an earlier dump wrote in `folder` (only names matching DUMP_FILES); the removed paths."""
+    removed = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if DUMP_FILES.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    raise _naming(e, Path(entry.path), "cannot remove the earlier dump's") from None
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _naming(e: OSError, path: Path, doing: str = "cannot write") -> OSError:
+    """`e` again, its message naming `path` (the final name, not a temporary one), errno kept."""
+    message = f"{doing} {path}: {e.strerror or e}"
+    try:
+        named = type(e)(message)
+    except TypeError:  # a subclass with other constructor arguments
+        named = OSError(message)
+    named.errno = e.errno
+    return named
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, mode: str = "wb"):
+    """Open `NAME.partial` beside `path` for writing; when the block ends it is flushed to disk and renamed to
+    `path` (os.replace: readers see the old file or the whole new one, never half of it). On any exception the
+    partial file is removed and `path` is left as it was; OS errors name `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    except OSError as e:
+        raise _naming(e, path) from e
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """`path` holding `text` (UTF-8), written whole or not at all (atomic_output)."""
+    with atomic_output(path) as f:
+        f.write(text.encode("utf-8"))
+    return Path(path)
+
+
+def save_array(array: np.ndarray, path: str | Path) -> Path:
+    """np.save to exactly `path` (no .npy added), written whole or not at all."""
+    with atomic_output(path) as f:
+        np.save(f, array, allow_pickle=False)
+    return Path(path)
+
+
+def image_paths(path: str | Path, count: int) -> list[Path]:
+    """The files `count` images are saved to: `path` for one; `stem_00.png`, `stem_01.png`, ... for a batch."""
+    path = Path(path)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i:02d}{path.suffix or '.png'}") for i in range(count)]
+
+
+def image_format(path: str | Path) -> str:
+    """The PIL format that writes RGB images to `path` by its extension; ValueError naming the path otherwise
+    (a 1x1 RGB image is test-saved in memory, so formats PIL knows but cannot write in RGB, .xbm, are refused)."""
+    import io
+
+    from PIL import Image
+
+    Image.init()
+    suffix = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    problem = None
+    if fmt is None or fmt not in Image.SAVE:
+        problem = "unknown or read-only"
+    else:
+        try:
+            Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+        except Exception as e:  # PIL raises OSError, ValueError, KeyError, ... for a mode it cannot write
+            problem = f"PIL cannot write RGB images as {fmt}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+    if problem:
+        raise ValueError(f"{path}: cannot write images of type {suffix or '(no extension)'!r} ({problem}); "
+                         f"use .png (or .jpg, .webp)")
+    return fmt
+
+
+def save_image(img: np.ndarray, path: str | Path) -> Path:
+    """One (H, W, 3) uint8 image to `path` in the format its extension names, written whole or not at all."""
+    from PIL import Image
+
+    fmt = image_format(path)
+    with atomic_output(path) as f:
+        Image.fromarray(img).save(f, format=fmt)
+    return Path(path)
 
 
 def bits_to_token_ids(bits_vae: torch.Tensor) -> torch.Tensor:

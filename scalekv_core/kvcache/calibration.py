@@ -120,6 +120,7 @@ def measure_asi(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextCo
         raise ValueError("calibration needs at least one prompt")
     if max_queries < 1 or not 0 < topk_fraction <= 1:
         raise ValueError(f"need max_queries >= 1 and 0 < topk_fraction <= 1, got {max_queries}, {topk_fraction}")
+    check_seeds(seed, len(prompts))
     model = pipe.transformer
     n, layers = schedule.num_scales, model.cfg.depth
     cur = torch.zeros(n, layers, dtype=torch.float32, device=pipe.device)  # accumulated on device: no sync per layer
@@ -196,15 +197,58 @@ class CalibrationResult:
     settings: dict = field(default_factory=dict)
 
     def write(self, path: str | Path) -> tuple[Path, Path]:
-        """Write the budget file the sampler reads, and `<stem>.asi.json` beside it to reproduce or re-rank it."""
+        """Write the budget file the sampler reads, and `<stem>.asi.json` beside it to reproduce or re-rank it.
+
+        Each file appears under its name only once it is whole (written as NAME.partial, then renamed), and the
+        `.asi.json` goes first: a failure leaves no budget file without the table it was chosen from."""
+        from ..pipeline import write_text  # here: the kvcache package never imports the pipeline eagerly
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.budget_json, indent=2) + "\n")
         side = path.with_name(path.stem + ".asi.json")
         usage = {"policy": "scalekv", "budget_file": path.name, "budget": self.settings.get("budget_tokens")}
-        side.write_text(json.dumps({"settings": self.settings, "cache_config": usage, "drafters": self.drafters,
-                                    "zscores": self.table.zscores(), "table": self.table.to_dict()}, indent=2) + "\n")
+        write_text(side, json.dumps({"settings": self.settings, "cache_config": usage, "drafters": self.drafters,
+                                     "zscores": self.table.zscores(), "table": self.table.to_dict()}, indent=2) + "\n")
+        write_text(path, json.dumps(self.budget_json, indent=2) + "\n")
         return path, side
+
+
+def check_seeds(seed: int, prompts: int, field: str = "seed") -> int:
+    """Prompt i is measured with seed + i: the last of them must be a seed too (InputError naming `field`)."""
+    from ..limits import LIMITS, InputError
+
+    seed = LIMITS["seed"].check(seed, field)
+    last = seed + max(prompts, 1) - 1
+    if last > LIMITS["seed"].max:
+        raise InputError(f"{field}: {seed} is too large for {prompts} prompts: prompt i uses seed + i, and "
+                         f"{seed} + {prompts - 1} is above the largest seed {LIMITS['seed'].max}; use a seed of at "
+                         f"most {LIMITS['seed'].max - prompts + 1}")
+    return seed
+
+
+def check_window(window: int, field: str = "window") -> int:
+    """ScaleKV's observation window is a sqrt(window) x sqrt(window) grid: a square number of tokens."""
+    from ..limits import LIMITS, InputError
+
+    window = LIMITS["window"].check(window, field)
+    if math.isqrt(window) ** 2 != window:
+        raise InputError(f"{field}: {window} is not a square number of tokens; ScaleKV's observation window is a "
+                         f"grid (4, 9, 16, 25, ...)")
+    return window
+
+
+def check_settings(schedule: Schedule, budget_tokens: int, window: int = 16, refiner_decay: float = 0.0,
+                   num_layers: int = 1) -> list[int]:
+    """Everything about a calibration's budget that the model is not needed for, checked before any generation:
+    the window (`check_window`), a budget that compresses this schedule and that its plan accepts (not below the
+    window). Returns the compressing scales."""
+    check_window(window)
+    scales = compressing_scales(schedule, budget_tokens)
+    if not scales:
+        raise BudgetError(f"a budget of {budget_tokens} tokens never compresses the {schedule.size} schedule "
+                          f"({sum(schedule.tokens_per_scale[:-1])} tokens before the last scale); nothing to calibrate")
+    scalekv_plan(schedule, num_layers, budget_tokens, [[0] for _ in range(schedule.num_scales)], refiner_decay,
+                 window)  # any drafters: the budget rule's refusals depend on the budget and window
+    return scales
 
 
 def calibrate(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextConditioning], schedule: Schedule,
@@ -215,10 +259,10 @@ def calibrate(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextCond
     `sampling` goes to `measure_asi` (cfg, tau, top_k, top_p, max_queries, topk_fraction, combine). Load the file
     with CacheConfig(policy='scalekv', budget_file=path, budget=budget_tokens) on the same schedule.
     """
-    scales = compressing_scales(schedule, budget_tokens)
-    if not scales:
-        raise BudgetError(f"a budget of {budget_tokens} tokens never compresses the {schedule.size} schedule "
-                          f"({sum(schedule.tokens_per_scale[:-1])} tokens before the last scale); nothing to calibrate")
+    if not prompts:
+        raise ValueError("calibration needs at least one prompt")
+    check_seeds(seed, len(prompts))
+    scales = check_settings(schedule, budget_tokens, window, refiner_decay, pipe.transformer.cfg.depth)
     table = measure_asi(pipe, prompts, schedule, seed=seed, on_prompt=on_prompt, **sampling)
     drafters = select_drafters(table, num_drafters, scales)
     plan = scalekv_plan(schedule, table.num_layers, budget_tokens, drafters, refiner_decay, window)

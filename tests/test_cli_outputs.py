@@ -1,0 +1,297 @@
+"""What the command line writes, and what it checks before writing: whole files only (never half of one under its
+final name), the whole-job planner's budget file, calibration's checks before any work, the dump folder, the
+benchmarks' one-line errors and the default resolution of a model file that declares one.
+
+Cases that must be refused before any work replace `InfinityPipeline.from_files` with a trap.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from helpers_tiny import FULL_KV, T5_TINY, TINY_TRANSFORMER, TINY_VAE
+from scalekv_core import cli
+from scalekv_core.pipeline import InfinityPipeline
+
+REPO = Path(__file__).resolve().parent.parent
+CASE = FULL_KV / "p1_spaceship_s99_cfg4_tau1"
+TEXT_KV = CASE / "text_kv_compact.npy"
+TINY = ["--transformer", str(TINY_TRANSFORMER), "--vae", str(TINY_VAE)]
+
+
+def _generate(tmp: Path, *extra: str) -> list[str]:
+    return ["generate", *TINY, "--text-kv", str(TEXT_KV), "--seed", "99", "--cfg", "4", "--tau", "1", *extra]
+
+
+def _calibrate(prompts: Path, *extra: str) -> list[str]:
+    return ["calibrate", *TINY, "--text-encoder", str(T5_TINY), "--prompts", str(prompts), "--width", "256",
+            "--height", "256", *extra]
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail the test if a model is loaded (the case must be refused before any work)."""
+    def trap(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was reported")
+    monkeypatch.setattr(InfinityPipeline, "from_files", classmethod(trap))
+
+
+def _one_error(capsys, rc: int, *names: str) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), (rc, err)
+    for name in names:
+        assert name in err[0], (name, err[0])
+    return err[0]
+
+
+def _prompts(tmp: Path, n: int = 2) -> Path:
+    path = tmp / "prompts.txt"
+    path.write_text("\n".join(["a red apple on a wooden table", "alien spaceship enterprise", "a cat"][:n]) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- 1. plan --budget-file
+
+
+def _all_drafters_2b(tmp: Path) -> Path:
+    """The 2B preset with every layer of every scale a drafter: far larger budgets than the preset's."""
+    from scalekv_core.kvcache.budget import preset_path
+
+    data = json.loads(Path(preset_path("infinity-2b-10pct")).read_text())
+    for scale in data.values():
+        for key in scale:
+            if key.startswith("Block "):
+                scale[key] = 1
+    path = tmp / "all_drafters_2b.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_whole_job_plan_uses_the_budget_file(tmp_path, capsys) -> None:
+    budget_file = str(_all_drafters_2b(tmp_path))
+    assert cli.main(["plan", "--model", "2b", "--budget-file", budget_file, "--json"]) == 0
+    simple = json.loads(capsys.readouterr().out)
+    assert cli.main(["plan", "--model", "2b", "--budget-file", budget_file, "--offload-t5", "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert cli.main(["plan", "--model", "2b", "--offload-t5", "--json"]) == 0
+    preset = json.loads(capsys.readouterr().out)
+    assert job["kv_stored_mb"] == pytest.approx(simple["analytic_mb"])
+    assert job["kv_stored_mb"] > 1.2 * preset["kv_stored_mb"]  # not the 10% preset's numbers
+    assert budget_file in job["setting"]
+    assert cli.main(["plan", "--model", "2b", "--budget-file", budget_file, "--vram", "24", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    assert fit["asked"]["kv_stored_mb"] == pytest.approx(simple["analytic_mb"])
+
+
+@pytest.mark.parametrize("job", [["--vram", "24"], ["--offload-t5"]])
+def test_whole_job_plan_refuses_a_budget_file_of_another_depth(job, capsys) -> None:
+    _one_error(capsys, cli.main(["plan", "--model", "2b", "--budget-file", "infinity-8b-10pct", *job]),
+               "infinity-8b-10pct", "another depth")
+
+
+# ------------------------------------------------------------------------------------- 2. outputs written whole only
+
+_FULL_DISK = textwrap.dedent("""
+    import json, resource, signal, sys
+    sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
+    import numpy as np
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+    {setup}
+    resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+    try:
+        {action}
+    except OSError as e:
+        print(json.dumps({{"error": str(e)}}))
+    else:
+        print(json.dumps({{"error": None}}))
+""")
+
+
+def _on_a_full_disk(setup: str, action: str, limit: int) -> str | None:
+    """Run `action` in a process that cannot write files past `limit` bytes; the OSError's message, or None."""
+    code = _FULL_DISK.format(tests=str(REPO / "tests"), repo=str(REPO), setup=setup, action=action, limit=limit)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])["error"]
+
+
+def test_a_failed_image_write_leaves_the_earlier_image_whole(tmp_path) -> None:
+    out = tmp_path / "img.png"
+    out.write_bytes(b"the earlier image")
+    setup = ("from scalekv_core.pipeline import GenerationResult\n"
+             "r = GenerationResult(np.random.default_rng(0).integers(0, 255, (1, 64, 64, 3), dtype=np.uint8), "
+             "None, None, None, None)")
+    error = _on_a_full_disk(setup, f"r.save_images({str(out)!r})", limit=2000)
+    assert out.read_bytes() == b"the earlier image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]
+    assert error is not None and str(out) in error and ".partial" not in error
+
+
+def test_a_failed_calibration_write_leaves_the_earlier_files_whole(tmp_path) -> None:
+    out = tmp_path / "budget.json"
+    side = tmp_path / "budget.asi.json"
+    out.write_text('{"earlier": "budget"}')
+    side.write_text('{"earlier": "table"}')
+    # a budget file small enough to be written, its table too large: the table goes first, so neither is replaced
+    setup = ("from scalekv_core.kvcache.calibration import AsiTable, CalibrationResult\n"
+             "rows = [[0.5] * 32 for _ in range(13)]\n"
+             "res = CalibrationResult(AsiTable(rows, rows, rows), [[0]] * 13, None, {'Scale 1': {'Max': 1}}, {})")
+    error = _on_a_full_disk(setup, f"res.write({str(out)!r})", limit=1000)
+    assert out.read_text() == '{"earlier": "budget"}' and side.read_text() == '{"earlier": "table"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["budget.asi.json", "budget.json"]
+    assert error is not None and str(side) in error and ".partial" not in error
+
+
+def test_outputs_are_written_whole_and_leave_no_partial_files(tmp_path, capsys) -> None:
+    dump = tmp_path / "dump"
+    rc = cli.main(_generate(tmp_path, "--width", "256", "--height", "256", "--kv-policy", "snapkv", "--budget", "50",
+                            "--window", "4", "--out", str(tmp_path / "img.png"), "--dump", str(dump),
+                            "--memory-report", str(tmp_path / "mem.json")))
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "mem.json").read_text())["policy"]["policy"] == "snapkv"
+    assert not list(tmp_path.rglob("*.partial"))
+    assert np.load(dump / "scale_00_bits.npy").shape[0] == 1 and list(dump.glob("scalekv_kept_*.npy"))
+
+
+# ------------------------------------------------------------------------- 3-5. calibrate: checks before any work
+
+
+@pytest.mark.parametrize("extra, names", [
+    (["--window", "5"], ["--window", "5", "square"]),
+    (["--budget", "10", "--window", "16"], ["--budget 10", "observation window"]),
+])
+def test_calibrate_checks_the_scalekv_settings_before_loading(tmp_path, capsys, no_load, extra, names) -> None:
+    _one_error(capsys, cli.main(_calibrate(_prompts(tmp_path), *extra, "--out", str(tmp_path / "b.json"))), *names)
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_generate_refuses_a_scalekv_window_that_is_not_square_before_loading(tmp_path, capsys, no_load) -> None:
+    rc = cli.main(_generate(tmp_path, "--width", "256", "--height", "256", "--kv-policy", "scalekv", "--budget", "48",
+                            "--window", "5", "--out", str(tmp_path / "img.png")))
+    _one_error(capsys, rc, "--window", "square")
+
+
+def test_calibrate_counts_its_prompts_from_one_to_n(tmp_path, capsys) -> None:
+    rc = cli.main(_calibrate(_prompts(tmp_path, 2), "--budget", "48", "--window", "4", "--out",
+                             str(tmp_path / "b.json")))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert [line.strip() for line in err.splitlines() if line.strip().startswith("prompt ")] == \
+        ["prompt 1/2", "prompt 2/2"]
+
+
+def test_calibrate_refuses_seeds_past_the_range_before_any_work(tmp_path, capsys, no_load) -> None:
+    last = 2**64 - 1
+    rc = cli.main(_calibrate(_prompts(tmp_path, 3), "--budget", "48", "--window", "4", "--seed", str(last - 1),
+                             "--out", str(tmp_path / "b.json")))
+    _one_error(capsys, rc, "--seed", str(last - 1))
+    # one below is fine for one prompt fewer: the check is seed + prompts - 1
+    from scalekv_core.kvcache.calibration import check_seeds
+
+    assert check_seeds(last - 2, 3) == last - 2
+
+
+def test_the_calibration_api_refuses_the_seed_before_any_generation(monkeypatch) -> None:
+    from scalekv_core.kvcache import calibration
+    from scalekv_core.limits import InputError
+    from scalekv_core.schedules import schedule_for_pixels
+
+    def trap(*args, **kwargs):
+        raise AssertionError("generation ran before the seed was checked")
+    measure_asi = calibration.measure_asi
+    monkeypatch.setattr(calibration, "measure_asi", trap)
+    monkeypatch.setattr("scalekv_core.sampler.sample", trap)
+
+    class Pipe:  # never touched: the seeds are checked first
+        pass
+
+    with pytest.raises(InputError, match="^seed: "):
+        calibration.calibrate(Pipe(), ["a", "b"], schedule_for_pixels(256, 256), 48, seed=2**64 - 1, window=4)
+    with pytest.raises(InputError, match="^seed: "):
+        measure_asi(Pipe(), ["a", "b"], schedule_for_pixels(256, 256), seed=2**64 - 1)
+
+
+# ------------------------------------------------------------------------------------- 6. the image names and format
+
+
+def test_every_batch_image_name_is_checked_before_loading(tmp_path, capsys, no_load) -> None:
+    (tmp_path / "o" / "x_01.png").mkdir(parents=True)
+    rc = cli.main(_generate(tmp_path, "--width", "256", "--height", "256", "--batch", "2", "--out",
+                            str(tmp_path / "o" / "x.png")))
+    _one_error(capsys, rc, "--out", "x_01.png", "folder")
+
+
+def test_an_image_format_that_cannot_hold_rgb_is_refused_before_loading(tmp_path, capsys, no_load) -> None:
+    rc = cli.main(_generate(tmp_path, "--width", "256", "--height", "256", "--out", str(tmp_path / "img.xbm")))
+    _one_error(capsys, rc, "--out", "img.xbm", "RGB")
+
+
+# ------------------------------------------------------------------------------------------------- 7. the dump folder
+
+
+def test_dump_into_a_used_folder_removes_the_earlier_runs_files_only(tmp_path, capsys) -> None:
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    stale = ["scale_12_bits.npy", "scale_12_token_ids.npy", "scalekv_kept_s11_l3.npy", "image.png.partial"]
+    for name in stale:
+        (dump / name).write_bytes(b"from an earlier run")
+    (dump / "notes.txt").write_text("mine")
+    (dump / "scale_notes").mkdir()
+    rc = cli.main(_generate(tmp_path, "--width", "256", "--height", "256", "--out", str(tmp_path / "img.png"),
+                            "--dump", str(dump)))
+    assert rc == 0, capsys.readouterr().err
+    names = {p.name for p in dump.iterdir()}
+    assert not names & set(stale)
+    assert {"notes.txt", "scale_notes", "scale_06_bits.npy", "decoded.npy", "image.png"} <= names
+    assert not any(n.startswith("scalekv_kept_") for n in names)  # the full cache keeps everything: none written
+
+
+# ------------------------------------------------------------------------------------ 9. the file's native resolution
+
+
+@pytest.fixture
+def declared_256(tmp_path) -> Path:
+    """The tiny transformer with the embedded model's metadata: trained at 256x256 (1:1) only."""
+    path = tmp_path / "tiny_256.safetensors"
+    save_file(load_file(str(TINY_TRANSFORMER)), str(path), metadata={"format": "pt",
+                                                                    "scalekv_resolution": "256x256 (1:1)"})
+    return path
+
+
+def test_generate_defaults_to_the_resolution_the_file_declares(tmp_path, capsys, declared_256) -> None:
+    from PIL import Image
+
+    out = tmp_path / "img.png"
+    rc = cli.main(["generate", "--transformer", str(declared_256), "--vae", str(TINY_VAE), "--text-kv", str(TEXT_KV),
+                   "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert Image.open(out).size == (256, 256)
+    assert "note:" not in err
+
+
+def test_a_size_outside_the_declared_one_gets_the_samplers_note(tmp_path, capsys, declared_256) -> None:
+    from scalekv_core.loader import resolution_note
+    from scalekv_core.schedules import schedule_for_pixels
+
+    rc = cli.main(["generate", "--transformer", str(declared_256), "--vae", str(TINY_VAE), "--text-kv", str(TEXT_KV),
+                   "--width", "352", "--height", "176", "--out", str(tmp_path / "img.png")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    expected = resolution_note(("256x256 (1:1)", False), schedule_for_pixels(352, 176), declared_256.name)
+    assert len(notes) == 1 and expected.split(";")[0] in notes[0] and "--width" in notes[0]
+
+
+def test_released_models_without_metadata_keep_1024_by_default(capsys, no_load, tmp_path) -> None:
+    """The tiny file has no resolution metadata: its default schedule is 1024x1024's (13 scales), as before."""
+    rc = cli.main(["generate", *TINY, "--text-kv", str(TEXT_KV), "--cfg", "3,3,3,3,3,3,3", "--out",
+                   str(tmp_path / "img.png")])
+    _one_error(capsys, rc, "cfg list has 7 values", "13 scales")
