@@ -253,6 +253,68 @@ def test_dump_into_a_used_folder_removes_the_earlier_runs_files_only(tmp_path, c
     assert not any(n.startswith("scalekv_kept_") for n in names)  # the full cache keeps everything: none written
 
 
+# ------------------------------------------------------------------------------------------------- 8. the benchmarks
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["kv", "--policies", "h2o"], ["--policies", "h2o"]),
+    (["kv", "--size", "7M"], ["--size", "7M"]),
+    (["kv", "--window", "0"], ["--window", "0"]),
+    (["kv", "--budgets", "lots"], ["--budgets", "lots"]),
+    (["kv", "--window", "4", "--budgets", "2"], ["--budgets", "2", "observation window"]),
+    (["kv", "--device", "cuda:99"], ["--device", "cuda:99"]),
+    (["kv", "--window", "4", "--json", "/dev/null/x.json"], ["--json", "/dev/null"]),
+    (["kv-storage", "--kv-dtypes", "int9"], ["--kv-dtypes", "int9"]),
+    (["kv-storage", "--json", "/dev/null/x.json"], ["--json", "/dev/null"]),
+])
+def test_bench_kv_refuses_bad_values_in_one_line_before_any_work(monkeypatch, capsys, argv, names) -> None:
+    from scalekv_core.bench import kv
+
+    def trap(*args, **kwargs):
+        raise AssertionError("the benchmark started before the mistake was reported")
+    monkeypatch.setattr(kv, "_load", trap)
+    monkeypatch.setattr("scalekv_core.pipeline.InfinityPipeline.from_files", classmethod(trap))
+    _one_error(capsys, kv.main(argv), *names)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--vae", "nope"], ["--vae", "nope"]),
+    (["--tiles", "3"], ["--tiles", "3"]),
+    (["--tiles", "x"], ["--tiles", "x"]),
+    (["--vae", "2b", "--json", "/dev/null/x.json"], ["--json", "/dev/null"]),
+])
+def test_bench_decode_refuses_bad_values_in_one_line_before_any_work(monkeypatch, capsys, argv, names) -> None:
+    from scalekv_core.bench import decode
+
+    def trap(*args, **kwargs):
+        raise AssertionError("the benchmark started before the mistake was reported")
+    monkeypatch.setattr(decode, "load_vae_and_latents", trap)
+    _one_error(capsys, decode.main(argv), *names)
+
+
+def test_bench_launches_t5_and_fidelity_check_their_outputs_first(monkeypatch, capsys, tmp_path) -> None:
+    from scalekv_core.bench import fidelity, launches, t5
+
+    def trap(*args, **kwargs):
+        raise AssertionError("the benchmark started before the mistake was reported")
+    monkeypatch.setattr(launches, "run_census", trap)
+    monkeypatch.setattr("scalekv_core.pipeline.InfinityPipeline.from_files", classmethod(trap))
+    monkeypatch.setattr(fidelity.distributed, "setup", trap)
+    _one_error(capsys, launches.main(["--model", "layer12", "--depth", "2", "--size", "0.06M", "--json",
+                                      "/dev/null/x.json"]), "--json")
+    _one_error(capsys, launches.main(["--policies", "h2o"]), "--policies", "h2o")
+    _one_error(capsys, t5.main(["--json", "/dev/null/x.json"]), "--json")
+    _one_error(capsys, fidelity.main(["--transformer", str(TINY_TRANSFORMER), "--vae", str(TINY_VAE),
+                                      "--text-encoder", str(T5_TINY), "--out", "/dev/null/fid"]), "--out")
+
+
+def test_python_m_bench_prints_one_line_not_a_traceback() -> None:
+    r = subprocess.run([sys.executable, "-m", "scalekv_core.bench", "kv", "--policies", "h2o"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: --policies")
+
+
 # ------------------------------------------------------------------------------------ 9. the file's native resolution
 
 

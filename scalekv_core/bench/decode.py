@@ -140,8 +140,10 @@ def measure(fn, device: torch.device) -> tuple[torch.Tensor, int, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scalekv_core.bench decode", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import Parser, _device
+
+    p = Parser(prog="python -m scalekv_core.bench decode", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", default="shapes",
                    help="shapes (the embedded model), 2b or 8b (the released shapes, random weights), or a VAE file")
     p.add_argument("--latent", type=int, default=0,
@@ -151,13 +153,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", default="8", help="comma-separated tile sizes in latent positions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=_device)
     p.add_argument("--json", help="also write every figure here")
     return p
 
 
+def check_args(a: argparse.Namespace) -> list[int]:
+    """Every value and the output path, before any latent is made: the tiles (checked), --vae, --json."""
+    from ..cli import _output_file
+    from ..limits import InputError, shown
+    from ..safe_files import regular_file
+
+    tiles = []
+    for text in a.tiles.split(","):
+        try:
+            tiles.append(check_decode_tiling(int(text.strip()), field="--tiles"))
+        except ValueError as e:
+            raise InputError(str(e) if str(e).startswith("--tiles") else
+                             f"--tiles: expected comma-separated tile sizes (latent positions), got {shown(text)}"
+                             ) from None
+    if a.vae != "shapes" and a.vae not in REAL_SHAPES:
+        regular_file(a.vae, f"VAE file (--vae: shapes, {', '.join(REAL_SHAPES)} or a file)", InputError)
+    for flag, value in (("--images", a.images), ("--latent", a.latent)):
+        if value < (1 if flag == "--images" else 0):
+            raise InputError(f"{flag}: {value} is out of range")
+    if a.json:
+        _output_file(a.json, "--json")
+    return tiles
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`python -m scalekv_core.bench decode ...`: a bad value or path is one line, `error: ...`, exit 2."""
+    from ..cli import run_reporting_errors
+
+    return run_reporting_errors(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from ..pipeline import write_text
+
     a = build_parser().parse_args(argv)
+    tiles = check_args(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -175,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"tile": 0, "psnr_db": math.inf, "psnr_min_db": math.inf, "float_psnr_db": math.inf,
              "max_abs_diff": 0.0, "pixels_equal": 1.0, "peak_bytes": whole_peak, "host_bytes": 0,
              "planned_bytes": whole_plan, "seconds": whole_s}]
-    for tile in (check_decode_tiling(int(t)) for t in a.tiles.split(",")):
+    for tile in tiles:
         host: dict[str, int] = {}
         with host_maps_apart(host):
             out, peak, secs = measure(lambda: vae.decode_tiled(z, tile), device)
@@ -202,11 +238,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['planned_bytes'] / 2**20:.1f} | {r['peak_bytes'] / r['planned_bytes']:.3f} | "
               f"{r['host_bytes'] / 2**20:.1f} | {r['seconds'] / whole_s:.2f} |")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         finite = [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()} for r in rows]
-        Path(a.json).write_text(json.dumps({"what": what, "device": str(device), "torch": torch.__version__,
-                                            "threads": torch.get_num_threads(), "image": [H * p, W * p],
-                                            "batch": B, "rows": finite}, indent=1))
+        write_text(a.json, json.dumps({"what": what, "device": str(device), "torch": torch.__version__,
+                                       "threads": torch.get_num_threads(), "image": [H * p, W * p],
+                                       "batch": B, "rows": finite}, indent=1))
     return 0
 
 

@@ -56,8 +56,10 @@ WINDOWS = (16, 9, 4, 1)
 
 
 def build_parser(prog: str = "python -m scalekv_core.bench fidelity") -> argparse.ArgumentParser:
+    from ..cli import Parser
+
     """The command's flags (also used by `python -m scalekv_core.bench fidelity --help`)."""
-    p = argparse.ArgumentParser(prog=prog, description="Image fidelity of every KV policy against the full cache.")
+    p = Parser(prog=prog, description="Image fidelity of every KV policy against the full cache.")
     m = p.add_argument_group("model")
     m.add_argument("--transformer", default=str(DEFAULT_TRANSFORMER), help="Infinity checkpoint")
     m.add_argument("--vae", default=str(DEFAULT_VAE), help="BSQ-VAE checkpoint")
@@ -576,7 +578,10 @@ def plot_psnr(result: dict, path: Path) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    from ..pipeline import atomic_output
+
+    with atomic_output(path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return "matplotlib"
 
@@ -624,7 +629,10 @@ def _plot_pil(series: list[tuple[str, list[tuple[float, float]]]], xs: list[floa
         ly = top + 10 + 18 * i
         d.line([W - right + 12, ly, W - right + 32, ly], fill=color, width=2)
         d.text((W - right + 38, ly), label, fill="black", font=font, anchor="lm")
-    img.save(path)
+    from ..pipeline import atomic_output
+
+    with atomic_output(path) as f:
+        img.save(f, format="PNG")
 
 
 def write_outputs(result: dict, out: Path) -> dict[str, Path]:
@@ -636,13 +644,15 @@ def write_outputs(result: dict, out: Path) -> dict[str, Path]:
         result["plot_backend"] = plot_psnr(result, paths["plot"])
     else:  # weight formats only: no budget axis to plot
         del paths["plot"]
-    paths["json"].write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    from ..pipeline import write_text
+
+    write_text(paths["json"], json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n")
     policies = ("# Fidelity against the full KV cache\n\n" + markdown_table(result)
                 + "\n## Per pair\n\nPSNR gaps over the pairs where neither image equals the full "
                 "cache's; an identical image counts as ahead.\n\n" + paired_table(result["paired"])
                 if result["policies"] else "")
     weights = f"## Weight formats\n\n{weights_table(result)}" if result.get("weights_aggregate") else ""
-    paths["markdown"].write_text("\n".join(t for t in (policies, weights) if t), encoding="utf-8")
+    write_text(paths["markdown"], "\n".join(t for t in (policies, weights) if t))
     return paths
 
 
@@ -652,6 +662,9 @@ def run(a: argparse.Namespace) -> dict | None:
     if not labels and not formats:
         raise ValueError("--policies none leaves nothing to compare; give --weights too (e.g. none,int8)")
     _check_model_files(a)
+    from ..cli import _output_folder
+
+    _output_folder(a.out, "--out")  # before any work: the folder exists or can be made, and takes files
     shard = distributed.setup(a.device)
     try:
         pairs = load_pairs(a.prompts, a.num_pairs, a.pairs_seed)
@@ -687,10 +700,15 @@ def run(a: argparse.Namespace) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        run(a)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`python -m scalekv_core.bench fidelity ...`: a bad value or path is one line, `error: ...`, exit 2."""
+    from ..cli import run_reporting_errors
+
+    def command() -> int:
+        a = build_parser().parse_args(argv)
+        try:
+            run(a)
+        except RuntimeError as e:  # this benchmark's own refusals (no CUDA, no shapes module) are RuntimeErrors
+            raise ValueError(str(e)) from e
+        return 0
+
+    return run_reporting_errors(command)

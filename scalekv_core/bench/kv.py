@@ -22,6 +22,7 @@ from ..kvcache.memory import PeakMeter, plan_memory
 from ..model.config import KNOWN_MODELS, InfinityConfig
 from ..model.text_encoder import TextConditioning
 from ..model.transformer import Infinity
+from ..pipeline import write_text
 from ..sampler import SamplerSettings, sample
 from ..schedules import get_schedule
 
@@ -83,22 +84,28 @@ def _run(model: Infinity, cond: TextConditioning, schedule, config: CacheConfig,
             "bits": [b.cpu() for b in out.bits]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scalekv_core.bench")
+def build_parser() -> argparse.ArgumentParser:
+    from ..cli import Parser, _device, _number
+    from ..kvcache.config import KV_DTYPES
+    from ..kvcache.policies.scalekv import SCORINGS
+    from ..schedules import SIZES
+
+    p = Parser(prog="python -m scalekv_core.bench")
     sub = p.add_subparsers(dest="bench", required=True)
     k = sub.add_parser("kv", help="memory and speed of every KV policy, as ratios to the full cache")
     k.add_argument("--model", default="tiny", choices=["tiny", *sorted(KNOWN_MODELS)])
     k.add_argument("--depth", type=int, default=0, help="override the depth (fewer layers, same width)")
-    k.add_argument("--size", default="0.06M", help="schedule size: 0.06M, 0.25M, 0.60M, 1M")
+    k.add_argument("--size", default="0.06M", choices=list(SIZES), help="schedule size: 0.06M, 0.25M, 0.60M, 1M")
     k.add_argument("--budgets", default="4%,10%,20%")
     k.add_argument("--policies", default=",".join(POLICIES))
-    k.add_argument("--scoring", default="improved")
-    k.add_argument("--window", type=int, default=16, help="observation window (4 suits the tiny 256x256 model)")
-    k.add_argument("--kv-dtype", default="auto")
-    k.add_argument("--device", default="cpu")
+    k.add_argument("--scoring", default="improved", choices=SCORINGS)
+    k.add_argument("--window", type=_number("window", "--window"), default=16,
+                   help="observation window (4 suits the tiny 256x256 model)")
+    k.add_argument("--kv-dtype", default="auto", choices=sorted(KV_DTYPES))
+    k.add_argument("--device", default="cpu", type=_device)
     k.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--batch", type=int, default=1, help="images per run (one prompt repeated)")
+    k.add_argument("--seed", type=_number("seed", "--seed"), default=0)
+    k.add_argument("--batch", type=_number("batch", "--batch"), default=1, help="images per run (one prompt repeated)")
     k.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     k.add_argument("--no-timing", action="store_true",
                    help="measure memory only (one run per configuration): for full-size models on a CPU")
@@ -107,21 +114,74 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--kv-dtypes", default="fp8_e4m3fn,int8")
     st.add_argument("--policies", default="full,scalekv")
     st.add_argument("--budget", default="10%")
-    st.add_argument("--window", type=int, default=4, help="observation window (4 suits 256x256)")
+    st.add_argument("--window", type=_number("window", "--window"), default=4,
+                    help="observation window (4 suits 256x256)")
     st.add_argument("--num-pairs", type=int, default=20)
     st.add_argument("--pairs-seed", type=int, default=0)
     st.add_argument("--threads", type=int, default=0)
     st.add_argument("--json", help="also write every figure here")
+    return p
+
+
+def policy_list(text: str, flag: str = "--policies", allowed=None, what: str = "policy") -> list[str]:
+    """Comma-separated names (KV policies unless `allowed` says otherwise), each known: InputError naming `flag`
+    and the name otherwise."""
+    from ..kvcache.config import POLICIES as KNOWN
+    from ..limits import InputError, shown
+
+    allowed = list(KNOWN) if allowed is None else list(allowed)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise InputError(f"{flag}: unknown {what} {shown(bad[0]) if bad else shown(text)}; choose from "
+                         f"{', '.join(allowed)}")
+    return names
+
+
+def check_configs(configs: list[CacheConfig], schedule, budget_flag: str) -> None:
+    """Each cache setting valid, its % or token budget tried on the schedule (the CLI's check, before any work)."""
+    from ..kvcache.budget import BudgetError
+    from ..limits import InputError
+
+    for config in configs:
+        try:
+            config.validate()
+            if config.policy == "scalekv":
+                from ..kvcache.calibration import check_window
+
+                check_window(config.window, "--window")
+            if config.policy != "full" and not str(config.budget).lower().endswith("mb"):
+                config.build(schedule, 1, 1, 1, 1, torch.float32)
+        except BudgetError as e:
+            raise InputError(f"{budget_flag} {config.budget} ({config.policy}, window {config.window}): {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m scalekv_core.bench kv|kv-storage ...`: a bad value or path is one line, `error: ...`, exit 2."""
+    from ..cli import run_reporting_errors
+
+    return run_reporting_errors(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from ..cli import _output_file, check_budget_text
+
+    p = build_parser()
     a = p.parse_args(argv)
     if a.bench == "kv-storage":
         return storage_fidelity(a)
 
-    if a.batch < 1:
-        p.error(f"--batch must be at least 1, got {a.batch}")
+    # every value and the output path, before the model is built or any run starts
+    budgets = [check_budget_text(b, "--budgets") for b in a.budgets.split(",")]
+    policies = policy_list(a.policies)
+    schedule = get_schedule(1.0, a.size)
+    check_configs([CacheConfig(policy=policy, budget=budget, scoring=a.scoring, kv_dtype=a.kv_dtype, window=a.window)
+                   for budget in budgets for policy in policies], schedule, "--budgets")
+    if a.json:
+        _output_file(a.json, "--json")
     torch.manual_seed(a.seed)
     model, cond, patchify = _load(a)
     cond = cond.repeat_each(a.batch)
-    schedule = get_schedule(1.0, a.size)
     cfg = model.cfg
     print(f"model {a.model} ({cfg.describe()}), {schedule.pixel_size[1]}x{schedule.pixel_size[0]}, "
           f"batch {a.batch}, device {a.device}, blocks {a.dtype}, torch {torch.__version__}", flush=True)
@@ -146,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print(f"{'full':<16}{'-':>7}{1:>11.3f}{1:>10.3f}{1:>8.3f}{0:>9.2f}{1:>13.3f}{full['peak_bytes'] / 2**20:>10.1f}"
           f"{full['peak_bytes'] / 2**20:>9.1f}", flush=True)
-    for budget in a.budgets.split(","):
-        for policy in a.policies.split(","):
+    for budget in budgets:
+        for policy in policies:
             config = CacheConfig(policy=policy, budget=budget, scoring=a.scoring, kv_dtype=a.kv_dtype,
                                  window=a.window)
             r = measure(config)
@@ -165,9 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in verdicts:
         print(line)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"args": vars(a), "full": {k: v for k, v in full.items() if k not in ("plan", "bits")},
-                                            "rows": rows, "targets": verdicts, "torch": torch.__version__}, indent=1))
+        write_text(a.json, json.dumps({"args": vars(a), "full": {k: v for k, v in full.items() if k not in ("plan", "bits")},
+                                       "rows": rows, "targets": verdicts, "torch": torch.__version__}, indent=1))
     return 0
 
 
@@ -196,17 +255,27 @@ def storage_fidelity(a: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from ..cli import _output_file, check_budget_text
+    from ..kvcache.config import KV_DTYPES
     from ..pipeline import InfinityPipeline
+    from ..schedules import schedule_for_pixels
     from .decode import DEFAULT_MODEL
     from .fidelity import load_pairs
     from .metrics import bits_agreement, psnr, to_unit
 
+    # every value and the output path, before the model loads
+    dtypes = policy_list(a.kv_dtypes, "--kv-dtypes", KV_DTYPES, "K/V storage")
+    policies = policy_list(a.policies)
+    check_budget_text(a.budget, "--budget")
+    check_configs([CacheConfig(policy=p, budget=a.budget, window=a.window, kv_dtype=d) for d in dtypes
+                   for p in policies], schedule_for_pixels(256, 256), "--budget")
+    if a.json:
+        _output_file(a.json, "--json")
     if a.threads:
         torch.set_num_threads(a.threads)
     pipe = InfinityPipeline.from_files(DEFAULT_MODEL / "infinity" / "infinity_shapes.safetensors",
                                        DEFAULT_MODEL / "vae" / "infinity_shapes_vae.safetensors",
                                        DEFAULT_MODEL / "text_encoders" / "t5_shapes")
-    dtypes, policies = a.kv_dtypes.split(","), a.policies.split(",")
     print(f"embedded model, 256x256, budget {a.budget} (window {a.window}) for evicting policies; torch "
           f"{torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     per: dict[tuple[str, str], list[dict]] = {(d, p): [] for d in dtypes for p in policies}
@@ -241,7 +310,6 @@ def storage_fidelity(a: argparse.Namespace) -> int:
         print(f"| {d} | {label} | {s['pairs']} | {s['bits_equal_mean']:.3f} / {s['bits_equal_min']:.3f} | "
               f"{s['identical']} of {s['pairs']} | {ps} |")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"args": vars(a), "summary": summary,
-                                            "rows": {f"{d}/{p}": r for (d, p), r in per.items()}}, indent=1))
+        write_text(a.json, json.dumps({"args": vars(a), "summary": summary,
+                                       "rows": {f"{d}/{p}": r for (d, p), r in per.items()}}, indent=1))
     return 0

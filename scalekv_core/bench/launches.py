@@ -504,9 +504,20 @@ def _iter_policies(spec: str, budget: str) -> Iterator[tuple[str, CacheConfig]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m scalekv_core.bench launches`: the census of one generation per policy, as a table and JSON."""
-    p = argparse.ArgumentParser(prog="python -m scalekv_core.bench launches",
-                                description="Count the ops one generation dispatches, with no compute.")
+    """`python -m scalekv_core.bench launches`: the census of one generation per policy, as a table and JSON; a bad
+    value or path is one line, `error: ...`, exit 2."""
+    from ..cli import run_reporting_errors
+
+    return run_reporting_errors(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from ..cli import Parser, _output_file, check_budget_text
+    from ..pipeline import write_text
+    from .kv import check_configs, policy_list
+
+    p = Parser(prog="python -m scalekv_core.bench launches",
+               description="Count the ops one generation dispatches, with no compute.")
     p.add_argument("--model", default="2b", choices=sorted(KNOWN_MODELS))
     p.add_argument("--depth", type=int, default=0, help="override the depth (fewer layers, same width)")
     p.add_argument("--size", default="1M", help="a named size (0.06M, 0.25M, 0.60M, 1M) or WIDTHxHEIGHT")
@@ -527,7 +538,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         schedule = parse_size(a.size)
     except ValueError as e:
-        p.error(str(e))
+        p.error(f"--size: {e}")
+    check_budget_text(a.budget, "--budget")
+    policy_list(a.policies)
+    check_configs([config for _, config in _iter_policies(a.policies, a.budget)], schedule, "--budget")
+    if a.json:
+        _output_file(a.json, "--json")
     cfg = KNOWN_MODELS[a.model]
     if a.depth:
         cfg = InfinityConfig(**{**cfg.__dict__, "depth": a.depth, "block_chunks": 2 if a.depth % 2 == 0 else 1})
@@ -549,8 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                 "policies": {n: c.to_json() for n, c in censuses.items()},
                 "extra_over_full": {n: extra_per_evicting_layer(c, full) for n, c in censuses.items()
                                     if full is not None and c is not full}}
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(data, indent=1))
+        write_text(a.json, json.dumps(data, indent=1))
         print(f"wrote {a.json}")
     return 0
 

@@ -26,8 +26,12 @@ from .metrics import bits_agreement, psnr, to_unit
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scalekv_core.bench t5", description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", default="fp8_e4m3fn", help="T5 weight format to compare with the plain T5")
+    from ..cli import Parser
+    from ..model.quant import T5_WEIGHT_FORMATS
+
+    p = Parser(prog="python -m scalekv_core.bench t5", description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", default="fp8_e4m3fn", choices=[f for f in T5_WEIGHT_FORMATS if f != "none"],
+                   help="T5 weight format to compare with the plain T5")
     p.add_argument("--num-pairs", type=int, default=20)
     p.add_argument("--pairs-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -36,7 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m scalekv_core.bench t5 ...`: a bad value or path is one line, `error: ...`, exit 2."""
+    from ..cli import run_reporting_errors
+
+    return run_reporting_errors(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from ..cli import _output_file
+    from ..pipeline import write_text
+
     a = build_parser().parse_args(argv)
+    if a.num_pairs < 1:
+        raise ValueError(f"--num-pairs must be >= 1, got {a.num_pairs}")
+    if a.json:
+        _output_file(a.json, "--json")
     if a.threads:
         torch.set_num_threads(a.threads)
     t5_folder = DEFAULT_MODEL / "text_encoders" / "t5_shapes"
@@ -83,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['bits_equal_mean']:.3f} / {s['bits_equal_min']:.3f} | {s['identical_images']} of {s['pairs']} | "
           f"{other_psnr} |")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+        write_text(a.json, json.dumps({"summary": summary, "rows": rows}, indent=1))
     return 0
 
 
