@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -28,6 +29,92 @@ MAX_INDEX_BYTES = 64 * 2**20
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+# ------------------------------------------------------------------------------ numbers in files we read
+
+#: Most digits an integer in a JSON file read here may have. Counts and sizes need at most 20 (2^64); Python's int()
+#: refuses strings over 4300 digits with a bare ValueError and takes quadratic time below that.
+MAX_JSON_DIGITS = 100
+_DECIMAL = re.compile(r"[0-9]+")
+
+
+def is_decimal(text: object) -> bool:
+    """Whether `text` is one or more ASCII digits 0-9 (str.isdigit also accepts '²' and '٣', which int() refuses)."""
+    return isinstance(text, str) and _DECIMAL.fullmatch(text) is not None
+
+
+def whole_number(text: object, most: int) -> int | None:
+    """`text` as an int if it `is_decimal` with a value from 0 to `most`; None otherwise. int() never sees more
+    digits than `most` has, so a 5000-digit string is None, not Python's int-string-limit ValueError."""
+    if not is_decimal(text):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(most)):
+        return None
+    value = int(digits)
+    return value if value <= most else None
+
+
+class JSONNumberError(ValueError):
+    """An integer in a JSON file with more than MAX_JSON_DIGITS digits; the message names its key."""
+
+
+class _LongNumber(str):
+    """Stands in for an integer literal too long to convert, until its key is found."""
+
+
+def _json_key(parts: Sequence[object]) -> str:
+    """A key path as an error names it: 'Scale 9.Max', 'metadata.total_size', 'shapes[2]'."""
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            quoted = shown(part)
+            text += ("." if text else "") + (quoted[1:-1] if quoted[-1:] in "'\"" else quoted)
+    return f"'{text}'" if text else "the top-level value"
+
+
+def _find_long_number(data: object) -> tuple[list[object], str] | None:
+    """The key path and text of the first long number in `data` (None if a duplicate key replaced it)."""
+    stack: list[tuple[object, list[object]]] = [(data, [])]
+    while stack:
+        obj, where = stack.pop()
+        if isinstance(obj, _LongNumber):
+            return where, obj
+        if isinstance(obj, dict):
+            stack.extend((v, where + [k]) for k, v in reversed(list(obj.items())))
+        elif isinstance(obj, list):
+            stack.extend((v, where + [i]) for i, v in reversed(list(enumerate(obj))))
+    return None
+
+
+def _digits(literal: str) -> int:
+    return len(literal) - literal.startswith("-")
+
+
+def parse_json(text: str | bytes) -> object:
+    """json.loads, except that an integer of more than MAX_JSON_DIGITS digits is a JSONNumberError naming its key
+    (json.loads would raise Python's bare 'Exceeds the limit (4300 digits)' ValueError, naming nothing).
+
+    Other failures are json.loads' own (JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError).
+    """
+    long: list[str] = []  # each long number, in file order
+
+    def parse_int(literal: str) -> int | str:
+        if _digits(literal) > MAX_JSON_DIGITS:
+            long.append(literal)
+            return _LongNumber(literal)
+        return int(literal)
+
+    data = json.loads(text, parse_int=parse_int)
+    if long:
+        found = _find_long_number(data)
+        where, literal = found if found is not None else (None, long[0])
+        raise JSONNumberError(f"{_json_key(where) if where is not None else 'a value'} is a number of "
+                              f"{_digits(literal)} digits; numbers here have at most {MAX_JSON_DIGITS}")
+    return data
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -154,8 +241,10 @@ def shard_index(folder: str | Path) -> ShardIndex:
     index = _find_index(folder)
     text = read_text(index, MAX_INDEX_BYTES, "shard index", CheckpointError)
     try:
-        weight_map = json.loads(text)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
+        weight_map = parse_json(text)["weight_map"]
+    except JSONNumberError as e:
+        raise CheckpointError(f"{index}: not a valid shard index: {e}") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: JSONDecodeError, bad UTF-8
         raise CheckpointError(f"{index}: not a valid shard index (needs a 'weight_map' object): "
                               f"{type(e).__name__}: {shown(str(e), 200)}") from None
     if not isinstance(weight_map, Mapping) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -299,8 +388,10 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
     if text[:1] != b"{":
         return {}
     try:
-        header = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        header = parse_json(text)
+    except JSONNumberError as e:
+        raise CheckpointError(f"{path}: unreadable safetensors header: {e}") from None
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{path}: unreadable safetensors header: {type(e).__name__}") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..checkpoint import JSONNumberError, is_decimal, parse_json, whole_number
 from ..limits import shown
 from ..schedules import Schedule
 
@@ -234,6 +235,21 @@ def default_drafters(num_layers: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- original JSON
 
 
+#: Largest scale or block number a budget file's key is read as; larger ones are refused before int() sees them.
+_MAX_INDEX = 10**6
+
+
+def _block_order(key: str) -> int:
+    """Sort 'Block i' keys by i; a key that names no block number sorts first."""
+    number = whole_number(key[6:], _MAX_INDEX)
+    return -1 if number is None else number
+
+
+def _cap_error(source: str, key: str, f: str, value: object, most: int) -> BudgetError:
+    return BudgetError(f"{source}: field {shown(f'{key}.{f}')} must be an integer from 1 to {most} (a count of "
+                       f"tokens, at most the schedule's), got {shown(value)}")
+
+
 def plan_from_original_json(data: Mapping, schedule: Schedule, num_layers: int, base_capacity: int,
                             source: str = "budget file") -> BudgetPlan:
     """Apply an original ScaleKV budget file: "Scale N" caps the cache while generating 1-based scale N.
@@ -243,24 +259,31 @@ def plan_from_original_json(data: Mapping, schedule: Schedule, num_layers: int, 
     """
     if not isinstance(data, Mapping):
         raise BudgetError(f"{source}: expected a JSON object of 'Scale N' entries")
+    n = schedule.num_scales
+    most = sum(schedule.tokens_per_scale)  # no layer ever holds more than the whole schedule's tokens
     caps: dict[int, list[int]] = {}
     drafters: dict[int, list[int]] = {}
     for key, entry in data.items():
-        if not (isinstance(key, str) and key.startswith("Scale ") and key[6:].strip().isdigit()):
-            raise BudgetError(f"{source}: unexpected field {key!r}; entries are named 'Scale N'")
-        number = int(key[6:])
+        digits = key[6:].strip() if isinstance(key, str) and key.startswith("Scale ") else ""
+        if not is_decimal(digits):
+            raise BudgetError(f"{source}: unexpected field {shown(key)}; entries are named 'Scale N' (N in the digits "
+                              f"0-9)")
+        number = whole_number(digits, _MAX_INDEX)
+        if number is None:
+            raise BudgetError(f"{source}: field {shown(key)} names a scale far past the schedule's {n}; the file is "
+                              f"for another resolution")
         if not isinstance(entry, Mapping):
-            raise BudgetError(f"{source}: field {key!r} must be an object")
+            raise BudgetError(f"{source}: field {shown(key)} must be an object")
         for f in ("Max", "Min"):
-            if not isinstance(entry.get(f), int) or isinstance(entry.get(f), bool):
-                raise BudgetError(f"{source}: field '{key}.{f}' must be an integer, got {entry.get(f)!r}")
-        blocks = {k: v for k, v in entry.items() if k.startswith("Block ")}
+            if isinstance(entry.get(f), bool) or not isinstance(entry.get(f), int) or entry[f] < 1:
+                raise _cap_error(source, key, f, entry.get(f), most)
+        blocks = {k: v for k, v in entry.items() if isinstance(k, str) and k.startswith("Block ")}
         expected = {f"Block {i}" for i in range(num_layers)}
         if set(blocks) != expected:
-            extra = sorted(set(blocks) - expected, key=lambda s: int(s[6:]) if s[6:].isdigit() else -1)
-            missing = sorted(expected - set(blocks), key=lambda s: int(s[6:]))
+            extra = sorted(set(blocks) - expected, key=_block_order)
+            missing = sorted(expected - set(blocks), key=_block_order)
             raise BudgetError(f"{source}: '{key}' is for another depth: the model has {num_layers} layers "
-                              f"(missing {missing[:5]}, unexpected {extra[:5]})")
+                              f"(missing {missing[:5]}, unexpected {[k[:60] for k in extra[:5]]})")
         for k, v in blocks.items():
             if v not in (0, 1):
                 raise BudgetError(f"{source}: field '{key}.{k}' must be 0 (refiner) or 1 (drafter), got {v!r}")
@@ -268,11 +291,14 @@ def plan_from_original_json(data: Mapping, schedule: Schedule, num_layers: int, 
         drafters[number] = [i for i in range(num_layers) if blocks[f"Block {i}"] == 1]
     if not caps:
         raise BudgetError(f"{source}: no 'Scale N' entries")
-    n = schedule.num_scales
     too_far = [s for s in caps if s > n + 1]  # 'Scale n+1' is what the original prunes after the last scale
     if too_far:
         raise BudgetError(f"{source}: has entries for scale(s) {sorted(too_far)} but the schedule has only {n} "
                           f"scales; the file is for another resolution")
+    for key, entry in data.items():  # after the checks above, which say better what is wrong with another's file
+        for f in ("Max", "Min"):
+            if entry[f] > most:
+                raise _cap_error(source, key, f, entry[f], most)
     cum = _cumulative(schedule.tokens_per_scale)
     kept: list[list[int]] = []
     reached = False
@@ -335,9 +361,13 @@ def read_budget_json(path: str | Path) -> object:
     path = Path(path)
     text = read_text(path, MAX_BUDGET_FILE_BYTES, "budget file", BudgetError)
     try:
-        return json.loads(text)
+        return parse_json(text)
     except json.JSONDecodeError as e:
         raise BudgetError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except JSONNumberError as e:
+        raise BudgetError(f"{path}: {e}") from None
+    except ValueError as e:  # anything else json.loads refuses
+        raise BudgetError(f"{path}: not a readable budget file: {shown(str(e), 200)}") from None
     except RecursionError:
         raise BudgetError(f"{path}: the JSON is nested too deeply to be a budget file") from None
 

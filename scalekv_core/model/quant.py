@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, write_safetensors
+from ..checkpoint import CheckpointError, whole_number, write_safetensors
 from ..limits import check_choice, shown
 from .config import InfinityConfig
 
@@ -393,13 +393,17 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     return write_safetensors(model.state_dict(), path, file_metadata(model))
 
 
+#: Largest group size a pre-quantized file's metadata may declare.
+MAX_GROUP_SIZE = 2**20
+
+
 def file_format(metadata: Mapping[str, str], source: str) -> tuple[str, int] | None:
     """(format, group size) a pre-quantized file's metadata declares, None for an ordinary checkpoint; a
     CheckpointError naming the file and the entry for an unknown format, version or group size."""
     if META_FORMAT not in metadata:
         return None
     version = metadata.get(META_VERSION, "")
-    if not version.isdigit() or not 1 <= int(version) <= FILE_VERSION:
+    if not whole_number(version, FILE_VERSION):  # None (not ASCII digits, too large) or 0
         raise CheckpointError(f"{source}: metadata {META_VERSION} = {shown(version)}; this version reads "
                               f"pre-quantized files of version 1 to {FILE_VERSION} (a newer ScaleKV wrote it?)")
     fmt = metadata[META_FORMAT]
@@ -407,14 +411,15 @@ def file_format(metadata: Mapping[str, str], source: str) -> tuple[str, int] | N
         raise CheckpointError(f"{source}: metadata {META_FORMAT} = {shown(fmt)} is not a weight format this "
                               f"version knows ({', '.join(QUANTIZED_FORMATS)})")
     group = metadata.get(META_GROUP, "")
-    if not group.isdigit() or not 1 <= int(group) <= 2**20:
+    group_size = whole_number(group, MAX_GROUP_SIZE)
+    if not group_size:  # None or 0
         raise CheckpointError(f"{source}: metadata {META_GROUP} = {shown(group)} is not a group size "
-                              f"(a whole number from 1 to {2**20})")
+                              f"(a whole number from 1 to {MAX_GROUP_SIZE})")
     layers = metadata.get(META_LAYERS, ",".join(QUANTIZED_LAYERS))
     if layers != ",".join(QUANTIZED_LAYERS):
         raise CheckpointError(f"{source}: metadata {META_LAYERS} = {shown(layers)}; this version quantizes "
                               f"{','.join(QUANTIZED_LAYERS)}")
-    return fmt, int(group)
+    return fmt, group_size
 
 
 def logical_shapes(shapes: Mapping[str, Sequence[int]], fmt: str | None = None) -> dict[str, tuple[int, ...]]:
