@@ -28,6 +28,23 @@ def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype
     return PRECISIONS[precision]
 
 
+def _floating(dtype: torch.dtype | str) -> bool:
+    """A torch dtype, or a safetensors header's dtype name (F32, BF16, F8_E4M3, I32 ...), that holds real numbers."""
+    return dtype.is_floating_point if isinstance(dtype, torch.dtype) else dtype.upper().startswith(("F", "BF"))
+
+
+def check_float_tensors(expected: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype | str],
+                        source: str) -> None:
+    """Refuse integer or bool tensors where the model holds floating-point ones (naming the file and the keys):
+    load_state_dict fails on them with a page of traceback, and Hugging Face's loader casts them silently."""
+    wrong = [f"'{k}' is {str(d).replace('torch.', '')}" for k, d in dtypes.items()
+             if k in expected and expected[k].is_floating_point() and not _floating(d)]
+    if wrong:
+        more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
+        raise CheckpointError(f"{source}: {', '.join(wrong[:5])}{more}; expected floating-point weights "
+                              f"(a wrongly converted file?)")
+
+
 def build_transformer_on_meta(shapes: Mapping[str, Sequence[int]], source: str = "checkpoint") -> Infinity:
     """Instantiate the detected architecture without memory and check that every key and shape fits."""
     cfg = detect_infinity_config(shapes, source)
@@ -60,6 +77,7 @@ def load_transformer(path: str | Path, device: torch.device | str = "cpu", preci
     else:
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
         model = build_transformer_on_meta(shapes, str(path))
+        check_float_tensors(model.state_dict(), {k: v.dtype for k, v in sd.items()}, str(path))
         model.load_state_dict(sd, strict=True, assign=True)
         # each full-precision block weight is freed as its quantized layer replaces it, once `sd` lets go of it
         sd.clear()
@@ -154,6 +172,7 @@ def _build_prequantized(path: str | Path, sd: dict[str, torch.Tensor], found: tu
     quant.quantize_model(model, fmt, group)  # meta layers in the file's layout
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, str(path))
     quant.check_quantized_tensors(model, sd, str(path))
+    check_float_tensors(model.state_dict(), {k: v.dtype for k, v in sd.items()}, str(path))
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -169,6 +188,7 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu") -> BSQVAE:
     with torch.device("meta"):
         vae = BSQVAE(cfg)
     check_keys({k: tuple(v.shape) for k, v in vae.state_dict().items()}, shapes, str(path))
+    check_float_tensors(vae.state_dict(), {k: v.dtype for k, v in sd.items()}, str(path))
     vae.load_state_dict(sd, strict=True, assign=True)
     return vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
 

@@ -503,3 +503,62 @@ def test_zero_size_vae_tensor_is_a_named_error(tmp_path) -> None:
     with pytest.raises(CheckpointError) as e:
         load_vae(path)
     _assert_names(e, path.name, key)
+
+
+# ------------------------------------------------------------------------------------------ integer weights
+
+
+def _as_int(sd: dict[str, torch.Tensor], key: str | None = None) -> dict[str, torch.Tensor]:
+    """`sd` with `key` (every float tensor when None) cast to int32, as a careless conversion would leave it."""
+    return {k: v.to(torch.int32) if v.is_floating_point() and key in (None, k) else v for k, v in sd.items()}
+
+
+def test_transformer_with_integer_weights_is_a_named_error(tmp_path, tiny_sd) -> None:
+    path = save_safetensors(_as_int(tiny_sd, "head.weight"), tmp_path / "infinity_int.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_transformer(path)
+    _assert_names(e, path.name, "'head.weight' is int32", "floating-point")
+
+
+def test_prequantized_transformer_with_integer_plain_weights_is_a_named_error(tmp_path) -> None:
+    from scalekv_core.checkpoint import safetensors_metadata
+    from scalekv_core.model.quant import save_quantized
+
+    good = tmp_path / "infinity_int8.safetensors"
+    save_quantized(load_transformer(TINY_TRANSFORMER, weights="int8"), good)
+    sd = load_file(str(good))
+    bad = tmp_path / "infinity_int8_bad.safetensors"
+    from safetensors.torch import save_file
+    save_file(_as_int(sd, "word_embed.weight"), str(bad), metadata=safetensors_metadata(good))
+    with pytest.raises(CheckpointError) as e:
+        load_transformer(bad)
+    _assert_names(e, bad.name, "'word_embed.weight' is int32")
+
+
+def test_vae_with_integer_weights_is_a_named_error(tmp_path) -> None:
+    from helpers_tiny import TINY_VAE
+    from scalekv_core.loader import load_vae
+
+    path = save_safetensors(_as_int(load_file(str(TINY_VAE))), tmp_path / "vae_int.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_vae(path)
+    _assert_names(e, path.name, "is int32")
+
+
+def test_t5_folder_with_integer_weights_is_refused_not_cast(tmp_path) -> None:
+    folder = tmp_path / "t5_int"
+    shutil.copytree(T5_TINY, folder)
+    weights = folder / "model.safetensors"
+    save_safetensors(_as_int(load_file(str(weights))), weights)
+    with pytest.raises(CheckpointError) as e:
+        T5TextEncoder.from_folder(folder)
+    _assert_names(e, "model.safetensors", "is I32")  # the header's name: nothing is loaded to find it
+
+
+def test_single_file_t5_with_integer_weights_is_refused(tmp_path) -> None:
+    sd = load_file(str(T5_TINY / "model.safetensors"))
+    path = save_safetensors(_as_int({k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}),
+                            tmp_path / "t5_int.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        T5TextEncoder.from_single_file(path, T5_TINY)
+    _assert_names(e, path.name, "is int32")

@@ -218,6 +218,25 @@ def quantize_linears(module: torch.nn.Module, fmt: str) -> int:
     return len(targets)
 
 
+def _check_float_weights(folder: Path) -> None:
+    """Integer tensors in a folder's .safetensors weights are refused (read from the headers): Hugging Face's
+    loader casts them to the model's dtype without a word, and the pictures come out wrong."""
+    from safetensors import safe_open
+
+    from ..checkpoint import CheckpointError
+    from ..loader import check_float_tensors
+    from ..safe_files import regular_file
+
+    for file in sorted(folder.glob("*.safetensors")):
+        regular_file(file, "T5 weights file", CheckpointError)  # a FIFO would block safe_open: named instead
+        try:
+            with safe_open(str(file), "pt") as f:
+                dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for a broken header
+            raise CheckpointError(f"{file}: not a readable .safetensors file: {_one_line(str(e))[:200]}") from e
+        check_float_tensors({k: torch.empty(0) for k in dtypes}, dtypes, str(file))
+
+
 class T5TextEncoder:
     """Tokenizer + T5EncoderModel (e.g. flan-t5-xl) producing Infinity's TextConditioning."""
 
@@ -240,6 +259,7 @@ class T5TextEncoder:
         weights = check_format(weights, "weights")
         folder = Path(path).expanduser()
         _check_folder(folder)
+        _check_float_weights(folder)
         with _quiet_transformers():
             try:
                 tokenizer = AutoTokenizer.from_pretrained(folder, legacy=True, model_max_length=TEXT_MAXLEN,
@@ -277,6 +297,8 @@ class T5TextEncoder:
                                         f"{_one_line(str(e))[:300]}") from e
             with torch.device("meta"):
                 module = T5EncoderModel(config)
+        from ..loader import check_float_tensors
+        check_float_tensors(module.state_dict(), {k: v.dtype for k, v in sd.items()}, str(path))
         expected = set(module.state_dict())
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
         if missing or unexpected:

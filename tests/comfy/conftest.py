@@ -137,10 +137,12 @@ def clone(node_classes):
 
 @pytest.fixture(scope="session")
 def run(node_classes):
-    """run("InfinitySampler", **inputs) -> io.NodeOutput, through a class clone like the executor."""
+    """run("InfinitySampler", **inputs) -> io.NodeOutput, through a class clone like the executor, and inside
+    torch.inference_mode() as the executor runs every prompt (a model loaded there holds inference tensors)."""
 
     def _run(node_id: str, **inputs):
-        return prepare(node_classes[node_id]).execute(**inputs)
+        with torch.inference_mode():
+            return prepare(node_classes[node_id]).execute(**inputs)
 
     return _run
 
