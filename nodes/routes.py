@@ -33,7 +33,7 @@ from ..scalekv_core.model.quant import logical_shapes
 from ..scalekv_core.model.text_encoder import TEXT_MAXLEN, single_file_t5_config
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.safe_files import open_regular, read_text
-from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label, schedule_from_label
+from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label
 from . import models, paths
 from .cache import (AUTO_RESOLUTION, DEFAULT_RESOLUTION, budget_file_for, budget_settings_problem, budget_spec,
                     calibration_file_name, schedule_for)

@@ -5,10 +5,8 @@ Every error names the file, and key checks name the keys.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -17,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .limits import shown
-from .safe_files import open_regular, read_text, regular_file
+from .safe_files import JSONNumberError, atomic_path, open_regular, parse_json, read_text, regular_file
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -29,92 +27,6 @@ MAX_INDEX_BYTES = 64 * 2**20
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
-
-
-# ------------------------------------------------------------------------------ numbers in files we read
-
-#: Most digits an integer in a JSON file read here may have. Counts and sizes need at most 20 (2^64); Python's int()
-#: refuses strings over 4300 digits with a bare ValueError and takes quadratic time below that.
-MAX_JSON_DIGITS = 100
-_DECIMAL = re.compile(r"[0-9]+")
-
-
-def is_decimal(text: object) -> bool:
-    """Whether `text` is one or more ASCII digits 0-9 (str.isdigit also accepts '²' and '٣', which int() refuses)."""
-    return isinstance(text, str) and _DECIMAL.fullmatch(text) is not None
-
-
-def whole_number(text: object, most: int) -> int | None:
-    """`text` as an int if it `is_decimal` with a value from 0 to `most`; None otherwise. int() never sees more
-    digits than `most` has, so a 5000-digit string is None, not Python's int-string-limit ValueError."""
-    if not is_decimal(text):
-        return None
-    digits = text.lstrip("0") or "0"
-    if len(digits) > len(str(most)):
-        return None
-    value = int(digits)
-    return value if value <= most else None
-
-
-class JSONNumberError(ValueError):
-    """An integer in a JSON file with more than MAX_JSON_DIGITS digits; the message names its key."""
-
-
-class _LongNumber(str):
-    """Stands in for an integer literal too long to convert, until its key is found."""
-
-
-def _json_key(parts: Sequence[object]) -> str:
-    """A key path as an error names it: 'Scale 9.Max', 'metadata.total_size', 'shapes[2]'."""
-    text = ""
-    for part in parts:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            quoted = shown(part)
-            text += ("." if text else "") + (quoted[1:-1] if quoted[-1:] in "'\"" else quoted)
-    return f"'{text}'" if text else "the top-level value"
-
-
-def _find_long_number(data: object) -> tuple[list[object], str] | None:
-    """The key path and text of the first long number in `data` (None if a duplicate key replaced it)."""
-    stack: list[tuple[object, list[object]]] = [(data, [])]
-    while stack:
-        obj, where = stack.pop()
-        if isinstance(obj, _LongNumber):
-            return where, obj
-        if isinstance(obj, dict):
-            stack.extend((v, where + [k]) for k, v in reversed(list(obj.items())))
-        elif isinstance(obj, list):
-            stack.extend((v, where + [i]) for i, v in reversed(list(enumerate(obj))))
-    return None
-
-
-def _digits(literal: str) -> int:
-    return len(literal) - literal.startswith("-")
-
-
-def parse_json(text: str | bytes) -> object:
-    """json.loads, except that an integer of more than MAX_JSON_DIGITS digits is a JSONNumberError naming its key
-    (json.loads would raise Python's bare 'Exceeds the limit (4300 digits)' ValueError, naming nothing).
-
-    Other failures are json.loads' own (JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError).
-    """
-    long: list[str] = []  # each long number, in file order
-
-    def parse_int(literal: str) -> int | str:
-        if _digits(literal) > MAX_JSON_DIGITS:
-            long.append(literal)
-            return _LongNumber(literal)
-        return int(literal)
-
-    data = json.loads(text, parse_int=parse_int)
-    if long:
-        found = _find_long_number(data)
-        where, literal = found if found is not None else (None, long[0])
-        raise JSONNumberError(f"{_json_key(where) if where is not None else 'a value'} is a number of "
-                              f"{_digits(literal)} digits; numbers here have at most {MAX_JSON_DIGITS}")
-    return data
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -345,9 +257,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], dst: str | Path, meta
     from safetensors.torch import save_file
 
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
-    try:
+    with atomic_path(dst) as tmp:  # no half-written (or whole but unnamed) file is left behind
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata=dict(metadata))
         umask = os.umask(0)  # read by setting it back at once (no caller runs in ComfyUI's threads)
@@ -356,10 +266,6 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], dst: str | Path, meta
             os.chmod(tmp, 0o666 & ~umask)
         except OSError:  # a file system without Unix modes (vfat, some network mounts): its own rules apply
             pass
-        tmp.replace(dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written (or whole but unnamed) file is left behind
-        raise
     return dst
 
 

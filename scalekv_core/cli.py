@@ -4,7 +4,7 @@ Every user error (a value out of range, a file that is missing, unreadable or of
 that cannot be written) exits with status 2 and one line on stderr, `error: ...`, naming the flag, value or file.
 Values are checked through the one table of limits (`limits.py`) while the flags are parsed, and input files and
 output paths before any model is loaded, so a mistake never costs a generation. Every file written appears under
-its name only once it is whole (`pipeline.atomic_output`).
+its name only once it is whole (`safe_files.atomic_output`).
 """
 from __future__ import annotations
 
@@ -574,7 +574,7 @@ def _plan(a: argparse.Namespace) -> int:
     if a.table:
         from .kvcache import CacheConfig
 
-        print(f"| model | image | batch | full cache: KV / total | ScaleKV 20%: KV / total | ScaleKV 10%: KV / total |")
+        print("| model | image | batch | full cache: KV / total | ScaleKV 20%: KV / total | ScaleKV 10%: KV / total |")
         print("|---|---|---|---|---|---|")
         for model in ("2b", "8b"):
             for side in (512, 768, 1024):
@@ -740,7 +740,8 @@ def _generate(a: argparse.Namespace) -> int:
     import torch
 
     from .kvcache.memory import ALLOW_OVERCOMMIT_ENV, overcommit_allowed
-    from .pipeline import InfinityPipeline, check_text_width, load_text_encoder, write_text
+    from .pipeline import InfinityPipeline, check_text_width, load_text_encoder
+    from .safe_files import write_text
 
     # Everything that can be checked without the model, before loading it: a mistake never costs a generation.
     if a.text_kv is None and a.text_encoder is None:

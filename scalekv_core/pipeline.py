@@ -24,6 +24,7 @@ from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, check_decode_tiling
 from .graphs import ScaleGraphRunner, check_graph_mode
+from .safe_files import atomic_output, named_os_error
 from .sampler import BitsHook, SampleOutput, SamplerSettings, ScaleCallback, check_finite, sample
 from .schedules import Schedule, schedule_for_pixels
 
@@ -83,50 +84,9 @@ def clear_dump(folder: str | Path) -> list[Path]:
                 except FileNotFoundError:
                     continue
                 except OSError as e:
-                    raise _naming(e, Path(entry.path), "cannot remove the earlier dump's") from None
+                    raise named_os_error(e, Path(entry.path), "cannot remove the earlier dump's") from None
                 removed.append(Path(entry.path))
     return removed
-
-
-def _naming(e: OSError, path: Path, doing: str = "cannot write") -> OSError:
-    """`e` again, its message naming `path` (the final name, not a temporary one), errno kept."""
-    message = f"{doing} {path}: {e.strerror or e}"
-    try:
-        named = type(e)(message)
-    except TypeError:  # a subclass with other constructor arguments
-        named = OSError(message)
-    named.errno = e.errno
-    return named
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path, mode: str = "wb"):
-    """Open `NAME.partial` beside `path` for writing; when the block ends it is flushed to disk and renamed to
-    `path` (os.replace: readers see the old file or the whole new one, never half of it). On any exception the
-    partial file is removed and `path` is left as it was; OS errors name `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, mode) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-    except OSError as e:
-        raise _naming(e, path) from e
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """`path` holding `text` (UTF-8), written whole or not at all (atomic_output)."""
-    with atomic_output(path) as f:
-        f.write(text.encode("utf-8"))
-    return Path(path)
 
 
 def save_array(array: np.ndarray, path: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""Reading user-named files without surprises: regular files only, never more than a stated number of bytes.
+"""Reading user-named files without surprises (regular files only, never more than a stated number of bytes), and
+writing outputs whole (a reader sees the old file or the complete new one, never half of one).
 
 A path a user (or a downloaded folder) names can be a FIFO (opening it blocks until a writer appears), a device
 such as /dev/zero (reading it never ends), a folder, or a symlink to any of these. Everything here checks the
@@ -8,10 +9,12 @@ is read, so such a path is an error that names it instead of a hang or an exhaus
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import stat
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 from .limits import shown
 
@@ -90,3 +93,136 @@ def read_text(path: str | os.PathLike, max_bytes: int, what: str = "file",
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise error(f"{Path(path)}: the {what} is not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary `NAME.partial` beside `path` for a writer that takes a file name; renamed to `path` when the
+    block ends (os.replace), removed on any exception, so `path` is the old file or the whole new one; OS errors
+    name `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    except OSError as e:
+        raise named_os_error(e, path) from e
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
+    """atomic_path opened for writing, flushed to disk before the rename."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """`path` holding `text` (UTF-8), written whole or not at all (atomic_output)."""
+    with atomic_output(path) as f:
+        f.write(text.encode("utf-8"))
+    return Path(path)
+
+
+def named_os_error(e: OSError, path: Path, doing: str = "cannot write") -> OSError:
+    """`e` again, its message naming `path` (the final name, not a temporary one), errno kept."""
+    message = f"{doing} {path}: {e.strerror or e}"
+    try:
+        named = type(e)(message)
+    except TypeError:  # a subclass with other constructor arguments
+        named = OSError(message)
+    named.errno = e.errno
+    return named
+
+
+# ------------------------------------------------------------------------------ numbers in files we read
+
+#: Most digits an integer in a JSON file read here may have. Counts and sizes need at most 20 (2^64); Python's int()
+#: refuses strings over 4300 digits with a bare ValueError and takes quadratic time below that.
+MAX_JSON_DIGITS = 100
+_DECIMAL = re.compile(r"[0-9]+")
+
+
+def is_decimal(text: object) -> bool:
+    """Whether `text` is one or more ASCII digits 0-9 (str.isdigit also accepts '²' and '٣', which int() refuses)."""
+    return isinstance(text, str) and _DECIMAL.fullmatch(text) is not None
+
+
+def whole_number(text: object, most: int) -> int | None:
+    """`text` as an int if it `is_decimal` with a value from 0 to `most`; None otherwise. int() never sees more
+    digits than `most` has, so a 5000-digit string is None, not Python's int-string-limit ValueError."""
+    if not is_decimal(text):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(most)):
+        return None
+    value = int(digits)
+    return value if value <= most else None
+
+
+class JSONNumberError(ValueError):
+    """An integer in a JSON file with more than MAX_JSON_DIGITS digits; the message names its key."""
+
+
+class _LongNumber(str):
+    """Stands in for an integer literal too long to convert, until its key is found."""
+
+
+def _json_key(parts: Sequence[object]) -> str:
+    """A key path as an error names it: 'Scale 9.Max', 'metadata.total_size', 'shapes[2]'."""
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            quoted = shown(part)
+            text += ("." if text else "") + (quoted[1:-1] if quoted[-1:] in "'\"" else quoted)
+    return f"'{text}'" if text else "the top-level value"
+
+
+def _find_long_number(data: object) -> tuple[list[object], str] | None:
+    """The key path and text of the first long number in `data` (None if a duplicate key replaced it)."""
+    stack: list[tuple[object, list[object]]] = [(data, [])]
+    while stack:
+        obj, where = stack.pop()
+        if isinstance(obj, _LongNumber):
+            return where, obj
+        if isinstance(obj, dict):
+            stack.extend((v, where + [k]) for k, v in reversed(list(obj.items())))
+        elif isinstance(obj, list):
+            stack.extend((v, where + [i]) for i, v in reversed(list(enumerate(obj))))
+    return None
+
+
+def _digits(literal: str) -> int:
+    return len(literal) - literal.startswith("-")
+
+
+def parse_json(text: str | bytes) -> object:
+    """json.loads, except that an integer of more than MAX_JSON_DIGITS digits is a JSONNumberError naming its key
+    (json.loads would raise Python's bare 'Exceeds the limit (4300 digits)' ValueError, naming nothing).
+
+    Other failures are json.loads' own (JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError).
+    """
+    long: list[str] = []  # each long number, in file order
+
+    def parse_int(literal: str) -> int | str:
+        if _digits(literal) > MAX_JSON_DIGITS:
+            long.append(literal)
+            return _LongNumber(literal)
+        return int(literal)
+
+    data = json.loads(text, parse_int=parse_int)
+    if long:
+        found = _find_long_number(data)
+        where, literal = found if found is not None else (None, long[0])
+        raise JSONNumberError(f"{_json_key(where) if where is not None else 'a value'} is a number of "
+                              f"{_digits(literal)} digits; numbers here have at most {MAX_JSON_DIGITS}")
+    return data

@@ -16,7 +16,7 @@ from .kvcache.budget import BudgetPlan
 from .kvcache.cache import AttentionObserver, KeptRecorder, ScaleUsage
 from .limits import LIMITS
 from .model.text_encoder import TextConditioning
-from .model.transformer import Infinity, TextKV
+from .model.transformer import Infinity
 from .model.vae import bits_to_codes, unpatchify_bits
 from .schedules import Schedule
 

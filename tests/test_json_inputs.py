@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scalekv_core.checkpoint import (MAX_JSON_DIGITS, CheckpointError, JSONNumberError, is_decimal, parse_json,
-                                     safetensors_metadata, shard_index, whole_number)
+from scalekv_core.checkpoint import CheckpointError, safetensors_metadata, shard_index
+from scalekv_core.safe_files import MAX_JSON_DIGITS, JSONNumberError, is_decimal, parse_json, whole_number
 from scalekv_core.kvcache.budget import BudgetError, load_budget_file, plan_from_original_json, preset_path
 from scalekv_core.model import quant
 from scalekv_core.schedules import get_schedule

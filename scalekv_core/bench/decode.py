@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from ..pipeline import write_text
+    from ..safe_files import write_text
 
     a = build_parser().parse_args(argv)
     tiles = check_args(a)

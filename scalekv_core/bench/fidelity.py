@@ -21,7 +21,6 @@ import argparse
 import importlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -578,7 +577,7 @@ def plot_psnr(result: dict, path: Path) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    from ..pipeline import atomic_output
+    from ..safe_files import atomic_output
 
     with atomic_output(path) as f:
         fig.savefig(f, format="png")
@@ -629,7 +628,7 @@ def _plot_pil(series: list[tuple[str, list[tuple[float, float]]]], xs: list[floa
         ly = top + 10 + 18 * i
         d.line([W - right + 12, ly, W - right + 32, ly], fill=color, width=2)
         d.text((W - right + 38, ly), label, fill="black", font=font, anchor="lm")
-    from ..pipeline import atomic_output
+    from ..safe_files import atomic_output
 
     with atomic_output(path) as f:
         img.save(f, format="PNG")
@@ -644,7 +643,7 @@ def write_outputs(result: dict, out: Path) -> dict[str, Path]:
         result["plot_backend"] = plot_psnr(result, paths["plot"])
     else:  # weight formats only: no budget axis to plot
         del paths["plot"]
-    from ..pipeline import write_text
+    from ..safe_files import write_text
 
     write_text(paths["json"], json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n")
     policies = ("# Fidelity against the full KV cache\n\n" + markdown_table(result)

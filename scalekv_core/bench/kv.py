@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..kvcache.memory import PeakMeter, plan_memory
 from ..model.config import KNOWN_MODELS, InfinityConfig
 from ..model.text_encoder import TextConditioning
 from ..model.transformer import Infinity
-from ..pipeline import write_text
+from ..safe_files import write_text
 from ..sampler import SamplerSettings, sample
 from ..schedules import get_schedule
 

@@ -11,7 +11,6 @@ the definitions and today's figures.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -21,7 +20,6 @@ import weakref
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -513,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     from ..cli import Parser, _output_file, check_budget_text
-    from ..pipeline import write_text
+    from ..safe_files import write_text
     from .kv import check_configs, policy_list
 
     p = Parser(prog="python -m scalekv_core.bench launches",

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     from ..cli import _output_file
-    from ..pipeline import write_text
+    from ..safe_files import write_text
 
     a = build_parser().parse_args(argv)
     if a.num_pairs < 1:

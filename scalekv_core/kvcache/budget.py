@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..checkpoint import JSONNumberError, is_decimal, parse_json, whole_number
+from ..safe_files import JSONNumberError, is_decimal, parse_json, whole_number
 from ..limits import shown
 from ..schedules import Schedule
 

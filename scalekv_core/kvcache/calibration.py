@@ -201,7 +201,7 @@ class CalibrationResult:
 
         Each file appears under its name only once it is whole (written as NAME.partial, then renamed), and the
         `.asi.json` goes first: a failure leaves no budget file without the table it was chosen from."""
-        from ..pipeline import write_text  # here: the kvcache package never imports the pipeline eagerly
+        from ..safe_files import write_text
 
         path = Path(path)
         side = path.with_name(path.stem + ".asi.json")

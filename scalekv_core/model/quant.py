@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, whole_number, write_safetensors
+from ..checkpoint import CheckpointError, write_safetensors
+from ..safe_files import whole_number
 from ..limits import check_choice, shown
 from .config import InfinityConfig
 

@@ -277,7 +277,7 @@ class T5TextEncoder:
         """A T5 encoder saved as one .safetensors file (as ComfyUI keeps text encoders), with a tokenizer from
         `tokenizer_folder` (the host's T5 tokenizer: flan-t5 uses T5's vocabulary); the shape comes from the file."""
         from safetensors.torch import load_file
-        from transformers import AutoTokenizer, T5Config, T5EncoderModel
+        from transformers import AutoTokenizer, T5EncoderModel
 
         from .quant import check_format
         weights = check_format(weights, "weights")

@@ -18,10 +18,8 @@ Training then refines edges and the remaining non-linearity from here.
 """
 from __future__ import annotations
 
-import math
 
 import torch
-import torch.nn.functional as F
 
 from ..model.vae import BSQVAE, VAEConfig
 

@@ -20,7 +20,6 @@ Properties, per answer:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import threading
 import time
@@ -30,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import harness
-from fuzzing import (ANSWER_SECONDS, HUGE_STRINGS, MAX_ERROR_BYTES, SPECIAL_NUMBERS, check, echoes, examples, fail,
+from fuzzing import (ANSWER_SECONDS, MAX_ERROR_BYTES, SPECIAL_NUMBERS, check, echoes, examples, fail,
                      hostile, huge_input, names, short_text, widget_inputs)
 
 harness.skip_without_host()
