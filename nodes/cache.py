@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import PRESETS, parse_budget
-from ..scalekv_core.kvcache.calibration import calibrate, measurement_cache
+from ..scalekv_core.kvcache.calibration import calibrate, check_seeds, measurement_cache
 from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES, POLICY_SETTINGS
 from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
 from ..scalekv_core.kvcache.scoring import POOLINGS
@@ -219,8 +219,13 @@ class ScaleKVCacheConfig(io.ComfyNode):
 # ---------------------------------------------------------------------------------------------- calibration
 
 #: Budget files this process wrote, by path: a cached Calibrate result whose file has since gone must re-run.
-_written: set[str] = set()
-_generation: dict[str, int] = {}
+_written: dict[tuple, str] = {}  # (filename_prefix, resolution, budget) -> the file written for them
+_generation: dict[tuple, int] = {}
+
+
+def prompt_lines(prompts: str) -> list[str]:
+    """The calibration's prompts: one per non-empty line."""
+    return [p.strip() for p in prompts.splitlines() if p.strip()]
 
 
 def calibration_file_name(filename_prefix: str, schedule: Schedule, budget: float) -> str:
@@ -263,7 +268,8 @@ class ScaleKVCalibrate(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, budget=None, filename_prefix=None, prompts=None) -> bool | str:
-        """The budget's range, a file name that can be written, and prompts that are text (before any work)."""
+        """The budget's range, a file name that can be written, and prompts that are text and not too many (before
+        any work; the seed is checked at the start of execute, as ComfyUI repeats this answer once per argument)."""
         problem = widgets.problem(widgets.number("budget", budget, "calibration_budget"),
                                   widgets.text("filename_prefix", filename_prefix),
                                   widgets.text("prompts", prompts))
@@ -274,21 +280,23 @@ class ScaleKVCalibrate(io.ComfyNode):
                 problem = f"filename_prefix: {e}"
         if problem is None and prompts is not None and not prompts.strip():
             problem = "prompts: ScaleKV Calibrate needs at least one prompt (one per line)"
+        if problem is None and prompts is not None:
+            try:  # before any prompt is encoded
+                check_seeds(0, len(prompt_lines(prompts)))
+            except ValueError as e:
+                problem = str(e)
         return True if problem is None else problem
 
     @classmethod
     def fingerprint_inputs(cls, filename_prefix=None, resolution=None, budget=None, **_) -> int:
-        """Unchanged while the written file exists; a deleted file makes the next run calibrate again."""
-        try:
-            # auto depends on the linked model, unknown here: such a run is cached until its inputs change
-            path = paths.budget_output_path(calibration_file_name(filename_prefix, schedule_from_label(resolution),
-                                                                  budget))
-        except Exception:  # a linked (not yet known) or invalid input: validation reports it
-            return 0
-        if path in _written and not os.path.isfile(path):
-            _written.discard(path)
-            _generation[path] = _generation.get(path, 0) + 1
-        return _generation.get(path, 0)
+        """Unchanged while the file this node wrote for these inputs exists; a deleted file makes the next run
+        calibrate again (with resolution auto too, whose file name depends on the linked model)."""
+        key = (filename_prefix, resolution, budget)
+        path = _written.get(key)
+        if path is not None and not os.path.isfile(path):
+            del _written[key]
+            _generation[key] = _generation.get(key, 0) + 1
+        return _generation.get(key, 0)
 
     @classmethod
     def execute(cls, model: models.InfinityModel, t5: models.InfinityT5, prompts: str, resolution: str,
@@ -296,7 +304,8 @@ class ScaleKVCalibrate(io.ComfyNode):
         problem = cls.validate_inputs(budget, filename_prefix, prompts)  # linked inputs arrive unchecked
         if problem is not True:
             raise ValueError(problem)
-        lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+        lines = prompt_lines(prompts)
+        check_seeds(seed, len(lines))  # prompt i uses seed + i: refused before any prompt is encoded
         schedule = schedule_for(resolution, model.info.get("native_resolution"))
         tokens = parse_budget(f"{budget:g}%", schedule)
         name = calibration_file_name(filename_prefix, schedule, budget)
@@ -304,7 +313,10 @@ class ScaleKVCalibrate(io.ComfyNode):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if not os.access(os.path.dirname(path), os.W_OK):
             raise PermissionError(f"cannot write the budget file: {os.path.dirname(path)} is not writable")
-        conds = [t5.encode([p]) for p in lines]
+        conds = []
+        for p in lines:  # T5 on each prompt: a Cancel is honoured between them, not after all of them
+            mm.throw_exception_if_processing_interrupted()
+            conds.append(t5.encode([p]))
         model.load(model.memory_required(schedule, 1, measurement_cache()))
         pbar = comfy.utils.ProgressBar(len(lines))
 
@@ -314,7 +326,7 @@ class ScaleKVCalibrate(io.ComfyNode):
 
         result = calibrate(model.pipeline, conds, schedule, tokens, num_drafters or None, seed, on_prompt=on_prompt)
         result.write(path)
-        _written.add(path)
+        _written[(filename_prefix, resolution, budget)] = path
         summary = {"budget_file": name, "path": path, "resolution": resolution_label(schedule),
                    "budget_percent": budget, "budget_tokens": tokens, "prompts": len(lines),
                    "drafters": result.drafters}

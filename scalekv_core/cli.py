@@ -685,7 +685,7 @@ def _calibrate(a: argparse.Namespace) -> int:
     prompts = _read_prompts(a.prompts)
     out = _output_file(a.out, "--out")
     _output_file(str(out.with_name(out.stem + ".asi.json")), "--out")  # the ASI table is written beside it
-    check_seeds(a.seed, len(prompts), "--seed")
+    check_seeds(a.seed, len(prompts), "--seed", "--prompts")
     check_window(a.window, "--window")
     schedule, note = _schedule(a)
     _check_lists(a, schedule)

@@ -170,6 +170,7 @@ LIMITS: dict[str, Limit] = {lim.name: lim for lim in (
     Limit("refiner_decay", float, 0.0, 1000.0),
     # calibration
     Limit("calibration_budget", float, 0.1, 100.0),
+    Limit("calibration_prompts", int, 1, 256),  # prompts (lines) in one calibration: one generation each
     Limit("num_drafters", int, 0, 100_000),
     Limit("max_queries", int, 1, 4096),
     Limit("topk_fraction", float, 0.0, 1.0, min_exclusive=True),

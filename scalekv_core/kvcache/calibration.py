@@ -212,10 +212,15 @@ class CalibrationResult:
         return path, side
 
 
-def check_seeds(seed: int, prompts: int, field: str = "seed") -> int:
-    """Prompt i is measured with seed + i: the last of them must be a seed too (InputError naming `field`)."""
+def check_seeds(seed: int, prompts: int, field: str = "seed", prompts_field: str = "prompts") -> int:
+    """Prompt i is measured with seed + i: the last of them must be a seed too (InputError naming `field`); and
+    no more prompts than the limits table allows (each is a generation; all their encodings are held at once)."""
     from ..limits import LIMITS, InputError
 
+    count = LIMITS["calibration_prompts"]
+    if prompts > count.max:
+        raise InputError(f"{prompts_field}: {prompts} prompts; a calibration takes at most {int(count.max)} (one "
+                         f"generation each; 5-10 like your pictures are enough)")
     seed = LIMITS["seed"].check(seed, field)
     last = seed + max(prompts, 1) - 1
     if last > LIMITS["seed"].max:

@@ -151,3 +151,53 @@ def test_reserves_room_for_the_cache_the_measurement_holds(run, loaded, scalekv_
     # the pack's scalekv_core is imported under ComfyUI's package name: compare the settings, not the class
     assert asked and asked[0].to_dict() == measurement_cache().to_dict()
     assert asked[0].storage_dtypes(torch.bfloat16) == (torch.float32, torch.bfloat16)
+
+
+def test_fingerprint_with_auto_resolution_reruns_when_its_file_is_gone(run, loaded, scalekv_dir, node_classes):
+    """The shipped calibrate_then_generate workflow uses resolution auto: deleting the file it wrote must make the
+    next run calibrate again, not serve the cached name of a file that is gone."""
+    auto = node_classes["ScaleKVCalibrate"].GET_NODE_INFO_V1()["input"]["required"]["resolution"][1]["default"]
+    assert auto.startswith("auto")
+    fp = node_classes["ScaleKVCalibrate"].fingerprint_inputs
+    inputs = dict(calibrate_inputs(resolution=auto), model=None, t5=None)
+    try:
+        before = fp(**inputs)
+        name = run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs(resolution=auto)).result[0]
+        assert fp(**inputs) == before
+        (scalekv_dir / name).unlink()
+        assert fp(**inputs) != before
+    finally:
+        for p in scalekv_dir.glob("tiny_calib*"):
+            p.unlink()
+
+
+def test_too_many_prompts_or_seeds_that_run_out_are_refused_before_encoding(run, loaded, scalekv_dir,
+                                                                             node_classes, monkeypatch):
+    """Each prompt is one generation and all encodings are held at once: more than the limits table's count is a
+    validation error; a seed whose seed + i runs past the largest seed is refused before T5 encodes anything."""
+    message = node_classes["ScaleKVCalibrate"].validate_inputs(budget=10.0, filename_prefix="ok",
+                                                               prompts="a\n" * 1500)
+    assert isinstance(message, str) and "prompts: 1500 prompts" in message and "at most 256" in message
+    encoded = []
+    monkeypatch.setattr(type(loaded[1]), "encode", lambda self, p: encoded.append(p))
+    with pytest.raises(ValueError, match="seed: .* is too large for 2 prompts"):
+        run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs(seed=2**64 - 1))
+    assert encoded == [] and not list(scalekv_dir.glob("tiny_calib*"))
+
+
+def test_cancel_while_encoding_stops_before_the_next_prompt(run, loaded, scalekv_dir, monkeypatch):
+    encoded = []
+    original = type(loaded[1]).encode
+
+    def encode(self, prompts):
+        encoded.append(prompts)
+        mm.interrupt_current_processing(True)  # the user presses Cancel while the first prompt is encoded
+        return original(self, prompts)
+
+    monkeypatch.setattr(type(loaded[1]), "encode", encode)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs())
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(encoded) == 1 and not list(scalekv_dir.glob("tiny_calib*"))
