@@ -230,3 +230,19 @@ def test_scalekv_rows_carry_ids_and_padding_full_rows_do_not() -> None:
         cache, _ = _run(config, block)
         assert cache.row_token_bytes == ROWS * HEADS * row
         assert cache.token_bytes == ROWS * HEADS * data  # the stored data a budget divides by has no padding
+
+
+@pytest.mark.parametrize("sampling_mb, decode_mb, advice, not_advised", [
+    (1024.0, 4096.0, "decode in tiles (decode_tile, e.g. 32) or lower the batch (now 3)", "ScaleKV budget"),
+    (4096.0, 1024.0, "lower the batch (now 3), the resolution or the ScaleKV budget", "decode_tile"),
+])
+def test_admission_advises_what_lowers_the_phase_that_sets_the_peak(sampling_mb, decode_mb, advice,
+                                                                    not_advised) -> None:
+    """A decode-bound run is told to tile the decode (the ScaleKV budget cannot help it), a sampling-bound one to
+    lower the batch, resolution or budget; figures in GiB, as computed."""
+    from scalekv_core.kvcache.memory import MiB, admission_problem
+
+    message = admission_problem(sampling_mb, decode_mb, 2048 * MiB, "cuda:0", 3)
+    assert advice in message and not_advised not in message
+    assert "need 4.0 GiB" in message and "only 2.0 GiB free" in message
+    assert admission_problem(sampling_mb, decode_mb, 4096 * MiB, "cuda:0", 3) is None

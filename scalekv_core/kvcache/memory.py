@@ -304,11 +304,13 @@ def admission_problem(sampling_mb: float, decode_mb: float, free_bytes: int, whe
     free_mb = free_bytes / MiB
     if need_mb <= free_mb:
         return None
-    phase = "the VAE decode" if decode_mb >= sampling_mb else "sampling"
-    return (f"this run is planned to need {need_mb / 1024:.1f} GB beside the weights ({phase}; sampling "
-            f"{sampling_mb / 1024:.1f} GB, decode {decode_mb / 1024:.1f} GB) but {where} has only "
-            f"{free_mb / 1024:.1f} GB free. Lower the batch (now {batch}), the resolution or the ScaleKV budget; "
-            f"to start it anyway, {override}")
+    if decode_mb >= sampling_mb:  # the advice that lowers the phase that sets the peak
+        phase, advice = "the VAE decode", f"decode in tiles (decode_tile, e.g. 32) or lower the batch (now {batch})"
+    else:
+        phase, advice = "sampling", f"lower the batch (now {batch}), the resolution or the ScaleKV budget"
+    return (f"this run is planned to need {need_mb / 1024:.1f} GiB beside the weights ({phase}; sampling "
+            f"{sampling_mb / 1024:.1f} GiB, decode {decode_mb / 1024:.1f} GiB) but {where} has only "
+            f"{free_mb / 1024:.1f} GiB free. To fit, {advice}; to start it anyway, {override}")
 
 
 def overcommit_allowed() -> bool:

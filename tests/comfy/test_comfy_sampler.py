@@ -220,7 +220,7 @@ def test_admission_refuses_a_run_larger_than_free_memory(run, loaded, encoded, s
     import comfy.model_management as mm
 
     monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: 1 << 20)  # 1 MiB free
-    with pytest.raises(MemoryError, match=r"planned to need .* GB .* has only 0.0 GB free. Lower the batch \(now 2\)"):
+    with pytest.raises(MemoryError, match=r"planned to need .* GiB .* has only 0.0 GiB free. To fit, .*lower the batch \(now 2\)"):
         run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs(batch=2))
     assert not live_caches()
     monkeypatch.setenv("SCALEKV_ALLOW_OVERCOMMIT", "1")
