@@ -8,7 +8,7 @@ short stand-in, which every check of the one limits table refuses with the reaso
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Container, Iterable
 
 from ..scalekv_core.limits import TEXTS, guarded
 
@@ -39,13 +39,26 @@ def _has_surrogate(value: Any) -> int | None:
     return None
 
 
-def _is_link(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+#: Longest node id a link may name (ComfyUI's ids are short: "5", or "12:34:5" inside a subgraph).
+MAX_NODE_ID_CHARS = 256
 
 
-def stand_in(name: str, value: Any) -> Any:
-    """The value itself, or a short stand-in that the input's check refuses with the reason."""
-    if _is_link(value):
+def _is_link(value: Any, node_ids: Container[str] | None) -> bool:
+    """Whether `value` is a link [node id, output index] to a node of the prompt. Only such a value is let through
+    whole: a link-shaped value naming no node (["A" * 2_000_000, 0]) is checked like any other value, since ComfyUI
+    quotes its id in the error. Without `node_ids` (no prompt to look in) only the shape and id length count."""
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], int) and not isinstance(value[1], bool)):
+        return False
+    if len(value[0]) > MAX_NODE_ID_CHARS:
+        return False
+    return node_ids is None or value[0] in node_ids
+
+
+def stand_in(name: str, value: Any, node_ids: Container[str] | None = None) -> Any:
+    """The value itself, or a short stand-in that the input's check refuses with the reason. `node_ids`: the ids of
+    the prompt's nodes, which a link must name to pass unchecked."""
+    if _is_link(value, node_ids):
         return value
     limit = TEXTS[name].max_chars if name in TEXTS else DEFAULT_MAX_CHARS
     size = _size(value, limit + 1)
@@ -65,13 +78,14 @@ def guard_prompt(json_data: Any, node_ids: Iterable[str]) -> Any:
     prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
     if not isinstance(prompt, dict):
         return json_data
+    present = {key for key in prompt if isinstance(key, str)}
     for node in prompt.values():
         if not isinstance(node, dict) or node.get("class_type") not in ours:
             continue
         inputs = node.get("inputs")
         if isinstance(inputs, dict):
             for name, value in list(inputs.items()):
-                inputs[name] = stand_in(str(name), value)
+                inputs[name] = stand_in(str(name), value, present)
     return json_data
 
 

@@ -75,3 +75,21 @@ def test_register_needs_a_server(guard):
     assert guard.register(["InfinitySampler"], server=Server()) is True
     out = seen[0](prompt(cfg="9" * 5000))
     assert out["prompt"]["5"]["inputs"]["cfg"].startswith("\x00scalekv-refused: ")
+
+
+def test_a_link_shaped_value_passes_whole_only_when_it_names_a_node_of_the_prompt(guard):
+    """["A" * 2_000_000, 0] looked like a link and went through whole: ComfyUI's 400 quoted the id (4 MB) and its
+    log took a 2,000,044-character line. Only a link to a node of the prompt is let through unchecked."""
+    huge = ["A" * 2_000_000, 0]
+    data = prompt(cfg=huge, model=["1", 0], positive=["9", 0], negative=["404", 0], top_p=["5", 0])
+    data["prompt"]["1"] = {"class_type": "InfinityModelLoader", "inputs": {}}
+    inputs = guard.guard_prompt(data, {"InfinitySampler"})["prompt"]["5"]["inputs"]
+    assert isinstance(inputs["cfg"], str) and inputs["cfg"].startswith("\x00scalekv-refused: ")
+    assert len(inputs["cfg"]) < 200
+    assert inputs["model"] == ["1", 0] and inputs["positive"] == ["9", 0] and inputs["top_p"] == ["5", 0]
+    assert inputs["negative"] == ["404", 0]  # short: ComfyUI's own "missing node" error quotes it briefly
+    # a huge id is refused even where a node of the prompt carries it (nothing quotes 2 MB)
+    data = prompt(cfg=list(huge))
+    data["prompt"][huge[0]] = {"class_type": "SomeoneElsesNode", "inputs": {}}
+    assert guard.guard_prompt(data, {"InfinitySampler"})["prompt"]["5"]["inputs"]["cfg"].startswith("\x00")
+    assert guard.stand_in("cfg", huge) != huge  # without a prompt to look in, the id's length still counts
