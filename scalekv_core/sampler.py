@@ -177,6 +177,11 @@ def sample(model: Infinity, cond: TextConditioning, schedule: Schedule, settings
         if runner is not None and runner.mode != graphs:
             raise ValueError(f"graphs={graphs!r} with a runner made for {runner.mode!r}")
     n = schedule.num_scales
+    if n > model.cfg.num_levels:  # each scale adds its row of lvl_embed: an index error mid-sampling otherwise
+        h, w = schedule.pixel_size
+        raise ValueError(f"the transformer has {model.cfg.num_levels} scale embeddings ('lvl_embed.weight' rows) "
+                         f"but {w}x{h} takes {n} scales; choose a smaller resolution (or a complete checkpoint: "
+                         f"the released models have 15)")
     cfgs, taus = settings.per_scale(n)
     device = model.pos_start.device
     B = cond.batch_size

@@ -562,3 +562,19 @@ def test_single_file_t5_with_integer_weights_is_refused(tmp_path) -> None:
     with pytest.raises(CheckpointError) as e:
         T5TextEncoder.from_single_file(path, T5_TINY)
     _assert_names(e, path.name, "is int32")
+
+
+def test_fewer_scale_embeddings_than_the_schedule_is_a_named_error_before_sampling(tmp_path, tiny_sd) -> None:
+    """A checkpoint whose lvl_embed has 5 rows loads (the shape is consistent) but cannot draw 7 scales: refused
+    before the first scale, naming the tensor and both counts (it was an IndexError in the middle of sampling)."""
+    from helpers_tiny import TINY_VAE, reference_text
+    from scalekv_core.loader import load_vae
+    from scalekv_core.pipeline import InfinityPipeline
+
+    path = save_safetensors({**tiny_sd, "lvl_embed.weight": tiny_sd["lvl_embed.weight"][:5]},
+                            tmp_path / "infinity_few_levels.safetensors")
+    pipe = InfinityPipeline(load_transformer(path), load_vae(TINY_VAE))
+    scales = []
+    with pytest.raises(ValueError, match=r"has 5 scale embeddings \('lvl_embed.weight' rows\) but 256x256 takes 7"):
+        pipe.generate(reference_text(), seed=0, schedule=S006, on_scale=lambda si, *a: scales.append(si))
+    assert scales == []
