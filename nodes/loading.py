@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.model.quant import T5_WEIGHT_FORMATS, WEIGHT_FORMATS
-from . import models, paths, widgets
+from . import models, paths, routes, widgets
 from .io_types import CATEGORY, InfinityConditioningType, InfinityModelType, InfinityT5Type, schema
 
 
@@ -82,9 +82,19 @@ class InfinityModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, transformer: str, vae: str, text_encoder: str, precision: str = "auto",
                 weight_format: str = "none", t5_weights: str = "none") -> io.NodeOutput:
+        # T5 first, then the transformer's width from its header: a T5 folder without its tokenizer, or one that
+        # does not fit the transformer, is refused in seconds, before the transformer (16 GB for the 8B) loads
+        t5 = models.load_t5(paths.resolve_text_encoder(text_encoder), precision, t5_weights)
+        try:
+            width = routes.transformer_config(transformer).text_channels
+        except routes.PlanInputError:  # unreadable here: the loader below names the problem
+            width = None
+        if width is not None and width != t5.encoder.text_channels:
+            raise ValueError(f"text encoder {t5.info['text_encoder']} gives {t5.encoder.text_channels}-channel "
+                             f"features but the transformer {transformer} expects {width} (the released 2B and 8B "
+                             f"use flan-t5-xl, 2048: google/flan-t5-xl's folder in models/text_encoders)")
         model = models.load_infinity(paths.resolve_transformer(transformer), paths.resolve_vae(vae), precision,
                                      weight_format)
-        t5 = models.load_t5(paths.resolve_text_encoder(text_encoder), precision, t5_weights)
         models.check_text_channels(model, t5)
         return io.NodeOutput(model, t5)
 

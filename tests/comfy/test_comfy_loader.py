@@ -242,3 +242,27 @@ def test_a_file_in_text_encoders_that_is_not_t5_is_not_offered(pack, tmp_path):
     finally:
         (folder / "clip_t5like.safetensors").unlink()
         (folder / "t5_broken.safetensors").unlink()
+
+
+def test_a_t5_of_another_width_is_refused_before_the_transformer_loads(pack, run, monkeypatch):
+    """The T5 loads first and the transformer's text width is read from its header: a T5 that does not fit is
+    refused before the transformer (16 GB for the 8B) is loaded, naming both files and what to pick."""
+    from safetensors.torch import save_file
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    module = T5EncoderModel(cfg).eval()
+    path = pathlib.Path(folder_paths.get_folder_paths("text_encoders")[0]) / "t5_narrow_single.safetensors"
+    save_file({k: v.contiguous() for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              str(path))
+    loads = []
+    monkeypatch.setattr(pack.nodes.models, "load_infinity", lambda *a, **k: loads.append(a))
+    try:
+        with pytest.raises(ValueError, match=r"t5_narrow_single.safetensors gives 64-channel features but the "
+                                             r"transformer infinity_tiny.safetensors expects 256 .*flan-t5-xl"):
+            run("InfinityModelLoader", transformer="infinity_tiny.safetensors", vae="vae_tiny.safetensors",
+                text_encoder=path.name, precision="auto")
+    finally:
+        path.unlink()
+    assert loads == []
