@@ -290,13 +290,16 @@ def budget_file_from_report(value: str) -> str:
     """A memory report's budget file (the path the config node resolved) back to a file inside models/scalekv.
 
     A report comes back from the browser, so its path is untrusted: only a file under a registered models/scalekv
-    folder (or a bare name there) is accepted, exactly as the node resolves names.
+    folder (or a bare name there) is accepted, exactly as the node resolves names. The node's path is the folder
+    joined with the name, not resolved through symlinks, so the same rule holds here: `models/scalekv/mine.json`
+    that is a symlink to a file elsewhere is accepted (the node reads it), while '..' cannot climb out.
     """
     if not os.path.isabs(value):
         return resolve_budget_file(value)
-    real = os.path.realpath(value)
-    for base in _dirs(SCALEKV):
-        root = os.path.realpath(base)
-        if os.path.commonpath([root, real]) == root and real != root:
-            return resolve_budget_file(os.path.relpath(real, root))
+    for resolve in (os.path.normpath, os.path.realpath):  # as the node wrote it; or fully resolved (a symlinked folder)
+        path = resolve(value)
+        for base in _dirs(SCALEKV):
+            root = resolve(os.path.abspath(base))
+            if os.path.commonpath([root, path]) == root and path != root:
+                return resolve_budget_file(os.path.relpath(path, root))
     raise ValueError(f"budget file {shown(os.path.basename(value))} is not in {FOLDER_LABELS[SCALEKV]}")

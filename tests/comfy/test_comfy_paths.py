@@ -283,3 +283,28 @@ def test_a_model_folder_deleted_while_the_server_runs_drops_out_of_the_menus(pat
         assert "back.json" in paths.budget_file_choices()
     finally:
         kept.unlink()
+
+
+def test_a_report_names_a_symlinked_budget_file_as_the_node_does(paths, models_dir, tmp_path):
+    """models/scalekv/mine.json linking to a file elsewhere: the config node reads it, and the report mode took the
+    path the node resolved for 'not in models/scalekv' (it compared the symlink's target with the folder)."""
+    d = models_dir / "scalekv"
+    target = tmp_path / "elsewhere" / "calibrated.json"
+    target.parent.mkdir()
+    target.write_text("{}")
+    link = d / "mine_linked.json"
+    os.symlink(target, link)
+    try:
+        resolved = paths.resolve_budget_file("mine_linked.json")
+        assert resolved == str(link)
+        assert paths.budget_file_from_report(resolved) == resolved
+        assert paths.budget_file_from_report("mine_linked.json") == resolved
+        # climbing out is still refused, whether written with '..' or as the target's own path
+        for outside in (str(d / ".." / ".." / "elsewhere" / "calibrated.json"), str(target),
+                        str(d / "sub" / ".." / ".." / "scalekv_not" / "x.json")):
+            with pytest.raises(ValueError, match="is not in models/scalekv"):
+                paths.budget_file_from_report(outside)
+        with pytest.raises(ValueError):
+            paths.budget_file_from_report("../elsewhere/calibrated.json")
+    finally:
+        link.unlink()
