@@ -190,11 +190,21 @@ def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
     return InfinityModel(pipeline, _patcher(InfinityModules(transformer, vae), load_device, offload_device), info)
 
 
+def t5_dtype(load_device, precision: str = "auto") -> torch.dtype:
+    """The dtype T5 loads in on the device that runs it: fp16 on CUDA (the original's choice) unless fp32 is asked,
+    fp32 elsewhere (the CPU)."""
+    return torch.float16 if torch.device(load_device).type == "cuda" and precision != "fp32" else torch.float32
+
+
+def t5_dtype_name(load_device, precision: str = "auto") -> str:
+    return _DTYPE_NAMES[t5_dtype(load_device, precision)]
+
+
 def load_t5(folder: str, precision: str = "auto", weights: str = "none") -> InfinityT5:
-    """T5 encoder from a Hugging Face folder: fp16 when it runs on CUDA (the original's choice) unless fp32 is asked;
+    """T5 encoder from a Hugging Face folder in `t5_dtype` (fp16 on CUDA unless fp32 is asked, fp32 on the CPU);
     `weights` stores its linears in 8 bits (quant.T5_WEIGHT_FORMATS), about half the memory."""
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
-    dtype = torch.float16 if torch.device(load_device).type == "cuda" and precision != "fp32" else torch.float32
+    dtype = t5_dtype(load_device, precision)
     if os.path.isfile(folder):  # a single-file T5: the tokenizer ComfyUI ships (paths.single_file_t5s)
         encoder = T5TextEncoder.from_single_file(folder, paths.host_t5_tokenizer(), device=offload_device,
                                                  dtype=dtype, weights=weights)

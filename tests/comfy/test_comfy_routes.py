@@ -570,3 +570,33 @@ def test_report_budget_file_is_resolved_like_the_node(post, report, tmp_path):
 
 def test_register_needs_a_running_server(routes):
     assert routes.register() is False  # in-process tests have no PromptServer routes: nothing is registered
+
+
+def test_job_setting_names_the_planned_cache_and_t5_dtype(post, monkeypatch):
+    """The job line's tooltip said 'T5 fp16 offloaded, whole decode, full cache' for the default Cache Config
+    (ScaleKV 10%), whose numbers it planned; and fp16 T5 on the CPU, where the loader holds T5 in fp32."""
+    import comfy.model_management as mm
+
+    from scalekv_core.kvcache.budget import PRESETS
+
+    status, answer = post({})
+    assert status == 200, answer
+    setting = answer["job"]["setting"]
+    assert "scalekv 10%" in setting and "full cache" not in setting, setting
+    assert "T5 fp32 offloaded" in setting, setting  # this test host runs on the CPU
+    status, answer = post({**TINY_JOB, "policy": "full"})
+    assert status == 200 and "full cache" in answer["job"]["setting"], answer
+    status, answer = post(TINY_JOB)
+    assert status == 200 and "scalekv 48 tokens" in answer["job"]["setting"], answer
+    status, answer = post({"budget_source": "preset:" + next(iter(PRESETS)), "kv_dtype": "int8"})
+    assert status == 200, answer
+    assert f"with preset budget {next(iter(PRESETS))}" in answer["job"]["setting"]
+    assert "KV stored in int8" in answer["job"]["setting"]
+    status, answer = post({"t5_weights": "int8"})
+    assert status == 200 and "T5 int8 offloaded" in answer["job"]["setting"], answer
+    # where T5 runs on CUDA the loader holds it in fp16, unless the loader's precision is fp32
+    monkeypatch.setattr(mm, "text_encoder_device", lambda: __import__("torch").device("cuda", 0))
+    status, answer = post({})
+    assert status == 200 and "T5 fp16 offloaded" in answer["job"]["setting"], answer
+    status, answer = post({"precision": "fp32"})
+    assert status == 200 and "T5 fp32 offloaded" in answer["job"]["setting"], answer
