@@ -163,11 +163,23 @@ def precision_name(precision: str, device: torch.device) -> str:
     return _DTYPE_NAMES[resolve_precision(precision, device)]
 
 
-def architecture_name(cfg) -> str:
+#: What the embedded default model (default_model/, paths.DEFAULT_TRANSFORMER) is called in notes and the widget.
+EMBEDDED_MODEL_NAME = "infinity-shapes"
+#: What any other transformer that is none of the released shapes is called.
+UNKNOWN_MODEL_NAME = "this model"
+
+
+def architecture_name(cfg, transformer: str | os.PathLike | None = None) -> str:
+    """The model's name in user-facing text ("512x512 is outside what <name> was trained at", the widget's header):
+    a released shape's ("infinity-2b"), the embedded model's by its file name, or "this model" for any other shape
+    (a name like "custom" read as if it were a model called that)."""
     for name, known in KNOWN_MODELS.items():
         if (known.depth, known.embed_dim, known.num_heads, known.d_vae) == (cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.d_vae):
             return f"infinity-{name}"
-    return "custom"
+    name = os.path.basename(os.fspath(transformer).rstrip("/\\")) if transformer is not None else None
+    if name == paths.DEFAULT_TRANSFORMER:
+        return EMBEDDED_MODEL_NAME
+    return UNKNOWN_MODEL_NAME
 
 
 def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
@@ -181,7 +193,7 @@ def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
     vae_patchify_for(transformer.cfg, vae.cfg, (str(transformer_path), str(vae_path)))  # names both files if not
     pipeline = InfinityPipeline(transformer, vae, device=load_device)  # runs there, wherever the weights wait
     cfg = transformer.cfg
-    info = {"architecture": architecture_name(cfg), "transformer": str(transformer_path), "vae": str(vae_path),
+    info = {"architecture": architecture_name(cfg, transformer_path), "transformer": str(transformer_path), "vae": str(vae_path),
             "precision": prec, "weights": model_format(transformer)[0], "depth": cfg.depth, "width": cfg.embed_dim, "heads": cfg.num_heads,
             "bits_per_token": cfg.d_vae, "text_channels": cfg.text_channels,
             "vae_bits": vae.cfg.codebook_dim, "vae_patch": vae.cfg.patch_size, "patchify": pipeline.vae_patchify,

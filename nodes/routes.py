@@ -170,7 +170,7 @@ def model_config(s: PlanSettings) -> tuple[InfinityConfig, dict]:
     """The model shape to plan for: the loader's transformer file if given, else a known name (2b, 8b, ...)."""
     if s.transformer:
         cfg = transformer_config(s.transformer)
-        return cfg, {"name": models.architecture_name(cfg), "source": s.transformer}
+        return cfg, {"name": models.architecture_name(cfg, s.transformer), "source": s.transformer}
     name = s.model or DEFAULT_MODEL
     if name not in KNOWN_MODELS:
         raise PlanInputError(f"model: unknown model {shown(name)}; choose one of {', '.join(KNOWN_MODELS)} "
