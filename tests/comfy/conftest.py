@@ -10,6 +10,7 @@ A temporary models folder holds the tiny random-weight files; nothing is written
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 import os
 import pathlib
@@ -175,3 +176,33 @@ def config_inputs():
 def sampler_inputs():
     """sampler_inputs(**overrides): sampler widgets at the tiny model's resolution, with overrides."""
     return lambda **overrides: {**SAMPLER_DEFAULTS, **overrides}
+
+
+@pytest.fixture(scope="session")
+def routes(pack):
+    """The pack's budget route module (under ComfyUI's package name)."""
+    return importlib.import_module(f"{pack.__name__}.nodes.routes")
+
+
+@pytest.fixture(scope="session")
+def post(routes):
+    """post(body) -> (status, json) through a real aiohttp server holding only the pack's route."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    def _post(body, raw: bytes | None = None):
+        async def go():
+            table = web.RouteTableDef()
+            assert routes.register(table)
+            app = web.Application()
+            app.add_routes(table)
+            async with TestClient(TestServer(app)) as client:
+                if raw is not None:
+                    r = await client.post(routes.PLAN_ROUTE, data=raw, headers={"Content-Type": "application/json"})
+                else:
+                    r = await client.post(routes.PLAN_ROUTE, json=body)
+                return r.status, await r.json()
+
+        return asyncio.run(go())
+
+    return _post

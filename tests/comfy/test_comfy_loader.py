@@ -28,7 +28,7 @@ def test_loader_outputs_model_and_t5_with_patchers(pack, loaded):
     pipe = model.pipeline
     assert model.patcher.model.transformer is pipe.transformer and model.patcher.model.vae is pipe.vae
     assert t5.patcher.model.t5 is t5.encoder.module
-    assert model.info["architecture"] == "custom"  # the tiny model is none of the released ones
+    assert model.info["architecture"] == "this model"  # the tiny model is none of the released ones
     assert (model.info["depth"], model.info["width"], model.info["heads"], model.info["bits_per_token"]) == (4, 128, 4, 32)
     assert model.info["precision"] == "fp32"  # auto on CPU
     assert model.info["transformer"].endswith("infinity/infinity_tiny.safetensors")

@@ -53,31 +53,16 @@ def test_the_sampler_names_the_embedded_model_in_its_note(run, embedded, sampler
     assert report["model"]["architecture"] == "infinity-shapes"
 
 
-def test_the_widget_names_the_model_it_plans_for(pack):
+def test_the_widget_names_the_model_it_plans_for(post):
     """The plan route's header name for the loader's transformer: the embedded model's, or 'this model'."""
-    import asyncio
-    import importlib
     import shutil
 
     import folder_paths
-    from aiohttp import web
-    from aiohttp.test_utils import TestClient, TestServer
-
-    routes = importlib.import_module(f"{pack.__name__}.nodes.routes")
 
     def plan(transformer: str) -> dict:
-        async def go():
-            table = web.RouteTableDef()
-            assert routes.register(table)
-            app = web.Application()
-            app.add_routes(table)
-            async with TestClient(TestServer(app)) as client:
-                r = await client.post(routes.PLAN_ROUTE, json={"transformer": transformer,
-                                                              "resolution": "256x256 (1:1)"})
-                assert r.status == 200, await r.text()
-                return await r.json()
-
-        return asyncio.run(go())
+        status, answer = post({"transformer": transformer, "resolution": "256x256 (1:1)"})
+        assert status == 200, answer
+        return answer
 
     assert plan("infinity_tiny.safetensors")["model"]["name"] == "this model"
     # the session registers no embedded model (conftest): its file, copied where the loader finds it

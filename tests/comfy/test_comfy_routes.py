@@ -6,8 +6,6 @@ model's shape from its config.json. Bad settings answer 400 with the cache-confi
 """
 from __future__ import annotations
 
-import asyncio
-import importlib
 import json
 import os
 import pathlib
@@ -26,35 +24,6 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "data" / "infinity-tiny"
 PRESET_2B = REPO / "scalekv_core" / "kvcache" / "presets" / "infinity-2b-10pct.json"
 MiB = 2**20
-
-
-@pytest.fixture(scope="module")
-def routes(pack):
-    return importlib.import_module(f"{pack.__name__}.nodes.routes")
-
-
-@pytest.fixture(scope="module")
-def post(routes):
-    """post(body) -> (status, json) through a real aiohttp server holding only the pack's route."""
-    from aiohttp import web
-    from aiohttp.test_utils import TestClient, TestServer
-
-    def _post(body, raw: bytes | None = None):
-        async def go():
-            table = web.RouteTableDef()
-            assert routes.register(table)
-            app = web.Application()
-            app.add_routes(table)
-            async with TestClient(TestServer(app)) as client:
-                if raw is not None:
-                    r = await client.post(routes.PLAN_ROUTE, data=raw, headers={"Content-Type": "application/json"})
-                else:
-                    r = await client.post(routes.PLAN_ROUTE, json=body)
-                return r.status, await r.json()
-
-        return asyncio.run(go())
-
-    return _post
 
 
 def core_plan(model: str, resolution: str, config: CacheConfig, batch: int = 1, cfg: bool = True,

@@ -89,7 +89,7 @@ def test_memory_report_in_the_ui(run, loaded, encoded, sampler_inputs, config_in
     assert any(sum(s["planned_tokens"]) < 4 * s["full_tokens"] for s in scales[:-1])  # it did compress
     assert report["measured_peak_mb"] > 0 and report["planned_peak_mb"] > 0
     assert report["analytic_mb"] < report["full_analytic_mb"]
-    assert report["model"]["architecture"] == "custom" and report["batch"] == 1
+    assert report["model"]["architecture"] == "this model" and report["batch"] == 1
 
 
 def test_full_cache_report_without_config(run, loaded, encoded, sampler_inputs):
