@@ -31,6 +31,7 @@ from ..scalekv_core.loader import PRECISIONS, declared_format, format_to_load, n
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig, detect_infinity_config
 from ..scalekv_core.model.quant import logical_shapes
 from ..scalekv_core.model.text_encoder import TEXT_MAXLEN, single_file_t5_config
+from ..scalekv_core.model.vae import detect_vae_config
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.safe_files import open_regular, read_text
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label
@@ -194,16 +195,18 @@ def t5_config(name: str | None) -> dict:
         raise PlanInputError(f"text_encoder: {brief(str(e))}") from None
 
 
-def vae_parameters(name: str | None, d_vae: int) -> int:
-    """The loader's VAE's parameter count (read from its header), or the released VAE's for the model's bits."""
+def vae_size(name: str | None, d_vae: int) -> tuple[int, tuple[int, int] | None]:
+    """The loader's VAE's parameter count and (decoder base width, patch size), read from its header, as the
+    sampler plans with the loaded VAE; the released VAE's for the model's bits (None: plan_job's) without one."""
     if not name:
-        return VAE_PARAMS.get(d_vae, VAE_PARAMS[32])
+        return VAE_PARAMS.get(d_vae, VAE_PARAMS[32]), None
     try:
         path = Path(paths.resolve_vae(name))
         key = (str(path), path.stat().st_mtime)
         if key not in _vae_cache:
             shapes = _file_shapes(path)
-            _vae_cache[key] = sum(math.prod(shape) for shape in shapes.values())
+            cfg = detect_vae_config(shapes)  # a file that is no VAE is the route's 400, as it is the loader's error
+            _vae_cache[key] = (sum(math.prod(shape) for shape in shapes.values()), (cfg.base_ch, cfg.patch_size))
         return _vae_cache[key]
     except PlanInputError:
         raise
@@ -211,7 +214,7 @@ def vae_parameters(name: str | None, d_vae: int) -> int:
         raise PlanInputError(f"vae: {brief(str(e))}") from None
 
 
-_vae_cache: dict[tuple[str, float], int] = {}
+_vae_cache: dict[tuple[str, float], tuple[int, tuple[int, int]]] = {}
 
 
 def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dtype, schedule, batch: int,
@@ -227,8 +230,9 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
                          previews=True)
     h, w = schedule.pixel_size
     try:
+        vae_params, vae_shape = vae_size(s.vae, cfg.d_vae)
         plan = plan_job(cfg, w, h, batch, options, cfg_on, cache=config, t5=t5_config(s.text_encoder),
-                        vae_params=vae_parameters(s.vae, cfg.d_vae))
+                        vae_params=vae_params, vae_shape=vae_shape)
     except ValueError as e:
         raise PlanInputError(brief(str(e))) from None
     device = mm.get_torch_device()

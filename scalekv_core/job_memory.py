@@ -167,11 +167,13 @@ def t5_shape(config: dict) -> dict:
 
 def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 1,
              options: JobOptions = JobOptions(), cfg_on: bool = True, prompts: int = 1,
-             cache: CacheConfig | None = None, t5: dict = T5_XL, vae_params: int | None = None) -> JobPlan:
+             cache: CacheConfig | None = None, t5: dict = T5_XL, vae_params: int | None = None,
+             vae_shape: tuple[int, int] | None = None) -> JobPlan:
     """Each phase's predicted device memory for one job (T5 encode of `prompts` prompts, sampling, decode).
 
     `cache` replaces the options' policy/budget/kv_dtype with a full cache setting (budget files, windows);
-    `t5` and `vae_params` size other encoders and VAEs than the released ones (the embedded model's, say).
+    `t5`, `vae_params` and `vae_shape` (the decoder's base width and patch size) size other encoders and VAEs than
+    the released ones (the embedded model's, say), as the sampler's own plan does.
     """
     from .model.block_swap import check_block_swap  # (block_swap reads SWAP_BUFFERS from here)
     from .model.vae import check_decode_tiling
@@ -187,9 +189,10 @@ def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 
     dtype = _DTYPES[options.dtype]
     schedule: Schedule = schedule_for_pixels(width, height)
     h, w = schedule.pixel_size
+    base_ch, patch = vae_shape if vae_shape is not None else (VAE_BASE_CH, VAE_PATCH.get(cfg.d_vae, 16))
     memory = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule, batch,
-                         cache or options.cache_config(), dtype, cfg=cfg_on, vae_base_ch=VAE_BASE_CH,
-                         vae_patch=VAE_PATCH.get(cfg.d_vae, 16))
+                         cache or options.cache_config(), dtype, cfg=cfg_on, vae_base_ch=base_ch,
+                         vae_patch=patch)
     transformer = weight_bytes(cfg, fmt, dtype)
     if options.block_swap:
         transformer -= (options.block_swap - SWAP_BUFFERS) * block_bytes(cfg, fmt, dtype)
@@ -198,8 +201,8 @@ def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 
     vae = 4 * (vae_params if vae_params is not None else VAE_PARAMS.get(cfg.d_vae, VAE_PARAMS[32]))
     sampling_extra = memory.sampling_peak_mb * MiB + dequant_workspace_bytes(cfg, fmt, dtype)
     if options.previews:
-        sampling_extra += preview_peak_bytes(h, w, VAE_BASE_CH, VAE_PATCH.get(cfg.d_vae, 16))
-    decode_extra = decode_peak_bytes(batch, h, w, VAE_BASE_CH, VAE_PATCH.get(cfg.d_vae, 16), options.decode_tile)
+        sampling_extra += preview_peak_bytes(h, w, base_ch, patch)
+    decode_extra = decode_peak_bytes(batch, h, w, base_ch, patch, options.decode_tile)
     resident_t5 = 0 if options.t5_offload else t5
     encode = t5 + t5_act + (0 if options.t5_offload else transformer + vae)
     sampling = transformer + vae + resident_t5 + sampling_extra

@@ -236,9 +236,26 @@ def tiny_job_plan(cfg, weights: str):
     from scalekv_core.job_memory import JobOptions, plan_job, t5_shape
 
     t5 = t5_shape(json.loads((TINY / "t5_tiny" / "config.json").read_text()))
+    from scalekv_core.loader import load_vae
+
     vae = sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values())
+    shape = load_vae(TINY / "vae_tiny.safetensors").cfg
     return plan_job(cfg, 256, 256, 1, JobOptions(weights=weights, dtype="fp32", t5_offload=True, previews=True),
-                    cache=CacheConfig(policy="scalekv", budget=48, window=4), t5=t5, vae_params=vae)
+                    cache=CacheConfig(policy="scalekv", budget=48, window=4), t5=t5, vae_params=vae,
+                    vae_shape=(shape.base_ch, shape.patch_size))
+
+
+def test_job_decode_is_the_samplers_own_plan_for_the_loaders_vae(post, loaded):
+    """The widget's decode figure is sized from the loader's VAE (its decoder's width and patch), as the sampler's
+    admission sizes it from the loaded VAE: one figure, not the released VAE's for any file (it said 256 GiB where
+    the sampler planned 144 for the embedded model at 1024x1024, batch 64)."""
+    status, answer = post({**TINY_JOB, "resolution": "1024x1024 (1:1)", "batch": 4, "transformer":
+                           "infinity_tiny.safetensors"})
+    assert status == 200, answer
+    job = answer["job"]
+    decode_extra = job["decode_mb"] - job["transformer_mb"] - job["vae_mb"]  # T5 offloaded
+    _, sampler_decode = loaded[0].peaks_mb(schedule_from_label("1024x1024 (1:1)"), 4, None)
+    assert decode_extra == pytest.approx(sampler_decode, rel=1e-9)
 
 
 @pytest.fixture
