@@ -226,8 +226,8 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
     its own format (the loader's weight_format is "none" for it).
     """
     options = JobOptions(weights=job_weights(s), dtype=_JOB_DTYPES[block_dtype], t5_offload=True,
-                         t5_weights=s.t5_weights, decode_tile=s.decode_tile or None, block_swap=s.block_swap,
-                         previews=True)
+                         t5_weights=s.t5_weights, t5_dtype=models.t5_dtype_name(mm.text_encoder_device(), s.precision),
+                         decode_tile=s.decode_tile or None, block_swap=s.block_swap, previews=True)
     h, w = schedule.pixel_size
     try:
         vae_params, vae_shape = vae_size(s.vae, cfg.d_vae)
@@ -245,39 +245,11 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
     return {"encode_mb": plan.encode_mb, "sampling_mb": plan.sampling_mb, "decode_mb": plan.decode_mb,
             "peak_mb": plan.peak_mb, "transformer_mb": plan.transformer_mb, "t5_mb": plan.t5_mb,
             "vae_mb": plan.vae_mb, "device": str(device), "device_mb": total_mb,
-            "setting": job_setting(options, config, models.t5_dtype_name(mm.text_encoder_device(), s.precision)),
+            "setting": plan.setting,
             "fits": fits, "line": line}
 
 
 _JOB_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _budget_words(budget: str | int) -> str:
-    """A CacheConfig budget as the widget shows it: '10%', '900MB', or '650 tokens'."""
-    return f"{budget} tokens" if isinstance(budget, int) or str(budget).isdigit() else str(budget)
-
-
-def job_setting(options: JobOptions, config: CacheConfig, t5_dtype: str) -> str:
-    """The setting a job plan is for, in the words of JobOptions.describe(), from what the plan used: the cache
-    config passed to plan_job (`options` keeps JobOptions' default full cache, which describe() would name) and the
-    dtype the loader gives T5 on this device (fp32 on the CPU; describe() says fp16, as on a GPU)."""
-    t5 = options.t5_weights if options.t5_weights != "none" else t5_dtype
-    if config.policy == "full":
-        cache = "full cache"
-    else:
-        cache = f"{config.policy} {_budget_words(config.budget)}"
-        if config.budget_file and config.policy == "scalekv":
-            named = config.budget_file
-            cache += (f" with preset budget {named}" if named in PRESETS
-                      else f" with budget file {Path(named).name}")
-    parts = [f"weights {options.weights}" if options.weights != "none" else f"weights {options.dtype}",
-             f"T5 {t5}" + (" offloaded" if options.t5_offload else " resident"),
-             f"decode tiles of {options.decode_tile}" if options.decode_tile else "whole decode", cache]
-    if config.kv_dtype != "auto":
-        parts.append(f"KV stored in {config.kv_dtype}")
-    if options.block_swap:
-        parts.append(f"block swap {options.block_swap}")
-    return ", ".join(parts)
 
 
 def block_dtype_for(precision: str) -> torch.dtype:

@@ -624,7 +624,7 @@ def _plan_job(a: argparse.Namespace) -> int:
         if a.json:
             print(json.dumps(plan.to_dict(), indent=1))
         else:
-            print(f"Infinity-{a.model} {plan.resolution[0]}x{plan.resolution[1]} batch {a.batch} ({options.describe()}): "
+            print(f"Infinity-{a.model} {plan.resolution[0]}x{plan.resolution[1]} batch {a.batch} ({plan.setting}): "
                   f"T5 encode {plan.encode_mb / 1024:.2f} GiB, sampling {plan.sampling_mb / 1024:.2f} GiB, decode "
                   f"{plan.decode_mb / 1024:.2f} GiB; peak {plan.peak_mb / 1024:.2f} GiB (transformer "
                   f"{plan.transformer_mb / 1024:.2f}, T5 {plan.t5_mb / 1024:.2f}, VAE {plan.vae_mb / 1024:.2f})")

@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .kvcache import CacheConfig
+from .kvcache.budget import PRESETS
 from .kvcache.memory import MiB, decode_peak_bytes, plan_memory, preview_peak_bytes
 from .limits import LIMITS, shown
 from .model.config import KNOWN_MODELS, InfinityConfig
@@ -52,7 +54,8 @@ class JobOptions:
     weights: str = "none"  # transformer block linears: none (block dtype), fp8_e4m3fn, int8, int4
     dtype: str = "bf16"  # transformer blocks' compute dtype
     t5_offload: bool = False  # T5 leaves the device once the prompt is encoded
-    t5_weights: str = "none"  # T5's linears: none (fp16, as the original runs it on a GPU), fp8_e4m3fn, int8
+    t5_weights: str = "none"  # T5's linears: none (in t5_dtype), fp8_e4m3fn, int8
+    t5_dtype: str = "fp16"  # T5's dtype: fp16 as the original runs it on a GPU; fp32 where it runs on the CPU
     decode_tile: int | None = None  # latent positions per tile; None = the whole decode at once
     block_swap: int = 0  # transformer blocks kept in CPU memory and streamed in when their turn comes
     policy: str = "full"
@@ -67,18 +70,32 @@ class JobOptions:
         return CacheConfig(policy=self.policy, budget=self.budget, kv_dtype=self.kv_dtype, window=self.window,
                            budget_file=self.budget_file if self.policy == "scalekv" else None)
 
-    def describe(self) -> str:
-        t5 = "fp16" if self.t5_weights == "none" else self.t5_weights
+    def describe(self, cache: CacheConfig | None = None) -> str:
+        """The setting in words; `cache` is the cache actually planned when plan_job was given one."""
+        cache = cache or self.cache_config()
+        t5 = self.t5_dtype if self.t5_weights == "none" else self.t5_weights
         parts = [f"weights {self.weights}" if self.weights != "none" else f"weights {self.dtype}",
                  f"T5 {t5}" + (" offloaded" if self.t5_offload else " resident"),
                  f"decode tiles of {self.decode_tile}" if self.decode_tile else "whole decode",
-                 "full cache" if self.policy == "full" else f"{self.policy} {self.budget}"
-                 + (f" with budget file {self.budget_file}" if self.budget_file and self.policy == "scalekv" else "")]
-        if self.kv_dtype != "auto":
-            parts.append(f"KV stored in {self.kv_dtype}")
+                 "full cache" if cache.policy == "full" else f"{cache.policy} {_budget_words(cache.budget)}"
+                 + _budget_file_words(cache)]
+        if cache.kv_dtype != "auto":
+            parts.append(f"KV stored in {cache.kv_dtype}")
         if self.block_swap:
             parts.append(f"block swap {self.block_swap}")
         return ", ".join(parts)
+
+
+def _budget_words(budget: str | int) -> str:
+    """A CacheConfig budget as the artist sets it: '10%', '900MB', or '650 tokens'."""
+    return f"{budget} tokens" if isinstance(budget, int) or str(budget).isdigit() else str(budget)
+
+
+def _budget_file_words(cache: CacheConfig) -> str:
+    if not cache.budget_file or cache.policy != "scalekv":
+        return ""
+    named = cache.budget_file
+    return f" with preset budget {named}" if named in PRESETS else f" with budget file {Path(named).name}"
 
 
 @dataclass
@@ -99,6 +116,12 @@ class JobPlan:
     decode_extra_mb: float
     kv_stored_mb: float
     parts: dict = field(default_factory=dict)
+    cache: CacheConfig | None = None  # the cache planned (the options' own unless plan_job was given one)
+
+    @property
+    def setting(self) -> str:
+        """The setting planned, in words."""
+        return self.options.describe(self.cache)
 
     @property
     def peak_mb(self) -> float:
@@ -111,12 +134,13 @@ class JobPlan:
         d = dataclasses.asdict(self)
         d["peak_mb"] = self.peak_mb
         d["peak_gib"] = self.peak_mb / 1024
-        d["setting"] = self.options.describe()
+        d["setting"] = self.setting
         return d
 
 
-def t5_bytes(fmt: str = "none", shape: dict = T5_XL) -> int:
-    """T5 encoder weights: the linears in `fmt` (8-bit: 1 byte + a float32 scale per output row), the rest fp16."""
+def t5_bytes(fmt: str = "none", shape: dict = T5_XL, dtype: str = "fp16") -> int:
+    """T5 encoder weights: the linears in `fmt` (8-bit: 1 byte + a float32 scale per output row), the rest in
+    `dtype` (fp16 on a GPU, fp32 on the CPU)."""
     if fmt not in T5_WEIGHT_FORMATS:
         raise ValueError(f"t5_weights: unknown format {shown(fmt)}; choose {', '.join(T5_WEIGHT_FORMATS)}")
     d, f, inner = shape["d_model"], shape["d_ff"], shape["inner"]
@@ -124,9 +148,12 @@ def t5_bytes(fmt: str = "none", shape: dict = T5_XL) -> int:
     linear = shape["layers"] * sum(o * i for o, i in per_layer)
     rows = shape["layers"] * sum(o for o, _ in per_layer)
     other = shape["vocab"] * d + (2 * shape["layers"] + 1) * d + 32 * shape.get("heads", shape["inner"] // 64)  # + position buckets
+    if dtype not in _DTYPES:
+        raise ValueError(f"t5_dtype: unknown {shown(dtype)}; choose {', '.join(_DTYPES)}")
+    size = _DTYPES[dtype].itemsize
     if fmt != "none":
-        return linear + 4 * rows + 2 * other
-    return 2 * (linear + other)
+        return linear + 4 * rows + size * other
+    return size * (linear + other)
 
 
 def t5_activation_bytes(prompts: int, tokens: int = 512, shape: dict = T5_XL) -> int:
@@ -197,7 +224,7 @@ def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 
     if options.block_swap:
         transformer -= (options.block_swap - SWAP_BUFFERS) * block_bytes(cfg, fmt, dtype)
     t5_act = t5_activation_bytes(prompts * (2 if cfg_on else 1), shape=t5)
-    t5 = t5_bytes(options.t5_weights, t5)
+    t5 = t5_bytes(options.t5_weights, t5, options.t5_dtype)
     vae = 4 * (vae_params if vae_params is not None else VAE_PARAMS.get(cfg.d_vae, VAE_PARAMS[32]))
     sampling_extra = memory.sampling_peak_mb * MiB + dequant_workspace_bytes(cfg, fmt, dtype)
     if options.previews:
@@ -211,7 +238,7 @@ def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 
     return JobPlan(options=options, model=name, resolution=(w, h), batch=batch, transformer_mb=transformer / MiB,
                    t5_mb=t5 / MiB, vae_mb=vae / MiB, encode_mb=encode / MiB, sampling_mb=sampling / MiB,
                    decode_mb=decode / MiB, sampling_extra_mb=sampling_extra / MiB, decode_extra_mb=decode_extra / MiB,
-                   kv_stored_mb=memory.analytic_mb,
+                   kv_stored_mb=memory.analytic_mb, cache=cache or options.cache_config(),
                    parts={"t5_activations_mb": t5_act / MiB, "cache_peak_mb": memory.cache_peak_mb,
                           "activations_peak_mb": memory.activations_peak_mb})
 

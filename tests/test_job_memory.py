@@ -223,3 +223,21 @@ def test_the_planner_api_refuses_what_generate_refuses(call, words):
     """A plan is never made for a setting the engine would refuse (it had planned tiles of 3 and 2.5 blocks)."""
     with pytest.raises(ValueError, match=words):
         call()
+
+
+def test_t5_is_sized_in_its_dtype_and_the_setting_names_the_cache_planned() -> None:
+    """T5 held in fp32 (the CPU) weighs twice its fp16 size; a plan given a cache describes that cache, not the
+    options' default full one."""
+    from scalekv_core.job_memory import t5_bytes
+    from scalekv_core.kvcache import CacheConfig
+
+    assert t5_bytes("none", dtype="fp32") == 2 * t5_bytes("none")
+    assert t5_bytes("int8", dtype="fp32") > t5_bytes("int8")  # embeddings and norms stay in the dtype
+    with pytest.raises(ValueError, match="t5_dtype"):
+        t5_bytes("none", dtype="fp64")
+    options = JobOptions(t5_offload=True, t5_dtype="fp32")
+    plan = plan_job("2b", 1024, 1024, 1, options, cache=CacheConfig(policy="scalekv", budget=650, window=16))
+    assert "T5 fp32 offloaded" in plan.setting and "scalekv 650 tokens" in plan.setting
+    assert plan.to_dict()["setting"] == plan.setting
+    assert plan.t5_mb * MiB == t5_bytes("none", dtype="fp32")
+    assert "full cache" in plan_job("2b", 1024, 1024, 1, options).setting

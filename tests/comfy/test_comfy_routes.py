@@ -565,11 +565,14 @@ def test_job_setting_names_the_planned_cache_and_t5_dtype(post, monkeypatch):
 
     from scalekv_core.kvcache.budget import PRESETS
 
+    from scalekv_core.job_memory import t5_bytes
+
     status, answer = post({})
     assert status == 200, answer
     setting = answer["job"]["setting"]
     assert "scalekv 10%" in setting and "full cache" not in setting, setting
     assert "T5 fp32 offloaded" in setting, setting  # this test host runs on the CPU
+    assert answer["job"]["t5_mb"] == pytest.approx(t5_bytes("none", dtype="fp32") / MiB)  # and sized so
     status, answer = post({**TINY_JOB, "policy": "full"})
     assert status == 200 and "full cache" in answer["job"]["setting"], answer
     status, answer = post(TINY_JOB)
@@ -584,5 +587,6 @@ def test_job_setting_names_the_planned_cache_and_t5_dtype(post, monkeypatch):
     monkeypatch.setattr(mm, "text_encoder_device", lambda: __import__("torch").device("cuda", 0))
     status, answer = post({})
     assert status == 200 and "T5 fp16 offloaded" in answer["job"]["setting"], answer
+    assert answer["job"]["t5_mb"] == pytest.approx(t5_bytes("none") / MiB)
     status, answer = post({"precision": "fp32"})
     assert status == 200 and "T5 fp32 offloaded" in answer["job"]["setting"], answer
