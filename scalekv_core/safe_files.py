@@ -101,6 +101,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     block ends (os.replace), removed on any exception, so `path` is the old file or the whole new one; OS errors
     name `path`."""
     path = Path(path)
+    if path.is_symlink():  # write through the link, as open() would: the link stays, its target is replaced
+        path = Path(os.path.realpath(path))
     tmp = path.with_name(path.name + ".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def test_whole_job_plan_uses_the_budget_file(tmp_path, capsys) -> None:
     preset = json.loads(capsys.readouterr().out)
     assert job["kv_stored_mb"] == pytest.approx(simple["analytic_mb"])
     assert job["kv_stored_mb"] > 1.2 * preset["kv_stored_mb"]  # not the 10% preset's numbers
-    assert budget_file in job["setting"]
+    assert f"with budget file {Path(budget_file).name}" in job["setting"]
     assert cli.main(["plan", "--model", "2b", "--budget-file", budget_file, "--vram", "24", "--json"]) == 0
     fit = json.loads(capsys.readouterr().out)
     assert fit["asked"]["kv_stored_mb"] == pytest.approx(simple["analytic_mb"])
@@ -357,3 +357,17 @@ def test_released_models_without_metadata_keep_1024_by_default(capsys, no_load, 
     rc = cli.main(["generate", *TINY, "--text-kv", str(TEXT_KV), "--cfg", "3,3,3,3,3,3,3", "--out",
                    str(tmp_path / "img.png")])
     _one_error(capsys, rc, "cfg list has 7 values", "13 scales")
+
+
+def test_an_output_that_is_a_symlink_is_written_through_it(tmp_path) -> None:
+    """A budget file kept as models/scalekv/mine.json -> elsewhere stays a link; its target gets the new text."""
+    from scalekv_core.safe_files import write_text
+
+    target = tmp_path / "elsewhere" / "budget.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "mine.json"
+    link.symlink_to(target)
+    write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert not list(tmp_path.rglob("*.partial"))
