@@ -227,6 +227,7 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
     """
     options = JobOptions(weights=job_weights(s), dtype=_JOB_DTYPES[block_dtype], t5_offload=True,
                          t5_weights=s.t5_weights, t5_dtype=models.t5_dtype_name(mm.text_encoder_device(), s.precision),
+                         t5_on_device=torch.device(mm.text_encoder_device()) == torch.device(mm.get_torch_device()),
                          decode_tile=s.decode_tile or None, block_swap=s.block_swap, previews=True)
     h, w = schedule.pixel_size
     try:

@@ -56,6 +56,7 @@ class JobOptions:
     t5_offload: bool = False  # T5 leaves the device once the prompt is encoded
     t5_weights: str = "none"  # T5's linears: none (in t5_dtype), fp8_e4m3fn, int8
     t5_dtype: str = "fp16"  # T5's dtype: fp16 as the original runs it on a GPU; fp32 where it runs on the CPU
+    t5_on_device: bool = True  # False: T5 runs elsewhere (the CPU in ComfyUI's low-VRAM modes), not on this device
     decode_tile: int | None = None  # latent positions per tile; None = the whole decode at once
     block_swap: int = 0  # transformer blocks kept in CPU memory and streamed in when their turn comes
     policy: str = "full"
@@ -75,7 +76,8 @@ class JobOptions:
         cache = cache or self.cache_config()
         t5 = self.t5_dtype if self.t5_weights == "none" else self.t5_weights
         parts = [f"weights {self.weights}" if self.weights != "none" else f"weights {self.dtype}",
-                 f"T5 {t5}" + (" offloaded" if self.t5_offload else " resident"),
+                 f"T5 {t5}" + (" on another device" if not self.t5_on_device else
+                                " offloaded" if self.t5_offload else " resident"),
                  f"decode tiles of {self.decode_tile}" if self.decode_tile else "whole decode",
                  "full cache" if cache.policy == "full" else f"{cache.policy} {_budget_words(cache.budget)}"
                  + _budget_file_words(cache)]
@@ -223,8 +225,8 @@ def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 
     transformer = weight_bytes(cfg, fmt, dtype)
     if options.block_swap:
         transformer -= (options.block_swap - SWAP_BUFFERS) * block_bytes(cfg, fmt, dtype)
-    t5_act = t5_activation_bytes(prompts * (2 if cfg_on else 1), shape=t5)
-    t5 = t5_bytes(options.t5_weights, t5, options.t5_dtype)
+    t5_act = t5_activation_bytes(prompts * (2 if cfg_on else 1), shape=t5) if options.t5_on_device else 0
+    t5 = t5_bytes(options.t5_weights, t5, options.t5_dtype) if options.t5_on_device else 0
     vae = 4 * (vae_params if vae_params is not None else VAE_PARAMS.get(cfg.d_vae, VAE_PARAMS[32]))
     sampling_extra = memory.sampling_peak_mb * MiB + dequant_workspace_bytes(cfg, fmt, dtype)
     if options.previews:

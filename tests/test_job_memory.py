@@ -241,3 +241,12 @@ def test_t5_is_sized_in_its_dtype_and_the_setting_names_the_cache_planned() -> N
     assert plan.to_dict()["setting"] == plan.setting
     assert plan.t5_mb * MiB == t5_bytes("none", dtype="fp32")
     assert "full cache" in plan_job("2b", 1024, 1024, 1, options).setting
+
+
+def test_a_t5_that_runs_on_the_cpu_takes_nothing_on_the_device() -> None:
+    """In ComfyUI's low-VRAM modes T5 runs on the CPU: the device's phases hold none of it."""
+    on = plan_job("2b", 1024, 1024, 1, JobOptions(t5_offload=True, decode_tile=32, policy="scalekv"))
+    off = plan_job("2b", 1024, 1024, 1, JobOptions(t5_offload=True, decode_tile=32, policy="scalekv",
+                                                   t5_on_device=False, t5_dtype="fp32"))
+    assert off.t5_mb == 0 and off.encode_mb == 0 and on.encode_mb > 2000
+    assert off.sampling_mb == on.sampling_mb and "T5 fp32 on another device" in off.setting

@@ -246,3 +246,7 @@ def test_admission_advises_what_lowers_the_phase_that_sets_the_peak(sampling_mb,
     assert advice in message and not_advised not in message
     assert "need 4.0 GiB" in message and "only 2.0 GiB free" in message
     assert admission_problem(sampling_mb, decode_mb, 4096 * MiB, "cuda:0", 3) is None
+    tiled = admission_problem(sampling_mb, decode_mb, 2048 * MiB, "cuda:0", 3, decode_tile=32,
+                              tile_field="--decode-tile")
+    if decode_mb > sampling_mb:  # already tiled: a smaller tile, named as the caller names it
+        assert "decode in smaller tiles (--decode-tile now 32, e.g. 16)" in tiled

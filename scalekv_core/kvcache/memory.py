@@ -298,14 +298,18 @@ def free_memory_bytes(device: torch.device | str) -> int:
 
 
 def admission_problem(sampling_mb: float, decode_mb: float, free_bytes: int, where: str, batch: int,
-                      override: str = f"set {ALLOW_OVERCOMMIT_ENV}=1") -> str | None:
-    """Why a run must not start (its planned peak beside the weights exceeds the free memory), or None."""
+                      override: str = f"set {ALLOW_OVERCOMMIT_ENV}=1", decode_tile: int | None = None,
+                      tile_field: str = "decode_tile") -> str | None:
+    """Why a run must not start (its planned peak beside the weights exceeds the free memory), or None; the advice
+    lowers the phase that sets the peak, naming the decode tile as the caller's `tile_field`."""
     need_mb = max(sampling_mb, decode_mb)
     free_mb = free_bytes / MiB
     if need_mb <= free_mb:
         return None
-    if decode_mb >= sampling_mb:  # the advice that lowers the phase that sets the peak
-        phase, advice = "the VAE decode", f"decode in tiles (decode_tile, e.g. 32) or lower the batch (now {batch})"
+    if decode_mb >= sampling_mb:
+        tiles = (f"decode in smaller tiles ({tile_field} now {decode_tile}, e.g. 16)" if decode_tile else
+                 f"decode in tiles ({tile_field}, e.g. 32)")
+        phase, advice = "the VAE decode", f"{tiles} or lower the batch (now {batch})"
     else:
         phase, advice = "sampling", f"lower the batch (now {batch}), the resolution or the ScaleKV budget"
     return (f"this run is planned to need {need_mb / 1024:.1f} GiB beside the weights ({phase}; sampling "
