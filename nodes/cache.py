@@ -1,7 +1,6 @@
 """ScaleKV Cache Config and ScaleKV Calibrate: the KV-cache settings and the budget files they can use."""
 from __future__ import annotations
 
-import math
 import os
 
 import comfy.model_management as mm
@@ -10,10 +9,10 @@ from comfy_api.latest import io
 
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import PRESETS, parse_budget
-from ..scalekv_core.kvcache.calibration import calibrate, check_seeds, measurement_cache
+from ..scalekv_core.kvcache.calibration import calibrate, check_seeds, measurement_cache, prompt_lines
 from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES, POLICY_SETTINGS
 from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
-from ..scalekv_core.kvcache.scoring import POOLINGS
+from ..scalekv_core.kvcache.scoring import POOLINGS, check_window
 from ..scalekv_core.limits import shown
 from ..scalekv_core.schedules import Schedule, resolution_choices, resolution_label, schedule_from_label
 from . import models, paths, widgets
@@ -98,9 +97,11 @@ def budget_settings_problem(policy=None, budget_unit=None, budget=None, window=N
             and budget < window:
         return (f"budget: {budget:g} tokens cannot hold the observation window of {window} tokens that {policy} "
                 f"scores with; raise the budget to at least {window} or lower the window")
-    if window is not None and policy in GRID_WINDOW_POLICIES and math.isqrt(window) ** 2 != window:
-        return (f"window: {window} is not a square number; the {policy} policy observes a √window x √window grid "
-                f"of the token map: use 4, 9, 16, 25, ...")
+    if window is not None and policy in GRID_WINDOW_POLICIES:
+        try:
+            check_window(window)
+        except ValueError as e:
+            return str(e)
     if budget_source is not None:
         if budget_source.startswith(FILE_PREFIX):
             try:
@@ -218,14 +219,10 @@ class ScaleKVCacheConfig(io.ComfyNode):
 
 # ---------------------------------------------------------------------------------------------- calibration
 
-#: Budget files this process wrote, by path: a cached Calibrate result whose file has since gone must re-run.
-_written: dict[tuple, str] = {}  # (filename_prefix, resolution, budget) -> the file written for them
+#: The budget file this process wrote for each (filename_prefix, resolution, budget): a cached Calibrate result
+#: whose file has since gone must re-run (its fingerprint takes the next generation number).
+_written: dict[tuple, str] = {}
 _generation: dict[tuple, int] = {}
-
-
-def prompt_lines(prompts: str) -> list[str]:
-    """The calibration's prompts: one per non-empty line."""
-    return [p.strip() for p in prompts.splitlines() if p.strip()]
 
 
 def calibration_file_name(filename_prefix: str, schedule: Schedule, budget: float) -> str:

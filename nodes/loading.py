@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.model.quant import T5_WEIGHT_FORMATS, WEIGHT_FORMATS
+from ..scalekv_core.pipeline import check_text_width
 from . import models, paths, routes, widgets
 from .io_types import CATEGORY, InfinityConditioningType, InfinityModelType, InfinityT5Type, schema
 
@@ -89,10 +90,8 @@ class InfinityModelLoader(io.ComfyNode):
             width = routes.transformer_config(transformer).text_channels
         except routes.PlanInputError:  # unreadable here: the loader below names the problem
             width = None
-        if width is not None and width != t5.encoder.text_channels:
-            raise ValueError(f"text encoder {t5.info['text_encoder']} gives {t5.encoder.text_channels}-channel "
-                             f"features but the transformer {transformer} expects {width} (the released 2B and 8B "
-                             f"use flan-t5-xl, 2048: google/flan-t5-xl's folder in models/text_encoders)")
+        if width is not None:
+            check_text_width(width, t5.encoder.text_channels, transformer, t5.info["text_encoder"])
         model = models.load_infinity(paths.resolve_transformer(transformer), paths.resolve_vae(vae), precision,
                                      weight_format)
         models.check_text_channels(model, t5)

@@ -21,9 +21,9 @@ from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.memory import (MemoryPlan, MiB, admission_problem, overcommit_allowed,
                                            preview_peak_bytes)
 from ..scalekv_core.loader import (PRECISIONS, load_transformer, load_vae, native_resolution, resolve_precision,
-                                   vae_patchify_for)
+                                   t5_dtype, vae_patchify_for)
 from ..scalekv_core.model.block_swap import planned_device_bytes
-from ..scalekv_core.model.config import KNOWN_MODELS
+from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig
 from ..scalekv_core.model.quant import model_format
 from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
 from ..scalekv_core.pipeline import InfinityPipeline, check_text_width
@@ -103,7 +103,7 @@ class InfinityModel:
         sampling_mb, decode_mb = self.peaks_mb(schedule, batch, cache, cfg, decode_tile)
         device = self.patcher.load_device
         free = mm.get_free_memory(device) - (self.swapped_weight_bytes(block_swap) if block_swap else 0)
-        problem = admission_problem(sampling_mb, decode_mb, free, str(device), batch)
+        problem = admission_problem(sampling_mb, decode_mb, free, str(device), batch, decode_tile=decode_tile)
         if problem is not None:
             raise MemoryError(problem)
 
@@ -169,7 +169,7 @@ EMBEDDED_MODEL_NAME = "infinity-shapes"
 UNKNOWN_MODEL_NAME = "this model"
 
 
-def architecture_name(cfg, transformer: str | os.PathLike | None = None) -> str:
+def architecture_name(cfg: InfinityConfig, transformer: str | os.PathLike | None = None) -> str:
     """The model's name in user-facing text ("512x512 is outside what <name> was trained at", the widget's header):
     a released shape's ("infinity-2b"), the embedded model's by its file name, or "this model" for any other shape
     (a name like "custom" read as if it were a model called that)."""
@@ -202,21 +202,16 @@ def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
     return InfinityModel(pipeline, _patcher(InfinityModules(transformer, vae), load_device, offload_device), info)
 
 
-def t5_dtype(load_device, precision: str = "auto") -> torch.dtype:
-    """The dtype T5 loads in on the device that runs it: fp16 on CUDA (the original's choice) unless fp32 is asked,
-    fp32 elsewhere (the CPU)."""
-    return torch.float16 if torch.device(load_device).type == "cuda" and precision != "fp32" else torch.float32
-
-
-def t5_dtype_name(load_device, precision: str = "auto") -> str:
-    return _DTYPE_NAMES[t5_dtype(load_device, precision)]
+def t5_dtype_name(load_device: torch.device | str, precision: str = "auto") -> str:
+    """The dtype T5 loads in on `load_device` (loader.t5_dtype), by name: what the planner sizes it as."""
+    return _DTYPE_NAMES[t5_dtype(precision, load_device)]
 
 
 def load_t5(folder: str, precision: str = "auto", weights: str = "none") -> InfinityT5:
     """T5 encoder from a Hugging Face folder in `t5_dtype` (fp16 on CUDA unless fp32 is asked, fp32 on the CPU);
     `weights` stores its linears in 8 bits (quant.T5_WEIGHT_FORMATS), about half the memory."""
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
-    dtype = t5_dtype(load_device, precision)
+    dtype = t5_dtype(precision, load_device)
     if os.path.isfile(folder):  # a single-file T5: the tokenizer ComfyUI ships (paths.single_file_t5s)
         encoder = T5TextEncoder.from_single_file(folder, paths.host_t5_tokenizer(), device=offload_device,
                                                  dtype=dtype, weights=weights)
@@ -230,4 +225,5 @@ def load_t5(folder: str, precision: str = "auto", weights: str = "none") -> Infi
 
 def check_text_channels(model: InfinityModel, t5: InfinityT5) -> None:
     """The transformer cross-attends to T5 features of a fixed width: the two must agree."""
-    check_text_width(model.pipeline.transformer, t5.encoder, model.info["transformer"], t5.info["text_encoder"])
+    check_text_width(model.pipeline.transformer.cfg.text_channels, t5.encoder.text_channels, model.info["transformer"],
+                     t5.info["text_encoder"])

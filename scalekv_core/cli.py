@@ -271,7 +271,9 @@ def _read_prompts(text: str) -> list[str]:
         TEXTS["prompts"].check(content, f"--prompts {path}")
     except InputError as e:
         raise InputError(str(e)) from None
-    prompts = [line.strip() for line in content.splitlines() if line.strip()]
+    from .kvcache.calibration import prompt_lines
+
+    prompts = prompt_lines(content)
     if not prompts:
         raise InputError(f"--prompts {path}: no prompts (one per line)")
     for i, prompt in enumerate(prompts):
@@ -332,7 +334,7 @@ def _check_cache_flags(a: argparse.Namespace, schedule=None):
                          f"not {a.kv_policy}")
     config = _cache_config(a)
     if config.policy == "scalekv":
-        from .kvcache.calibration import check_window
+        from .kvcache.scoring import check_window
 
         check_window(a.window, "--window")
     if a.budget_file:
@@ -435,11 +437,9 @@ def _schedule(a: argparse.Namespace):
         return trained, None
     th, tw = trained.pixel_size
     schedule = schedule_for_pixels(tw if a.width is None else a.width, th if a.height is None else a.height)
-    note = resolution_note(native, schedule, Path(a.transformer).name)
-    if note:  # the node's hint names its menu's 'auto'; the CLI's is leaving out the flags
-        sentence = note.split("; 'auto' picks")[0]
-        note = f"note: {sentence}; without --width and --height it runs at {native[0]}"
-    return schedule, note
+    note = resolution_note(native, schedule, Path(a.transformer).name,
+                           hint="without --width and --height it runs at {label}")
+    return schedule, (f"note: {note}" if note else None)
 
 
 def _add_attention_flag(p: argparse.ArgumentParser) -> None:
@@ -678,7 +678,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 def _calibrate(a: argparse.Namespace) -> int:
     from .kvcache.budget import BudgetError, parse_budget
-    from .kvcache.calibration import calibrate, check_seeds, check_settings, check_window
+    from .kvcache.calibration import calibrate, check_seeds, check_settings
+    from .kvcache.scoring import check_window
     from .pipeline import InfinityPipeline
 
     # Everything that can be checked without the model, before loading it.
@@ -807,7 +808,7 @@ def _generate(a: argparse.Namespace) -> int:
         if note:
             print(f"note: {note}", file=sys.stderr)
     if t5 is not None:
-        check_text_width(pipe.transformer, t5, a.transformer, a.text_encoder)
+        check_text_width(pipe.transformer.cfg.text_channels, t5.text_channels, a.transformer, a.text_encoder)
         del t5
     if text_kv is not None and text_kv.text_channels != pipe.transformer.cfg.text_channels:
         raise InputError(f"--text-kv {a.text_kv}: {text_kv.text_channels} channels per token, but the transformer "
@@ -816,7 +817,7 @@ def _generate(a: argparse.Namespace) -> int:
         cfgs = a.cfg if isinstance(a.cfg, list) else [a.cfg]
         problem = pipe.admission_problem(schedule, a.batch, cache, cfg=any(c != 1 for c in cfgs),
                                          override=f"pass --no-memory-check (or set {ALLOW_OVERCOMMIT_ENV}=1)",
-                                         decode_tile=a.decode_tile)
+                                         decode_tile=a.decode_tile, tile_field="--decode-tile")
         if problem is not None:
             raise InputError(problem)
     if note:

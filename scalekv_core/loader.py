@@ -28,6 +28,12 @@ def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype
     return PRECISIONS[precision]
 
 
+def t5_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """The dtype T5 runs in: fp16 on CUDA (the original's choice) unless fp32 is asked, fp32 elsewhere (the CPU)."""
+    dtype = resolve_precision(precision, device)
+    return torch.float16 if dtype != torch.float32 and torch.device(device).type == "cuda" else torch.float32
+
+
 def _floating(dtype: torch.dtype | str) -> bool:
     """A torch dtype, or a safetensors header's dtype name (F32, BF16, F8_E4M3, I32 ...), that holds real numbers."""
     return dtype.is_floating_point if isinstance(dtype, torch.dtype) else dtype.upper().startswith(("F", "BF"))
@@ -121,9 +127,10 @@ def native_resolution(path: str | Path) -> tuple[str, bool]:
     return RELEASED_RESOLUTION, True
 
 
-def resolution_note(native: tuple[str, bool], schedule: Schedule, model: str = "this model") -> str | None:
+def resolution_note(native: tuple[str, bool], schedule: Schedule, model: str = "this model",
+                    hint: str = "'auto' picks {label}") -> str | None:
     """A sentence when `schedule` is outside what the model was trained at (same size class; same aspect too when
-    only one was trained), else None."""
+    only one was trained), else None; it ends with `hint` ({label}: the trained resolution), the caller's way back."""
     label, any_aspect = native
     trained = schedule_from_label(label)
     if trained.size == schedule.size and (any_aspect or trained.template == schedule.template):
@@ -131,7 +138,7 @@ def resolution_note(native: tuple[str, bool], schedule: Schedule, model: str = "
     h, w = schedule.pixel_size
     where = f"{label.split(' ')[0]}-class sizes at any aspect" if any_aspect else label
     return (f"{w}x{h} is outside what {model} was trained at ({where}): expect a weaker picture; "
-            f"'auto' picks {label}")
+            + hint.format(label=label))
 
 
 def declared_format(path: str | Path) -> tuple[str, int] | None:

@@ -18,7 +18,7 @@ from .kvcache.cache import KeptRecorder
 from .kvcache.memory import (ALLOW_OVERCOMMIT_ENV, MemoryPlan, MemoryReport, PeakMeter, admission_problem,
                              build_report, free_memory_bytes, plan_memory)
 from .limits import LIMITS
-from .loader import PRECISIONS, load_transformer, load_vae, resolve_precision, vae_patchify_for
+from .loader import PRECISIONS, load_transformer, load_vae, resolve_precision, t5_dtype, vae_patchify_for
 from .model.block_swap import check_block_swap, planned_device_bytes, swap_blocks
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
@@ -151,12 +151,13 @@ def decoded_to_uint8(decoded: torch.Tensor) -> np.ndarray:
     return img.cpu().numpy()
 
 
-def check_text_width(transformer: Infinity, encoder: T5TextEncoder, transformer_name: str, encoder_name: str) -> None:
-    """The transformer cross-attends to T5 features of a fixed width; a different T5 is an error naming both."""
-    expected = transformer.cfg.text_channels
-    if encoder.text_channels != expected:
-        raise ValueError(f"text encoder {encoder_name} gives {encoder.text_channels}-channel features but the "
-                         f"transformer {transformer_name} expects {expected} (flan-t5-xl: 2048)")
+def check_text_width(expected: int, got: int, transformer_name: str, encoder_name: str) -> None:
+    """The transformer cross-attends to T5 features of a fixed width (`expected`, its cfg.text_channels); a T5 of
+    another width (`got`) is an error naming both files and the encoder the released models use."""
+    if got != expected:
+        raise ValueError(f"text encoder {encoder_name} gives {got}-channel features but the transformer "
+                         f"{transformer_name} expects {expected} (the released 2B and 8B use flan-t5-xl, 2048: "
+                         f"google/flan-t5-xl's folder)")
 
 
 def load_text_encoder(folder: str | Path, device: str = "cpu", precision: str = "fp32",
@@ -164,8 +165,7 @@ def load_text_encoder(folder: str | Path, device: str = "cpu", precision: str = 
     """T5 as the pipeline runs it: fp16 on CUDA unless fp32 is asked (the original's choice), fp32 on the CPU;
     `weights` "fp8_e4m3fn" stores its linears in 8 bits. `folder` is a Hugging Face folder, or one .safetensors
     file (as ComfyUI keeps text encoders) with `tokenizer`, a folder holding T5's tokenizer."""
-    dtype = resolve_precision(precision, device)
-    te_dtype = torch.float16 if dtype != torch.float32 and torch.device(device).type == "cuda" else torch.float32
+    te_dtype = t5_dtype(precision, device)
     path = Path(folder).expanduser()
     if path.is_file():
         if tokenizer is None:
@@ -223,7 +223,7 @@ class InfinityPipeline:
         te = None
         if text_encoder is not None:
             te = load_text_encoder(text_encoder, device, precision, t5_weights, t5_tokenizer)
-            check_text_width(model, te, str(transformer), str(text_encoder))
+            check_text_width(model.cfg.text_channels, te.text_channels, str(transformer), str(text_encoder))
         return cls(model, vae_model, te, device=device, block_swap=block_swap)
 
     @property
@@ -348,13 +348,14 @@ class InfinityPipeline:
 
     def admission_problem(self, schedule: Schedule, batch: int, cache: CacheConfig | None = None, cfg: bool = True,
                           override: str = f"set {ALLOW_OVERCOMMIT_ENV}=1",
-                          decode_tile: int | None = None) -> str | None:
+                          decode_tile: int | None = None, tile_field: str = "decode_tile") -> str | None:
         """Why a run must not start on this device (its planned peak exceeds the free memory), or None."""
         plan = self.plan_memory(schedule, batch, cache, cfg, decode_tile)
         free = free_memory_bytes(self.device)
         if free is not None and self.transformer.pos_start.device != self.device:  # its weights arrive at sampling
             free -= planned_device_bytes(self.transformer, self.block_swap)
-        return admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, free, str(self.device), batch, override)
+        return admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, free, str(self.device), batch, override,
+                                 decode_tile, tile_field)
 
     def memory_report(self, samples: SampleOutput, batch: int, settings: SamplerSettings, schedule: Schedule,
                       meter: PeakMeter | None = None) -> MemoryReport:

@@ -140,6 +140,7 @@ def measure(fn, device: torch.device) -> tuple[torch.Tensor, int, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, parsed with the CLI's one-line errors."""
     from ..cli import Parser, _device
 
     p = Parser(prog="python -m scalekv_core.bench decode", description=__doc__.split("\n\n")[0],

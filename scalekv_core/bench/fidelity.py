@@ -55,9 +55,9 @@ WINDOWS = (16, 9, 4, 1)
 
 
 def build_parser(prog: str = "python -m scalekv_core.bench fidelity") -> argparse.ArgumentParser:
+    """The command's flags (also used by `python -m scalekv_core.bench fidelity --help`)."""
     from ..cli import Parser
 
-    """The command's flags (also used by `python -m scalekv_core.bench fidelity --help`)."""
     p = Parser(prog=prog, description="Image fidelity of every KV policy against the full cache.")
     m = p.add_argument_group("model")
     m.add_argument("--transformer", default=str(DEFAULT_TRANSFORMER), help="Infinity checkpoint")
@@ -211,8 +211,11 @@ def _configs(a: argparse.Namespace, labels: list[str], budgets: list[str], windo
 
 def calibration_captions(n: int) -> list[str]:
     """Captions from the shapes training split, disjoint from `eval_pairs`' held-out captions."""
-    if n < 1:
-        raise ValueError(f"--calibration-captions must be >= 1, got {n}")
+    from ..limits import LIMITS
+
+    most = int(LIMITS["calibration_prompts"].max)  # each is a generation of the calibration
+    if not 1 <= n <= most:
+        raise ValueError(f"--calibration-captions must be from 1 to {most}, got {n}")
     try:
         shapes = importlib.import_module("scalekv_core.training.shapes")
     except ImportError as e:
@@ -661,6 +664,8 @@ def run(a: argparse.Namespace) -> dict | None:
     if not labels and not formats:
         raise ValueError("--policies none leaves nothing to compare; give --weights too (e.g. none,int8)")
     _check_model_files(a)
+    if CALIBRATED in labels:
+        calibration_captions(a.calibration_captions)  # its count, before any model loads
     from ..cli import _output_folder
 
     _output_folder(a.out, "--out")  # before any work: the folder exists or can be made, and takes files

@@ -13,6 +13,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -23,7 +24,7 @@ from ..model.text_encoder import TextConditioning
 from ..model.transformer import Infinity
 from ..safe_files import write_text
 from ..sampler import SamplerSettings, sample
-from ..schedules import get_schedule
+from ..schedules import Schedule, get_schedule
 
 TINY = Path(__file__).resolve().parents[2] / "tests" / "data" / "infinity-tiny"
 POLICIES = ["sliding_window", "streamingllm", "snapkv", "pyramidkv", "scalekv"]
@@ -84,6 +85,7 @@ def _run(model: Infinity, cond: TextConditioning, schedule, config: CacheConfig,
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, parsed with the CLI's one-line errors."""
     from ..cli import Parser, _device, _number
     from ..kvcache.config import KV_DTYPES
     from ..kvcache.policies.scalekv import SCORINGS
@@ -122,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def policy_list(text: str, flag: str = "--policies", allowed=None, what: str = "policy") -> list[str]:
+def policy_list(text: str, flag: str = "--policies", allowed: Sequence[str] | None = None,
+                what: str = "policy") -> list[str]:
     """Comma-separated names (KV policies unless `allowed` says otherwise), each known: InputError naming `flag`
     and the name otherwise."""
     from ..kvcache.config import POLICIES as KNOWN
@@ -137,7 +140,7 @@ def policy_list(text: str, flag: str = "--policies", allowed=None, what: str = "
     return names
 
 
-def check_configs(configs: list[CacheConfig], schedule, budget_flag: str) -> None:
+def check_configs(configs: list[CacheConfig], schedule: Schedule, budget_flag: str) -> None:
     """Each cache setting valid, its % or token budget tried on the schedule (the CLI's check, before any work)."""
     from ..kvcache.budget import BudgetError
     from ..limits import InputError
@@ -146,7 +149,7 @@ def check_configs(configs: list[CacheConfig], schedule, budget_flag: str) -> Non
         try:
             config.validate()
             if config.policy == "scalekv":
-                from ..kvcache.calibration import check_window
+                from ..kvcache.scoring import check_window
 
                 check_window(config.window, "--window")
             if config.policy != "full" and not str(config.budget).lower().endswith("mb"):

@@ -25,6 +25,7 @@ from .metrics import bits_agreement, psnr, to_unit
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, parsed with the CLI's one-line errors."""
     from ..cli import Parser
     from ..model.quant import T5_WEIGHT_FORMATS
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from ..model.text_encoder import TextConditioning
+from .scoring import check_window
 from ..schedules import Schedule
 from .budget import BudgetError, BudgetPlan, plan_to_original_json, scalekv_plan
 from .config import CacheConfig
@@ -212,6 +213,11 @@ class CalibrationResult:
         return path, side
 
 
+def prompt_lines(text: str) -> list[str]:
+    """A calibration's prompts as artists write them: one per non-empty line, stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def check_seeds(seed: int, prompts: int, field: str = "seed", prompts_field: str = "prompts") -> int:
     """Prompt i is measured with seed + i: the last of them must be a seed too (InputError naming `field`); and
     no more prompts than the limits table allows (each is a generation; all their encodings are held at once)."""
@@ -228,17 +234,6 @@ def check_seeds(seed: int, prompts: int, field: str = "seed", prompts_field: str
                          f"{seed} + {prompts - 1} is above the largest seed {LIMITS['seed'].max}; use a seed of at "
                          f"most {LIMITS['seed'].max - prompts + 1}")
     return seed
-
-
-def check_window(window: int, field: str = "window") -> int:
-    """ScaleKV's observation window is a sqrt(window) x sqrt(window) grid: a square number of tokens."""
-    from ..limits import LIMITS, InputError
-
-    window = LIMITS["window"].check(window, field)
-    if math.isqrt(window) ** 2 != window:
-        raise InputError(f"{field}: {window} is not a square number of tokens; ScaleKV's observation window is a "
-                         f"grid (4, 9, 16, 25, ...)")
-    return window
 
 
 def check_settings(schedule: Schedule, budget_tokens: int, window: int = 16, refiner_decay: float = 0.0,

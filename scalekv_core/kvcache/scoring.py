@@ -12,14 +12,24 @@ import torch.nn.functional as F
 POOLINGS = ("maxpool", "avgpool")
 
 
+def check_window(window: int, field: str = "window") -> int:
+    """ScaleKV's observation window is a √window x √window grid: a square number of tokens within the limits
+    table (InputError naming `field`). The one statement of the rule: engine, CLI, benchmarks and nodes use it."""
+    from ..limits import LIMITS, InputError
+
+    window = LIMITS["window"].check(window, field)
+    if math.isqrt(window) ** 2 != window:
+        raise InputError(f"{field}: {window} is not a square number of tokens; ScaleKV observes a √window x "
+                         f"√window grid of the token map: use 4, 9, 16, 25, ...")
+    return window
+
+
 def grid_window(h: int, w: int, window: int) -> list[int]:
     """Row-major indices of the cell centres of a √window x √window grid over an h x w map (ScaleKV's window).
 
     Maps smaller than the grid use every cell (at most `window`).
     """
-    g = math.isqrt(window)
-    if g * g != window:
-        raise ValueError(f"the observation window must be a square number of tokens (4, 9, 16, ...), got {window}")
+    g = math.isqrt(check_window(window))
     gh, gw = min(g, h), min(g, w)
     ph, pw = h // gh, w // gw
     rows = [i * ph + (ph - 1) // 2 for i in range(gh)]
@@ -68,9 +78,7 @@ class ScheduleTables:
 
 def _device_window(h: int, w: int, window: int, device: torch.device) -> torch.Tensor:
     """grid_window(h, w, window) made with device ops (two strided ranges), never copied from the host."""
-    g = math.isqrt(window)
-    if g * g != window:
-        raise ValueError(f"the observation window must be a square number of tokens (4, 9, 16, ...), got {window}")
+    g = math.isqrt(check_window(window))
     gh, gw = min(g, h), min(g, w)
     ph, pw = h // gh, w // gw
     r0, c0 = (ph - 1) // 2, (pw - 1) // 2
