@@ -26,7 +26,7 @@ from scalekv_core.kvcache import CacheConfig
 from scalekv_core.kvcache.budget import kv_bytes_per_token, plan_to_original_json
 from scalekv_core.job_memory import JobOptions, plan_job, t5_shape
 from scalekv_core.kvcache.memory import plan_memory
-from scalekv_core.loader import load_transformer
+from scalekv_core.loader import load_transformer, load_vae
 from scalekv_core.model.config import KNOWN_MODELS
 from scalekv_core.schedules import schedule_from_label
 from test_comfy_server import server  # noqa: F401  (the real ComfyUI with this pack and the tiny models)
@@ -143,16 +143,19 @@ def expected(cfg, budget: int, resolution: str = RES, budget_file: str | None = 
                      "drafters": f"{len(ds)}×{max(kept[i] for i in ds)}" if ds else "–",
                      "refiners": f"{len(rs)}×{hi}" if lo == hi else f"{len(rs)}×{lo}…{hi}",
                      "mb": sum(kept) * tb / MiB, "full_mb": full * cfg.depth * tb / MiB})
-    # the whole job: the loader's tiny T5 and VAE when the graph has the loader (tiny model), else T5-XL and the
-    # released VAE; T5 offloaded (ComfyUI frees it for the sampler); against the server's device (the CPU here)
+    # the whole job: the loader's tiny T5 and VAE (its decoder's shape too) when the graph has the loader (tiny
+    # model), else T5-XL and the released VAE; T5 offloaded (ComfyUI frees it for the sampler) and in fp32, as the
+    # loader holds it on the server's device (the CPU here)
     files = {}
     if cfg == load_transformer(TINY / "infinity_tiny.safetensors").cfg:
         from safetensors.torch import load_file
+        vae = load_vae(TINY / "vae_tiny.safetensors").cfg
         files = dict(t5=t5_shape(json.loads((TINY / "t5_tiny" / "config.json").read_text())),
-                     vae_params=sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values()))
+                     vae_params=sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values()),
+                     vae_shape=(vae.base_ch, vae.patch_size))
     h, w = schedule.pixel_size
-    job = plan_job(cfg, w, h, 1, JobOptions(dtype="fp32", t5_offload=True, previews=True, **job_options),
-                   cache=config, **files)
+    job = plan_job(cfg, w, h, 1, JobOptions(dtype="fp32", t5_offload=True, previews=True, t5_dtype="fp32",
+                                            **job_options), cache=config, **files)
     return {"rows": rows, "stored_peak": memory.analytic_mb, "full_total": memory.full_analytic_mb,
             "planned_peak": memory.sampling_peak_mb, "job_gib": f"{job.peak_mb / 1024:.2f} GiB", "job": job,
             "last_scale": f"{schedule.num_scales - 1} {schedule.grids[-1][0]}×{schedule.grids[-1][1]}",

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from scalekv_core.job_memory import JobOptions, plan_job, t5_shape
 from scalekv_core.kvcache import CacheConfig
-from scalekv_core.loader import load_transformer
+from scalekv_core.loader import load_transformer, load_vae
 from test_comfy_browser import missing_browser, run_check
 from test_comfy_server import TINY, server  # noqa: F401  (the module-scoped server fixture)
 from test_comfy_workflows import comfy  # noqa: F401  (the tiny files under the embedded model's names)
@@ -70,12 +70,15 @@ def test_previews_are_colour_pictures_of_the_outputs_size(runs):
 
 def job_line_gib() -> str:
     """The planner's whole-job peak for the workflows' graph on this server: the tiny stand-ins (T5 and VAE from
-    their files), fp32 blocks on the CPU, T5 offloaded, previews, ScaleKV 10%, at the stand-in's 256x256."""
+    their files, the VAE's decoder shape too), fp32 blocks and T5 on the CPU, T5 offloaded, previews, ScaleKV 10%,
+    at the stand-in's 256x256."""
     cfg = load_transformer(TINY / "infinity_tiny.safetensors").cfg
     t5 = t5_shape(json.loads((TINY / "t5_tiny" / "config.json").read_text()))
     vae = sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values())
-    job = plan_job(cfg, 256, 256, 1, JobOptions(dtype="fp32", t5_offload=True, previews=True),
-                   cache=CacheConfig(policy="scalekv", budget="10%"), t5=t5, vae_params=vae)
+    shape = load_vae(TINY / "vae_tiny.safetensors").cfg
+    job = plan_job(cfg, 256, 256, 1, JobOptions(dtype="fp32", t5_offload=True, previews=True, t5_dtype="fp32"),
+                   cache=CacheConfig(policy="scalekv", budget="10%"), t5=t5, vae_params=vae,
+                   vae_shape=(shape.base_ch, shape.patch_size))
     return f"{job.peak_mb / 1024:.2f} GiB"
 
 
