@@ -34,6 +34,14 @@ def _load(path: Path):
     return load_budget_file(path, ONE_K, LAYERS, BASE)
 
 
+def _refused(tmp_path: Path, data: dict, pattern: str) -> tuple[Path, str]:
+    """`data` written as a budget file and loaded: the BudgetError (matching `pattern`) and the file's path."""
+    path = _budget(tmp_path, data)
+    with pytest.raises(BudgetError, match=pattern) as e:
+        _load(path)
+    return path, str(e.value)
+
+
 # ------------------------------------------------------------------------------------------ the shared rules
 
 
@@ -72,28 +80,22 @@ def test_valid_budget_file_reads_as_before(tmp_path: Path) -> None:
 def test_unicode_digit_scale_key_is_named(tmp_path: Path, key: str) -> None:
     data = _preset()
     data[key] = data["Scale 9"]
-    path = _budget(tmp_path, data)
-    with pytest.raises(BudgetError, match=rf"unexpected field '{key}'") as e:
-        _load(path)
-    assert str(path) in str(e.value)
+    path, message = _refused(tmp_path, data, rf"unexpected field '{key}'")
+    assert str(path) in message
 
 
 def test_unicode_digit_block_key_is_named(tmp_path: Path) -> None:
     data = _preset()
     data["Scale 9"]["Block ²"] = 0
-    path = _budget(tmp_path, data)
-    with pytest.raises(BudgetError, match=r"'Scale 9' is for another depth.*'Block ²'") as e:
-        _load(path)
-    assert str(path) in str(e.value)
+    path, message = _refused(tmp_path, data, r"'Scale 9' is for another depth.*'Block ²'")
+    assert str(path) in message
 
 
 def test_huge_scale_number_is_named(tmp_path: Path) -> None:
     data = _preset()
     data["Scale " + BIG] = data["Scale 9"]
-    path = _budget(tmp_path, data)
-    with pytest.raises(BudgetError, match="names a scale far past the schedule's 13") as e:
-        _load(path)
-    assert str(path) in str(e.value)
+    path, message = _refused(tmp_path, data, "names a scale far past the schedule's 13")
+    assert str(path) in message
 
 
 @pytest.mark.parametrize("field", ["Max", "Min"])
@@ -116,20 +118,15 @@ def test_long_number_in_an_ignored_budget_field_is_named(tmp_path: Path) -> None
 def test_non_positive_cap_names_file_and_field(tmp_path: Path, field: str, value: int) -> None:
     data = _preset()
     data["Scale 9"][field] = value
-    path = _budget(tmp_path, data)
-    with pytest.raises(BudgetError, match=rf"'Scale 9\.{field}' must be an integer from 1 to 10521.*got {value}$") \
-            as e:
-        _load(path)
-    assert str(e.value).startswith(f"{path}: ")
+    path, message = _refused(tmp_path, data, rf"'Scale 9\.{field}' must be an integer from 1 to 10521.*got {value}$")
+    assert message.startswith(f"{path}: ")
 
 
 def test_cap_past_the_schedule_names_file_and_field(tmp_path: Path) -> None:
     data = _preset()
     data["Scale 10"]["Max"] = 10**50
-    path = _budget(tmp_path, data)
-    with pytest.raises(BudgetError, match=r"'Scale 10\.Max' must be an integer from 1 to 10521") as e:
-        _load(path)
-    assert str(e.value).startswith(f"{path}: ")
+    path, message = _refused(tmp_path, data, r"'Scale 10\.Max' must be an integer from 1 to 10521")
+    assert message.startswith(f"{path}: ")
     data["Scale 10"]["Max"] = sum(ONE_K.tokens_per_scale)  # the whole schedule is still a count a layer can hold
     plan = _load(_budget(tmp_path, data))
     assert plan.kept[8][0] == plan.kept[7][0] + ONE_K.tokens_per_scale[8]  # uncapped: keeps all it has
