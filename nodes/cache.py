@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import PRESETS, parse_budget
-from ..scalekv_core.kvcache.calibration import calibrate, check_seeds, measurement_cache, prompt_lines
+from ..scalekv_core.kvcache.calibration import calibrate, check_prompts, measurement_cache, prompt_lines
 from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES, POLICY_SETTINGS
 from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
 from ..scalekv_core.kvcache.scoring import POOLINGS, check_window
@@ -279,7 +279,7 @@ class ScaleKVCalibrate(io.ComfyNode):
             problem = "prompts: ScaleKV Calibrate needs at least one prompt (one per line)"
         if problem is None and prompts is not None:
             try:  # before any prompt is encoded
-                check_seeds(0, len(prompt_lines(prompts)))
+                check_prompts(0, len(prompt_lines(prompts)))
             except ValueError as e:
                 problem = str(e)
         return True if problem is None else problem
@@ -302,7 +302,7 @@ class ScaleKVCalibrate(io.ComfyNode):
         if problem is not True:
             raise ValueError(problem)
         lines = prompt_lines(prompts)
-        check_seeds(seed, len(lines))  # prompt i uses seed + i: refused before any prompt is encoded
+        check_prompts(seed, len(lines))  # prompt i uses seed + i: refused before any prompt is encoded
         schedule = schedule_for(resolution, model.info.get("native_resolution"))
         tokens = parse_budget(f"{budget:g}%", schedule)
         name = calibration_file_name(filename_prefix, schedule, budget)

@@ -678,7 +678,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 def _calibrate(a: argparse.Namespace) -> int:
     from .kvcache.budget import BudgetError, parse_budget
-    from .kvcache.calibration import calibrate, check_seeds, check_settings
+    from .kvcache.calibration import calibrate, check_prompts, check_settings
     from .kvcache.scoring import check_window
     from .pipeline import InfinityPipeline
 
@@ -686,7 +686,7 @@ def _calibrate(a: argparse.Namespace) -> int:
     prompts = _read_prompts(a.prompts)
     out = _output_file(a.out, "--out")
     _output_file(str(out.with_name(out.stem + ".asi.json")), "--out")  # the ASI table is written beside it
-    check_seeds(a.seed, len(prompts), "--seed", "--prompts")
+    check_prompts(a.seed, len(prompts), "--seed", "--prompts")
     check_window(a.window, "--window")
     schedule, note = _schedule(a)
     _check_lists(a, schedule)

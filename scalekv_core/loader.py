@@ -39,12 +39,13 @@ def _floating(dtype: torch.dtype | str) -> bool:
     return dtype.is_floating_point if isinstance(dtype, torch.dtype) else dtype.upper().startswith(("F", "BF"))
 
 
-def check_float_tensors(expected: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype | str],
+def check_float_tensors(expected: Mapping[str, torch.Tensor] | None, dtypes: Mapping[str, torch.dtype | str],
                         source: str) -> None:
-    """Refuse integer or bool tensors where the model holds floating-point ones (naming the file and the keys):
-    load_state_dict fails on them with a page of traceback, and Hugging Face's loader casts them silently."""
+    """Refuse integer or bool tensors where the model (`expected`; None: every key) holds floating-point ones,
+    naming the file and the keys: load_state_dict fails on them with a page of traceback, and Hugging Face's
+    loader casts them silently."""
     wrong = [f"'{k}' is {str(d).replace('torch.', '')}" for k, d in dtypes.items()
-             if k in expected and expected[k].is_floating_point() and not _floating(d)]
+             if (expected is None or (k in expected and expected[k].is_floating_point())) and not _floating(d)]
     if wrong:
         more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
         raise CheckpointError(f"{source}: {', '.join(wrong[:5])}{more}; expected floating-point weights "

@@ -169,10 +169,10 @@ def test_budget_that_never_compresses_is_rejected(pipe):
 
 
 def test_more_prompts_than_the_limit_are_refused_before_any_generation() -> None:
-    from scalekv_core.kvcache.calibration import check_seeds
+    from scalekv_core.kvcache.calibration import check_prompts
     from scalekv_core.limits import LIMITS, InputError
 
     most = int(LIMITS["calibration_prompts"].max)
-    assert check_seeds(0, most) == 0
+    assert check_prompts(0, most) == 0
     with pytest.raises(InputError, match=f"--prompts: {most + 1} prompts; a calibration takes at most {most}"):
-        check_seeds(0, most + 1, "--seed", "--prompts")
+        check_prompts(0, most + 1, "--seed", "--prompts")

@@ -193,9 +193,9 @@ def test_calibrate_refuses_seeds_past_the_range_before_any_work(tmp_path, capsys
                              "--out", str(tmp_path / "b.json")))
     _one_error(capsys, rc, "--seed", str(last - 1))
     # one below is fine for one prompt fewer: the check is seed + prompts - 1
-    from scalekv_core.kvcache.calibration import check_seeds
+    from scalekv_core.kvcache.calibration import check_prompts
 
-    assert check_seeds(last - 2, 3) == last - 2
+    assert check_prompts(last - 2, 3) == last - 2
 
 
 def test_the_calibration_api_refuses_the_seed_before_any_generation(monkeypatch) -> None:

@@ -121,7 +121,7 @@ def measure_asi(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextCo
         raise ValueError("calibration needs at least one prompt")
     if max_queries < 1 or not 0 < topk_fraction <= 1:
         raise ValueError(f"need max_queries >= 1 and 0 < topk_fraction <= 1, got {max_queries}, {topk_fraction}")
-    check_seeds(seed, len(prompts))
+    check_prompts(seed, len(prompts))
     model = pipe.transformer
     n, layers = schedule.num_scales, model.cfg.depth
     cur = torch.zeros(n, layers, dtype=torch.float32, device=pipe.device)  # accumulated on device: no sync per layer
@@ -218,7 +218,7 @@ def prompt_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def check_seeds(seed: int, prompts: int, field: str = "seed", prompts_field: str = "prompts") -> int:
+def check_prompts(seed: int, prompts: int, field: str = "seed", prompts_field: str = "prompts") -> int:
     """Prompt i is measured with seed + i: the last of them must be a seed too (InputError naming `field`); and
     no more prompts than the limits table allows (each is a generation; all their encodings are held at once)."""
     from ..limits import LIMITS, InputError
@@ -261,7 +261,7 @@ def calibrate(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextCond
     """
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
-    check_seeds(seed, len(prompts))
+    check_prompts(seed, len(prompts))
     scales = check_settings(schedule, budget_tokens, window, refiner_decay, pipe.transformer.cfg.depth)
     table = measure_asi(pipe, prompts, schedule, seed=seed, on_prompt=on_prompt, **sampling)
     drafters = select_drafters(table, num_drafters, scales)
