@@ -4,9 +4,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..scalekv_core.limits import brief, shown
+from ..scalekv_core.loader import transformer_config_of
 from ..scalekv_core.model.quant import T5_WEIGHT_FORMATS, WEIGHT_FORMATS
 from ..scalekv_core.pipeline import check_text_width
-from . import models, paths, routes, widgets
+from . import models, paths, widgets
 from .io_types import CATEGORY, InfinityConditioningType, InfinityModelType, InfinityT5Type, schema
 
 
@@ -86,13 +87,14 @@ class InfinityModelLoader(io.ComfyNode):
         # T5 first, then the transformer's width from its header: a T5 folder without its tokenizer, or one that
         # does not fit the transformer, is refused in seconds, before the transformer (16 GB for the 8B) loads
         t5 = models.load_t5(paths.resolve_text_encoder(text_encoder), precision, t5_weights)
+        transformer_path = paths.resolve_transformer(transformer)
         try:
-            width = routes.transformer_config(transformer).text_channels
-        except routes.PlanInputError:  # unreadable here: the loader below names the problem
+            width = transformer_config_of(transformer_path).text_channels
+        except (OSError, ValueError):  # unreadable here: the loader below names the problem
             width = None
         if width is not None:
             check_text_width(width, t5.encoder.text_channels, transformer, t5.info["text_encoder"])
-        model = models.load_infinity(paths.resolve_transformer(transformer), paths.resolve_vae(vae), precision,
+        model = models.load_infinity(transformer_path, paths.resolve_vae(vae), precision,
                                      weight_format)
         models.check_text_channels(model, t5)
         return io.NodeOutput(model, t5)

@@ -15,25 +15,24 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
 import comfy.model_management as mm
 
-from ..scalekv_core.checkpoint import CheckpointError, load_state_dict, shard_files
+from ..scalekv_core.checkpoint import CheckpointError, tensor_shapes
 from ..scalekv_core.kvcache.budget import PRESETS
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
 from ..scalekv_core.job_memory import T5_XL, VAE_PARAMS, JobOptions, plan_job, t5_shape
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
-from ..scalekv_core.loader import PRECISIONS, declared_format, format_to_load, native_resolution
-from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig, detect_infinity_config
-from ..scalekv_core.model.quant import logical_shapes
+from ..scalekv_core.loader import PRECISIONS, declared_format, format_to_load, native_resolution, transformer_config_of
+from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig
 from ..scalekv_core.model.text_encoder import TEXT_MAXLEN, single_file_t5_config
 from ..scalekv_core.model.vae import detect_vae_config
 from ..scalekv_core.limits import brief, shown
-from ..scalekv_core.safe_files import open_regular, read_text
+from ..scalekv_core.safe_files import read_text
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label
 from . import models, paths
 from .cache import (AUTO_RESOLUTION, DEFAULT_RESOLUTION, budget_file_for, budget_settings_problem, budget_spec,
@@ -50,9 +49,8 @@ NODE_CHECKED = ("policy", "budget_unit", "budget", "window", "kernel", "budget_s
 MAX_BODY_BYTES = 1 << 20
 #: Largest T5 config.json read (flan-t5-xl's is 1.5 KB).
 MAX_T5_CONFIG_BYTES = 1 << 20
-#: Largest safetensors header read for a shape (the real 8B shards' headers are about 100 KB).
-MAX_HEADER_BYTES = 100 << 20
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PlanInputError(ValueError):
@@ -62,41 +60,32 @@ class PlanInputError(ValueError):
 # ------------------------------------------------------------------------------------------- model shapes
 
 
-def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header alone (8-byte length + JSON), without reading the weights."""
-    with open_regular(path, "checkpoint", PlanInputError) as (f, file_size):
-        size = int.from_bytes(f.read(8), "little")
-        if not 0 < size <= min(file_size - 8, MAX_HEADER_BYTES):
-            raise PlanInputError(f"transformer: {path}: not a safetensors file (header length {size})")
+#: Header reads by (what, file, mtime), failures included: the widget asks on every change, and neither a shard
+#: folder's headers nor a broken file need reading again until the file changes. Cleared past MAX_CACHED entries.
+_header_cache: dict[tuple[str, str, float], object] = {}
+MAX_CACHED = 256
+
+
+def _read_once(what: str, path: Path, read: Callable[[Path], T]) -> T:
+    """`read(path)` once per file and mtime; its error (OSError, ValueError, KeyError, TypeError) is kept and raised
+    again, as the route's 400 naming `what`."""
+    try:
+        key = (what, str(path), path.stat().st_mtime)
+    except (OSError, ValueError) as e:
+        raise PlanInputError(f"{what}: {brief(str(e))}") from None
+    if key not in _header_cache:
+        if len(_header_cache) >= MAX_CACHED:
+            _header_cache.clear()
         try:
-            header = json.loads(f.read(size))
-            return {str(k): tuple(int(n) for n in v["shape"]) for k, v in header.items()
-                    if k != "__metadata__" and isinstance(v, dict)}
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, ValueError,
-                AttributeError) as e:
-            raise PlanInputError(f"transformer: {path}: unreadable safetensors header: {type(e).__name__}") from None
-
-
-def _is_safetensors(path: Path) -> bool:
-    with open_regular(path, "checkpoint", PlanInputError) as (f, _):
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
-def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    if _is_safetensors(path):
-        return _safetensors_shapes(path)
-    # torch.save zip files are memory-mapped by the checkpoint reader: only the pickle's metadata is read
-    return {k: tuple(v.shape) for k, v in load_state_dict(path).items()}
-
-
-def _strip_module(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    if shapes and all(k.startswith("module.") for k in shapes):
-        return {k[len("module."):]: v for k, v in shapes.items()}
-    return shapes
-
-
-_shape_cache: dict[tuple[str, float], InfinityConfig] = {}
+            _header_cache[key] = read(path)
+        except PlanInputError as e:
+            _header_cache[key] = e
+        except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError and JSONDecodeError: ValueErrors
+            _header_cache[key] = PlanInputError(f"{what}: {brief(str(e))}")
+    found = _header_cache[key]
+    if isinstance(found, PlanInputError):
+        raise PlanInputError(str(found))
+    return found  # type: ignore[return-value]
 
 
 def _transformer_path(name: str) -> Path:
@@ -108,41 +97,16 @@ def _transformer_path(name: str) -> Path:
 
 
 def transformer_config(name: str) -> InfinityConfig:
-    """The architecture of a models/infinity transformer, read from its header (cached per file and mtime)."""
-    path = _transformer_path(name)
-    key = (str(path), path.stat().st_mtime)
-    if key not in _shape_cache:
-        try:
-            if path.is_dir():
-                shapes: dict[str, tuple[int, ...]] = {}
-                for shard in shard_files(path):  # refuses entries that leave the folder
-                    shapes.update(_file_shapes(shard))
-            else:
-                shapes = _file_shapes(path)
-            # a pre-quantized file (convert --weights) names its packed block weights `weight_q`
-            _shape_cache[key] = detect_infinity_config(logical_shapes(_strip_module(shapes)), str(path))
-        except PlanInputError:
-            raise
-        except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
-            raise PlanInputError(f"transformer: {path}: cannot read its shape: {brief(str(e))}") from None
-    return _shape_cache[key]
+    """The architecture of a models/infinity transformer, read from its header."""
+    return _read_once("transformer", _transformer_path(name), transformer_config_of)
 
 
 def transformer_format(name: str) -> tuple[str, int] | None:
     """(format, group size) a pre-quantized transformer file declares in its metadata (`convert --weights`), None
-    for an ordinary checkpoint; read from its header alone, as the loader recognises it (cached per file and mtime).
+    for an ordinary checkpoint; read from its header alone, as the loader recognises it.
     A shard folder is never pre-quantized (convert writes one .safetensors file)."""
-    path = _transformer_path(name)
-    try:
-        key = (str(path), path.stat().st_mtime)
-        if key not in _format_cache:
-            _format_cache[key] = declared_format(path)
-        return _format_cache[key]
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError: an unknown format, version or group size
-        raise PlanInputError(f"transformer: {brief(str(e))}") from None
-
-
-_format_cache: dict[tuple[str, float], tuple[str, int] | None] = {}
+    # CheckpointError (a ValueError): an unknown format, version or group size
+    return _read_once("transformer format", _transformer_path(name), declared_format)
 
 
 def job_weights(s: PlanSettings) -> str:
@@ -179,20 +143,29 @@ def model_config(s: PlanSettings) -> tuple[InfinityConfig, dict]:
     return KNOWN_MODELS[name], {"name": f"infinity-{name}", "source": "default" if s.model is None else name}
 
 
+def _t5_shape(folder: Path) -> dict:
+    if folder.is_file():  # a single-file T5 encoder: its shape is in its tensors (header only), as the loader reads it
+        return t5_shape(single_file_t5_config(folder).to_dict())
+    return t5_shape(json.loads(read_text(folder / "config.json", MAX_T5_CONFIG_BYTES, "T5 config.json",
+                                          PlanInputError)))
+
+
 def t5_config(name: str | None) -> dict:
     """The loader's T5 folder's shape (its config.json), or flan-t5-xl's when no loader is connected."""
     if not name:
         return T5_XL
     try:
         folder = Path(paths.resolve_text_encoder(name))
-        if folder.is_file():  # a single-file T5 encoder: its shape is in its tensors (header only), as the loader reads it
-            return t5_shape(single_file_t5_config(folder).to_dict())
-        return t5_shape(json.loads(read_text(folder / "config.json", MAX_T5_CONFIG_BYTES, "T5 config.json",
-                                              PlanInputError)))
-    except PlanInputError:
-        raise
-    except (OSError, ValueError) as e:  # JSONDecodeError and CheckpointError are ValueErrors
+    except (OSError, ValueError) as e:
         raise PlanInputError(f"text_encoder: {brief(str(e))}") from None
+    # a folder's mtime changes when its config.json is replaced (an editor writes a new file)
+    return _read_once("text_encoder", folder, _t5_shape)
+
+
+def _vae_shape(path: Path) -> tuple[int, tuple[int, int]]:
+    shapes = tensor_shapes(path)
+    cfg = detect_vae_config(shapes)  # a file that is no VAE is the route's 400, as it is the loader's error
+    return sum(math.prod(shape) for shape in shapes.values()), (cfg.base_ch, cfg.patch_size)
 
 
 def vae_size(name: str | None, d_vae: int) -> tuple[int, tuple[int, int] | None]:
@@ -202,19 +175,9 @@ def vae_size(name: str | None, d_vae: int) -> tuple[int, tuple[int, int] | None]
         return VAE_PARAMS.get(d_vae, VAE_PARAMS[32]), None
     try:
         path = Path(paths.resolve_vae(name))
-        key = (str(path), path.stat().st_mtime)
-        if key not in _vae_cache:
-            shapes = _file_shapes(path)
-            cfg = detect_vae_config(shapes)  # a file that is no VAE is the route's 400, as it is the loader's error
-            _vae_cache[key] = (sum(math.prod(shape) for shape in shapes.values()), (cfg.base_ch, cfg.patch_size))
-        return _vae_cache[key]
-    except PlanInputError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise PlanInputError(f"vae: {brief(str(e))}") from None
-
-
-_vae_cache: dict[tuple[str, float], tuple[int, tuple[int, int]]] = {}
+    return _read_once("vae", path, _vae_shape)
 
 
 def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dtype, schedule, batch: int,

@@ -10,7 +10,7 @@ import pickle
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, TypeVar
 
 import torch
 
@@ -23,6 +23,7 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("vae", "state_dict", "model", "module", "ema")
 #: A shard index lists tensor names and file names (the 8B's is about 100 KB); anything far larger is not one.
 MAX_INDEX_BYTES = 64 * 2**20
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -94,7 +95,7 @@ def _unwrap(obj: object, path: Path, strip_module: bool = True) -> dict[str, tor
     return _strip_module(sd) if strip_module else sd
 
 
-def _strip_module(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_module(sd: dict[str, T]) -> dict[str, T]:
     """Remove a DDP/FSDP 'module.' prefix carried by every key (a partial prefix is left for check_keys to name)."""
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
@@ -281,25 +282,56 @@ def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
 MAX_HEADER_BYTES = 100 * 2**20
 
 
-def safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata (`__metadata__`) of a safetensors file, read from its header alone; {} for a file of
-    another kind or without metadata (pre-quantized files are recognised by theirs)."""
-    path = Path(path)
+def _safetensors_header(path: Path) -> dict | None:
+    """A safetensors file's JSON header, read alone (8-byte length + JSON); None for a file of another kind."""
     with open_regular(path, "checkpoint file", CheckpointError) as (f, size):
         head = f.read(8)
         length = int.from_bytes(head, "little") if len(head) == 8 else 0
         if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
-            return {}
+            return None
         text = f.read(length)
     if text[:1] != b"{":
-        return {}
+        return None
     try:
         header = parse_json(text)
     except JSONNumberError as e:
         raise CheckpointError(f"{path}: unreadable safetensors header: {e}") from None
     except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{path}: unreadable safetensors header: {type(e).__name__}") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header: not a JSON object")
+    return header
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata (`__metadata__`) of a safetensors file, read from its header alone; {} for a file of
+    another kind or without metadata (pre-quantized files are recognised by theirs)."""
+    header = _safetensors_header(Path(path))
+    meta = header.get("__metadata__") if header is not None else None
     if not isinstance(meta, dict):
         return {}
     return {str(k): v for k, v in meta.items() if isinstance(v, str)}
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    header = _safetensors_header(path)
+    if header is None:  # torch.save's zip is memory-mapped: only the pickle's metadata is read (legacy ones whole)
+        return {k: tuple(v.shape) for k, v in _load_file(path, strip_module=False).items()}
+    try:
+        return {str(k): tuple(int(n) for n in v["shape"]) for k, v in header.items()
+                if k != "__metadata__" and isinstance(v, dict)}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors header: {type(e).__name__} in a tensor's "
+                              f"'shape'") from None
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a checkpoint file or shard folder, keys as load_state_dict gives them, without
+    reading the weights: what a planner or a compatibility check needs before a 16 GB load."""
+    path = Path(path)
+    if path.is_dir():
+        shapes: dict[str, tuple[int, ...]] = {}
+        for shard in shard_files(path):  # refuses entries that leave the folder
+            shapes.update(_file_shapes(shard))
+        return _strip_module(shapes)
+    return _strip_module(_file_shapes(path))

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, check_keys, load_state_dict, safetensors_metadata
+from .checkpoint import CheckpointError, check_keys, load_state_dict, safetensors_metadata, tensor_shapes
 from .model import quant
 from .model.config import InfinityConfig, detect_infinity_config
 from .model.transformer import Infinity
@@ -59,6 +59,12 @@ def build_transformer_on_meta(shapes: Mapping[str, Sequence[int]], source: str =
         model = Infinity(cfg)
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, source)
     return model
+
+
+def transformer_config_of(path: str | Path) -> InfinityConfig:
+    """The architecture of a transformer file or shard folder from its tensor shapes alone (a pre-quantized file's
+    packed weights read as the layers they hold), so what it needs and fits is known before the weights load."""
+    return detect_infinity_config(quant.logical_shapes(tensor_shapes(path)), str(path))
 
 
 def _prepare_transformer_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

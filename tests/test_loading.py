@@ -29,8 +29,10 @@ from helpers_tiny import (
     save_safetensors,
     save_sharded,
 )
-from scalekv_core.checkpoint import CheckpointError, check_keys, convert_to_safetensors, load_state_dict
-from scalekv_core.loader import build_transformer_on_meta, load_transformer, load_vae, vae_patchify_for
+from scalekv_core.checkpoint import (CheckpointError, check_keys, convert_to_safetensors, load_state_dict,
+                                     tensor_shapes)
+from scalekv_core.loader import (build_transformer_on_meta, load_transformer, load_vae, transformer_config_of,
+                                 vae_patchify_for)
 from scalekv_core.model.config import InfinityConfig, detect_infinity_config
 from scalekv_core.model.transformer import Infinity
 from scalekv_core.model.vae import VAEConfig
@@ -227,6 +229,31 @@ def test_legacy_pth_loads_and_its_truncation_is_reported_as_such(tmp_path, tiny_
         load_state_dict(cut)
     assert "truncated or corrupt" in str(e.value)
     assert "mmap" not in str(e.value)  # the real cause, not an error of a retry strategy
+
+
+def test_shapes_from_headers_are_the_loaded_tensors_shapes(tmp_path, tiny_sd) -> None:
+    """tensor_shapes (what the planner and the loader node's width check read) agrees with a full load for every
+    layout the loader takes: safetensors, zip and legacy .pth, a 'module.' prefix, a shard folder."""
+    legacy = tmp_path / "legacy.pth"
+    torch.save(tiny_sd, legacy, _use_new_zipfile_serialization=False)
+    prefixed = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in tiny_sd.items()}, prefixed)
+    folder = save_sharded({f"module.{k}": v for k, v in tiny_sd.items()}, tmp_path / "shards", n_shards=2)
+    want = {k: tuple(v.shape) for k, v in tiny_sd.items()}
+    for path in (TINY_TRANSFORMER, TINY_TRANSFORMER_PTH, legacy, prefixed, folder):
+        assert tensor_shapes(path) == want, path
+        assert transformer_config_of(path) == load_transformer(TINY_TRANSFORMER).cfg, path
+
+
+def test_shapes_of_a_broken_header_name_the_file(tmp_path, tiny_sd) -> None:
+    path = tmp_path / "bad_shape.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": "four", "data_offsets": [0, 4]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    with pytest.raises(CheckpointError, match="bad_shape.safetensors.*shape"):
+        tensor_shapes(path)
+    with pytest.raises(CheckpointError, match="not_a_checkpoint"):
+        (tmp_path / "not_a_checkpoint.txt").write_text("hello")
+        tensor_shapes(tmp_path / "not_a_checkpoint.txt")
 
 
 def test_sharded_module_prefix_and_bad_weight_map(tmp_path, tiny_sd) -> None:

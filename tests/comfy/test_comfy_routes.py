@@ -591,3 +591,27 @@ def test_job_setting_names_the_planned_cache_and_t5_dtype(post, monkeypatch):
     assert answer["job"]["t5_mb"] == 0 and answer["job"]["encode_mb"] == 0
     status, answer = post({"precision": "fp32"})
     assert status == 200 and "T5 fp32 on another device" in answer["job"]["setting"], answer
+
+
+def test_a_files_header_is_read_once_per_change_even_when_broken(post, routes, monkeypatch):
+    """The widget posts on every change: a broken transformer file is read once and its error answered again (it
+    was re-read on every request), and a rewritten file (a new mtime) is read afresh."""
+    folder = pathlib.Path(folder_paths.get_folder_paths("infinity")[0])
+    target = folder / "tiny_broken_header.safetensors"
+    target.write_bytes((8).to_bytes(8, "little") + b'{"a": 1}')
+    reads = []
+    real = routes.transformer_config_of
+    monkeypatch.setattr(routes, "transformer_config_of", lambda path: reads.append(path) or real(path))
+    try:
+        answers = [post({"transformer": target.name, "resolution": "256x256 (1:1)"}) for _ in range(3)]
+        assert [status for status, _ in answers] == [400] * 3
+        assert answers[0][1] == answers[2][1] and "tiny_broken_header" in answers[0][1]["error"]
+        assert len(reads) == 1
+        shutil.copy(TINY / "infinity_tiny.safetensors", target)
+        mtime = target.stat().st_mtime
+        os.utime(target, (mtime + 10, mtime + 10))  # a coarse clock could give the rewrite the same time
+        status, answer = post({"transformer": target.name, "resolution": "256x256 (1:1)"})
+        assert status == 200, answer
+        assert (answer["model"]["depth"], answer["model"]["width"]) == (4, 128) and len(reads) == 2
+    finally:
+        target.unlink()
