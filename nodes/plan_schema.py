@@ -14,11 +14,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES
 from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
 from ..scalekv_core.kvcache.scoring import POOLINGS
-from ..scalekv_core.limits import LIMITS, MAX_BATCH, TEXTS, InputError
+from ..scalekv_core.limits import LIMITS, MAX_BATCH, MAX_SCALES, TEXTS, InputError
 from ..scalekv_core.model.quant import T5_WEIGHT_FORMATS, WEIGHT_FORMATS
 
-#: Most fields one request may list per scale or per layer (13 scales, 40 layers for the real models).
-MAX_SCALES = 64
+#: Most fields one request may list per layer (40 layers for the real models); per scale: MAX_SCALES.
 MAX_LAYERS = int(LIMITS["depth"].max)
 #: Longest model, file or resolution name the route accepts.
 MAX_NAME = TEXTS["name"].max_chars

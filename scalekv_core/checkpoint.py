@@ -282,7 +282,7 @@ def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
 MAX_HEADER_BYTES = 100 * 2**20
 
 
-def _safetensors_header(path: Path) -> dict | None:
+def safetensors_header(path: Path) -> dict | None:
     """A safetensors file's JSON header, read alone (8-byte length + JSON); None for a file of another kind."""
     with open_regular(path, "checkpoint file", CheckpointError) as (f, size):
         head = f.read(8)
@@ -306,7 +306,7 @@ def _safetensors_header(path: Path) -> dict | None:
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata (`__metadata__`) of a safetensors file, read from its header alone; {} for a file of
     another kind or without metadata (pre-quantized files are recognised by theirs)."""
-    header = _safetensors_header(Path(path))
+    header = safetensors_header(Path(path))
     meta = header.get("__metadata__") if header is not None else None
     if not isinstance(meta, dict):
         return {}
@@ -314,7 +314,7 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
 
 
 def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    header = _safetensors_header(path)
+    header = safetensors_header(path)
     if header is None:  # torch.save's zip is memory-mapped: only the pickle's metadata is read (legacy ones whole)
         return {k: tuple(v.shape) for k, v in _load_file(path, strip_module=False).items()}
     try:

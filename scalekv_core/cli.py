@@ -12,60 +12,24 @@ import argparse
 import json
 import os
 import re
-import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-from .limits import LIMITS, TEXTS, InputError, shown
+from .cli_args import (Parser, budget_flag, device_flag, number_flag, numbers_flag, one_line, output_file,
+                       output_folder, run_reporting_errors, text_flag)
+from .limits import TEXTS, InputError, shown
 
-#: Per-scale lists have one value per scale (13 at 1024x1024); anything much longer is a mistake.
-MAX_SCALES = 64
 #: Precomputed T5 encodings of one prompt: 512 tokens x 4096 channels x float64 is 16 MB.
 MAX_TEXT_KV_BYTES = 64 * 2**20
-#: Longest error line printed (a path or message is cut here; values are already quoted with `shown`).
-MAX_ERROR_CHARS = 2000
-
-
-class _UsageError(Exception):
-    """A bad command line, found while parsing; main prints it as one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line naming the flag and value (no usage block)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        prefix = "argument "
-        if message.startswith(prefix) and ": " in message:
-            flag, rest = message[len(prefix):].split(": ", 1)
-            # our types already name the flag ("--cfg: ..."); argparse's own messages get it added
-            message = rest if rest.startswith(flag.split("/")[-1]) else f"{flag}: {rest}"
-        raise _UsageError(message)
-
-
-def _type(name: str, parse: Callable[[str], object]) -> Callable[[str], object]:
-    """An argparse type whose InputError becomes argparse's error (so it names the flag and value)."""
-    def convert(text: str) -> object:
-        try:
-            return parse(text)
-        except InputError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    convert.__name__ = name
-    return convert
-
-
-def _number(limit: str, flag: str) -> Callable[[str], object]:
-    """A flag holding one number, checked against LIMITS[limit]."""
-    return _type(limit, lambda text: LIMITS[limit].parse(text, flag))
 
 
 def _decode_tile(text: str) -> int:
     """--decode-tile: 0, or a tile the VAE accepts (8 to 512 latent positions)."""
     from .model.vae import check_decode_tiling
 
-    tile = _number("decode_tile", "--decode-tile")(text)
+    tile = number_flag("decode_tile", "--decode-tile")(text)
     try:
         return check_decode_tiling(tile, field="--decode-tile")
     except InputError as e:
@@ -78,187 +42,16 @@ _BLOCK_KEY = re.compile(r"^(?:module\.)?block_chunks\.(\d+)\.module\.(\d+)\.")
 def _checkpoint_depth(text: str) -> int | None:
     """A transformer checkpoint's block count from a .safetensors header or a shard index alone; None where that
     needs the whole file (.pth) or the file is unreadable (the loader then names what is wrong)."""
-    from .checkpoint import MAX_HEADER_BYTES, CheckpointError, shard_index
-    from .safe_files import open_regular
+    from .checkpoint import safetensors_header, shard_index
 
     path = Path(text)
     try:
-        if path.is_dir():
-            keys = shard_index(path).weight_map
-        else:
-            with open_regular(path, "checkpoint file", CheckpointError) as (f, size):
-                length = int.from_bytes(f.read(8), "little")
-                if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
-                    return None
-                keys = json.loads(f.read(length))
-    except (OSError, ValueError, TypeError, RecursionError):  # CheckpointError and JSON errors are ValueErrors
+        keys = shard_index(path).weight_map if path.is_dir() else safetensors_header(path)
+    except (OSError, ValueError):  # CheckpointError is a ValueError
         return None
     if not isinstance(keys, dict):
         return None
     return len({m.groups() for k in keys if (m := _BLOCK_KEY.match(str(k)))}) or None
-
-
-def _numbers(limit: str, flag: str) -> Callable[[str], object]:
-    """'3' -> 3.0; '3,3,2.5' -> a per-scale list; every element checked against LIMITS[limit]."""
-    def parse(text: str) -> float | list[float]:
-        parts = text.split(",")
-        if len(parts) > MAX_SCALES:
-            raise InputError(f"{flag}: {len(parts)} values; give one, or one per scale (at most {MAX_SCALES})")
-        if len(parts) == 1:
-            return float(LIMITS[limit].parse(text.strip(), flag))
-        return [float(LIMITS[limit].parse(v.strip(), f"{flag}[{i}]")) for i, v in enumerate(parts)]
-    return _type(limit, parse)
-
-
-def _text(limit: str, flag: str) -> Callable[[str], object]:
-    return _type(limit, lambda text: TEXTS[limit].check(text, flag))
-
-
-_BUDGET_FORMS = "a percentage ('10%'), tokens ('650') or MB ('900MB')"
-
-
-def check_budget_text(text: str, flag: str) -> str:
-    """'10%' (checked as budget_percent), '650' / '650tokens' / '900MB' (checked as budget); kept as text.
-    InputError naming `flag` otherwise."""
-    spec = text.strip().lower().replace(" ", "")
-    for suffix, limit in (("%", "budget_percent"), ("mb", "budget"), ("tokens", "budget"), ("", "budget")):
-        if spec.endswith(suffix):
-            number = spec[: len(spec) - len(suffix)]
-            break
-    try:
-        float(number)
-    except ValueError:
-        raise InputError(f"{flag}: expected {_BUDGET_FORMS}, got {shown(text)}") from None
-    LIMITS[limit].parse(number, f"{flag} {shown(text)}")
-    return text.strip()
-
-
-def _budget(flag: str) -> Callable[[str], object]:
-    """An argparse type for one budget (check_budget_text)."""
-    return _type("budget", lambda text: check_budget_text(text, flag))
-
-
-_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
-
-
-def _device(text: str) -> str:
-    """A device this process can use: cpu, cuda, cuda:N (checked against the GPUs present), mps, xpu."""
-    import torch
-
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        dev = None
-    if dev is None or dev.type not in _DEVICE_TYPES:
-        raise argparse.ArgumentTypeError(f"--device: unknown device {shown(text)}; use cpu, cuda, cuda:N, mps or xpu")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"--device: {shown(text)} is not available: this torch sees no CUDA GPU "
-                                             f"(torch {torch.__version__}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"--device: {shown(text)} does not exist; this machine has "
-                                             f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to "
-                                             f"cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"--device: {shown(text)} is not available on this machine; use --device cpu")
-    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise argparse.ArgumentTypeError(f"--device: {shown(text)} is not available on this machine; use --device cpu")
-    return text
-
-
-# ------------------------------------------------------------------------------------- files, before any work
-
-
-def _one_line(text: str) -> str:
-    """One line: whitespace runs become one space, terminal escapes and control characters go, long lines are cut."""
-    line = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(text)).split())
-    line = "".join(c if c.isprintable() else "?" for c in line)
-    return line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS] + "..."
-
-
-def _stat(path: Path, flag: str) -> os.stat_result | None:
-    """os.stat, None if nothing is there; an InputError for a name that cannot be a path."""
-    try:
-        return os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except ValueError:  # embedded NUL
-        raise InputError(f"{flag}: {shown(str(path))} is not a usable path (it contains a NUL character)") from None
-    except OSError as e:
-        raise InputError(f"{flag} {path}: {e.strerror or e}") from None
-
-
-def _writable_folder(folder: Path, flag: str, target: Path) -> None:
-    """`folder` exists as a folder we can create files in, or can be created (its nearest existing parent can)."""
-    here = folder
-    while True:
-        st = _stat(here, flag)
-        if st is not None:
-            break
-        if here.parent == here:
-            raise InputError(f"{flag} {target}: no part of the path exists")
-        here = here.parent
-    if not stat.S_ISDIR(st.st_mode):
-        raise InputError(f"{flag} {target}: {here} is a file, not a folder")
-    problem = None
-    if not os.access(here, os.W_OK | os.X_OK):
-        problem = "permission denied"
-    else:  # os.access does not see everything (root on a read-only mount, ACLs): try it
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".scalekv-write-check-", dir=here)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            problem = e.strerror or str(e)
-    if problem:
-        where = "files in" if here == folder else f"the folder {folder} in"
-        raise InputError(f"{flag} {target}: cannot create {where} {here} ({problem})")
-
-
-def _output_file(text: str, flag: str, images: int = 0) -> Path:
-    """A file the command will write: not a folder or special file, in a folder that exists or can be made.
-
-    `images`: the number of images written there: each file a batch writes (NAME_00.png, NAME_01.png, ...) is
-    checked, and the format its extension names must write RGB images (tried on a 1x1 image in memory).
-    """
-    path = Path(text)
-    if images:
-        from .pipeline import image_format, image_paths
-
-        targets = image_paths(path, images)
-        for target in targets:
-            _check_output_name(target, flag)
-        try:
-            image_format(targets[0])
-        except ValueError as e:
-            raise InputError(f"{flag} {e}") from None
-    else:
-        _check_output_name(path, flag)
-    _writable_folder(path.parent, flag, path)
-    return path
-
-
-def _check_output_name(path: Path, flag: str) -> None:
-    """Nothing at `path`, or a regular file we may replace."""
-    st = _stat(path, flag)
-    if st is not None:
-        if stat.S_ISDIR(st.st_mode):
-            raise InputError(f"{flag} {path}: is a folder; give a file name")
-        if not stat.S_ISREG(st.st_mode):
-            from .safe_files import kind_of
-
-            raise InputError(f"{flag} {path}: is {kind_of(st.st_mode)}; give a regular file name")
-        if not os.access(path, os.W_OK):
-            raise InputError(f"{flag} {path}: exists and is not writable")
-
-
-def _output_folder(text: str, flag: str) -> Path:
-    path = Path(text)
-    st = _stat(path, flag)
-    if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise InputError(f"{flag} {path}: exists and is not a folder")
-    _writable_folder(path, flag, path)
-    return path
 
 
 def _read_prompts(text: str) -> list[str]:
@@ -296,7 +89,7 @@ def _check_npy(path: Path) -> None:
             reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = reader(f)
         except Exception as e:  # numpy parses the header with ast/tokenize: ValueError, SyntaxError, TokenError, ...
-            raise InputError(f"--text-kv {path}: not a .npy array file: {_one_line(str(e))[:200]}") from None
+            raise InputError(f"--text-kv {path}: not a .npy array file: {one_line(str(e))[:200]}") from None
         if dtype.hasobject:
             raise InputError(f"--text-kv {path}: holds Python objects (a pickle), not a float array")
         needed = dtype.itemsize
@@ -315,7 +108,7 @@ def _load_text_kv(text: str):
     try:
         return TextConditioning.from_numpy_file(path)
     except (ValueError, OSError, EOFError) as e:
-        message = _one_line(str(e))
+        message = one_line(str(e))
         raise InputError(message if str(path) in message else f"--text-kv {path}: {message}") from None
 
 
@@ -368,19 +161,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--text-encoder", help="T5: a folder (e.g. flan-t5-xl/) or one .safetensors file with "
                                           "--t5-tokenizer; not needed with --text-kv")
     _add_t5_tokenizer_flag(g)
-    g.add_argument("--prompt", default="", type=_text("prompt", "--prompt"), help="text prompt")
-    g.add_argument("--negative-prompt", default="", type=_text("prompt", "--negative-prompt"),
+    g.add_argument("--prompt", default="", type=text_flag("prompt", "--prompt"), help="text prompt")
+    g.add_argument("--negative-prompt", default="", type=text_flag("prompt", "--negative-prompt"),
                    help="negative prompt (replaces the learned unconditional text)")
     g.add_argument("--text-kv", help="precomputed T5 encodings of one prompt, a (L, C) float .npy, instead of --prompt")
-    g.add_argument("--seed", type=_number("seed", "--seed"), default=0)
-    g.add_argument("--cfg", type=_numbers("cfg", "--cfg"), default=3.0,
+    g.add_argument("--seed", type=number_flag("seed", "--seed"), default=0)
+    g.add_argument("--cfg", type=numbers_flag("cfg", "--cfg"), default=3.0,
                    help="guidance scale, or one per scale: 3,3,3,...")
-    g.add_argument("--tau", type=_numbers("tau", "--tau"), default=0.5, help="temperature, or one per scale")
-    g.add_argument("--top-k", type=_number("top_k", "--top-k"), default=900)
-    g.add_argument("--top-p", type=_number("top_p", "--top-p"), default=0.97)
+    g.add_argument("--tau", type=numbers_flag("tau", "--tau"), default=0.5, help="temperature, or one per scale")
+    g.add_argument("--top-k", type=number_flag("top_k", "--top-k"), default=900)
+    g.add_argument("--top-p", type=number_flag("top_p", "--top-p"), default=0.97)
     _add_size_flags(g)
-    g.add_argument("--batch", type=_number("batch", "--batch"), default=1, help="images per prompt")
-    g.add_argument("--device", default="cpu", type=_device, help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--batch", type=number_flag("batch", "--batch"), default=1, help="images per prompt")
+    g.add_argument("--device", default="cpu", type=device_flag, help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="block precision; auto = bf16 on CUDA like the original, fp32 on CPU")
     _add_weights_flag(g)
@@ -389,7 +182,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "elsewhere the dequantized matmul runs and a note says why")
     g.add_argument("--out", default="out/image.png", help="output PNG (a batch writes NAME_00.png, NAME_01.png, ...)")
     g.add_argument("--dump", help="also write per-scale bits, token ids, codes and decoded arrays here")
-    g.add_argument("--threads", type=_number("threads", "--threads"), default=0,
+    g.add_argument("--threads", type=number_flag("threads", "--threads"), default=0,
                    help="CPU threads (0 = torch's default)")
     _add_attention_flag(g)
     g.add_argument("--cuda-graphs", action="store_true",
@@ -407,17 +200,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     low.add_argument("--offload-t5", action="store_true",
                      help="encode the prompts with T5 alone on the device, then free it before the transformer loads")
     _add_t5_weights_flag(low)
-    low.add_argument("--block-swap", type=_number("block_swap", "--block-swap"), default=0, metavar="N",
+    low.add_argument("--block-swap", type=number_flag("block_swap", "--block-swap"), default=0, metavar="N",
                      help="keep N transformer blocks in CPU memory and stream each to the device when its turn "
                           "comes; the device holds the other blocks and two block slots (at most depth - 2: 30 "
                           "for the 2B, 38 for the 8B); same image; docs/block_swap.md")
 
 
 def _add_size_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--width", type=_number("width", "--width"), default=None,
+    p.add_argument("--width", type=number_flag("width", "--width"), default=None,
                    help="snapped to the nearest official template (default: the resolution the transformer file "
                         "declares, 1024 for the released models)")
-    p.add_argument("--height", type=_number("height", "--height"), default=None,
+    p.add_argument("--height", type=number_flag("height", "--height"), default=None,
                    help="default: the resolution the transformer file declares, 1024 for the released models")
 
 
@@ -483,19 +276,19 @@ def _add_cache_flags(p: argparse.ArgumentParser, default_policy: str) -> None:
     k = p.add_argument_group("KV cache")
     k.add_argument("--kv-policy", default=default_policy, choices=sorted(POLICIES),
                    help="eviction policy (full keeps everything, as the original)")
-    k.add_argument("--budget", default="10%", type=_budget("--budget"),
+    k.add_argument("--budget", default="10%", type=budget_flag("--budget"),
                    help="tokens kept per layer: '10%%' of the cache before the last scale, '650' tokens, or '900MB'")
     k.add_argument("--budget-file", help="scalekv: an original-format budget JSON, or a preset "
                                           "(infinity-2b-10pct, infinity-8b-10pct); --budget is then the base capacity")
-    k.add_argument("--window", type=_number("window", "--window"), default=16,
+    k.add_argument("--window", type=number_flag("window", "--window"), default=16,
                    help="observation window (tokens, a square number)")
-    k.add_argument("--kernel", type=_number("kernel", "--kernel"), default=5, help="score pooling kernel (odd)")
+    k.add_argument("--kernel", type=number_flag("kernel", "--kernel"), default=5, help="score pooling kernel (odd)")
     k.add_argument("--pooling", default="maxpool", choices=POOLINGS)
     k.add_argument("--scoring", default="improved", choices=SCORINGS, help="scalekv scoring mode")
     k.add_argument("--kv-dtype", default="auto", choices=sorted(KV_DTYPES),
                    help="cache storage: auto = values in the block dtype, keys too for full, sliding_window and "
                         "streamingllm (same bits), fp32 where a policy scores them (as the original)")
-    k.add_argument("--refiner-decay", type=_number("refiner_decay", "--refiner-decay"), default=0.0,
+    k.add_argument("--refiner-decay", type=number_flag("refiner_decay", "--refiner-decay"), default=0.0,
                    help="scalekv: refiner budget decay per scale (tokens)")
 
 
@@ -523,23 +316,23 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plan", help="predict memory for a model, resolution, batch and cache policy, without running")
     p.add_argument("--model", default="2b", choices=sorted(KNOWN_MODELS))
-    p.add_argument("--width", type=_number("width", "--width"), default=1024)
-    p.add_argument("--height", type=_number("height", "--height"), default=1024)
-    p.add_argument("--batch", type=_number("batch", "--batch"), default=1)
+    p.add_argument("--width", type=number_flag("width", "--width"), default=1024)
+    p.add_argument("--height", type=number_flag("height", "--height"), default=1024)
+    p.add_argument("--batch", type=number_flag("batch", "--batch"), default=1)
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="block precision")
     _add_cache_flags(p, default_policy="scalekv")
     p.add_argument("--json", action="store_true", help="print the full plan as JSON")
     p.add_argument("--table", action="store_true",
                    help="print a Markdown table for 2B and 8B at 512/768/1024, batch 1 and 4, full vs ScaleKV")
     j = p.add_argument_group("the whole job (T5 encode, sampling, decode, weights included)")
-    j.add_argument("--vram", type=_number("vram_gib", "--vram"),
+    j.add_argument("--vram", type=number_flag("vram_gib", "--vram"),
                    help="the card's memory in GiB: does the job fit, and if not, the cheapest setting that does "
                         "(tried in this order: offloaded T5, tiled decode, ScaleKV 10%%, KV stored in bf16, "
                         "fp8 weights, block swap, 4-bit weights)")
     _add_weights_flag(j, "the transformer's block weights as they will be loaded")
     j.add_argument("--offload-t5", action="store_true", help="T5 leaves the device once the prompt is encoded")
     _add_t5_weights_flag(j)
-    j.add_argument("--block-swap", type=_number("block_swap", "--block-swap"), default=0, metavar="N",
+    j.add_argument("--block-swap", type=number_flag("block_swap", "--block-swap"), default=0, metavar="N",
                    help="transformer blocks kept in host memory while sampling (two device slots stream them)")
     j.add_argument("--previews", action="store_true",
                    help="count the ComfyUI sampler's per-scale preview decode (the CLI makes none)")
@@ -656,21 +449,21 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     _add_t5_tokenizer_flag(c)
     c.add_argument("--prompts", required=True, help="a text file, one prompt per line")
     _add_size_flags(c)
-    c.add_argument("--budget", default="10%", type=_budget("--budget"),
+    c.add_argument("--budget", default="10%", type=budget_flag("--budget"),
                    help="'10%%', tokens or MB; also the base capacity when the file is used")
-    c.add_argument("--num-drafters", type=_number("num_drafters", "--num-drafters"), default=None,
+    c.add_argument("--num-drafters", type=number_flag("num_drafters", "--num-drafters"), default=None,
                    help="drafter (scale, layer) pairs in all (default: ~6.6%%)")
-    c.add_argument("--refiner-decay", type=_number("refiner_decay", "--refiner-decay"), default=0.0)
-    c.add_argument("--window", type=_number("window", "--window"), default=16)
-    c.add_argument("--seed", type=_number("seed", "--seed"), default=0)
-    c.add_argument("--cfg", type=_numbers("cfg", "--cfg"), default=3.0)
-    c.add_argument("--tau", type=_numbers("tau", "--tau"), default=0.5)
-    c.add_argument("--max-queries", type=_number("max_queries", "--max-queries"), default=64,
+    c.add_argument("--refiner-decay", type=number_flag("refiner_decay", "--refiner-decay"), default=0.0)
+    c.add_argument("--window", type=number_flag("window", "--window"), default=16)
+    c.add_argument("--seed", type=number_flag("seed", "--seed"), default=0)
+    c.add_argument("--cfg", type=numbers_flag("cfg", "--cfg"), default=3.0)
+    c.add_argument("--tau", type=numbers_flag("tau", "--tau"), default=0.5)
+    c.add_argument("--max-queries", type=number_flag("max_queries", "--max-queries"), default=64,
                    help="query rows sampled per scale and layer")
-    c.add_argument("--topk-fraction", type=_number("topk_fraction", "--topk-fraction"), default=0.1,
+    c.add_argument("--topk-fraction", type=number_flag("topk_fraction", "--topk-fraction"), default=0.1,
                    help="history top-K as a fraction of the history")
     c.add_argument("--combine", default="product", choices=["product", "sum"])
-    c.add_argument("--device", default="cpu", type=_device)
+    c.add_argument("--device", default="cpu", type=device_flag)
     c.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     _add_weights_flag(c)
     c.add_argument("--out", default="out/scalekv_budget.json")
@@ -684,8 +477,8 @@ def _calibrate(a: argparse.Namespace) -> int:
 
     # Everything that can be checked without the model, before loading it.
     prompts = _read_prompts(a.prompts)
-    out = _output_file(a.out, "--out")
-    _output_file(str(out.with_name(out.stem + ".asi.json")), "--out")  # the ASI table is written beside it
+    out = output_file(a.out, "--out")
+    output_file(str(out.with_name(out.stem + ".asi.json")), "--out")  # the ASI table is written beside it
     check_prompts(a.seed, len(prompts), "--seed", "--prompts")
     check_window(a.window, "--window")
     schedule, note = _schedule(a)
@@ -751,9 +544,9 @@ def _generate(a: argparse.Namespace) -> int:
         raise InputError("--prompt is empty")
     if a.text_kv and a.negative_prompt and not a.text_encoder:
         raise InputError("--negative-prompt needs --text-encoder to encode it (--text-kv covers the prompt only)")
-    out = _output_file(a.out, "--out", images=a.batch)
-    dump = _output_folder(a.dump, "--dump") if a.dump else None
-    report = _output_file(a.memory_report, "--memory-report") if a.memory_report else None
+    out = output_file(a.out, "--out", images=a.batch)
+    dump = output_folder(a.dump, "--dump") if a.dump else None
+    report = output_file(a.memory_report, "--memory-report") if a.memory_report else None
     schedule, note = _schedule(a)
     _check_lists(a, schedule)
     cache = _check_cache_flags(a, schedule)
@@ -856,7 +649,7 @@ def _generate(a: argparse.Namespace) -> int:
 def _convert(a: argparse.Namespace) -> int:
     from .checkpoint import SAFETENSORS_SUFFIXES, convert_to_safetensors
 
-    dst = _output_file(a.dst, "dst")
+    dst = output_file(a.dst, "dst")
     if dst.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise InputError(f"dst {dst}: convert writes safetensors; name it .safetensors")
     if dst.exists():
@@ -883,24 +676,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_convert(sub)
     return parser
-
-
-def run_reporting_errors(command: Callable[[], int]) -> int:
-    """Run `command`; a user error (ValueError, OSError, a bad flag) comes out as one line on stderr, `error: ...`,
-    with exit status 2, and Ctrl-C as `error: interrupted` with 130 (SCALEKV_TRACEBACK=1 shows the traceback).
-    `main` and the benchmarks' entry points (`python -m scalekv_core.bench ...`) all answer this way."""
-    try:
-        return command()
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except (_UsageError, ValueError, OSError) as e:
-        # ValueError covers InputError, CheckpointError, BudgetError and the engine's other named refusals;
-        # OSError covers missing, unreadable and unwritable files (FileNotFoundError, PermissionError, ...).
-        if os.environ.get("SCALEKV_TRACEBACK"):
-            raise
-        print(f"error: {_one_line(str(e) or type(e).__name__)}", file=sys.stderr)
-        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,8 @@ from typing import Any
 
 #: Longest prefix of a user's value that an error message quotes.
 QUOTE_CHARS = 60
+#: Most values a per-scale list may hold (13 scales at 1024x1024): the CLI's lists and the plan route's reports.
+MAX_SCALES = 64
 
 
 class InputError(ValueError):

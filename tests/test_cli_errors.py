@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_tiny import FULL_KV, T5_TINY, TINY_TRANSFORMER, TINY_VAE
-from scalekv_core import cli
+from scalekv_core import cli, cli_args
 from scalekv_core.pipeline import InfinityPipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -332,7 +332,7 @@ def test_cli_error_is_one_line_naming_the_value(tmp_path, monkeypatch, capsys, c
     assert "Traceback" not in captured.err
     for name in spec.names(env):
         assert name in lines[0], (name, lines[0])
-    assert len(lines[0]) <= cli.MAX_ERROR_CHARS + 20  # a 20 MB value is never echoed in full
+    assert len(lines[0]) <= cli_args.MAX_ERROR_CHARS + 20  # a 20 MB value is never echoed in full
     assert captured.out == ""
     assert not env.out.exists() and not env.marker.exists()
     if not spec.loads:

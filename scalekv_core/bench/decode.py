@@ -141,7 +141,7 @@ def measure(fn, device: torch.device) -> tuple[torch.Tensor, int, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags, parsed with the CLI's one-line errors."""
-    from ..cli import Parser, _device
+    from ..cli_args import Parser, device_flag
 
     p = Parser(prog="python -m scalekv_core.bench decode", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,14 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", default="8", help="comma-separated tile sizes in latent positions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--device", default="cpu", type=_device)
+    p.add_argument("--device", default="cpu", type=device_flag)
     p.add_argument("--json", help="also write every figure here")
     return p
 
 
 def check_args(a: argparse.Namespace) -> list[int]:
     """Every value and the output path, before any latent is made: the tiles (checked), --vae, --json."""
-    from ..cli import _output_file
+    from ..cli_args import output_file
     from ..limits import InputError, shown
     from ..safe_files import regular_file
 
@@ -179,13 +179,13 @@ def check_args(a: argparse.Namespace) -> list[int]:
         if value < (1 if flag == "--images" else 0):
             raise InputError(f"{flag}: {value} is out of range")
     if a.json:
-        _output_file(a.json, "--json")
+        output_file(a.json, "--json")
     return tiles
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m scalekv_core.bench decode ...`: a bad value or path is one line, `error: ...`, exit 2."""
-    from ..cli import run_reporting_errors
+    from ..cli_args import run_reporting_errors
 
     return run_reporting_errors(lambda: _main(argv))
 

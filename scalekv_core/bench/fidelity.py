@@ -56,7 +56,7 @@ WINDOWS = (16, 9, 4, 1)
 
 def build_parser(prog: str = "python -m scalekv_core.bench fidelity") -> argparse.ArgumentParser:
     """The command's flags (also used by `python -m scalekv_core.bench fidelity --help`)."""
-    from ..cli import Parser
+    from ..cli_args import Parser
 
     p = Parser(prog=prog, description="Image fidelity of every KV policy against the full cache.")
     m = p.add_argument_group("model")
@@ -666,9 +666,9 @@ def run(a: argparse.Namespace) -> dict | None:
     _check_model_files(a)
     if CALIBRATED in labels:
         calibration_captions(a.calibration_captions)  # its count, before any model loads
-    from ..cli import _output_folder
+    from ..cli_args import output_folder
 
-    _output_folder(a.out, "--out")  # before any work: the folder exists or can be made, and takes files
+    output_folder(a.out, "--out")  # before any work: the folder exists or can be made, and takes files
     shard = distributed.setup(a.device)
     try:
         pairs = load_pairs(a.prompts, a.num_pairs, a.pairs_seed)
@@ -705,7 +705,7 @@ def run(a: argparse.Namespace) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m scalekv_core.bench fidelity ...`: a bad value or path is one line, `error: ...`, exit 2."""
-    from ..cli import run_reporting_errors
+    from ..cli_args import run_reporting_errors
 
     def command() -> int:
         a = build_parser().parse_args(argv)

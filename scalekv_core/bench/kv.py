@@ -86,7 +86,7 @@ def _run(model: Infinity, cond: TextConditioning, schedule, config: CacheConfig,
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags, parsed with the CLI's one-line errors."""
-    from ..cli import Parser, _device, _number
+    from ..cli_args import Parser, device_flag, number_flag
     from ..kvcache.config import KV_DTYPES
     from ..kvcache.policies.scalekv import SCORINGS
     from ..schedules import SIZES
@@ -100,13 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--budgets", default="4%,10%,20%")
     k.add_argument("--policies", default=",".join(POLICIES))
     k.add_argument("--scoring", default="improved", choices=SCORINGS)
-    k.add_argument("--window", type=_number("window", "--window"), default=16,
+    k.add_argument("--window", type=number_flag("window", "--window"), default=16,
                    help="observation window (4 suits the tiny 256x256 model)")
     k.add_argument("--kv-dtype", default="auto", choices=sorted(KV_DTYPES))
-    k.add_argument("--device", default="cpu", type=_device)
+    k.add_argument("--device", default="cpu", type=device_flag)
     k.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    k.add_argument("--seed", type=_number("seed", "--seed"), default=0)
-    k.add_argument("--batch", type=_number("batch", "--batch"), default=1, help="images per run (one prompt repeated)")
+    k.add_argument("--seed", type=number_flag("seed", "--seed"), default=0)
+    k.add_argument("--batch", type=number_flag("batch", "--batch"), default=1, help="images per run (one prompt repeated)")
     k.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (the fastest counts)")
     k.add_argument("--no-timing", action="store_true",
                    help="measure memory only (one run per configuration): for full-size models on a CPU")
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--kv-dtypes", default="fp8_e4m3fn,int8")
     st.add_argument("--policies", default="full,scalekv")
     st.add_argument("--budget", default="10%")
-    st.add_argument("--window", type=_number("window", "--window"), default=4,
+    st.add_argument("--window", type=number_flag("window", "--window"), default=4,
                     help="observation window (4 suits 256x256)")
     st.add_argument("--num-pairs", type=int, default=20)
     st.add_argument("--pairs-seed", type=int, default=0)
@@ -160,13 +160,13 @@ def check_configs(configs: list[CacheConfig], schedule: Schedule, budget_flag: s
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m scalekv_core.bench kv|kv-storage ...`: a bad value or path is one line, `error: ...`, exit 2."""
-    from ..cli import run_reporting_errors
+    from ..cli_args import run_reporting_errors
 
     return run_reporting_errors(lambda: _main(argv))
 
 
 def _main(argv: list[str] | None) -> int:
-    from ..cli import _output_file, check_budget_text
+    from ..cli_args import output_file, check_budget_text
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -180,7 +180,7 @@ def _main(argv: list[str] | None) -> int:
     check_configs([CacheConfig(policy=policy, budget=budget, scoring=a.scoring, kv_dtype=a.kv_dtype, window=a.window)
                    for budget in budgets for policy in policies], schedule, "--budgets")
     if a.json:
-        _output_file(a.json, "--json")
+        output_file(a.json, "--json")
     torch.manual_seed(a.seed)
     model, cond, patchify = _load(a)
     cond = cond.repeat_each(a.batch)
@@ -257,7 +257,7 @@ def storage_fidelity(a: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ..cli import _output_file, check_budget_text
+    from ..cli_args import output_file, check_budget_text
     from ..kvcache.config import KV_DTYPES
     from ..pipeline import InfinityPipeline
     from ..schedules import schedule_for_pixels
@@ -272,7 +272,7 @@ def storage_fidelity(a: argparse.Namespace) -> int:
     check_configs([CacheConfig(policy=p, budget=a.budget, window=a.window, kv_dtype=d) for d in dtypes
                    for p in policies], schedule_for_pixels(256, 256), "--budget")
     if a.json:
-        _output_file(a.json, "--json")
+        output_file(a.json, "--json")
     if a.threads:
         torch.set_num_threads(a.threads)
     pipe = InfinityPipeline.from_files(DEFAULT_MODEL / "infinity" / "infinity_shapes.safetensors",

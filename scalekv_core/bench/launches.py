@@ -504,13 +504,13 @@ def _iter_policies(spec: str, budget: str) -> Iterator[tuple[str, CacheConfig]]:
 def main(argv: list[str] | None = None) -> int:
     """`python -m scalekv_core.bench launches`: the census of one generation per policy, as a table and JSON; a bad
     value or path is one line, `error: ...`, exit 2."""
-    from ..cli import run_reporting_errors
+    from ..cli_args import run_reporting_errors
 
     return run_reporting_errors(lambda: _main(argv))
 
 
 def _main(argv: list[str] | None) -> int:
-    from ..cli import Parser, _output_file, check_budget_text
+    from ..cli_args import Parser, output_file, check_budget_text
     from ..safe_files import write_text
     from .kv import check_configs, policy_list
 
@@ -541,7 +541,7 @@ def _main(argv: list[str] | None) -> int:
     policy_list(a.policies)
     check_configs([config for _, config in _iter_policies(a.policies, a.budget)], schedule, "--budget")
     if a.json:
-        _output_file(a.json, "--json")
+        output_file(a.json, "--json")
     cfg = KNOWN_MODELS[a.model]
     if a.depth:
         cfg = InfinityConfig(**{**cfg.__dict__, "depth": a.depth, "block_chunks": 2 if a.depth % 2 == 0 else 1})

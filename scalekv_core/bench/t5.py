@@ -26,7 +26,7 @@ from .metrics import bits_agreement, psnr, to_unit
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags, parsed with the CLI's one-line errors."""
-    from ..cli import Parser
+    from ..cli_args import Parser
     from ..model.quant import T5_WEIGHT_FORMATS
 
     p = Parser(prog="python -m scalekv_core.bench t5", description=__doc__.split("\n\n")[0])
@@ -41,20 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m scalekv_core.bench t5 ...`: a bad value or path is one line, `error: ...`, exit 2."""
-    from ..cli import run_reporting_errors
+    from ..cli_args import run_reporting_errors
 
     return run_reporting_errors(lambda: _main(argv))
 
 
 def _main(argv: list[str] | None) -> int:
-    from ..cli import _output_file
+    from ..cli_args import output_file
     from ..safe_files import write_text
 
     a = build_parser().parse_args(argv)
     if a.num_pairs < 1:
         raise ValueError(f"--num-pairs must be >= 1, got {a.num_pairs}")
     if a.json:
-        _output_file(a.json, "--json")
+        output_file(a.json, "--json")
     if a.threads:
         torch.set_num_threads(a.threads)
     t5_folder = DEFAULT_MODEL / "text_encoders" / "t5_shapes"
