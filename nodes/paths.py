@@ -22,6 +22,7 @@ import os
 
 import folder_paths
 
+from ..scalekv_core.kvcache.budget import ASI_SUFFIX
 from ..scalekv_core.limits import TEXTS, InputError, shown
 
 INFINITY = "infinity"
@@ -33,8 +34,6 @@ DIFFUSION_MODELS = "diffusion_models"
 DIFFUSION_MODELS_WORD = "infinity"
 
 BUDGET_EXTENSIONS = {".json"}
-#: Calibration writes `<stem>.asi.json` beside every budget file: the measurements, not a budget.
-SIDECAR_SUFFIX = ".asi.json"
 #: The embedded default model: folder in the pack, and the names its files have in the menus.
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL_ENV = "SCALEKV_DEFAULT_MODEL_DIR"
@@ -231,7 +230,7 @@ def default_choice(choices: list[str], name: str) -> str | None:
 
 def budget_file_choices() -> list[str]:
     """Budget files in models/scalekv (the calibration side files excluded)."""
-    return [f for f in _files(SCALEKV) if not f.endswith(SIDECAR_SUFFIX)]
+    return [f for f in _files(SCALEKV) if not f.endswith(ASI_SUFFIX)]  # measurements, not budgets
 
 
 # ------------------------------------------------------------------------------------------------ lookups

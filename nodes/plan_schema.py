@@ -165,6 +165,8 @@ class Report(_Body):
     measured_peak_mb: Optional[Megabytes] = None
     measurement: Annotated[str, Field(strict=True, max_length=200)] = ""
     sampling_seconds: Optional[Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1e7)]] = None
+    # the budget plan's notes (a budget file calibrated for another budget)
+    notes: Annotated[list[Annotated[str, Field(strict=True, max_length=1000)]], Field(max_length=8)] = []
 
 
 class ReportBody(_Body):

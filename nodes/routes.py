@@ -331,7 +331,7 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
         "budget_tokens": budget_tokens, "budget_source": plan.source, "token_bytes": tb,
         "scales": scale_rows(schedule.grids, plan.kept, plan.drafters, tb, memory.per_scale_cache_mb),
         "last_scale": last_scale_row(schedule), "text_tokens": TEXT_MAXLEN,
-        "budget_file": linked_file, "budget_file_note": link_note,
+        "budget_file": linked_file, "budget_file_note": " ".join(n for n in (link_note, *plan.notes) if n) or None,
         "totals": {"stored_peak_mb": memory.analytic_mb, "full_mb": memory.full_analytic_mb,
                    "stored_ratio": memory.analytic_mb / memory.full_analytic_mb if memory.full_analytic_mb else 1.0,
                    "cache_peak_mb": memory.cache_peak_mb, "planned_peak_mb": memory.sampling_peak_mb,
@@ -402,6 +402,7 @@ def plan_for_report(body: Mapping[str, Any]) -> dict:
             note = f"drafter layers unknown: {brief(str(e))}"
     else:
         note = "drafter layers unknown: the report has no policy"
+    note = " ".join(n for n in (note, *report.notes) if n) or None  # the run's budget-file advice too
     rows = scale_rows(schedule.grids, kept, drafters, tb)
     for row, sc in zip(rows, stored):
         held, sb = list(sc.held_tokens or []), list(sc.stored_bytes or [])

@@ -126,6 +126,8 @@ class InfinitySampler(io.ComfyNode):
             if model.info.get("native_resolution") else None
         if note:
             log.warning("Infinity Sampler: %s", note)
+        for plan_note in model.plan(schedule, batch * positive.batch_size, cache_config, cfg != 1).notes:
+            log.warning("Infinity Sampler: %s", plan_note)  # also in the run's report (its `notes`)
         if isinstance(negative, models.BlankPrompt):
             negative = None  # an empty negative prompt means none, as in the original and the engine's generate()
         swap = 0 if memory is None else check_block_swap(memory.block_swap, model.pipeline.transformer.cfg.depth)

@@ -470,7 +470,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _calibrate(a: argparse.Namespace) -> int:
-    from .kvcache.budget import BudgetError, parse_budget
+    from .kvcache.budget import BudgetError, asi_table_path, parse_budget
     from .kvcache.calibration import calibrate, check_prompts, check_settings
     from .kvcache.scoring import check_window
     from .pipeline import InfinityPipeline
@@ -478,7 +478,7 @@ def _calibrate(a: argparse.Namespace) -> int:
     # Everything that can be checked without the model, before loading it.
     prompts = _read_prompts(a.prompts)
     out = output_file(a.out, "--out")
-    output_file(str(out.with_name(out.stem + ".asi.json")), "--out")  # the ASI table is written beside it
+    output_file(str(asi_table_path(out)), "--out")  # the ASI table is written beside it
     check_prompts(a.seed, len(prompts), "--seed", "--prompts")
     check_window(a.window, "--window")
     schedule, note = _schedule(a)
@@ -615,6 +615,8 @@ def _generate(a: argparse.Namespace) -> int:
             raise InputError(problem)
     if note:
         print(note, file=sys.stderr)
+    for plan_note in pipe.plan_memory(schedule, a.batch, cache).notes:
+        print(f"note: {plan_note}", file=sys.stderr)
     print(f"loaded {pipe.transformer.cfg.describe()} in {time.perf_counter() - t0:.1f}s; "
           f"{schedule.pixel_size[1]}x{schedule.pixel_size[0]} (template {schedule.template}, {schedule.size}, "
           f"{schedule.num_scales} scales)", file=sys.stderr)

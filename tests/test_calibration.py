@@ -122,6 +122,31 @@ def test_write_load_and_sample_with_calibrated_file(result, pipe, tmp_path):
                for si in (3, 4, 5) for l in range(layers))  # it really compressed
 
 
+
+def test_a_calibrated_file_used_at_another_budget_says_so(result, pipe, tmp_path):
+    """The file's caps are the calibration's and eviction starts at the config's budget, so a run at another
+    budget is neither: the plan, the memory plan and the run's report carry one note naming the file and both
+    budgets; at the calibrated budget, or for a file without its measurements, there is none."""
+    budget_path, side = result.write(tmp_path / "tiny_calibrated.json")
+    depth = pipe.transformer.cfg.depth
+
+    def notes(budget: int) -> list[str]:
+        config = CacheConfig(policy="scalekv", budget_file=str(budget_path), budget=budget)
+        _, plan = config.build(S006, depth, 4, 32, 2, torch.float32)
+        assert pipe.plan_memory(S006, 1, config).notes == plan.notes
+        return plan.notes
+
+    assert notes(BUDGET) == []
+    [note] = notes(BUDGET + 16)
+    assert "tiny_calibrated.json" in note and f"budget of {BUDGET} tokens" in note and f"is {BUDGET + 16}" in note
+    out = pipe.generate(PROMPTS[0], schedule=S006, seed=1, memory_report=True,
+                        cache=CacheConfig(policy="scalekv", budget_file=str(budget_path), budget=BUDGET + 16))
+    assert out.memory.notes == [note] and out.memory.to_dict()["notes"] == [note]
+    side.write_text("{not json")  # a broken or missing table is no reason to refuse the run: no note
+    assert notes(BUDGET + 16) == []
+    side.unlink()
+    assert notes(BUDGET + 16) == []
+
 def test_reproducible(result, pipe, tmp_path):
     again = calibrate(pipe, PROMPTS, S006, BUDGET, seed=0)
     a = result.write(tmp_path / "a.json")

@@ -35,6 +35,8 @@ class BudgetPlan:
     kept: list[list[int]]  # len = num_scales - 1; each row has num_layers entries
     drafters: list[list[int]] = field(default_factory=list)  # per scale, the layers with a large budget
     source: str = ""
+    #: What a user should know about this plan (a budget file calibrated for another budget); shown, never fatal.
+    notes: list[str] = field(default_factory=list)
     #: What the original would prune the last scale's cache to; never stored here, only used to record its choice.
     final_caps: list[int] | None = None
 
@@ -87,7 +89,7 @@ class BudgetPlan:
 
     def to_dict(self) -> dict:
         return {"tokens_per_scale": list(self.tokens_per_scale), "kept": self.kept, "drafters": self.drafters,
-                "source": self.source, "final_caps": self.final_caps}
+                "source": self.source, "final_caps": self.final_caps, "notes": self.notes}
 
 
 def _cumulative(tokens: Sequence[int]) -> list[int]:
@@ -376,6 +378,44 @@ def load_budget_file(path: str | Path, schedule: Schedule, num_layers: int, base
     """Read an original-format budget JSON, with errors that name the file and the field."""
     data = read_budget_json(path)
     return plan_from_original_json(data, schedule, num_layers, base_capacity, source=str(path))
+
+
+#: Calibration writes its measurements beside each budget file as `<stem>.asi.json` (they are not a budget).
+ASI_SUFFIX = ".asi.json"
+#: Largest measurement table read for its settings (256 prompts and a 13 x 40 table are well under 1 MB).
+MAX_ASI_TABLE_BYTES = 16 * 2**20
+
+
+def asi_table_path(budget_file: str | Path) -> Path:
+    """Where calibration writes the measurements a budget file was chosen from."""
+    path = Path(budget_file)
+    return path.with_name(path.stem + ASI_SUFFIX)
+
+
+def calibrated_budget(budget_file: str | Path) -> int | None:
+    """The budget in tokens a calibrated budget file was made for (its measurement table's settings); None for a
+    file without a readable table (the built-in presets, the original's files): the note is advice, never fatal."""
+    from ..safe_files import read_text
+
+    try:
+        data = parse_json(read_text(asi_table_path(budget_file), MAX_ASI_TABLE_BYTES, "measurement table",
+                                    BudgetError))
+    except (OSError, ValueError, RecursionError):  # missing, a FIFO, too large, not JSON
+        return None
+    settings = data.get("settings") if isinstance(data, dict) else None
+    tokens = settings.get("budget_tokens") if isinstance(settings, dict) else None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else None
+
+
+def calibration_note(budget_file: str | Path, budget_tokens: int) -> str | None:
+    """A sentence when a calibrated budget file is used with another budget than it was calibrated for: its
+    per-scale caps are the calibration's, eviction starts at this budget, so the run is neither."""
+    calibrated = calibrated_budget(budget_file)
+    if calibrated is None or calibrated == budget_tokens:
+        return None
+    return (f"{Path(budget_file).name} was calibrated for a budget of {calibrated} tokens, but this cache config's "
+            f"budget is {budget_tokens}: the file's caps are for {calibrated}; set the budget to {calibrated} "
+            f"tokens, or calibrate again at this budget")
 
 
 def preset_path(name: str) -> Path:

@@ -24,7 +24,7 @@ import torch
 from ..model.text_encoder import TextConditioning
 from .scoring import check_window
 from ..schedules import Schedule
-from .budget import BudgetError, BudgetPlan, plan_to_original_json, scalekv_plan
+from .budget import BudgetError, BudgetPlan, asi_table_path, plan_to_original_json, scalekv_plan
 from .config import CacheConfig
 
 if TYPE_CHECKING:
@@ -205,7 +205,7 @@ class CalibrationResult:
         from ..safe_files import write_text
 
         path = Path(path)
-        side = path.with_name(path.stem + ".asi.json")
+        side = asi_table_path(path)
         usage = {"policy": "scalekv", "budget_file": path.name, "budget": self.settings.get("budget_tokens")}
         write_text(side, json.dumps({"settings": self.settings, "cache_config": usage, "drafters": self.drafters,
                                      "zscores": self.table.zscores(), "table": self.table.to_dict()}, indent=2) + "\n")

@@ -97,7 +97,8 @@ def build_report(plan: BudgetPlan, usage: list[ScaleUsage], schedule: Schedule, 
         schedule={"template": schedule.template, "size": schedule.size, "pixels": list(schedule.pixel_size),
                   "scales": schedule.num_scales, "tokens": schedule.total_tokens},
         batch=batch, batch_rows=batch_rows, bytes_per_token_layer=bytes_per_token_layer, scales=scales,
-        analytic_mb=peak_tokens * bytes_per_token_layer / MiB, full_analytic_mb=full_tokens * bytes_per_token_layer / MiB)
+        analytic_mb=peak_tokens * bytes_per_token_layer / MiB, full_analytic_mb=full_tokens * bytes_per_token_layer / MiB,
+        notes=list(plan.notes))
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -172,6 +173,7 @@ class MemoryPlan:
     per_scale_cache_mb: list[float]
     analytic_mb: float
     full_analytic_mb: float
+    notes: list[str] = field(default_factory=list)  # the budget plan's (BudgetPlan.notes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -273,7 +275,8 @@ def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, sc
     return MemoryPlan(weights_mb=weights / MiB, cache_peak_mb=max(per_scale), activations_peak_mb=act_peak / MiB,
                       sampling_peak_mb=peak / MiB, decode_peak_mb=decode / MiB,
                       total_mb=(weights + max(peak, decode)) / MiB, per_scale_cache_mb=per_scale,
-                      analytic_mb=plan.peak_stored_tokens() * tb / MiB, full_analytic_mb=plan.full_tokens() * tb / MiB)
+                      analytic_mb=plan.peak_stored_tokens() * tb / MiB, full_analytic_mb=plan.full_tokens() * tb / MiB,
+                      notes=list(plan.notes))
 
 
 # ------------------------------------------------------------------------------------------ admission

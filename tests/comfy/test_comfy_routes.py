@@ -380,6 +380,18 @@ def test_older_report_keeps_its_own_planned_peak(post, report):
     assert answer["totals"]["planned_peak_mb"] == report["planned_peak_mb"] and answer["text_tokens"] is None
 
 
+def test_a_reports_notes_reach_the_widget(post, report):
+    """The run's budget-plan notes (a file calibrated for another budget) are shown with its figures; a report
+    without notes shows none, and notes are bounded like every other field."""
+    assert report["notes"] == []
+    status, answer = post({"report": report})
+    assert status == 200 and answer["note"] is None, answer
+    status, answer = post({"report": {**report, "notes": ["x.json was calibrated for a budget of 650 tokens"]}})
+    assert status == 200 and answer["note"] == "x.json was calibrated for a budget of 650 tokens", answer
+    status, answer = post({"report": {**report, "notes": ["n" * 5000]}})
+    assert status == 400 and "report.notes.0" in answer["error"], answer
+
+
 def test_last_scale_is_named_never_stored(post):
     status, answer = post({"resolution": "1024x1024 (1:1)", "model": "2b"})
     assert status == 200, answer
@@ -615,3 +627,25 @@ def test_a_files_header_is_read_once_per_change_even_when_broken(post, routes, m
         assert (answer["model"]["depth"], answer["model"]["width"]) == (4, 128) and len(reads) == 2
     finally:
         target.unlink()
+
+
+def test_a_calibrated_file_at_another_budget_is_noted_in_the_widget(post):
+    """A budget file from models/scalekv whose measurements say it was calibrated for 650 tokens, planned at 20%
+    (1300 tokens): the widget's note names the file and both budgets; at 650 tokens it says nothing."""
+    scalekv = pathlib.Path(folder_paths.get_folder_paths("scalekv")[0])
+    target, side = scalekv / "noted_1024x1024_10pct.json", scalekv / "noted_1024x1024_10pct.asi.json"
+    shutil.copy(PRESET_2B, target)
+    side.write_text(json.dumps({"settings": {"budget_tokens": 650}}))
+    body = {"model": "2b", "resolution": "1024x1024 (1:1)", "budget_source": f"file:{target.name}"}
+    try:
+        answers = [post({**body, "budget_unit": "percent", "budget": 20.0}),
+                   post({**body, "budget_unit": "tokens", "budget": 650})]
+    finally:
+        target.unlink()
+        side.unlink()
+    (status, other), (status_same, same) = answers
+    assert status == status_same == 200, answers
+    assert other["budget_tokens"] == 1300 and same["budget_tokens"] == 650
+    note = other["budget_file_note"]
+    assert "noted_1024x1024_10pct.json was calibrated for a budget of 650 tokens" in note and "is 1300" in note
+    assert same["budget_file_note"] is None

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ...schedules import Schedule
-from ..budget import BudgetError, BudgetPlan, default_drafters, load_budget_file, preset_path, scalekv_plan
+from ..budget import (BudgetError, BudgetPlan, calibration_note, default_drafters, load_budget_file, preset_path,
+                      scalekv_plan)
 from ..scoring import ScheduleTables, pool_1d, pool_in_canvas, schedule_tables, softmax_window_scores
 from .base import EvictionPolicy, StepContext, topk_keep
 
@@ -56,6 +57,9 @@ class ScaleKV(EvictionPolicy):
             if not path.exists() and not path.suffix:
                 path = preset_path(self.budget_file)
             plan = load_budget_file(path, schedule, num_layers, base_capacity=self.budget)
+            note = calibration_note(path, self.budget)
+            if note:
+                plan.notes.append(note)
             low = [(si, layer) for si, row in enumerate(plan.kept) for layer, k in enumerate(row)
                    if plan.evicts(si, layer) and k < self.window]
             if low:
