@@ -48,7 +48,7 @@ class InfinityModelLoader(io.ComfyNode):
                                        "`convert --weights` loads as it is with none."),
                 io.Combo.Input("t5_weights", options=list(T5_WEIGHT_FORMATS), default="none", optional=True,
                                tooltip="how the T5 text encoder's linear weights are stored. none: fp16 on a GPU "
-                                       "(flan-t5-xl: 2.3 GiB). fp8_e4m3fn / int8: 1 byte per weight (1.2 GiB), "
+                                       "(flan-t5-xl: 2.75 GiB). fp8_e4m3fn / int8: 1 byte per weight (1.2 GiB), "
                                        "images nearly the same, int8 the closer. T5 only runs while a prompt is "
                                        "encoded; ComfyUI moves it off the GPU when the sampler needs the room."),
             ],

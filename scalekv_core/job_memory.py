@@ -142,7 +142,7 @@ class JobPlan:
 
 def t5_bytes(fmt: str = "none", shape: dict = T5_XL, dtype: str = "fp16") -> int:
     """T5 encoder weights: the linears in `fmt` (8-bit: 1 byte + a float32 scale per output row), the rest in
-    `dtype` (fp16 on a GPU, fp32 on the CPU)."""
+    `dtype` (fp16 on a GPU, fp32 on the CPU; fp16 keeps the `wo` projections in float32)."""
     if fmt not in T5_WEIGHT_FORMATS:
         raise ValueError(f"t5_weights: unknown format {shown(fmt)}; choose {', '.join(T5_WEIGHT_FORMATS)}")
     d, f, inner = shape["d_model"], shape["d_ff"], shape["inner"]
@@ -155,7 +155,9 @@ def t5_bytes(fmt: str = "none", shape: dict = T5_XL, dtype: str = "fp16") -> int
     size = _DTYPES[dtype].itemsize
     if fmt != "none":
         return linear + 4 * rows + size * other
-    return size * (linear + other)
+    # in fp16 the feed-forward's output projection (`wo`) stays float32, as Hugging Face's T5 keeps it (overflow)
+    wo_fp32 = (4 - size) * shape["layers"] * d * f if dtype == "fp16" else 0
+    return size * (linear + other) + wo_fp32
 
 
 def t5_activation_bytes(prompts: int, tokens: int = 512, shape: dict = T5_XL) -> int:

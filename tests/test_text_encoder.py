@@ -209,3 +209,24 @@ def test_single_file_t5_shape_comes_from_its_tensors(tmp_path):
     save_file({"x": torch.zeros(2)}, str(other))
     with pytest.raises(CheckpointError, match="not_t5.safetensors: not a T5 encoder file"):
         T5TextEncoder.from_single_file(other, T5_DIR)
+
+
+def test_single_file_t5_in_fp16_computes_what_its_folder_computes(tmp_path):
+    """The same weights as one file or as a folder, both in fp16: the same dtype per tensor (`wo` float32, as
+    from_pretrained keeps it against overflow) and the same features, bit for bit."""
+    from safetensors.torch import save_file
+
+    from scalekv_core.model.text_encoder import T5TextEncoder
+
+    state = T5TextEncoder.from_folder(T5_DIR).module.state_dict()
+    path = tmp_path / "t5_single.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items() if k != "encoder.embed_tokens.weight"}, str(path))
+    folder = T5TextEncoder.from_folder(T5_DIR, dtype=torch.float16)
+    single = T5TextEncoder.from_single_file(path, T5_DIR, dtype=torch.float16)
+    dtypes = {k: v.dtype for k, v in folder.module.state_dict().items()}
+    assert {k: v.dtype for k, v in single.module.state_dict().items()} == dtypes
+    assert dtypes["encoder.block.0.layer.1.DenseReluDense.wo.weight"] == torch.float32
+    assert dtypes["encoder.block.0.layer.0.SelfAttention.o.weight"] == torch.float16
+    prompts = ["a red fox in the snow", "a lighthouse at dusk"]
+    a, b = folder.encode(prompts), single.encode(prompts)
+    assert a.lens == b.lens and torch.equal(a.kv_compact, b.kv_compact)

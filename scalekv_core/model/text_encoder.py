@@ -176,6 +176,15 @@ def single_file_t5_config(path: str | Path):
                     use_cache=False, tie_word_embeddings=False)
 
 
+def fp32_modules(module: torch.nn.Module, dtype: torch.dtype) -> set[str]:
+    """Module names Hugging Face's from_pretrained keeps in float32 when loading in `dtype` (T5: `wo` in fp16, where
+    its outputs overflow), so a single-file T5 computes what the same weights in a folder compute."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
+    if dtype in (torch.float16, torch.bfloat16):
+        keep |= set(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+    return keep
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -306,7 +315,9 @@ class T5TextEncoder:
             raise CheckpointError(f"{path}: not a T5 encoder of the shape its tensors give: missing "
                                   f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
                                   f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-        module.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+        keep = fp32_modules(module, dtype)  # as from_pretrained: T5's `wo` overflows in fp16
+        module.load_state_dict({k: v.to(torch.float32 if keep & set(k.split(".")) else dtype)
+                                for k, v in sd.items()}, strict=True, assign=True)
         module.encoder.embed_tokens = module.shared  # tied, as from_pretrained leaves them
         if weights != "none":
             quantize_linears(module, weights)
