@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,11 +16,12 @@ from .kvcache import CacheConfig
 from .kvcache.attention import resolve as resolve_attention, use_backend
 from .kvcache.budget import kv_bytes_per_token
 from .kvcache.cache import KeptRecorder
-from .kvcache.memory import (ALLOW_OVERCOMMIT_ENV, MemoryPlan, MemoryReport, PeakMeter, admission_problem,
+from .kvcache.memory import (ALLOW_OVERCOMMIT_ENV, MemoryPlan, MemoryReport, MiB, PeakMeter, admission_problem,
                              build_report, free_memory_bytes, plan_memory)
 from .limits import LIMITS
 from .loader import PRECISIONS, load_transformer, load_vae, resolve_precision, t5_dtype, vae_patchify_for
 from .model.block_swap import check_block_swap, planned_device_bytes, swap_blocks
+from .model.quant import dequant_workspace_bytes, model_format
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, check_decode_tiling
@@ -292,9 +294,7 @@ class InfinityPipeline:
             self.offload_text_encoder()
         cache = cache or CacheConfig(policy="full")
         meter = PeakMeter(self.device)
-        placed = swap or self.transformer.pos_start.device != self.device
-        with (meter.measure() if memory_report else contextlib.nullcontext()), \
-                (swap_blocks(self.transformer, swap, self.device) if placed else contextlib.nullcontext()), \
+        with (meter.measure() if memory_report else contextlib.nullcontext()), self.placed(swap), \
                 use_backend(attention, self.device, self.transformer.block_dtype):
             samples = sample(self.transformer, cond.to(self.device), schedule, settings, self.vae_patchify,
                              negative=None if neg is None else neg.to(self.device), keep_logits=keep_logits,
@@ -337,14 +337,33 @@ class InfinityPipeline:
             if home != self.device:
                 self.vae.to(home)
 
+    def placed(self, block_swap: int = 0) -> contextlib.AbstractContextManager:
+        """The transformer on this pipeline's device for the body with `block_swap` blocks streamed, and back
+        where it was after (an error included); nothing to do when it is there already and none swap."""
+        swap = check_block_swap(block_swap, self.transformer.cfg.depth)
+        if swap or self.transformer.pos_start.device != self.device:
+            return swap_blocks(self.transformer, swap, self.device)
+        return contextlib.nullcontext()
+
     def plan_memory(self, schedule: Schedule, batch: int, cache: CacheConfig | None = None,
                     cfg: bool = True, decode_tile: int | None = None) -> MemoryPlan:
-        """The planner's figures for a run of `batch` images (all prompts) on this pipeline's model and VAE."""
+        """The planner's figures for a run of `batch` images (all prompts) on this pipeline's model and VAE;
+        quantized weights add the block's dequantized weights while it runs, as the whole-job planner counts them."""
         c = self.transformer.cfg
-        return plan_memory(c.depth, c.embed_dim, c.num_heads, c.ffn_hidden, c.d_vae, schedule, batch,
+        plan = plan_memory(c.depth, c.embed_dim, c.num_heads, c.ffn_hidden, c.d_vae, schedule, batch,
                            cache or CacheConfig(policy="full"), self.transformer.block_dtype, cfg=cfg,
                            vae_base_ch=self.vae.cfg.base_ch, vae_patch=self.vae.cfg.patch_size,
                            decode_tile=decode_tile or None)
+        if not self.dequant_workspace_mb():
+            return plan
+        sampling = plan.sampling_peak_mb + self.dequant_workspace_mb()
+        return dataclasses.replace(plan, sampling_peak_mb=sampling,
+                                   total_mb=plan.weights_mb + max(sampling, plan.decode_peak_mb))
+
+    def dequant_workspace_mb(self) -> float:
+        """MB of one block's weights dequantized while it runs (0 unless the blocks are stored quantized)."""
+        c = self.transformer.cfg
+        return dequant_workspace_bytes(c, model_format(self.transformer)[0], self.transformer.block_dtype) / MiB
 
     def admission_problem(self, schedule: Schedule, batch: int, cache: CacheConfig | None = None, cfg: bool = True,
                           override: str = f"set {ALLOW_OVERCOMMIT_ENV}=1",
@@ -374,7 +393,7 @@ class InfinityPipeline:
         planned = plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule, batch,
                               config, self.transformer.block_dtype, text_tokens=max(samples.text_len, 1),
                               cfg=rows > batch)
-        report.planned_peak_mb = planned.sampling_peak_mb
+        report.planned_peak_mb = planned.sampling_peak_mb + self.dequant_workspace_mb()
         if meter is not None and meter.peak_bytes is not None:
             report.measured_peak_mb = meter.peak_bytes / 2**20
             report.measurement = meter.method

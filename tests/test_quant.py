@@ -607,3 +607,22 @@ def test_cli_fp8_matmul(tmp_path: Path) -> None:
     ok = subprocess.run([*base, "--weights", "fp8_e4m3fn"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "note: fp8 matmul not used" in ok.stderr and (tmp_path / "x.png").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_admission_counts_the_dequantized_block_weights(fmt: str) -> None:
+    """A quantized model's sampling plan (what the sampler admits a run by) holds one block's largest dequantized
+    weights beside the cache, as the whole-job planner does: the FFN's fc1 + fc2 in the block dtype. It planned
+    the same bytes as the unquantized model, so a run could be admitted and then run out of memory."""
+    from helpers_tiny import TINY_TRANSFORMER, TINY_VAE
+
+    plain = InfinityPipeline.from_files(TINY_TRANSFORMER, TINY_VAE)
+    packed = InfinityPipeline.from_files(TINY_TRANSFORMER, TINY_VAE, weights=fmt)
+    c = plain.transformer.cfg
+    schedule = get_schedule(1.0, "0.06M")
+    a, b = plain.plan_memory(schedule, 2), packed.plan_memory(schedule, 2)
+    extra_mb = max(2 * c.embed_dim * c.ffn_hidden, 3 * c.embed_dim**2) * 4 / 2**20  # fp32 blocks on the CPU
+    assert b.sampling_peak_mb - a.sampling_peak_mb == pytest.approx(extra_mb, rel=1e-12)
+    assert b.total_mb - a.total_mb == pytest.approx(max(b.sampling_peak_mb, b.decode_peak_mb)
+                                                    - max(a.sampling_peak_mb, a.decode_peak_mb), rel=1e-12)
+    assert b.decode_peak_mb == a.decode_peak_mb and b.analytic_mb == a.analytic_mb
