@@ -14,9 +14,12 @@ from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES, POLICY_SETTINGS
 from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
 from ..scalekv_core.kvcache.scoring import POOLINGS, check_window
 from ..scalekv_core.limits import shown
+from ..scalekv_core.model.block_swap import check_block_swap
 from ..scalekv_core.schedules import Schedule, resolution_choices, resolution_label, schedule_from_label
 from . import models, paths, widgets
-from .io_types import CATEGORY_SCALEKV, CacheConfigType, InfinityModelType, InfinityT5Type, schema
+from .io_types import (CATEGORY_SCALEKV, CacheConfigType, InfinityMemoryType, InfinityModelType, InfinityT5Type,
+                       schema)
+from .memory import MemorySettings
 
 BUDGET_UNITS = ["percent", "tokens", "MB"]
 GENERATED = "generated"
@@ -258,6 +261,9 @@ class ScaleKVCalibrate(io.ComfyNode):
                 widgets.int_input("seed", default=0, tooltip="prompt i uses seed + i"),
                 io.String.Input("filename_prefix", default="scalekv_budget",
                                 tooltip="file name start; resolution and budget are appended"),
+                InfinityMemoryType.Input("memory", optional=True,
+                                         tooltip="from Infinity Memory (block swap), as on the sampler: some "
+                                                 "transformer blocks wait in CPU memory while calibrating"),
             ],
             outputs=[io.String.Output(display_name="budget_file")],
             is_output_node=True,
@@ -297,7 +303,8 @@ class ScaleKVCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: models.InfinityModel, t5: models.InfinityT5, prompts: str, resolution: str,
-                budget: float, num_drafters: int, seed: int, filename_prefix: str) -> io.NodeOutput:
+                budget: float, num_drafters: int, seed: int, filename_prefix: str,
+                memory: MemorySettings | None = None) -> io.NodeOutput:
         problem = cls.validate_inputs(budget, filename_prefix, prompts)  # linked inputs arrive unchecked
         if problem is not True:
             raise ValueError(problem)
@@ -314,14 +321,20 @@ class ScaleKVCalibrate(io.ComfyNode):
         for p in lines:  # T5 on each prompt: a Cancel is honoured between them, not after all of them
             mm.throw_exception_if_processing_interrupted()
             conds.append(t5.encode([p]))
-        model.load(model.memory_required(schedule, 1, measurement_cache()))
+        # as the sampler: block swap from the Memory node (or --novram's), and refused before any generation if
+        # the full-cache measurement cannot fit
+        depth = model.pipeline.transformer.cfg.depth
+        swap = model.block_swap_for(0 if memory is None else check_block_swap(memory.block_swap, depth))
+        model.load(model.memory_required(schedule, 1, measurement_cache()), swap)
+        model.admit(schedule, 1, measurement_cache(), block_swap=swap)
         pbar = comfy.utils.ProgressBar(len(lines))
 
         def on_prompt(done: int, total: int) -> None:
             pbar.update_absolute(done, total)
             mm.throw_exception_if_processing_interrupted()
 
-        result = calibrate(model.pipeline, conds, schedule, tokens, num_drafters or None, seed, on_prompt=on_prompt)
+        result = calibrate(model.pipeline, conds, schedule, tokens, num_drafters or None, seed, on_prompt=on_prompt,
+                           block_swap=swap)
         result.write(path)
         _written[(filename_prefix, resolution, budget)] = path
         summary = {"budget_file": name, "path": path, "resolution": resolution_label(schedule),

@@ -22,7 +22,7 @@ from ..scalekv_core.kvcache.memory import (MemoryPlan, MiB, admission_problem, o
                                            preview_peak_bytes)
 from ..scalekv_core.loader import (PRECISIONS, load_transformer, load_vae, native_resolution, resolve_precision,
                                    t5_dtype, vae_patchify_for)
-from ..scalekv_core.model.block_swap import planned_device_bytes
+from ..scalekv_core.model.block_swap import max_block_swap, planned_device_bytes
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig
 from ..scalekv_core.model.quant import model_format
 from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
@@ -122,6 +122,14 @@ class InfinityModel:
                 loaded.model_unload()
                 mm.current_loaded_models.remove(loaded)
         mm.free_memory(memory_required + self.swapped_weight_bytes(block_swap), self.patcher.load_device)
+
+    def block_swap_for(self, requested: int) -> int:
+        """`requested`, or under ComfyUI's --novram every block that can stream: there its loader moves none of
+        our weights (the modules have no partial-load casts), so the transformer would reach the GPU whole and
+        unplanned, and the VAE would stay behind on the CPU."""
+        if requested or mm.vram_state != mm.VRAMState.NO_VRAM or mm.is_device_cpu(self.patcher.load_device):
+            return requested
+        return max_block_swap(self.pipeline.transformer.cfg.depth)
 
     def swapped_weight_bytes(self, block_swap: int) -> int:
         """Weights on the device while sampling with `block_swap` blocks streamed: the transformer less N - 2

@@ -130,7 +130,10 @@ class InfinitySampler(io.ComfyNode):
             log.warning("Infinity Sampler: %s", plan_note)  # also in the run's report (its `notes`)
         if isinstance(negative, models.BlankPrompt):
             negative = None  # an empty negative prompt means none, as in the original and the engine's generate()
-        swap = 0 if memory is None else check_block_swap(memory.block_swap, model.pipeline.transformer.cfg.depth)
+        asked = 0 if memory is None else check_block_swap(memory.block_swap, model.pipeline.transformer.cfg.depth)
+        swap = model.block_swap_for(asked)
+        if swap != asked:
+            log.info("Infinity Sampler: --novram: %d transformer blocks stream from CPU memory", swap)
         model.load(model.memory_required(schedule, batch * positive.batch_size, cache_config, cfg != 1, decode_tile),
                    swap)
         model.admit(schedule, batch * positive.batch_size, cache_config, cfg != 1, decode_tile, swap)

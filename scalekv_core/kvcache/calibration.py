@@ -108,10 +108,12 @@ def measurement_cache() -> CacheConfig:
 def measure_asi(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextConditioning], schedule: Schedule,
                 seed: int = 0, cfg: float | Sequence[float] = 3.0, tau: float | Sequence[float] = 0.5,
                 top_k: int = 900, top_p: float = 0.97, max_queries: int = 64, topk_fraction: float = 0.1,
-                combine: str = "product", on_prompt: ProgressCallback | None = None) -> AsiTable:
+                combine: str = "product", on_prompt: ProgressCallback | None = None,
+                block_swap: int | None = None) -> AsiTable:
     """Run one full-cache generation per prompt (seed + i for prompt i) and average its attention ratios.
 
     Only the conditional rows of the CFG batch are measured: the unconditional branch is not what the image follows.
+    `block_swap` (None: the pipeline's) streams that many transformer blocks from host memory, as generate does.
     """
     from ..sampler import SamplerSettings, sample  # here, so the kvcache package never imports the sampler eagerly
 
@@ -126,20 +128,21 @@ def measure_asi(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextCo
     n, layers = schedule.num_scales, model.cfg.depth
     cur = torch.zeros(n, layers, dtype=torch.float32, device=pipe.device)  # accumulated on device: no sync per layer
     hist = torch.zeros_like(cur)
-    for i, prompt in enumerate(prompts):
-        cond = pipe.encode([prompt]) if isinstance(prompt, str) else prompt
-        rows = cond.batch_size  # CFG puts the conditional rows first; without CFG every row is conditional
+    with pipe.placed(pipe.block_swap if block_swap is None else block_swap):  # as generate places it
+        for i, prompt in enumerate(prompts):
+            cond = pipe.encode([prompt]) if isinstance(prompt, str) else prompt
+            rows = cond.batch_size  # CFG puts the conditional rows first; without CFG every row is conditional
 
-        def observer(scale: int, layer: int, q: torch.Tensor, keys: torch.Tensor, stored: int) -> None:
-            c, h = attention_ratios(q[:rows], keys[:rows], stored, max_queries, topk_fraction)
-            cur[scale, layer] += c
-            hist[scale, layer] += h
+            def observer(scale: int, layer: int, q: torch.Tensor, keys: torch.Tensor, stored: int) -> None:
+                c, h = attention_ratios(q[:rows], keys[:rows], stored, max_queries, topk_fraction)
+                cur[scale, layer] += c
+                hist[scale, layer] += h
 
-        settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed + i)
-        sample(model, cond.to(pipe.device), schedule, settings, pipe.vae_patchify,
-               cache_config=measurement_cache(), observer=observer)
-        if on_prompt is not None:
-            on_prompt(i + 1, len(prompts))
+            settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed + i)
+            sample(model, cond.to(pipe.device), schedule, settings, pipe.vae_patchify,
+                   cache_config=measurement_cache(), observer=observer)
+            if on_prompt is not None:
+                on_prompt(i + 1, len(prompts))
     cur_l = (cur / len(prompts)).cpu().tolist()
     hist_l = (hist / len(prompts)).cpu().tolist()
     join = (lambda a, b: a * b) if combine == "product" else (lambda a, b: a + b)
@@ -253,7 +256,8 @@ def check_settings(schedule: Schedule, budget_tokens: int, window: int = 16, ref
 
 def calibrate(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextConditioning], schedule: Schedule,
               budget_tokens: int, num_drafters: int | None = None, seed: int = 0, refiner_decay: float = 0.0,
-              window: int = 16, on_prompt: ProgressCallback | None = None, **sampling) -> CalibrationResult:
+              window: int = 16, on_prompt: ProgressCallback | None = None, block_swap: int | None = None,
+              **sampling) -> CalibrationResult:
     """Measure ASI on `prompts`, pick drafters among the compressing scales and build the ScaleKV plan and file.
 
     `sampling` goes to `measure_asi` (cfg, tau, top_k, top_p, max_queries, topk_fraction, combine). Load the file
@@ -263,12 +267,12 @@ def calibrate(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextCond
         raise ValueError("calibration needs at least one prompt")
     check_prompts(seed, len(prompts))
     scales = check_settings(schedule, budget_tokens, window, refiner_decay, pipe.transformer.cfg.depth)
-    table = measure_asi(pipe, prompts, schedule, seed=seed, on_prompt=on_prompt, **sampling)
+    table = measure_asi(pipe, prompts, schedule, seed=seed, on_prompt=on_prompt, block_swap=block_swap, **sampling)
     drafters = select_drafters(table, num_drafters, scales)
     plan = scalekv_plan(schedule, table.num_layers, budget_tokens, drafters, refiner_decay, window)
     plan.source = f"calibrated on {len(prompts)} prompts, " + plan.source
     used = {k: p.default for k, p in inspect.signature(measure_asi).parameters.items()
-            if p.default is not inspect.Parameter.empty and k not in ("seed", "on_prompt")}
+            if p.default is not inspect.Parameter.empty and k not in ("seed", "on_prompt", "block_swap")}
     used.update(sampling)
     settings = {"prompts": [p if isinstance(p, str) else {"text_tokens": list(p.lens)} for p in prompts],
                 "seed": seed, "schedule": {"template": schedule.template, "size": schedule.size},

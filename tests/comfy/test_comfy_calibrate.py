@@ -201,3 +201,38 @@ def test_cancel_while_encoding_stops_before_the_next_prompt(run, loaded, scalekv
     finally:
         mm.interrupt_current_processing(False)
     assert len(encoded) == 1 and not list(scalekv_dir.glob("tiny_calib*"))
+
+
+def test_calibrate_is_admitted_like_the_sampler(run, loaded, monkeypatch, scalekv_dir, pack):
+    """A card too small for the full-cache measurement is refused before any generation, with the sampler's
+    figures and advice (it ran to a raw out-of-memory error), and nothing is written."""
+    import importlib
+
+    node = importlib.import_module(f"{pack.__name__}.nodes.cache")
+    generations = []
+    monkeypatch.setattr(node, "calibrate", lambda *a, **k: generations.append(a))
+    tiny = 1 << 20
+    monkeypatch.setattr(mm, "get_free_memory",
+                        lambda dev=None, torch_free_too=False, *a, **k: (tiny, tiny) if torch_free_too else tiny)
+    with pytest.raises(MemoryError, match="free"):
+        run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs(filename_prefix="tiny_admit"))
+    assert generations == [] and not list(scalekv_dir.glob("tiny_admit*"))
+
+
+def test_calibrate_with_block_swap_writes_the_same_file(run, loaded, scalekv_dir):
+    """The Memory node on Calibrate streams blocks as on the sampler: the same measurements, the same file, and
+    the weights back where ComfyUI keeps them."""
+    model, t5 = loaded
+    try:
+        plain = run("ScaleKVCalibrate", model=model, t5=t5, **calibrate_inputs(filename_prefix="tiny_plain"))
+        memory = run("InfinityMemory", block_swap=2).result[0]
+        swapped = run("ScaleKVCalibrate", model=model, t5=t5, memory=memory,
+                      **calibrate_inputs(filename_prefix="tiny_swap"))
+        a, b = (json.loads((scalekv_dir / out.result[0]).read_text()) for out in (plain, swapped))
+        assert a == b and plain.ui["scalekv_calibration"][0]["drafters"] == swapped.ui["scalekv_calibration"][0][
+            "drafters"]
+        homes = {p.device for p in model.pipeline.transformer.parameters()}
+        assert homes == {torch.device(model.patcher.offload_device)}
+    finally:
+        for p in list(scalekv_dir.glob("tiny_plain*")) + list(scalekv_dir.glob("tiny_swap*")):
+            p.unlink()

@@ -61,3 +61,36 @@ def test_block_swap_in_the_executors_inference_mode_leaves_later_runs_working(ru
     assert torch.equal(plain, swapped) and torch.equal(plain, rerun)
     assert kinds == {True}
     mm.unload_all_models()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_novram_streams_every_swappable_block(run, loaded, encoded, sampler_inputs, monkeypatch):
+    """Under --novram ComfyUI's loader moves none of our weights (no partial-load casts), so the sampler streams
+    the blocks itself: every block that can swap, unless the Memory node asks for a number; on other VRAM states,
+    or a CPU device, nothing changes. (A pretend CUDA device: generate is stopped before anything moves.)"""
+    model = loaded[0]
+    assert model.block_swap_for(0) == 0  # this CPU
+    monkeypatch.setattr(model.patcher, "load_device", torch.device("cuda", 0))
+    assert mm.vram_state != mm.VRAMState.NO_VRAM and model.block_swap_for(0) == 0
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+    assert (model.block_swap_for(0), model.block_swap_for(1)) == (2, 1)  # 4 blocks, 2 stay as swap slots
+    free = 64 << 30
+    monkeypatch.setattr(mm, "get_free_memory",
+                        lambda dev=None, torch_free_too=False, *a, **k: (free, free) if torch_free_too else free)
+    asked = []
+
+    def generate(*args, block_swap=0, **kwargs):
+        asked.append(block_swap)
+        raise _Stop
+
+    monkeypatch.setattr(model.pipeline, "generate", generate)
+    monkeypatch.setattr(type(model), "vae_on_device", lambda self, swap: __import__("contextlib").nullcontext())
+    with pytest.raises(_Stop):
+        run("InfinitySampler", model=model, positive=encoded, **sampler_inputs())
+    memory = run("InfinityMemory", block_swap=1).result[0]
+    with pytest.raises(_Stop):
+        run("InfinitySampler", model=model, positive=encoded, memory=memory, **sampler_inputs())
+    assert asked == [2, 1]
