@@ -275,7 +275,17 @@ def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
     a safetensors source keeps its metadata, so a pre-quantized file stays one."""
     sd = load_state_dict(src)
     meta = safetensors_metadata(src) if Path(src).is_file() else {}
-    return write_safetensors({k: v.clone() for k, v in sd.items()}, dst, {**meta, "format": "pt"})
+    return write_safetensors(unshared(sd), dst, {**meta, "format": "pt"})
+
+
+def unshared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` with a copy of each tensor whose storage another key shares (tied weights), which safetensors refuses;
+    the others as they are, so a 16 GB checkpoint is not held twice while it is rewritten."""
+    owners: dict[int, int] = {}
+    for v in sd.values():
+        key = v.untyped_storage().data_ptr()
+        owners[key] = owners.get(key, 0) + 1
+    return {k: v.clone() if owners[v.untyped_storage().data_ptr()] > 1 else v for k, v in sd.items()}
 
 
 #: Largest safetensors header read for its metadata (safetensors itself refuses headers over 100 MB).

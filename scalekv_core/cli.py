@@ -659,14 +659,19 @@ def _convert(a: argparse.Namespace) -> int:
             raise InputError(f"dst {dst}: is src itself; write the converted file under another name")
         if not a.overwrite:
             raise InputError(f"dst {dst}: exists; give another name, or --overwrite to replace it")
+    t0 = time.perf_counter()
     if a.weights == "none":
+        print(f"copying {a.src} into {dst} ...", file=sys.stderr, flush=True)
         out = convert_to_safetensors(a.src, dst)
     else:  # quantized from the file's own values (fp32 elsewhere), on the CPU
         from .loader import load_transformer
         from .model.quant import save_quantized
 
-        out = save_quantized(load_transformer(a.src, "cpu", "fp32", weights=a.weights), dst)
-    print(f"wrote {out}")
+        print(f"loading {a.src} and quantizing its blocks to {a.weights} ...", file=sys.stderr, flush=True)
+        model = load_transformer(a.src, "cpu", "fp32", weights=a.weights)
+        print(f"writing {dst} ({time.perf_counter() - t0:.0f}s so far) ...", file=sys.stderr, flush=True)
+        out = save_quantized(model, dst)
+    print(f"wrote {out} ({time.perf_counter() - t0:.0f}s)")
     return 0
 
 

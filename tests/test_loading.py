@@ -322,6 +322,25 @@ def test_cli_convert(tmp_path) -> None:
     r = _run_cli("convert", TINY_TRANSFORMER_PTH, dst)
     assert r.returncode == 0, r.stderr
     _assert_same_tensors(load_file(str(dst)), torch.load(TINY_TRANSFORMER_PTH, weights_only=True))
+    assert "copying" in r.stderr and "wrote" in r.stdout  # a line before the long part, as the quantizing one
+
+
+def test_convert_copies_only_tied_tensors(tmp_path, tiny_sd) -> None:
+    """safetensors refuses tensors that share storage, so those (tied weights) are copied; every other tensor is
+    written as it was read (it cloned all of them: a second 16 GB copy of the 8B in memory)."""
+    from scalekv_core.checkpoint import unshared
+
+    sd = load_state_dict(TINY_TRANSFORMER_PTH)
+    out = unshared(sd)
+    assert all(out[k] is sd[k] for k in sd)
+    tied = dict(sd, **{"tied.weight": sd["head.weight"]})
+    out = unshared(tied)
+    assert out["tied.weight"] is not tied["tied.weight"] and out["head.weight"] is not tied["head.weight"]
+    assert all(out[k] is tied[k] for k in sd if k != "head.weight")
+    src = tmp_path / "tied.pth"
+    torch.save(tied, src)
+    dst = convert_to_safetensors(src, tmp_path / "tied.safetensors")
+    _assert_same_tensors(load_file(str(dst)), tied)
 
 
 # ----------------------------------------------------------------------------------------------------------------
