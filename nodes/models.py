@@ -96,13 +96,15 @@ class InfinityModel:
 
     def admit(self, schedule: Schedule, batch: int, cache: CacheConfig | None, cfg: bool = True,
               decode_tile: int | None = None, block_swap: int = 0) -> None:
-        """Refuse a run whose planned peak exceeds the compute device's free memory (weights already loaded, or
-        with block swap still to be placed); SCALEKV_ALLOW_OVERCOMMIT=1 overrides."""
+        """Refuse a run whose planned peak exceeds the compute device's free memory less ComfyUI's reserve (weights
+        already loaded, or with block swap still to be placed); SCALEKV_ALLOW_OVERCOMMIT=1 overrides."""
         if overcommit_allowed():
             return
         sampling_mb, decode_mb = self.peaks_mb(schedule, batch, cache, cfg, decode_tile)
         device = self.patcher.load_device
         free = mm.get_free_memory(device) - (self.swapped_weight_bytes(block_swap) if block_swap else 0)
+        if not mm.is_device_cpu(device):
+            free -= mm.extra_reserved_memory()  # what ComfyUI keeps free on a GPU, as the widget plans
         problem = admission_problem(sampling_mb, decode_mb, free, str(device), batch, decode_tile=decode_tile)
         if problem is not None:
             raise MemoryError(problem)

@@ -201,14 +201,17 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
         raise PlanInputError(brief(str(e))) from None
     device = mm.get_torch_device()
     total_mb = mm.get_total_memory(device) / MiB
-    fits = plan.peak_mb <= total_mb
+    # what ComfyUI keeps free on a GPU whatever loads (400 MB, 600 on Windows): the job must fit beside it
+    reserve_mb = 0.0 if mm.is_device_cpu(device) else mm.extra_reserved_memory() / MiB
+    fits = plan.peak_mb <= total_mb - reserve_mb
     phase = max(("T5 encode", plan.encode_mb), ("sampling", plan.sampling_mb), ("decode", plan.decode_mb),
                 key=lambda p: p[1])[0]
-    line = (f"whole job {plan.peak_mb / 1024:.2f} GiB ({phase}) of {total_mb / 1024:.1f} GiB on {device}: "
+    kept = f", {reserve_mb / 1024:.1f} GiB of it kept free by ComfyUI" if reserve_mb else ""
+    line = (f"whole job {plan.peak_mb / 1024:.2f} GiB ({phase}) of {total_mb / 1024:.1f} GiB on {device}{kept}: "
             + ("fits" if fits else "does not fit: try fp8 or int4 weights, a tiled decode or block swap"))
     return {"encode_mb": plan.encode_mb, "sampling_mb": plan.sampling_mb, "decode_mb": plan.decode_mb,
             "peak_mb": plan.peak_mb, "transformer_mb": plan.transformer_mb, "t5_mb": plan.t5_mb,
-            "vae_mb": plan.vae_mb, "device": str(device), "device_mb": total_mb,
+            "vae_mb": plan.vae_mb, "device": str(device), "device_mb": total_mb, "reserved_mb": reserve_mb,
             "setting": plan.setting,
             "fits": fits, "line": line}
 

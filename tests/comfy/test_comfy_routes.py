@@ -156,6 +156,29 @@ def test_job_line_is_the_whole_job_planner_against_the_device(post, weights, til
     assert ("fits" if job["fits"] else "does not fit") in job["line"] and f"{want.peak_mb / 1024:.2f} GiB" in job["line"]
 
 
+def test_a_gpus_job_must_fit_beside_comfyuis_reserve(post, monkeypatch):
+    """On a GPU ComfyUI keeps its reserve free whatever loads (400 MB; 600 on Windows): the 8B in fp8 with a tiled
+    decode and previews (11.1 GiB planned) fits a 12 GiB card, but not one of 11.4 GiB, where the reserve leaves
+    11.0 (the line had said "fits" against the whole card). A pretend CUDA device: only its sizes are read."""
+    import comfy.model_management as mm
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(mm, "get_torch_device", lambda: gpu)
+    monkeypatch.setattr(mm, "text_encoder_device", lambda: gpu)
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 400 * MiB)
+    body = {"model": "8b", "resolution": "1024x1024 (1:1)", "precision": "bf16", "weight_format": "fp8_e4m3fn",
+            "decode_tile": 32}
+    answers = {}
+    for gib in (12.0, 11.4):
+        monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, torch_total_too=False, g=gib: int(g * 2**30))
+        status, answers[gib] = post(body)
+        assert status == 200, answers[gib]
+    big, small = answers[12.0]["job"], answers[11.4]["job"]
+    assert big["peak_mb"] == small["peak_mb"] and 11.0 * 1024 < big["peak_mb"] < 11.4 * 1024
+    assert big["fits"] and not small["fits"] and small["reserved_mb"] == 400
+    assert "0.4 GiB of it kept free by ComfyUI: does not fit" in small["line"]
+
+
 def test_job_reads_the_loaders_t5_and_vae(post):
     """With the loader's files the job is sized from them (the embedded-size tiny T5 and VAE), not from T5-XL."""
     status, answer = post({"transformer": "infinity_tiny.safetensors", "vae": "vae_tiny.safetensors",

@@ -228,6 +228,24 @@ def test_admission_refuses_a_run_larger_than_free_memory(run, loaded, encoded, s
     assert image.shape == (1, 256, 256, 3)
 
 
+def test_admission_on_a_gpu_leaves_comfyuis_reserve_free(loaded, monkeypatch):
+    """On a GPU the run must fit beside what ComfyUI keeps free (extra_reserved_memory), as the widget plans it: a
+    run 100 MiB short of free memory plus the reserve is refused, and admitted once the reserve is counted out.
+    (A pretend CUDA load device: admit only reads its free memory.)"""
+    import comfy.model_management as mm
+
+    model = loaded[0]
+    schedule = schedule_from_label("256x256 (1:1)")
+    need = max(model.peaks_mb(schedule, 1, None, True)) * 2**20
+    monkeypatch.setattr(model.patcher, "load_device", torch.device("cuda", 0))
+    monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: int(need + 300 * 2**20))
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 400 * 2**20)
+    with pytest.raises(MemoryError, match="free"):
+        model.admit(schedule, 1, None, True)
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 200 * 2**20)
+    model.admit(schedule, 1, None, True)
+
+
 def test_budget_file_drives_the_cache(run, loaded, encoded, sampler_inputs, config_inputs, engine):
     import folder_paths
 
