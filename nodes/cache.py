@@ -177,8 +177,11 @@ class ScaleKVCacheConfig(io.ComfyNode):
                                tooltip="generated = the rule-based plan; preset:* = the released 10% files "
                                        "(1024x1024); file:* = a calibration in models/scalekv"),
                 widgets.float_input("refiner_decay", default=0.0, step=1.0, **widgets.ADVANCED,
-                               tooltip="advanced (scalekv, generated plans): refiner budgets shrink by this many "
-                                       "tokens per scale"),
+                               tooltip="advanced (scalekv, generated plans). 0: the released files' rule "
+                                       "(refiners keep what the drafters leave, which falls fast). Above 0: the "
+                                       "paper's linear schedule: refiners start at the first compressed scale's "
+                                       "budget and lose this many tokens per scale, the rest going to drafters; "
+                                       "small values keep refiners larger than 0 does (the paper tried up to 70)"),
                 io.String.Input("budget_file", optional=True, force_input=True,
                                 tooltip="a budget file name from ScaleKV Calibrate; overrides budget_source"),
             ]),
