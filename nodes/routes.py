@@ -211,7 +211,9 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
             + ("fits" if fits else "does not fit: try fp8 or int4 weights, a tiled decode or block swap"))
     return {"encode_mb": plan.encode_mb, "sampling_mb": plan.sampling_mb, "decode_mb": plan.decode_mb,
             "peak_mb": plan.peak_mb, "transformer_mb": plan.transformer_mb, "t5_mb": plan.t5_mb,
-            "vae_mb": plan.vae_mb, "device": str(device), "device_mb": total_mb, "reserved_mb": reserve_mb,
+            "vae_mb": plan.vae_mb, "sampling_extra_mb": plan.sampling_extra_mb,
+            "decode_extra_mb": plan.decode_extra_mb,
+            "device": str(device), "device_mb": total_mb, "reserved_mb": reserve_mb,
             "setting": plan.setting,
             "fits": fits, "line": line}
 
@@ -337,8 +339,10 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
         "budget_file": linked_file, "budget_file_note": " ".join(n for n in (link_note, *plan.notes) if n) or None,
         "totals": {"stored_peak_mb": memory.analytic_mb, "full_mb": memory.full_analytic_mb,
                    "stored_ratio": memory.analytic_mb / memory.full_analytic_mb if memory.full_analytic_mb else 1.0,
-                   "cache_peak_mb": memory.cache_peak_mb, "planned_peak_mb": memory.sampling_peak_mb,
-                   "decode_peak_mb": memory.decode_peak_mb},
+                   # beside the weights, as the sampler admits a run: previews and dequantized weights included,
+                   # the decode sized from the loader's VAE and the sampler's decode tile
+                   "cache_peak_mb": memory.cache_peak_mb, "planned_peak_mb": job["sampling_extra_mb"],
+                   "decode_peak_mb": job["decode_extra_mb"]},
         "job": job,
         "measured": None,
         "choices": {"models": [m for m in KNOWN_MODELS if m in ("2b", "8b")], "resolutions": resolution_choices()},

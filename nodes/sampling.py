@@ -16,6 +16,7 @@ from ..scalekv_core.kvcache.attention import CHOICES as ATTENTION_CHOICES, resol
 from ..scalekv_core.model.block_swap import check_block_swap
 from ..scalekv_core.model.text_encoder import TextConditioning
 from ..scalekv_core.model.vae import check_decode_tiling
+from ..scalekv_core.kvcache.memory import MiB
 from ..scalekv_core.loader import resolution_note
 from . import models, widgets
 from .cache import AUTO_RESOLUTION, resolution_menu, schedule_for
@@ -157,9 +158,12 @@ class InfinitySampler(io.ComfyNode):
                              ("JPEG", preview_image(result.decoded[:1], (h, w)), preview_size))
         report = result.memory.to_dict()
         report["model"]["architecture"] = model.info.get("architecture", "")
-        # the planned peak as the cache-config widget and the admission check plan it: for prompts up to 512 tokens
-        report["planned_peak_max_prompt_mb"] = model.plan(schedule, report["batch"], cache_config,
-                                                          cfg != 1).sampling_peak_mb
+        # planned as the cache-config widget and the admission check plan it (for prompts up to 512 tokens), with
+        # the per-scale preview decode, which runs inside the measured window
+        preview_mb = model.preview_bytes(schedule) / MiB
+        report["planned_peak_max_prompt_mb"] = model.peaks_mb(schedule, report["batch"], cache_config, cfg != 1)[0]
+        report["planned_peak_mb"] += preview_mb
+        report["preview_mb"] = preview_mb
         if note:
             report["note"] = note
         report["attention"] = result.info["attention"]

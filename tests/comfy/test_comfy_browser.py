@@ -157,7 +157,7 @@ def expected(cfg, budget: int, resolution: str = RES, budget_file: str | None = 
     job = plan_job(cfg, w, h, 1, JobOptions(dtype="fp32", t5_offload=True, previews=True, t5_dtype="fp32",
                                             **job_options), cache=config, **files)
     return {"rows": rows, "stored_peak": memory.analytic_mb, "full_total": memory.full_analytic_mb,
-            "planned_peak": memory.sampling_peak_mb, "job_gib": f"{job.peak_mb / 1024:.2f} GiB", "job": job,
+            "planned_peak": job.sampling_extra_mb, "job_gib": f"{job.peak_mb / 1024:.2f} GiB", "job": job,
             "last_scale": f"{schedule.num_scales - 1} {schedule.grids[-1][0]}×{schedule.grids[-1][1]}",
             "job_fits": job.peak_mb <= psutil.virtual_memory().total / MiB}  # ComfyUI's CPU total is psutil's
 
