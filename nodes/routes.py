@@ -207,15 +207,27 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
     phase = max(("T5 encode", plan.encode_mb), ("sampling", plan.sampling_mb), ("decode", plan.decode_mb),
                 key=lambda p: p[1])[0]
     kept = f", {reserve_mb / 1024:.1f} GiB of it kept free by ComfyUI" if reserve_mb else ""
-    line = (f"whole job {plan.peak_mb / 1024:.2f} GiB ({phase}) of {total_mb / 1024:.1f} GiB on {device}{kept}: "
-            + ("fits" if fits else "does not fit: try fp8 or int4 weights, a tiled decode or block swap"))
+    available_mb = available_memory_mb(device) - reserve_mb
+    verdict = "fits" if fits else "does not fit: try fp8 or int4 weights, a tiled decode or block swap"
+    if fits and plan.peak_mb > available_mb:  # the admission check, at run time, counts what is free then
+        verdict += (f" the card, but only {max(available_mb, 0) / 1024:.1f} GiB is available now: other programs "
+                    f"hold the rest, and the sampler will refuse the run until they let it go")
+    line = f"whole job {plan.peak_mb / 1024:.2f} GiB ({phase}) of {total_mb / 1024:.1f} GiB on {device}{kept}: {verdict}"
     return {"encode_mb": plan.encode_mb, "sampling_mb": plan.sampling_mb, "decode_mb": plan.decode_mb,
             "peak_mb": plan.peak_mb, "transformer_mb": plan.transformer_mb, "t5_mb": plan.t5_mb,
             "vae_mb": plan.vae_mb, "sampling_extra_mb": plan.sampling_extra_mb,
             "decode_extra_mb": plan.decode_extra_mb,
-            "device": str(device), "device_mb": total_mb, "reserved_mb": reserve_mb,
+            "device": str(device), "device_mb": total_mb, "reserved_mb": reserve_mb, "available_mb": available_mb,
             "setting": plan.setting,
             "fits": fits, "line": line}
+
+
+def available_memory_mb(device: torch.device) -> float:
+    """What a run could have on `device` now: its free memory plus what ComfyUI's loaded models hold there (it
+    unloads them for the sampler; on the CPU this counts our own weights, which the job includes)."""
+    held = sum(lm.model_loaded_memory() for lm in list(getattr(mm, "current_loaded_models", []))
+               if torch.device(lm.device) == torch.device(device))
+    return (mm.get_free_memory(device) + held) / MiB
 
 
 _JOB_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -174,6 +174,8 @@ def test_a_gpus_job_must_fit_beside_comfyuis_reserve(post, monkeypatch):
     monkeypatch.setattr(mm, "get_torch_device", lambda: gpu)
     monkeypatch.setattr(mm, "text_encoder_device", lambda: gpu)
     monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 400 * MiB)
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 11 * 2**30)
+    monkeypatch.setattr(mm, "current_loaded_models", [])
     body = {"model": "8b", "resolution": "1024x1024 (1:1)", "precision": "bf16", "weight_format": "fp8_e4m3fn",
             "decode_tile": 32}
     answers = {}
@@ -681,3 +683,23 @@ def test_a_calibrated_file_at_another_budget_is_noted_in_the_widget(post):
     note = other["budget_file_note"]
     assert "noted_1024x1024_10pct.json was calibrated for a budget of 650 tokens" in note and "is 1300" in note
     assert same["budget_file_note"] is None
+
+
+def test_a_job_that_fits_the_card_but_not_what_is_free_says_so(post, monkeypatch):
+    """The sampler admits a run by the memory free when it starts: a job within the card but beyond what other
+    programs leave says so, where the line said "fits" and the run was then refused."""
+    import comfy.model_management as mm
+
+    body = {"model": "8b", "resolution": "1024x1024 (1:1)", "precision": "bf16", "weight_format": "int4",
+            "decode_tile": 32}
+    monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, torch_total_too=False: 64 * 2**30)
+    monkeypatch.setattr(mm, "current_loaded_models", [])
+    lines = {}
+    for free_gib in (40, 2):
+        monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False, f=free_gib: f * 2**30)
+        status, answer = post(body)
+        assert status == 200, answer
+        lines[free_gib] = answer["job"]
+    assert lines[40]["fits"] and lines[40]["line"].endswith(": fits")
+    assert lines[2]["fits"] and lines[2]["available_mb"] == 2048
+    assert "fits the card, but only 2.0 GiB is available now" in lines[2]["line"]
