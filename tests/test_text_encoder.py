@@ -230,3 +230,29 @@ def test_single_file_t5_in_fp16_computes_what_its_folder_computes(tmp_path):
     prompts = ["a red fox in the snow", "a lighthouse at dusk"]
     a, b = folder.encode(prompts), single.encode(prompts)
     assert a.lens == b.lens and torch.equal(a.kv_compact, b.kv_compact)
+
+
+def test_a_tokenizer_larger_than_the_encoders_vocabulary_is_refused_at_load(tmp_path):
+    """A single-file T5 trained with a small vocabulary, paired with the stock T5 tokenizer (32100 tokens), is
+    refused when it loads, naming both; it loaded and failed with a bare IndexError at the first prompt."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    from scalekv_core.checkpoint import CheckpointError
+    from scalekv_core.model.text_encoder import T5TextEncoder
+
+    tokens = len(AutoTokenizer.from_pretrained(T5_DIR, legacy=True, local_files_only=True))
+    cfg = T5Config(vocab_size=tokens - 1, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    module = T5EncoderModel(cfg)
+    path = tmp_path / "t5_small_vocab.safetensors"
+    save_file({k: v.contiguous() for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              str(path))
+    with pytest.raises(CheckpointError, match=rf"t5_small_vocab.safetensors has {tokens - 1} token embeddings, "
+                                              rf"but the tokenizer in .* has {tokens} tokens"):
+        T5TextEncoder.from_single_file(path, T5_DIR)
+    cfg.vocab_size = tokens  # exactly as many rows as the tokenizer has ids: loads and encodes
+    module = T5EncoderModel(cfg)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              str(path))
+    assert T5TextEncoder.from_single_file(path, T5_DIR).encode(["a fox"]).batch_size == 1

@@ -176,6 +176,16 @@ def single_file_t5_config(path: str | Path):
                     use_cache=False, tie_word_embeddings=False)
 
 
+def check_vocabulary(tokens: int, rows: int, encoder: str, tokenizer: str) -> None:
+    """A tokenizer whose ids the encoder's embedding can look up, else an error naming both: the mismatch showed
+    as a bare `IndexError: index out of range in self` at the first prompt."""
+    if tokens > rows:
+        from ..checkpoint import CheckpointError
+        raise CheckpointError(f"{encoder} has {rows} token embeddings, but {tokenizer} has {tokens} tokens: the "
+                              f"encoder was trained with another tokenizer; use the T5 folder it came in (config, "
+                              f"weights and tokenizer), or flan-t5-xl")
+
+
 def fp32_modules(module: torch.nn.Module, dtype: torch.dtype) -> set[str]:
     """Module names Hugging Face's from_pretrained keeps in float32 when loading in `dtype` (T5: `wo` in fp16, where
     its outputs overflow), so a single-file T5 computes what the same weights in a folder compute."""
@@ -276,6 +286,7 @@ class T5TextEncoder:
                 module = T5EncoderModel.from_pretrained(folder, local_files_only=True, **_dtype_kwarg(dtype))
             except Exception as e:  # transformers/torch/safetensors/sentencepiece each raise their own types
                 raise _load_error(folder, e, tokenizer_loaded="tokenizer" in locals()) from e
+        check_vocabulary(len(tokenizer), module.shared.num_embeddings, f"the T5 folder {folder}", "its tokenizer")
         if weights != "none":
             quantize_linears(module, weights)
         return cls(tokenizer, module.to(device))
@@ -304,6 +315,7 @@ class T5TextEncoder:
             except Exception as e:  # transformers and tokenizers raise their own types
                 raise FileNotFoundError(f"no T5 tokenizer for {path.name} in {tokenizer_folder}: "
                                         f"{_one_line(str(e))[:300]}") from e
+            check_vocabulary(len(tokenizer), config.vocab_size, str(path), f"the tokenizer in {tokenizer_folder}")
             with torch.device("meta"):
                 module = T5EncoderModel(config)
         from ..loader import check_float_tensors
