@@ -79,6 +79,27 @@ def test_every_policy_holds_exactly_its_budget(pipe: InfinityPipeline, policy: s
     assert usage[-1].tokens == usage[-2].tokens
 
 
+@pytest.mark.parametrize("percent", [60, 70, 90, 100])
+def test_pyramidkv_keeps_its_budget_on_average_up_to_the_whole_cache(pipe: InfinityPipeline, percent: int) -> None:
+    """PyramidKV's bottom layer is capped at what the cache can hold and the top raised by as much, so the layers
+    still average the budget (they kept 62-69% at budgets of 70-100%), and 100% is the full cache, bit for bit."""
+    for schedule in (TINY_SCHEDULE, ONE_K):
+        prefix = sum(schedule.tokens_per_scale[:-1])
+        _, plan = CacheConfig(policy="pyramidkv", budget=f"{percent}%", window=4).build(schedule, 32, 1, 1, 1,
+                                                                                       torch.float32)
+        last = plan.kept[-1]
+        assert max(last) <= prefix and min(last) >= 4
+        assert sum(last) / len(last) == pytest.approx(parse_budget(f"{percent}%", schedule), abs=1)
+        assert (plan.kept == [[c] * 32 for c in np.cumsum(schedule.tokens_per_scale[:-1]).tolist()]) == (
+            percent == 100)
+    if percent == 100:
+        full = pipe.generate(_cond(), seed=1, schedule=TINY_SCHEDULE, cache=CacheConfig(policy="full"))
+        pyramid = pipe.generate(_cond(), seed=1, schedule=TINY_SCHEDULE,
+                                cache=CacheConfig(policy="pyramidkv", budget="100%", window=4))
+        assert np.array_equal(full.images, pyramid.images)
+        assert [u.tokens for u in full.samples.usage] == [u.tokens for u in pyramid.samples.usage]
+
+
 def test_improved_scoring_tracks_positions_and_keeps_them_sorted(pipe: InfinityPipeline) -> None:
     kept: dict = {}
     config = CacheConfig(policy="scalekv", scoring="improved", budget="20%", window=4)

@@ -123,13 +123,21 @@ def pyramid_plan(schedule: Schedule, num_layers: int, budget: int, beta: float =
                  min_tokens: int = 1) -> BudgetPlan:
     """PyramidKV: budgets fall linearly with depth, averaging `budget`; the deepest layer gets `budget/beta`.
 
-    No layer gets less than `min_tokens` (the observation window), so small budgets flatten the pyramid.
+    No layer gets less than `min_tokens` (the observation window), so small budgets flatten the pyramid. The
+    bottom layer never gets more than the cache will hold (the prefix before the last scale): the top rises by as
+    much, so the layers still average `budget`, and a budget of the whole prefix keeps everything.
     """
     _check_budget(budget, min_tokens)
+    prefix = sum(schedule.tokens_per_scale[:-1])
+    if budget >= prefix:
+        plan = full_plan(schedule, num_layers)
+        plan.source = f"pyramid {budget} tokens: the whole cache"
+        return plan
     if num_layers == 1:
         return uniform_plan(schedule, 1, budget)
     top = min(budget, max(min_tokens, round(budget / beta)))
-    bottom = 2 * budget - top
+    bottom = min(2 * budget - top, prefix)
+    top = 2 * budget - bottom
     step = (bottom - top) / (num_layers - 1)
     budgets = [max(1, round(bottom - step * i)) for i in range(num_layers)]
     budgets[0] += budget * num_layers - sum(budgets)  # exact total
