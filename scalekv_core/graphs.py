@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 
 from .kvcache import CacheConfig, KVCache
 from .kvcache import attention
-from .kvcache.budget import BudgetPlan
+from .kvcache.budget import BudgetPlan, resolve_budget_file
 from .kvcache.cache import ScaleUsage
 from .model.transformer import ImageConstants, Infinity, TextKV
 from .schedules import Schedule
@@ -227,6 +227,19 @@ def refusal(model: Infinity, device: torch.device, mode: str, **callbacks: objec
     return None
 
 
+def _file_version(budget_file: str | None) -> tuple | None:
+    """A budget file's version (modification time and size): graphs captured with its plan are stale once it is
+    rewritten in place, as a calibration run does."""
+    if not budget_file:
+        return None
+    try:
+        path = resolve_budget_file(budget_file)
+        st = path.stat()
+        return str(path), st.st_mtime_ns, st.st_size
+    except (OSError, ValueError):  # missing or unknown: building the plan names the problem
+        return str(budget_file), None
+
+
 class ScaleGraphRunner:
     """Owns the KV cache, the static inputs and one captured transformer step per scale; keep it between images so
     later images only copy their inputs in and replay."""
@@ -258,7 +271,7 @@ class ScaleGraphRunner:
         params = tuple(p.data_ptr() for p in model.parameters()) + tuple(b.data_ptr() for b in model.buffers())
         config_key = json.dumps(config.to_dict(), sort_keys=True, default=str)
         return (id(model), params, schedule.grids, schedule.full_grids[-1], tuple(lens), config_key,
-                model.block_dtype, str(model.pos_start.device), attention.current())
+                _file_version(config.budget_file), model.block_dtype, str(model.pos_start.device), attention.current())
 
     def bind(self, model: Infinity, schedule: Schedule, lens: list[int], config: CacheConfig, gss: torch.Tensor,
              text: TextKV, make_cache: Callable[[], KVCache]) -> None:

@@ -41,6 +41,39 @@ def test_graphed_generations_equal_eager_ones_and_reuse_one_runner(pipe: Infinit
     assert pipe._graph_runner is None
 
 
+def test_a_budget_file_rewritten_in_place_is_captured_again(pipe: InfinityPipeline, tmp_path) -> None:
+    """Graphs hold the plan of the budget file they were captured with: the same path rewritten (a calibration run
+    again) gives the new file's image, not a replay of the old plan, which the graph key (the path) had allowed."""
+    import json
+    import os
+
+    from scalekv_core.kvcache.budget import plan_to_original_json, scalekv_plan
+
+    depth = pipe.transformer.cfg.depth
+    path = tmp_path / "budget.json"
+    cond = random_text(9, pipe.transformer.cfg.text_channels, seed=3)
+    cache = CacheConfig(policy="scalekv", budget=48, window=4, budget_file=str(path))
+    versions = [[0], [depth - 1]]
+
+    def write(i: int) -> None:
+        drafters = versions[i % 2]
+        path.write_text(json.dumps(plan_to_original_json(scalekv_plan(SCHEDULE, depth, 48, drafters, window=4))))
+        os.utime(path, ns=(i * 10**9, i * 10**9))  # a coarse clock could give two writes one time: set here
+
+    eager = []
+    for i in range(2):
+        write(i)
+        eager.append(pipe.generate(cond, seed=5, schedule=SCHEDULE, cache=cache))
+    assert not np.array_equal(eager[0].images, eager[1].images)
+    for i in range(2):  # one runner kept between the two images (an eager image would release it)
+        write(i + 2)
+        graphed = pipe.generate(cond, seed=5, schedule=SCHEDULE, cache=cache, graphs="replay")
+        assert np.array_equal(eager[i].images, graphed.images)
+        assert graphed.samples.plan.drafters == eager[i].samples.plan.drafters
+    assert pipe._graph_runner.captures == 2
+    pipe.release_graphs()
+
+
 def test_an_eager_image_releases_the_runner_and_cuda_is_refused_off_cuda(pipe: InfinityPipeline) -> None:
     cond = random_text(9, pipe.transformer.cfg.text_channels, seed=3)
     pipe.generate(cond, seed=1, schedule=SCHEDULE, graphs="replay")

@@ -388,6 +388,14 @@ def load_budget_file(path: str | Path, schedule: Schedule, num_layers: int, base
     return plan_from_original_json(data, schedule, num_layers, base_capacity, source=str(path))
 
 
+def resolve_budget_file(name: str | Path) -> Path:
+    """A budget file's path: the file itself, or a built-in preset's when `name` is a preset name (no suffix)."""
+    path = Path(name)
+    if not path.exists() and not path.suffix:
+        return preset_path(str(name))
+    return path
+
+
 #: Calibration writes its measurements beside each budget file as `<stem>.asi.json` (they are not a budget).
 ASI_SUFFIX = ".asi.json"
 #: Largest measurement table read for its settings (256 prompts and a 13 x 40 table are well under 1 MB).

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ...schedules import Schedule
-from ..budget import (BudgetError, BudgetPlan, calibration_note, default_drafters, load_budget_file, preset_path,
-                      scalekv_plan)
+from ..budget import (BudgetError, BudgetPlan, calibration_note, default_drafters, load_budget_file,
+                      resolve_budget_file, scalekv_plan)
 from ..scoring import ScheduleTables, pool_1d, pool_in_canvas, schedule_tables, softmax_window_scores
 from .base import EvictionPolicy, StepContext, topk_keep
 
@@ -53,9 +52,7 @@ class ScaleKV(EvictionPolicy):
 
     def plan(self, schedule: Schedule, num_layers: int) -> BudgetPlan:
         if self.budget_file:
-            path = Path(self.budget_file)
-            if not path.exists() and not path.suffix:
-                path = preset_path(self.budget_file)
+            path = resolve_budget_file(self.budget_file)
             plan = load_budget_file(path, schedule, num_layers, base_capacity=self.budget)
             note = calibration_note(path, self.budget)
             if note:
