@@ -142,6 +142,19 @@ def test_a_calibrated_file_used_at_another_budget_says_so(result, pipe, tmp_path
     out = pipe.generate(PROMPTS[0], schedule=S006, seed=1, memory_report=True,
                         cache=CacheConfig(policy="scalekv", budget_file=str(budget_path), budget=BUDGET + 16))
     assert out.memory.notes == [note] and out.memory.to_dict()["notes"] == [note]
+    # at another resolution with as many scales (256x320 has 7 too): the caps were chosen for other token maps
+    other = get_schedule(1.25, "0.06M")
+    assert other.num_scales == S006.num_scales and other.grids != S006.grids
+    _, plan = CacheConfig(policy="scalekv", budget_file=str(budget_path), budget=BUDGET).build(
+        other, depth, 4, 32, 2, torch.float32)
+    assert plan.notes == ["tiny_calibrated.json was calibrated at 256x256 (1:1), but this run is 256x320 (1:1.25): "
+                          "its caps and drafters were chosen for other token maps; calibrate again at this "
+                          "resolution"]
+    # settings a file fixes are named, not silently dropped
+    _, plan = CacheConfig(policy="scalekv", budget_file=str(budget_path), budget=BUDGET, refiner_decay=50).build(
+        S006, depth, 4, 32, 2, torch.float32)
+    assert plan.notes == ["refiner_decay does not apply with a budget file (tiny_calibrated.json): its caps and "
+                          "drafters are used as they are"]
     side.write_text("{not json")  # a broken or missing table is no reason to refuse the run: no note
     assert notes(BUDGET + 16) == []
     side.unlink()

@@ -408,30 +408,43 @@ def asi_table_path(budget_file: str | Path) -> Path:
     return path.with_name(path.stem + ASI_SUFFIX)
 
 
-def calibrated_budget(budget_file: str | Path) -> int | None:
-    """The budget in tokens a calibrated budget file was made for (its measurement table's settings); None for a
-    file without a readable table (the built-in presets, the original's files): the note is advice, never fatal."""
+def calibration_settings(budget_file: str | Path) -> dict:
+    """The settings a calibrated budget file was made with (its measurement table's); {} for a file without a
+    readable table (the built-in presets, the original's files): what they feed is advice, never fatal."""
     from ..safe_files import read_text
 
     try:
         data = parse_json(read_text(asi_table_path(budget_file), MAX_ASI_TABLE_BYTES, "measurement table",
                                     BudgetError))
     except (OSError, ValueError, RecursionError):  # missing, a FIFO, too large, not JSON
-        return None
+        return {}
     settings = data.get("settings") if isinstance(data, dict) else None
-    tokens = settings.get("budget_tokens") if isinstance(settings, dict) else None
-    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else None
+    return settings if isinstance(settings, dict) else {}
 
 
-def calibration_note(budget_file: str | Path, budget_tokens: int) -> str | None:
-    """A sentence when a calibrated budget file is used with another budget than it was calibrated for: its
-    per-scale caps are the calibration's, eviction starts at this budget, so the run is neither."""
-    calibrated = calibrated_budget(budget_file)
-    if calibrated is None or calibrated == budget_tokens:
-        return None
-    return (f"{Path(budget_file).name} was calibrated for a budget of {calibrated} tokens, but this cache config's "
-            f"budget is {budget_tokens}: the file's caps are for {calibrated}; set the budget to {calibrated} "
-            f"tokens, or calibrate again at this budget")
+def calibration_notes(budget_file: str | Path, budget_tokens: int, schedule: Schedule) -> list[str]:
+    """Sentences when a calibrated budget file is used otherwise than it was calibrated: at another budget (its
+    caps are the calibration's while eviction starts at this budget, so the run is neither), or at another
+    resolution with as many scales (its caps and drafters were chosen for other token maps)."""
+    from ..schedules import get_schedule, resolution_label
+
+    settings = calibration_settings(budget_file)
+    name, notes = Path(budget_file).name, []
+    tokens = settings.get("budget_tokens")
+    if isinstance(tokens, int) and not isinstance(tokens, bool) and 0 < tokens != budget_tokens:
+        notes.append(f"{name} was calibrated for a budget of {tokens} tokens, but this cache config's budget is "
+                     f"{budget_tokens}: the file's caps are for {tokens}; set the budget to {tokens} tokens, or "
+                     f"calibrate again at this budget")
+    made = settings.get("schedule")
+    try:
+        made_at = get_schedule(float(made["template"]), str(made["size"])) if isinstance(made, dict) else None
+    except (KeyError, TypeError, ValueError):  # an unknown template or size: nothing to compare
+        made_at = None
+    if made_at is not None and made_at.grids != schedule.grids:
+        notes.append(f"{name} was calibrated at {resolution_label(made_at)}, but this run is "
+                     f"{resolution_label(schedule)}: its caps and drafters were chosen for other token maps; "
+                     f"calibrate again at this resolution")
+    return notes
 
 
 def preset_path(name: str) -> Path:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ...schedules import Schedule
-from ..budget import (BudgetError, BudgetPlan, calibration_note, default_drafters, load_budget_file,
+from ..budget import (BudgetError, BudgetPlan, calibration_notes, default_drafters, load_budget_file,
                       resolve_budget_file, scalekv_plan)
 from ..scoring import ScheduleTables, pool_1d, pool_in_canvas, schedule_tables, softmax_window_scores
 from .base import EvictionPolicy, StepContext, topk_keep
@@ -54,9 +54,12 @@ class ScaleKV(EvictionPolicy):
         if self.budget_file:
             path = resolve_budget_file(self.budget_file)
             plan = load_budget_file(path, schedule, num_layers, base_capacity=self.budget)
-            note = calibration_note(path, self.budget)
-            if note:
-                plan.notes.append(note)
+            plan.notes += calibration_notes(path, self.budget, schedule)
+            ignored = [name for name, unset in (("refiner_decay", not self.refiner_decay),
+                                                ("drafters", self.drafters is None)) if not unset]
+            if ignored:  # a budget file fixes both: say so rather than run as if they applied
+                plan.notes.append(f"{' and '.join(ignored)} do{'es' if len(ignored) == 1 else ''} not apply with "
+                                  f"a budget file ({path.name}): its caps and drafters are used as they are")
             low = [(si, layer) for si, row in enumerate(plan.kept) for layer, k in enumerate(row)
                    if plan.evicts(si, layer) and k < self.window]
             if low:
