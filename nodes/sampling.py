@@ -65,7 +65,10 @@ class InfinitySampler(io.ComfyNode):
                                                tooltip="unconnected: the model's learned unconditional embedding"),
                 CacheConfigType.Input("cache_config", optional=True, tooltip="unconnected: the full cache"),
                 widgets.int_input("seed", default=0, control_after_generate=True,
-                                  tooltip="the same seed and settings give the same picture"),
+                                  tooltip="the same seed and settings (batch included) give the same picture. A "
+                                          "batch draws all its pictures from one seed, as the original does, so "
+                                          "picture 1 of a batch differs from the same seed's single picture. A "
+                                          "negative seed is the same as seed + 2^64"),
                 widgets.float_input("cfg", default=3.0, step=0.1, tooltip="how closely the picture follows the prompt; 3 is the original's default, 1 turns guidance off"),
                 widgets.float_input("tau", default=0.5, step=0.01, tooltip="randomness of each scale's choices: lower is safer and plainer, higher is livelier"),
                 widgets.int_input("top_k", default=900, tooltip="draw only among the k likeliest bits (0: no limit)"),
@@ -74,7 +77,8 @@ class InfinitySampler(io.ComfyNode):
                                tooltip="auto: the model's own size (the 2B and 8B draw 1024x1024, the embedded model 256x256). The others "
                                        "are the sizes Infinity was trained at (aspect x size)"),
                 widgets.int_input("batch", default=1,
-                                  tooltip="pictures per prompt, drawn together (memory grows with it)"),
+                                  tooltip="pictures per prompt, drawn together from the one seed (memory grows "
+                                          "with it); to remake one of them alone, run the whole batch again"),
                 widgets.int_input("decode_tile", default=0, optional=True,
                                   tooltip="0: decode the whole image at once, as the original. 8-512: decode in "
                                           "tiles of this many latent positions per side (x16 pixels for 2B, x8 for "
