@@ -21,7 +21,7 @@ EXPECTED = {
     "InfinitySampler": (["model", "positive", "seed", "cfg", "tau", "top_k", "top_p", "resolution", "batch"],
                         ["negative", "cache_config", "decode_tile", "memory", "attention"], ["IMAGE"]),
     "ScaleKVCalibrate": (["model", "t5", "prompts", "resolution", "budget", "num_drafters", "seed", "filename_prefix"],
-                         [], ["STRING"]),
+                         ["memory"], ["STRING"]),
     "InfinityMemory": (["block_swap"], [], ["INFINITY_MEMORY"]),
 }
 OUR_TYPES = ("INFINITY_MODEL", "INFINITY_T5", "INFINITY_CONDITIONING", "SCALEKV_CACHE_CONFIG", "INFINITY_MEMORY")
