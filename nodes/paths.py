@@ -40,11 +40,16 @@ DEFAULT_MODEL_ENV = "SCALEKV_DEFAULT_MODEL_DIR"
 DEFAULT_TRANSFORMER = "infinity_shapes.safetensors"
 DEFAULT_VAE = "infinity_shapes_vae.safetensors"
 DEFAULT_TEXT_ENCODER = "t5_shapes"
+#: The embedded VAE and T5 under keys of their own: under ComfyUI's "vae" and "text_encoders" its own loaders
+#: (VAELoader, CLIPLoader) listed them beside the user's SD and Flux files.
+DEFAULT_VAE_KEY = "scalekv_default_vae"
+DEFAULT_TEXT_ENCODERS_KEY = "scalekv_default_text_encoders"
 #: Sub-folder of default_model/ registered under each key.
-DEFAULT_MODEL_SUBDIRS = {INFINITY: "infinity", VAE: "vae", TEXT_ENCODERS: "text_encoders"}
+DEFAULT_MODEL_SUBDIRS = {INFINITY: "infinity", DEFAULT_VAE_KEY: "vae", DEFAULT_TEXT_ENCODERS_KEY: "text_encoders"}
 #: Where ComfyUI's loaders look, shown in errors ("models/infinity") next to the real folders searched.
 FOLDER_LABELS = {INFINITY: "models/infinity", SCALEKV: "models/scalekv", VAE: "models/vae",
-                 TEXT_ENCODERS: "models/text_encoders", DIFFUSION_MODELS: "models/diffusion_models"}
+                 TEXT_ENCODERS: "models/text_encoders", DIFFUSION_MODELS: "models/diffusion_models",
+                 DEFAULT_VAE_KEY: "the embedded model", DEFAULT_TEXT_ENCODERS_KEY: "the embedded model"}
 
 
 def register_folder(key: str, default_dir: str, extensions: set[str]) -> None:
@@ -70,7 +75,7 @@ def register_folders() -> None:
     root = default_model_dir()
     if root is not None:  # last: the user's folders and ComfyUI's own are searched first (their extensions kept)
         for key, sub in DEFAULT_MODEL_SUBDIRS.items():
-            register_folder(key, os.path.join(root, sub), set())
+            register_folder(key, os.path.join(root, sub), set(folder_paths.supported_pt_extensions))
 
 
 # ------------------------------------------------------------------------------------------------ names
@@ -168,7 +173,8 @@ def vae_choices() -> list[str]:
     """VAE-named files of models/infinity, then models/vae, then the other files of models/infinity."""
     inf = infinity_files()
     out: list[str] = []
-    for name in [n for n in inf if _looks_like_vae(n)] + _files(VAE) + [n for n in inf if not _looks_like_vae(n)]:
+    for name in ([n for n in inf if _looks_like_vae(n)] + _files(VAE) + _files(DEFAULT_VAE_KEY)
+                 + [n for n in inf if not _looks_like_vae(n)]):
         if name not in out:
             out.append(name)
     return out
@@ -218,7 +224,8 @@ def single_file_t5s() -> list[str]:
 def text_encoder_choices() -> list[str]:
     """T5 folders (any folder with a config.json) under models/text_encoders, then single-file T5 encoders; names
     containing 't5' first."""
-    names = _walk_folders(TEXT_ENCODERS, lambda files: "config.json" in files)
+    names = list(dict.fromkeys(n for key in (TEXT_ENCODERS, DEFAULT_TEXT_ENCODERS_KEY)
+                               for n in _walk_folders(key, lambda files: "config.json" in files)))
     folders = [n for n in names if "t5" in n.lower()] + [n for n in names if "t5" not in n.lower()]
     return folders + [f for f in single_file_t5s() if f not in folders]
 
@@ -260,13 +267,13 @@ def resolve_transformer(name: str) -> str:
 
 
 def resolve_vae(name: str) -> str:
-    return _find(name, "VAE file", (VAE, INFINITY), os.path.isfile)
+    return _find(name, "VAE file", (VAE, INFINITY, DEFAULT_VAE_KEY), os.path.isfile)
 
 
 def resolve_text_encoder(name: str) -> str:
     """A T5 folder, or a single-file T5 (.safetensors) where ComfyUI ships the tokenizer it needs."""
     single = host_t5_tokenizer() is not None and str(name).endswith(".safetensors")
-    return _find(name, "T5 text encoder folder", (TEXT_ENCODERS,),
+    return _find(name, "T5 text encoder folder", (TEXT_ENCODERS, DEFAULT_TEXT_ENCODERS_KEY),
                  (lambda p: os.path.isdir(p) or (single and os.path.isfile(p) and _is_t5_file(p))),
                  "; it is a Hugging Face folder (config.json, weights, tokenizer.json or spiece.model) such as "
                  "flan-t5-xl, or a single-file T5 encoder (.safetensors)")

@@ -54,7 +54,7 @@ def isolate_folders(paths, monkeypatch) -> dict:
     fnp = dict(folder_paths.folder_names_and_paths)
     if root is not None:
         for key, sub in paths.DEFAULT_MODEL_SUBDIRS.items():
-            dirs, exts = fnp[key]
+            dirs, exts = fnp.get(key, ([], set()))
             fnp[key] = ([d for d in dirs if d != os.path.join(root, sub)], exts)
     monkeypatch.setattr(folder_paths, "folder_names_and_paths", fnp)
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
@@ -192,12 +192,23 @@ def embedded(paths, monkeypatch, tmp_path):
 
 def test_embedded_model_folders_come_after_the_users_and_comfyuis(paths, embedded, models_dir):
     paths.register_folders()  # a second import adds nothing
-    for key, sub in (("infinity", "infinity"), ("vae", "vae"), ("text_encoders", "text_encoders")):
-        dirs = folder_paths.get_folder_paths(key)
-        assert dirs[0] == str(models_dir / key)  # conftest's folders, registered like a user's yaml
-        assert dirs[-1] == str(embedded / sub) and dirs.count(str(embedded / sub)) == 1
-    assert folder_paths.get_folder_paths("infinity")[-2] == os.path.join(folder_paths.models_dir, "infinity")
+    dirs = folder_paths.get_folder_paths("infinity")
+    assert dirs[0] == str(models_dir / "infinity")  # conftest's folders, registered like a user's yaml
+    assert dirs[-1] == str(embedded / "infinity") and dirs.count(str(embedded / "infinity")) == 1
+    assert dirs[-2] == os.path.join(folder_paths.models_dir, "infinity")
+    for key, sub in ((paths.DEFAULT_VAE_KEY, "vae"), (paths.DEFAULT_TEXT_ENCODERS_KEY, "text_encoders")):
+        assert folder_paths.get_folder_paths(key) == [str(embedded / sub)]
     assert ".safetensors" in folder_paths.folder_names_and_paths["vae"][1]  # core extensions kept
+
+
+def test_comfyuis_own_loaders_do_not_list_the_embedded_vae_and_t5(paths, embedded):
+    """VAELoader and CLIPLoader read ComfyUI's "vae" and "text_encoders": the embedded files are not there (they
+    were listed beside the user's SD and Flux files), while our own menus have them."""
+    for key in ("vae", "text_encoders"):
+        assert str(embedded) not in " ".join(folder_paths.get_folder_paths(key))
+    assert "infinity_shapes_vae.safetensors" not in folder_paths.get_filename_list("vae")
+    assert not [f for f in folder_paths.get_filename_list("text_encoders") if "t5_shapes" in f]
+    assert "infinity_shapes_vae.safetensors" in paths.vae_choices() and "t5_shapes" in paths.text_encoder_choices()
 
 
 def test_embedded_model_is_in_the_menus_and_resolves(paths, embedded):
