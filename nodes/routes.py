@@ -27,7 +27,8 @@ from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
 from ..scalekv_core.job_memory import T5_XL, VAE_PARAMS, JobOptions, plan_job, t5_shape
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
-from ..scalekv_core.loader import PRECISIONS, declared_format, format_to_load, native_resolution, transformer_config_of
+from ..scalekv_core.loader import (PRECISIONS, check_kind, declared_format, format_to_load, native_resolution,
+                                   transformer_config_of)
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig
 from ..scalekv_core.model.text_encoder import TEXT_MAXLEN, single_file_t5_config
 from ..scalekv_core.model.vae import detect_vae_config
@@ -164,6 +165,7 @@ def t5_config(name: str | None) -> dict:
 
 def _vae_shape(path: Path) -> tuple[int, tuple[int, int]]:
     shapes = tensor_shapes(path)
+    check_kind(shapes, "a BSQ-VAE", str(path))
     cfg = detect_vae_config(shapes)  # a file that is no VAE is the route's 400, as it is the loader's error
     return sum(math.prod(shape) for shape in shapes.values()), (cfg.base_ch, cfg.patch_size)
 
@@ -212,7 +214,8 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
     if fits and plan.peak_mb > available_mb:  # the admission check, at run time, counts what is free then
         verdict += (f" the card, but only {max(available_mb, 0) / 1024:.1f} GiB is available now: other programs "
                     f"hold the rest, and the sampler will refuse the run until they let it go")
-    line = f"whole job {plan.peak_mb / 1024:.2f} GiB ({phase}) of {total_mb / 1024:.1f} GiB on {device}{kept}: {verdict}"
+    line = (f"whole job {plan.peak_mb / 1024:.2f} GiB ({phase}) of {total_mb / 1024:.1f} GiB on {device}{kept}: "
+            f"{verdict}")
     return {"encode_mb": plan.encode_mb, "sampling_mb": plan.sampling_mb, "decode_mb": plan.decode_mb,
             "peak_mb": plan.peak_mb, "transformer_mb": plan.transformer_mb, "t5_mb": plan.t5_mb,
             "vae_mb": plan.vae_mb, "sampling_extra_mb": plan.sampling_extra_mb,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -52,8 +52,28 @@ def check_float_tensors(expected: Mapping[str, torch.Tensor] | None, dtypes: Map
                               f"(a wrongly converted file?)")
 
 
+#: (a key only this kind of checkpoint holds, what it is, where it goes): to name a file given in the wrong place.
+_KINDS = (("word_embed.weight", "an Infinity transformer",
+           "the transformer (the loader's transformer, or --transformer)"),
+          ("decoder.conv_in.conv.weight", "a BSQ-VAE", "the VAE (the loader's vae, or --vae)"),
+          ("encoder.block.0.layer.0.SelfAttention.q.weight", "a T5 text encoder",
+           "the text encoder (the loader's text_encoder, or --text-encoder)"))
+
+
+def check_kind(keys: Iterable[str], wanted: str, source: str) -> None:
+    """A checkpoint of another kind than `wanted` ("an Infinity transformer", "a BSQ-VAE") is refused naming what
+    it is and where it goes: a VAE picked as the transformer failed with "missing key 'word_embed.weight'"."""
+    keys = set(keys)
+    if any(key in keys for key, what, _ in _KINDS if what == wanted):
+        return
+    for key, what, place in _KINDS:
+        if key in keys:
+            raise CheckpointError(f"{source} is {what} checkpoint, not {wanted}: give it as {place}")
+
+
 def build_transformer_on_meta(shapes: Mapping[str, Sequence[int]], source: str = "checkpoint") -> Infinity:
     """Instantiate the detected architecture without memory and check that every key and shape fits."""
+    check_kind(shapes, "an Infinity transformer", source)
     cfg = detect_infinity_config(shapes, source)
     with torch.device("meta"):
         model = Infinity(cfg)
@@ -64,7 +84,9 @@ def build_transformer_on_meta(shapes: Mapping[str, Sequence[int]], source: str =
 def transformer_config_of(path: str | Path) -> InfinityConfig:
     """The architecture of a transformer file or shard folder from its tensor shapes alone (a pre-quantized file's
     packed weights read as the layers they hold), so what it needs and fits is known before the weights load."""
-    return detect_infinity_config(quant.logical_shapes(tensor_shapes(path)), str(path))
+    shapes = quant.logical_shapes(tensor_shapes(path))
+    check_kind(shapes, "an Infinity transformer", str(path))
+    return detect_infinity_config(shapes, str(path))
 
 
 def _prepare_transformer_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -195,6 +217,7 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu") -> BSQVAE:
     """Load a BSQ-VAE checkpoint ({'vae': ...} .pth or .safetensors) strictly; the decoder runs in float32."""
     sd = load_state_dict(path)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    check_kind(shapes, "a BSQ-VAE", str(path))
     try:
         cfg = detect_vae_config(shapes)
     except ValueError as e:

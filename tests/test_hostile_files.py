@@ -578,3 +578,29 @@ def test_fewer_scale_embeddings_than_the_schedule_is_a_named_error_before_sampli
     with pytest.raises(ValueError, match=r"has 5 scale embeddings \('lvl_embed.weight' rows\) but 256x256 takes 7"):
         pipe.generate(reference_text(), seed=0, schedule=S006, on_scale=lambda si, *a: scales.append(si))
     assert scales == []
+
+
+def test_a_checkpoint_given_in_the_wrong_place_is_named_as_what_it_is(tmp_path) -> None:
+    """A VAE picked as the transformer, the transformer as the VAE, or a T5 file as either, is refused saying what
+    the file is and where it goes (it was "missing key 'word_embed.weight'")."""
+    from safetensors.torch import save_file
+
+    from helpers_tiny import T5_TINY, TINY_TRANSFORMER, TINY_VAE
+    from scalekv_core.checkpoint import CheckpointError
+    from scalekv_core.loader import load_transformer, load_vae, transformer_config_of
+    from scalekv_core.model.text_encoder import T5TextEncoder
+
+    with pytest.raises(CheckpointError, match=r"is a BSQ-VAE checkpoint, not an Infinity transformer: give it as "
+                                              r"the VAE \(the loader's vae, or --vae\)"):
+        load_transformer(TINY_VAE)
+    with pytest.raises(CheckpointError, match="is a BSQ-VAE checkpoint, not an Infinity transformer"):
+        transformer_config_of(TINY_VAE)
+    with pytest.raises(CheckpointError, match=r"is an Infinity transformer checkpoint, not a BSQ-VAE: give it as "
+                                              r"the transformer"):
+        load_vae(TINY_TRANSFORMER)
+    t5 = tmp_path / "t5_single.safetensors"
+    save_file({k: v.contiguous() for k, v in T5TextEncoder.from_folder(T5_TINY).module.state_dict().items()
+               if k != "encoder.embed_tokens.weight"}, str(t5))
+    with pytest.raises(CheckpointError, match="is a T5 text encoder checkpoint, not a BSQ-VAE: give it as the text "
+                                              "encoder"):
+        load_vae(t5)
