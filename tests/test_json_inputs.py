@@ -190,3 +190,23 @@ def test_bad_quant_number_is_named(key: str, value: str) -> None:
     with pytest.raises(CheckpointError, match=rf"^/m/x\.safetensors: metadata {key} = ") as e:
         quant.file_format(_meta(**{key: value}), "/m/x.safetensors")
     assert len(str(e.value)) < 400  # the value is quoted in short
+
+
+def test_a_budget_file_for_another_model_or_resolution_says_which(tmp_path: Path) -> None:
+    """The released 2B preset on a 4-layer model names both depths; a file calibrated at 256x256 run where its
+    caps do not reach names the resolution and budget it was calibrated for (both were said in file-format terms:
+    "'Scale 9' is for another depth", "no entry 'Scale 8' ... another schedule")."""
+    from scalekv_core.kvcache.budget import plan_from_original_json, plan_to_original_json, scalekv_plan
+    from scalekv_core.schedules import get_schedule
+
+    with pytest.raises(BudgetError, match=r"for a model of 32 layers, but this model has 4 \(Infinity-2B has 32"):
+        load_budget_file(preset_path("infinity-2b-10pct"), get_schedule(1.0, "1M"), 4, base_capacity=650)
+    small, large = get_schedule(1.0, "0.06M"), get_schedule(1.0, "0.25M")
+    path = tmp_path / "mine_256x256_10pct.json"
+    path.write_text(json.dumps(plan_to_original_json(scalekv_plan(small, 4, 27, [0], window=4))))
+    (tmp_path / "mine_256x256_10pct.asi.json").write_text(json.dumps(
+        {"settings": {"schedule": {"template": 1.0, "size": "0.06M"}, "budget_tokens": 27}}))
+    with pytest.raises(BudgetError, match=r"mine_256x256_10pct.json: the file caps scales .* \(calibrated at "
+                                          r"256x256 \(1:1\) for 27 tokens\), but this run's cache passes its budget "
+                                          r"of 27 tokens at scale"):
+        plan_from_original_json(json.loads(path.read_text()), large, 4, 27, source=str(path))

@@ -207,11 +207,11 @@ def test_bad_budgets_are_clear_errors(tmp_path: Path, pipe: InfinityPipeline) ->
         CacheConfig(policy="scalekv", budget="0%").build(ONE_K, 32, 16, 128, 2, torch.float32)
     with pytest.raises(ValueError, match="unknown KV policy 'h2o'"):
         CacheConfig(policy="h2o").validate()
-    with pytest.raises(BudgetError, match="another depth"):  # the 2B file on the 4-layer tiny model
+    with pytest.raises(BudgetError, match="a model of 32 layers, but this model has 4"):  # the 2B file, tiny model
         pipe.generate(_cond(), schedule=TINY_SCHEDULE,
                       cache=CacheConfig(policy="scalekv", budget=50, budget_file="infinity-2b-10pct"))
     tiny_file = json.loads((TINY / "scalekv_budget_tiny.json").read_text())
-    with pytest.raises(BudgetError, match="another schedule"):  # the tiny file at 1024x1024
+    with pytest.raises(BudgetError, match="made for another resolution or budget"):  # the tiny file at 1024x1024
         plan_from_original_json(tiny_file, ONE_K, 4, base_capacity=50)
     with pytest.raises(BudgetError, match="another resolution"):  # the 2B file on the 7-scale schedule
         plan_from_original_json(json.loads(preset_path("infinity-2b-10pct").read_text()), TINY_SCHEDULE, 32, 650)

@@ -292,8 +292,12 @@ def plan_from_original_json(data: Mapping, schedule: Schedule, num_layers: int, 
         if set(blocks) != expected:
             extra = sorted(set(blocks) - expected, key=_block_order)
             missing = sorted(expected - set(blocks), key=_block_order)
-            raise BudgetError(f"{source}: '{key}' is for another depth: the model has {num_layers} layers "
-                              f"(missing {missing[:5]}, unexpected {[k[:60] for k in extra[:5]]})")
+            if set(blocks) != {f"Block {i}" for i in range(len(blocks))}:  # not a whole model's: name the keys
+                raise BudgetError(f"{source}: '{key}' is for another depth: the model has {num_layers} layers "
+                                  f"(missing {missing[:5]}, unexpected {[k[:60] for k in extra[:5]]})")
+            raise BudgetError(f"{source}: the file is for a model of {len(blocks)} layers{_made_for(source)}, but "
+                              f"this model has {num_layers} (Infinity-2B has 32, 8B 40): a budget file fits the "
+                              f"model it was made for; calibrate this one with ScaleKV Calibrate")
         for k, v in blocks.items():
             if v not in (0, 1):
                 raise BudgetError(f"{source}: field '{key}.{k}' must be 0 (refiner) or 1 (drafter), got {v!r}")
@@ -321,9 +325,11 @@ def plan_from_original_json(data: Mapping, schedule: Schedule, num_layers: int, 
             reached = True
             cap = caps.get(si + 2)
             if cap is None:
-                raise BudgetError(f"{source}: no entry 'Scale {si + 2}', but the cache passes the base capacity of "
-                                  f"{base_capacity} tokens at scale {si + 1} of {n}; the file is for another "
-                                  f"schedule")
+                raise BudgetError(f"{source}: the file caps scales {min(caps) - 1} to {max(caps) - 1} (1-based: its "
+                                  f"'Scale N' entries less one){_made_for(source)}, but this run's cache passes "
+                                  f"its budget of {base_capacity} tokens at scale {si + 1} of {n}, which the file "
+                                  f"does not cap: it was made for another resolution or budget; use the ones it "
+                                  f"was calibrated for, or calibrate again")
             row = [min(t, c) for t, c in zip(total, cap)]
         kept.append(row)
         prev = row
@@ -334,6 +340,20 @@ def plan_from_original_json(data: Mapping, schedule: Schedule, num_layers: int, 
         prev_total = [p + schedule.tokens_per_scale[-1] for p in prev]
         plan.final_caps = [min(t, c) for t, c in zip(prev_total, final)]
     return plan
+
+
+def _made_for(source: str) -> str:
+    """ ' (calibrated at 256x256 (1:1) for 27 tokens)' from a calibrated file's measurement table, else ''."""
+    from ..schedules import get_schedule, resolution_label
+
+    settings = calibration_settings(source)
+    made, tokens = settings.get("schedule"), settings.get("budget_tokens")
+    try:
+        where = f" at {resolution_label(get_schedule(float(made['template']), str(made['size'])))}"
+    except (KeyError, TypeError, ValueError):
+        where = ""
+    budget = f" for {tokens} tokens" if isinstance(tokens, int) and not isinstance(tokens, bool) else ""
+    return f" (calibrated{where}{budget})" if where or budget else ""
 
 
 def plan_to_original_json(plan: BudgetPlan) -> dict:
