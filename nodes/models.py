@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -192,11 +193,48 @@ def architecture_name(cfg: InfinityConfig, transformer: str | os.PathLike | None
     return UNKNOWN_MODEL_NAME
 
 
+#: What the loader made, by its files' versions and settings, while something else (ComfyUI's output cache) still
+#: holds it: weak references, so nothing is kept alive here.
+_recent: dict[tuple, weakref.ref] = {}
+
+
+def _file_version(path: str) -> tuple:
+    """A file's (or a shard folder's files') path, modification time and size: a file rewritten is loaded again."""
+    def version(p: str) -> tuple:
+        st = os.stat(p)
+        return p, st.st_mtime_ns, st.st_size
+
+    if os.path.isdir(path):
+        return tuple(version(os.path.join(path, f)) for f in sorted(os.listdir(path)))
+    return version(path)
+
+
+def _reuse(key: tuple, load):
+    """The object made for `key` if it is still alive, else `load()`: ComfyUI runs the whole loader when any of its
+    inputs changes, so switching T5's settings reloaded the transformer too (16 GB for the 8B)."""
+    for stale in [k for k, ref in _recent.items() if ref() is None]:
+        del _recent[stale]
+    found = _recent[key]() if key in _recent else None
+    if found is None:
+        found = load()
+        _recent[key] = weakref.ref(found)
+    return found
+
+
 def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
                   weights: str = "none") -> InfinityModel:
     """Transformer + VAE from files (architecture read off the tensors), checked to fit each other; `weights` is the
-    block linears' storage format (quantized on the offload device as they load)."""
+    block linears' storage format (quantized on the offload device as they load). The model of the same files
+    and settings is reused while ComfyUI still holds it."""
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    key = ("infinity", _file_version(str(transformer_path)), _file_version(str(vae_path)), precision, weights,
+           str(load_device), str(offload_device))
+    return _reuse(key, lambda: _load_infinity(transformer_path, vae_path, precision, weights, load_device,
+                                              offload_device))
+
+
+def _load_infinity(transformer_path: str, vae_path: str, precision: str, weights: str, load_device: torch.device,
+                   offload_device: torch.device) -> InfinityModel:
     prec = precision_name(precision, load_device)
     transformer = load_transformer(transformer_path, device=offload_device, precision=prec, weights=weights)
     vae = load_vae(vae_path, device=offload_device)
@@ -219,9 +257,16 @@ def t5_dtype_name(load_device: torch.device | str, precision: str = "auto") -> s
 
 def load_t5(folder: str, precision: str = "auto", weights: str = "none") -> InfinityT5:
     """T5 encoder from a Hugging Face folder in `t5_dtype` (fp16 on CUDA unless fp32 is asked, fp32 on the CPU);
-    `weights` stores its linears in 8 bits (quant.T5_WEIGHT_FORMATS), about half the memory."""
+    `weights` stores its linears in 8 bits (quant.T5_WEIGHT_FORMATS), about half the memory. Reused as the
+    transformer is (a changed transformer setting reloaded T5 too)."""
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = t5_dtype(precision, load_device)
+    key = ("t5", _file_version(str(folder)), str(dtype), weights, str(load_device), str(offload_device))
+    return _reuse(key, lambda: _load_t5(folder, dtype, weights, load_device, offload_device))
+
+
+def _load_t5(folder: str, dtype: torch.dtype, weights: str, load_device: torch.device,
+             offload_device: torch.device) -> InfinityT5:
     if os.path.isfile(folder):  # a single-file T5: the tokenizer ComfyUI ships (paths.single_file_t5s)
         encoder = T5TextEncoder.from_single_file(folder, paths.host_t5_tokenizer(), device=offload_device,
                                                  dtype=dtype, weights=weights)

@@ -266,3 +266,36 @@ def test_a_t5_of_another_width_is_refused_before_the_transformer_loads(pack, run
     finally:
         path.unlink()
     assert loads == []
+
+
+def test_changing_one_models_settings_keeps_the_other_loaded(run, loaded, monkeypatch):
+    """ComfyUI re-runs the whole loader when any input changes: the transformer of the same files and settings is
+    the same object while ComfyUI holds it (switching t5_weights reloaded it: 16 GB for the 8B), T5 likewise; a
+    file rewritten in place is loaded again, and nothing is kept alive once ComfyUI lets go."""
+    import gc
+    import os
+
+    inputs = dict(transformer="infinity_tiny.safetensors", vae="vae_tiny.safetensors", text_encoder="t5_tiny",
+                  precision="auto")
+    model, t5 = loaded
+    other_t5 = run("InfinityModelLoader", **inputs, t5_weights="int8").result
+    assert other_t5[0] is model and other_t5[1] is not t5 and other_t5[1].encoder.weights == "int8"
+    other_model = run("InfinityModelLoader", **inputs, weight_format="int8").result
+    assert other_model[1] is t5 and other_model[0] is not model
+    assert run("InfinityModelLoader", **inputs).result[0] is model
+    vae = pathlib.Path(folder_paths.get_folder_paths("infinity")[0]) / "vae_tiny.safetensors"
+    if not vae.exists():
+        vae = next(pathlib.Path(d) / "vae_tiny.safetensors" for d in folder_paths.get_folder_paths("vae")
+                   if (pathlib.Path(d) / "vae_tiny.safetensors").exists())
+    st = vae.stat()
+    try:
+        os.utime(vae, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the VAE "rewritten"
+        assert run("InfinityModelLoader", **inputs).result[0] is not model
+    finally:
+        os.utime(vae, ns=(st.st_atime_ns, st.st_mtime_ns))
+    models_module = importlib.import_module(type(model).__module__)
+    int8 = other_model[0]
+    key = next(k for k, ref in models_module._recent.items() if ref() is int8)
+    del other_model, int8
+    gc.collect()
+    assert models_module._recent[key]() is None  # a weak reference: ComfyUI's cache decides what stays
