@@ -11,9 +11,10 @@ from .cache import ScaleKVCacheConfig, ScaleKVCalibrate  # noqa: E402
 from .loading import InfinityModelLoader, InfinityTextEncode  # noqa: E402
 from .memory import InfinityMemory  # noqa: E402
 from .sampling import InfinitySampler  # noqa: E402
-from . import prompt_guard, routes  # noqa: E402
+from . import prompt_guard, routes, sampling  # noqa: E402
 
 routes.register()  # POST /scalekv/plan for the budget widget (no-op outside a running server)
+sampling.prepare_cpu_meter()  # on ComfyUI's main thread, before a prompt runs on its worker thread
 
 NODES: list[type[io.ComfyNode]] = [InfinityModelLoader, InfinityTextEncode, ScaleKVCacheConfig, InfinitySampler,
                                    ScaleKVCalibrate, InfinityMemory]

@@ -16,7 +16,7 @@ from ..scalekv_core.kvcache.attention import CHOICES as ATTENTION_CHOICES, resol
 from ..scalekv_core.model.block_swap import check_block_swap
 from ..scalekv_core.model.text_encoder import TextConditioning
 from ..scalekv_core.model.vae import check_decode_tiling
-from ..scalekv_core.kvcache.memory import MiB
+from ..scalekv_core.kvcache.memory import MiB, start_profiler_here
 from ..scalekv_core.loader import resolution_note
 from . import models, widgets
 from .cache import AUTO_RESOLUTION, resolution_menu, schedule_for
@@ -44,6 +44,15 @@ def decoded_to_image(decoded: torch.Tensor) -> torch.Tensor:
     """
     image = ((decoded.float() + 1) / 2).clamp_(0, 1).permute(0, 2, 3, 1).contiguous()
     return image.to(mm.intermediate_device())
+
+
+def prepare_cpu_meter() -> bool:
+    """On a CPU device the sampler measures memory with torch's profiler on ComfyUI's worker thread: its first trace
+    there printed a Kineto ERROR line in the console, unless one ran on the main thread first (this, at import)."""
+    if mm.get_torch_device().type != "cpu":
+        return False
+    start_profiler_here()
+    return True
 
 
 class InfinitySampler(io.ComfyNode):

@@ -254,6 +254,28 @@ def test_cpu_peak_meter_measures_real_allocations() -> None:
     assert 6 * 2**20 <= meter.peak_bytes < 7 * 2**20
 
 
+@pytest.mark.parametrize("main_thread_first", [False, True])
+def test_a_first_trace_on_the_main_thread_keeps_the_worker_threads_meter_quiet(main_thread_first: bool) -> None:
+    """ComfyUI measures on a worker thread: a first Kineto trace there prints "ERROR: External init callback must
+    run in same thread as registerClient" to the console (C++ stderr, so a child process shows it); a trace on the
+    main thread first (start_profiler_here, which the pack runs at import) keeps it quiet."""
+    import subprocess
+    import sys
+
+    script = (
+        "import threading, torch\n"
+        "from scalekv_core.kvcache.memory import PeakMeter, start_profiler_here\n"
+        f"if {main_thread_first}: start_profiler_here()\n"
+        "def work():\n"
+        "    with PeakMeter(torch.device('cpu')).measure(): torch.ones(1000).sum()\n"
+        "t = threading.Thread(target=work); t.start(); t.join(); print('measured')\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "KINETO_LOG_LEVEL"})
+    assert out.returncode == 0 and "measured" in out.stdout, out.stderr
+    assert ("External init callback" in out.stderr + out.stdout) != main_thread_first, out.stderr
+
+
 def test_planner_predicts_the_cache_and_brackets_the_measured_peak(pipe: InfinityPipeline) -> None:
     cfg = pipe.transformer.cfg
     for policy in ("full", "scalekv"):

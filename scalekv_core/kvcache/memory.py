@@ -108,6 +108,22 @@ def build_report(plan: BudgetPlan, usage: list[ScaleUsage], schedule: Schedule, 
 KINETO_LOG_LEVEL_ENV = "KINETO_LOG_LEVEL"
 
 
+def quiet_kineto() -> None:
+    """Kineto prints "USDT ... profiler_start/stop" to stdout on every trace unless its log level is above 5."""
+    os.environ.setdefault(KINETO_LOG_LEVEL_ENV, "6")
+
+
+def start_profiler_here() -> None:
+    """Run an empty CPU trace on this thread: Kineto registers its client on the thread of the first trace, and a
+    first trace on a worker thread (ComfyUI runs prompts on one) prints "ERROR: External init callback must run
+    in same thread as registerClient". A host calls this on its main thread, before any worker traces."""
+    from torch.profiler import ProfilerActivity, profile
+
+    quiet_kineto()
+    with profile(activities=[ProfilerActivity.CPU]):
+        pass
+
+
 class PeakMeter:
     """Measures the peak of allocated memory above the starting point while its block runs."""
 
@@ -134,8 +150,7 @@ class PeakMeter:
             return
         from torch.profiler import ProfilerActivity, profile
 
-        # Kineto prints "USDT ... profiler_start/stop" to stdout on every trace unless its log level is above 5.
-        os.environ.setdefault(KINETO_LOG_LEVEL_ENV, "6")
+        quiet_kineto()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             try:
                 yield self
