@@ -100,6 +100,23 @@ def test_pyramidkv_keeps_its_budget_on_average_up_to_the_whole_cache(pipe: Infin
         assert [u.tokens for u in full.samples.usage] == [u.tokens for u in pyramid.samples.usage]
 
 
+@pytest.mark.parametrize("template", [1.0, 2.0, 0.333])
+def test_streamingllm_sinks_are_the_first_three_scales_at_every_aspect(pipe: InfinityPipeline,
+                                                                       template: float) -> None:
+    """The sinks are the three coarsest scales' tokens (21 at 1:1, 13 at 2:1, 17 at 1:3): a fixed 21 cut into the
+    fourth scale at other aspects."""
+    schedule = get_schedule(template, "0.06M")
+    sinks = sum(schedule.tokens_per_scale[:3])
+    kept = {}
+    pipe.generate(_cond(), seed=1, schedule=schedule, cache=CacheConfig(policy="streamingllm", budget=30),
+                  record_kept=lambda s, l, idx: kept.__setitem__((s, l), idx.clone()))
+    assert kept and sinks == {1.0: 21, 2.0: 13, 0.333: 17}[template]
+    for idx in kept.values():
+        keep = idx.shape[-1]
+        assert torch.equal(idx[0, 0, :sinks], torch.arange(sinks))  # the sinks, then the newest tokens
+        assert int(idx[0, 0, sinks]) > sinks and (idx[0, 0, sinks:].diff() == 1).all() and keep == 30
+
+
 def test_improved_scoring_tracks_positions_and_keeps_them_sorted(pipe: InfinityPipeline) -> None:
     kept: dict = {}
     config = CacheConfig(policy="scalekv", scoring="improved", budget="20%", window=4)

@@ -12,10 +12,11 @@ from .base import EvictionPolicy, StepContext
 
 @dataclass
 class StreamingLLM(EvictionPolicy):
-    """The first `sink_tokens` are the coarsest scales (1+4+16 = the first three), a VAR image's global layout."""
+    """The sinks are the coarsest `sink_scales` scales, a VAR image's global layout: 1+4+16 = 21 tokens at 1:1,
+    11 to 17 at other aspects (a fixed 21 cut into the fourth scale there)."""
 
     budget: int = 650
-    sink_tokens: int = 21
+    sink_scales: int = 3
     name = "streamingllm"
     scores_keys = False  # select reads positions only: keys and queries may be rounded as made
 
@@ -24,7 +25,7 @@ class StreamingLLM(EvictionPolicy):
 
     def select(self, ctx: StepContext, keys: torch.Tensor, keep: int) -> torch.Tensor:
         B, H, total, _ = keys.shape
-        sinks = min(self.sink_tokens, keep)
+        sinks = min(sum(ctx.schedule.tokens_per_scale[:self.sink_scales]), keep)
         idx = torch.cat([torch.arange(sinks, device=keys.device),
                          torch.arange(total - (keep - sinks), total, device=keys.device)])
         return idx.expand(B, H, keep)
