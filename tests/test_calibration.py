@@ -214,3 +214,13 @@ def test_more_prompts_than_the_limit_are_refused_before_any_generation() -> None
     assert check_prompts(0, most) == 0
     with pytest.raises(InputError, match=f"--prompts: {most + 1} prompts; a calibration takes at most {most}"):
         check_prompts(0, most + 1, "--seed", "--prompts")
+
+
+def test_a_budget_that_holds_the_whole_cache_says_so() -> None:
+    """'1000MB' (or 100%) at a small size keeps everything: the plan says so rather than look like a saving."""
+    for budget in ("1000MB", "100%"):
+        _, plan = CacheConfig(policy="scalekv", budget=budget, window=4).build(S006, 4, 4, 32, 2, torch.float32)
+        [note] = plan.notes
+        assert f"({budget}) holds the whole cache at this resolution (265 tokens" in note
+    _, plan = CacheConfig(policy="scalekv", budget="10%", window=4).build(S006, 4, 4, 32, 2, torch.float32)
+    assert plan.notes == []

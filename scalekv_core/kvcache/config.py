@@ -118,6 +118,11 @@ class CacheConfig:
         else:
             policy = ScaleKV(**common, **scored, scoring=self.scoring, budget_file=self.budget_file,
                              drafters=self.drafters, refiner_decay=self.refiner_decay)
-        if tokens < policy.min_budget and tokens < sum(schedule.tokens_per_scale[:-1]):
+        prefix = sum(schedule.tokens_per_scale[:-1])
+        if tokens < policy.min_budget and tokens < prefix:
             raise BudgetError(f"a budget of {tokens} tokens is below the observation window of {policy.min_budget}")
-        return policy, policy.plan(schedule, num_layers)
+        plan = policy.plan(schedule, num_layers)
+        if tokens >= prefix and not self.budget_file:  # e.g. '1000MB' at a small size: say it, as it is no saving
+            plan.notes.append(f"a budget of {tokens} tokens ({self.budget}) holds the whole cache at this resolution "
+                              f"({prefix} tokens before the last scale): nothing is evicted, as with the full cache")
+        return policy, plan
