@@ -500,7 +500,7 @@ def test_bad_settings_are_400_with_the_nodes_message(post, node_classes, fields)
     (dict(transformer="nothing_here.safetensors"), "nothing_here.safetensors"),
     (dict(transformer="../../etc/passwd"), "is not a name inside a model folder"),
     (dict(precision="fp8"), "precision: unknown precision 'fp8'"),
-    (dict(budget_source="preset:infinity-8b-10pct", model="2b"), "another depth"),  # 40-layer file, 32 layers
+    (dict(budget_source="preset:infinity-8b-10pct", model="2b"), "a model of 40 layers, but this model has 32"),
     (dict(weight_format="int3"), "weight_format: Input should be"),
     (dict(t5_weights="int4"), "t5_weights: Input should be"),
     (dict(decode_tile=513), "decode_tile: Input should be less than or equal to 512"),
