@@ -56,8 +56,19 @@ class T5Module(torch.nn.Module):
         self.t5 = t5
 
 
+def unique_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's tensors, each storage once: ComfyUI's own count (module_size) adds T5's tied embedding
+    twice (shared and encoder.embed_tokens: +126 MiB for flan-t5-xl in fp16), so it evicted more than needed."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in module.state_dict().values():
+        storage = t.untyped_storage()
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
 def _patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device,
+                                            size=unique_bytes(module))
 
 
 @dataclass
@@ -124,7 +135,10 @@ class InfinityModel:
             if loaded.model is self.patcher:
                 loaded.model_unload()
                 mm.current_loaded_models.remove(loaded)
-        mm.free_memory(memory_required + self.swapped_weight_bytes(block_swap), self.patcher.load_device)
+        device = self.patcher.load_device
+        if not mm.is_device_cpu(device):  # room as load_models_gpu makes it: weights + 10%, the run or the minimum
+            extra = max(mm.minimum_inference_memory(), memory_required + mm.extra_reserved_memory())
+            mm.free_memory(self.swapped_weight_bytes(block_swap) * 1.1 + extra, device)
 
     def block_swap_for(self, requested: int) -> int:
         """`requested`, or under ComfyUI's --novram every block that can stream: there its loader moves none of

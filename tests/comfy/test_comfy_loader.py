@@ -38,6 +38,21 @@ def test_loader_outputs_model_and_t5_with_patchers(pack, loaded):
         assert patcher.load_device == mm.get_torch_device() and patcher.model_size() > 0
 
 
+def test_patchers_count_tied_weights_once(loaded):
+    """T5's shared embedding is encoder.embed_tokens too: the size ComfyUI evicts for counts it once (its own
+    module_size counted it twice), and each patcher's size is its parameters' bytes."""
+    model, t5 = loaded
+    module = t5.encoder.module
+    assert module.shared.weight is module.encoder.embed_tokens.weight
+    params = sum(p.numel() * p.element_size() for p in module.parameters())  # parameters() yields a tied one once
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    assert t5.patcher.model_size() == params + buffers
+    assert mm.module_size(t5.patcher.model) == t5.patcher.model_size() + module.shared.weight.nbytes
+    infinity = model.patcher.model  # its VAE registers one quantizer under two names: counted once too
+    assert model.patcher.model_size() == sum(t.numel() * t.element_size()
+                                             for t in [*infinity.parameters(), *infinity.buffers()])
+
+
 def test_patchers_load_and_unload_through_the_memory_manager(loaded):
     model, t5 = loaded
     mm.unload_all_models()

@@ -94,3 +94,23 @@ def test_novram_streams_every_swappable_block(run, loaded, encoded, sampler_inpu
     with pytest.raises(_Stop):
         run("InfinitySampler", model=model, positive=encoded, memory=memory, **sampler_inputs())
     assert asked == [2, 1]
+
+
+def test_block_swap_makes_room_as_comfyuis_loader_does(loaded, monkeypatch):
+    """With block swap the weights are placed by the engine, not by load_models_gpu: the room asked of ComfyUI's
+    memory manager is what it would ask itself (weights + 10%, and the run plus its reserve, at least its inference
+    minimum); it asked for the bare sum. None on a CPU. (A pretend CUDA device: free_memory is stopped.)"""
+    model = loaded[0]
+    asked = []
+    monkeypatch.setattr(mm, "free_memory", lambda need, device, *a, **k: asked.append((need, device)) or [])
+    model.load(0, 2)  # the CPU: nothing to free
+    assert asked == []
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(model.patcher, "load_device", gpu)
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 400 * 2**20)
+    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 1200 * 2**20)
+    weights = model.swapped_weight_bytes(2)
+    for run_bytes, extra in ((10 * 2**20, 1200 * 2**20), (2 * 2**30, 2 * 2**30 + 400 * 2**20)):
+        asked.clear()
+        model.load(run_bytes, 2)
+        assert asked == [(weights * 1.1 + extra, gpu)]
