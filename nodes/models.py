@@ -8,6 +8,7 @@ modules have no partial-offload casting ops.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from ..scalekv_core.pipeline import InfinityPipeline, check_text_width
 from ..scalekv_core.schedules import Schedule
 from . import paths
 
+log = logging.getLogger(__name__)
 PRECISION_CHOICES = ["auto", *PRECISIONS]
 _DTYPE_NAMES = {v: k for k, v in PRECISIONS.items()}
 
@@ -143,8 +145,17 @@ class InfinityModel:
     def block_swap_for(self, requested: int) -> int:
         """`requested`, or under ComfyUI's --novram every block that can stream: there its loader moves none of
         our weights (the modules have no partial-load casts), so the transformer would reach the GPU whole and
-        unplanned, and the VAE would stay behind on the CPU."""
-        if requested or mm.vram_state != mm.VRAMState.NO_VRAM or mm.is_device_cpu(self.patcher.load_device):
+        unplanned, and the VAE would stay behind on the CPU. None where the weights wait on the compute device
+        itself (--highvram, --gpu-only): a swapped block would stream from where it already is."""
+        if mm.is_device_cpu(self.patcher.load_device):
+            return requested
+        if torch.device(self.patcher.offload_device) == torch.device(self.patcher.load_device):
+            if requested:
+                log.warning("Infinity Memory: block_swap %d ignored: ComfyUI keeps the weights on %s (--highvram or "
+                            "--gpu-only), so there is no host memory to stream them from", requested,
+                            self.patcher.load_device)
+            return 0
+        if requested or mm.vram_state != mm.VRAMState.NO_VRAM:
             return requested
         return max_block_swap(self.pipeline.transformer.cfg.depth)
 

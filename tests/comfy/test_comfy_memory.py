@@ -114,3 +114,16 @@ def test_block_swap_makes_room_as_comfyuis_loader_does(loaded, monkeypatch):
         asked.clear()
         model.load(run_bytes, 2)
         assert asked == [(weights * 1.1 + extra, gpu)]
+
+
+def test_block_swap_is_ignored_where_the_weights_wait_on_the_gpu(loaded, monkeypatch, caplog):
+    """--highvram and --gpu-only keep the weights on the compute device: a swapped block would stream from where it
+    already is, and the admission would count its bytes out twice. The swap is dropped with a warning saying why."""
+    model = loaded[0]
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(model.patcher, "load_device", gpu)
+    assert model.block_swap_for(2) == 2  # offloaded to the CPU, as ComfyUI does by default
+    monkeypatch.setattr(model.patcher, "offload_device", gpu)
+    with caplog.at_level("WARNING"):
+        assert model.block_swap_for(2) == 0 and model.block_swap_for(0) == 0
+    assert "block_swap 2 ignored" in caplog.text and "--highvram" in caplog.text
