@@ -9,7 +9,8 @@ from comfy_api.latest import io
 
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import PRESETS, parse_budget
-from ..scalekv_core.kvcache.calibration import calibrate, check_prompts, measurement_cache, prompt_lines
+from ..scalekv_core.kvcache.calibration import (calibrate, check_prompts, measurement_cache, overwrite_problem,
+                                               prompt_lines)
 from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES, POLICY_SETTINGS
 from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
 from ..scalekv_core.kvcache.scoring import POOLINGS, check_window
@@ -320,6 +321,9 @@ class ScaleKVCalibrate(io.ComfyNode):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if not os.access(os.path.dirname(path), os.W_OK):
             raise PermissionError(f"cannot write the budget file: {os.path.dirname(path)} is not writable")
+        problem = overwrite_problem(path, model.pipeline.transformer.cfg)
+        if problem is not None:  # the 2B's calibration is not replaced by the 8B's of the same prefix
+            raise ValueError(f"filename_prefix: {problem}")
         conds = []
         for p in lines:  # T5 on each prompt: a Cancel is honoured between them, not after all of them
             mm.throw_exception_if_processing_interrupted()

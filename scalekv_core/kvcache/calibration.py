@@ -277,5 +277,23 @@ def calibrate(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextCond
     settings = {"prompts": [p if isinstance(p, str) else {"text_tokens": list(p.lens)} for p in prompts],
                 "seed": seed, "schedule": {"template": schedule.template, "size": schedule.size},
                 "budget_tokens": budget_tokens, "num_drafters": num_drafters, "refiner_decay": refiner_decay,
-                "window": window, "compressing_scales": scales, **used}
+                "window": window, "compressing_scales": scales, "model": model_shape(pipe.transformer.cfg), **used}
     return CalibrationResult(table, drafters, plan, plan_to_original_json(plan), settings)
+
+
+def model_shape(cfg) -> dict:
+    """What a budget file's measurements were taken on (depth, width, heads), recorded in its measurement table."""
+    return {"depth": cfg.depth, "width": cfg.embed_dim, "heads": cfg.num_heads}
+
+
+def overwrite_problem(path: str | Path, cfg) -> str | None:
+    """Why writing a calibration to `path` would lose another model's (its measurement table names another shape),
+    or None: a file name holds the prefix, resolution and budget, not the model."""
+    from .budget import calibration_settings
+
+    made = calibration_settings(path).get("model")
+    if isinstance(made, dict) and made != model_shape(cfg):
+        described = ", ".join(f"{k} {v}" for k, v in made.items() if isinstance(v, int))
+        return (f"{Path(path).name} was calibrated for another model ({described}); this one has depth {cfg.depth}, "
+                f"width {cfg.embed_dim}: choose another filename_prefix, so that file is kept")
+    return None

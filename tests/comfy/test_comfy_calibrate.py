@@ -236,3 +236,25 @@ def test_calibrate_with_block_swap_writes_the_same_file(run, loaded, scalekv_dir
     finally:
         for p in list(scalekv_dir.glob("tiny_plain*")) + list(scalekv_dir.glob("tiny_swap*")):
             p.unlink()
+
+
+def test_calibrate_keeps_another_models_file_of_the_same_name(run, loaded, scalekv_dir):
+    """The file name holds prefix, resolution and budget, not the model: a calibration of another model under the
+    same name (its measurement table says which) is refused before any work, and kept; the same model's is
+    replaced, as a re-calibration should."""
+    name = "tiny_other_256x256_10pct.json"
+    budget, side = scalekv_dir / name, scalekv_dir / name.replace(".json", ".asi.json")
+    budget.write_text("{}")
+    side.write_text(json.dumps({"settings": {"model": {"depth": 32, "width": 2048, "heads": 16}}}))
+    try:
+        with pytest.raises(ValueError, match=r"filename_prefix: tiny_other_256x256_10pct.json was calibrated for "
+                                             r"another model \(depth 32, width 2048, heads 16\); this one has depth 4"):
+            run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs(filename_prefix="tiny_other"))
+        assert budget.read_text() == "{}"
+        side.write_text(json.dumps({"settings": {"model": {"depth": 4, "width": 128, "heads": 4}}}))
+        out = run("ScaleKVCalibrate", model=loaded[0], t5=loaded[1], **calibrate_inputs(filename_prefix="tiny_other"))
+        assert out.result[0] == name and json.loads(budget.read_text()) != {}
+        assert json.loads(side.read_text())["settings"]["model"] == {"depth": 4, "width": 128, "heads": 4}
+    finally:
+        budget.unlink(missing_ok=True)
+        side.unlink(missing_ok=True)
