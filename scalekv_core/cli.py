@@ -343,6 +343,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _plan(a: argparse.Namespace) -> int:
+    from .job_memory import VAE_PARAMS
     from .kvcache.memory import plan_memory
     from .loader import PRECISIONS
     from .model.config import KNOWN_MODELS
@@ -356,7 +357,7 @@ def _plan(a: argparse.Namespace) -> int:
         with torch.device("meta"):
             params = sum(p.numel() for p in Infinity(cfg).parameters())
         schedule = schedule_for_pixels(width, height)
-        vae = 110_118_051 if cfg.d_vae == 32 else 81_624_209  # the released VAEs' parameter counts
+        vae = VAE_PARAMS.get(cfg.d_vae, VAE_PARAMS[32])  # the released VAE's, as generation holds it
         return schedule, plan_memory(cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.ffn_hidden, cfg.d_vae, schedule,
                                      batch, config, PRECISIONS[a.dtype], params=params, vae_params=vae,
                                      vae_patch=8 if cfg.d_vae == 56 else 16)
@@ -659,6 +660,13 @@ def _convert(a: argparse.Namespace) -> int:
             raise InputError(f"dst {dst}: is src itself; write the converted file under another name")
         if not a.overwrite:
             raise InputError(f"dst {dst}: exists; give another name, or --overwrite to replace it")
+    from .checkpoint import tensor_shapes
+    from .loader import declared_format, format_to_load
+
+    # what can be refused from the headers is, before the first progress line: an error stays one line
+    tensor_shapes(a.src)
+    declared = declared_format(a.src)
+    format_to_load(None if declared is None else declared[0], a.weights, str(a.src))
     t0 = time.perf_counter()
     if a.weights == "none":
         print(f"copying {a.src} into {dst} ...", file=sys.stderr, flush=True)

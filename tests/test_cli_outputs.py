@@ -93,7 +93,7 @@ def test_whole_job_plan_uses_the_budget_file(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("job", [["--vram", "24"], ["--offload-t5"]])
 def test_whole_job_plan_refuses_a_budget_file_of_another_depth(job, capsys) -> None:
     _one_error(capsys, cli.main(["plan", "--model", "2b", "--budget-file", "infinity-8b-10pct", *job]),
-               "infinity-8b-10pct", "another depth")
+               "infinity-8b-10pct", "a model of 40 layers")
 
 
 # ------------------------------------------------------------------------------------- 2. outputs written whole only
