@@ -262,7 +262,7 @@ def _load_infinity(transformer_path: str, vae_path: str, precision: str, weights
                    offload_device: torch.device) -> InfinityModel:
     prec = precision_name(precision, load_device)
     transformer = load_transformer(transformer_path, device=offload_device, precision=prec, weights=weights)
-    vae = load_vae(vae_path, device=offload_device)
+    vae = load_vae(vae_path, device=offload_device, decoder_only=True)  # generation never encodes
     vae_patchify_for(transformer.cfg, vae.cfg, (str(transformer_path), str(vae_path)))  # names both files if not
     pipeline = InfinityPipeline(transformer, vae, device=load_device)  # runs there, wherever the weights wait
     cfg = transformer.cfg

@@ -31,7 +31,7 @@ from ..scalekv_core.loader import (PRECISIONS, check_kind, declared_format, form
                                    transformer_config_of)
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig
 from ..scalekv_core.model.text_encoder import TEXT_MAXLEN, single_file_t5_config
-from ..scalekv_core.model.vae import detect_vae_config
+from ..scalekv_core.model.vae import ENCODER_PREFIX, detect_vae_config
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.safe_files import read_text
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label
@@ -167,7 +167,8 @@ def _vae_shape(path: Path) -> tuple[int, tuple[int, int]]:
     shapes = tensor_shapes(path)
     check_kind(shapes, "a BSQ-VAE", str(path))
     cfg = detect_vae_config(shapes)  # a file that is no VAE is the route's 400, as it is the loader's error
-    return sum(math.prod(shape) for shape in shapes.values()), (cfg.base_ch, cfg.patch_size)
+    held = [shape for key, shape in shapes.items() if not key.startswith(ENCODER_PREFIX)]  # loaded decode-only
+    return sum(math.prod(shape) for shape in held), (cfg.base_ch, cfg.patch_size)
 
 
 def vae_size(name: str | None, d_vae: int) -> tuple[int, tuple[int, int] | None]:

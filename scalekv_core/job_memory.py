@@ -34,8 +34,9 @@ from .schedules import Schedule, schedule_for_pixels
 GiB = 2**30
 #: flan-t5-xl's encoder (what every Infinity model conditions on): d_model, d_ff, layers, heads x d_kv, vocab.
 T5_XL = dict(d_model=2048, d_ff=5120, layers=24, inner=32 * 64, vocab=32128)
-#: The released VAEs' parameter counts (the decoder runs in float32) and their decoders' widths and patch sizes.
-VAE_PARAMS = {32: 110_118_051, 56: 81_624_209}
+#: The released VAEs' parameters a generation holds, decoder and quantizer (the encoder is not loaded; all of it:
+#: 110,118,051 and 81,624,209), in float32, and their decoders' widths and patch sizes.
+VAE_PARAMS = {32: 65_092_355, 56: 48_484_611}
 VAE_PATCH = {32: 16, 56: 8}
 VAE_BASE_CH = 128
 #: The decode tile the ladder tries (latent positions); small enough for any card, large enough to blend well.

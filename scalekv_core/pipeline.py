@@ -204,10 +204,11 @@ class InfinityPipeline:
     def from_files(cls, transformer: str | Path, vae: str | Path, text_encoder: str | Path | None = None,
                    device: str = "cpu", precision: str = "fp32", weights: str = "none",
                    t5_weights: str = "none", block_swap: int = 0,
-                   t5_tokenizer: str | Path | None = None) -> "InfinityPipeline":
+                   t5_tokenizer: str | Path | None = None, vae_encoder: bool = False) -> "InfinityPipeline":
         """Load everything from the original release's files (or converted .safetensors); `weights` is the block
         linears' storage format (loader.load_transformer), `t5_weights` T5's and `t5_tokenizer` a single-file T5's
-        tokenizer folder (load_text_encoder).
+        tokenizer folder (load_text_encoder). The VAE is loaded without its encoder unless `vae_encoder` (generation
+        never encodes; training and evaluation do).
 
         With `block_swap` N > 0 the transformer stays in CPU memory (in the precision `device` runs) and each
         generate places it on `device` with N blocks streamed (model.block_swap), so it never has to fit whole.
@@ -217,7 +218,7 @@ class InfinityPipeline:
                                  precision={v: k for k, v in PRECISIONS.items()}[resolve_precision(precision, device)])
         if block_swap:
             check_block_swap(block_swap, model.cfg.depth)
-        vae_model = load_vae(vae, device=device)
+        vae_model = load_vae(vae, device=device, decoder_only=not vae_encoder)  # generation never encodes
         try:
             vae_patchify_for(model.cfg, vae_model.cfg, (str(transformer), str(vae)))
         except ValueError as e:

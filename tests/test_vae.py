@@ -170,3 +170,19 @@ def test_random_state_dict_is_deterministic() -> None:
     c = make_random_vae_state_dict(TINY14, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["decoder.conv_in.conv.weight"], c["decoder.conv_in.conv.weight"])
+
+
+def test_a_decode_only_vae_decodes_as_the_whole_one_and_holds_no_encoder() -> None:
+    """Generation loads the VAE without its encoder (about 40% of its weights): the same decoded pixels, no encoder
+    tensors held, and encode() refused by name rather than failing inside."""
+    from helpers_tiny import TINY_VAE
+    from scalekv_core.loader import load_vae
+
+    whole, decoder = load_vae(TINY_VAE), load_vae(TINY_VAE, decoder_only=True)
+    assert not [k for k in decoder.state_dict() if k.startswith("encoder.")]
+    assert sum(t.numel() for t in decoder.state_dict().values()) < 0.8 * sum(
+        t.numel() for t in whole.state_dict().values())
+    z = torch.randn(1, whole.cfg.codebook_dim, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(whole.decode(z), decoder.decode(z))
+    with pytest.raises(RuntimeError, match="loaded to decode only"):
+        decoder.encode(torch.zeros(1, 3, 64, 64))

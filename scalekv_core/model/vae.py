@@ -218,6 +218,10 @@ PREVIEW_GRID = 16
 MIN_DECODE_TILE = 8
 
 
+#: The encoder's state-dict prefix: what a decode-only VAE leaves out (loader.load_vae) and plans without.
+ENCODER_PREFIX = "encoder."
+
+
 class BSQVAE(nn.Module):
     """The tokenizer; 'quantize' aliases 'quantizer' (one module, two state-dict prefixes, as in the original)."""
 
@@ -242,6 +246,9 @@ class BSQVAE(nn.Module):
         The original feeds this raw encoder output to MultiScaleBSQ unchanged (identity projections, no
         LayerNorm, no scale/shift factor); the quantizer itself L2-normalises over d per position.
         """
+        if self.encoder is None:
+            raise RuntimeError("this VAE was loaded to decode only (load_vae(..., decoder_only=False) keeps its "
+                               "encoder)")
         return self.encoder(x)
 
     def decode(self, z: Tensor) -> Tensor:

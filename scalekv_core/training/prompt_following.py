@@ -123,7 +123,8 @@ def load_default(folder: str | Path = "default_model", device: str = "cpu"):
     from ..pipeline import InfinityPipeline
     from .train_default import T5_FOLDER, TRANSFORMER_FILE, VAE_FILE
     folder = Path(folder)
-    return InfinityPipeline.from_files(folder / TRANSFORMER_FILE, folder / VAE_FILE, folder / T5_FOLDER, device=device)
+    return InfinityPipeline.from_files(folder / TRANSFORMER_FILE, folder / VAE_FILE, folder / T5_FOLDER, device=device,
+                                       vae_encoder=True)  # the evaluation encodes true scenes
 
 
 def generate_for(pipe, pairs: list[tuple[str, int]], cfg: float = 3.0, tau: float = 0.5) -> list[np.ndarray]:

@@ -151,7 +151,8 @@ def expected(cfg, budget: int, resolution: str = RES, budget_file: str | None = 
         from safetensors.torch import load_file
         vae = load_vae(TINY / "vae_tiny.safetensors").cfg
         files = dict(t5=t5_shape(json.loads((TINY / "t5_tiny" / "config.json").read_text())),
-                     vae_params=sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values()),
+                     vae_params=sum(t.numel() for k, t in load_file(TINY / "vae_tiny.safetensors").items()
+                                    if not k.startswith("encoder.")),  # the decoder the loader holds
                      vae_shape=(vae.base_ch, vae.patch_size))
     h, w = schedule.pixel_size
     job = plan_job(cfg, w, h, 1, JobOptions(dtype="fp32", t5_offload=True, previews=True, t5_dtype="fp32",

@@ -202,7 +202,8 @@ def test_job_reads_the_loaders_t5_and_vae(post):
     linear = t5.num_layers * (4 * t5.d_model * t5.num_heads * t5.d_kv + 3 * t5.d_model * t5.d_ff)
     assert answer["job"]["t5_mb"] < 2 * linear / MiB  # 8-bit linears: about 1 byte each, not T5-XL's 1.2 GiB
     assert answer["job"]["t5_mb"] > linear / MiB
-    vae = sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values())
+    # what the loader holds: the decoder and quantizer (generation never encodes)
+    vae = sum(t.numel() for k, t in load_file(TINY / "vae_tiny.safetensors").items() if not k.startswith("encoder."))
     assert answer["job"]["vae_mb"] == pytest.approx(4 * vae / MiB)
 
 
@@ -271,7 +272,7 @@ def tiny_job_plan(cfg, weights: str):
     t5 = t5_shape(json.loads((TINY / "t5_tiny" / "config.json").read_text()))
     from scalekv_core.loader import load_vae
 
-    vae = sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values())
+    vae = sum(t.numel() for k, t in load_file(TINY / "vae_tiny.safetensors").items() if not k.startswith("encoder."))
     shape = load_vae(TINY / "vae_tiny.safetensors").cfg
     return plan_job(cfg, 256, 256, 1, JobOptions(weights=weights, dtype="fp32", t5_offload=True, previews=True),
                     cache=CacheConfig(policy="scalekv", budget=48, window=4), t5=t5, vae_params=vae,

@@ -74,7 +74,7 @@ def job_line_gib() -> str:
     at the stand-in's 256x256."""
     cfg = load_transformer(TINY / "infinity_tiny.safetensors").cfg
     t5 = t5_shape(json.loads((TINY / "t5_tiny" / "config.json").read_text()))
-    vae = sum(t.numel() for t in load_file(TINY / "vae_tiny.safetensors").values())
+    vae = sum(t.numel() for k, t in load_file(TINY / "vae_tiny.safetensors").items() if not k.startswith("encoder."))
     shape = load_vae(TINY / "vae_tiny.safetensors").cfg
     job = plan_job(cfg, 256, 256, 1, JobOptions(dtype="fp32", t5_offload=True, previews=True, t5_dtype="fp32"),
                    cache=CacheConfig(policy="scalekv", budget="10%"), t5=t5, vae_params=vae,
