@@ -19,6 +19,7 @@ import torch
 import comfy.model_management as mm
 import comfy.model_patcher
 
+from ..scalekv_core.checkpoint import file_version
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.memory import (MemoryPlan, MiB, admission_problem, overcommit_allowed,
                                            preview_peak_bytes)
@@ -223,17 +224,6 @@ def architecture_name(cfg: InfinityConfig, transformer: str | os.PathLike | None
 _recent: dict[tuple, weakref.ref] = {}
 
 
-def _file_version(path: str) -> tuple:
-    """A file's (or a shard folder's files') path, modification time and size: a file rewritten is loaded again."""
-    def version(p: str) -> tuple:
-        st = os.stat(p)
-        return p, st.st_mtime_ns, st.st_size
-
-    if os.path.isdir(path):
-        return tuple(version(os.path.join(path, f)) for f in sorted(os.listdir(path)))
-    return version(path)
-
-
 def _reuse(key: tuple, load):
     """The object made for `key` if it is still alive, else `load()`: ComfyUI runs the whole loader when any of its
     inputs changes, so switching T5's settings reloaded the transformer too (16 GB for the 8B)."""
@@ -252,7 +242,7 @@ def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
     block linears' storage format (quantized on the offload device as they load). The model of the same files
     and settings is reused while ComfyUI still holds it."""
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    key = ("infinity", _file_version(str(transformer_path)), _file_version(str(vae_path)), precision, weights,
+    key = ("infinity", file_version(transformer_path), file_version(vae_path), precision, weights,
            str(load_device), str(offload_device))
     return _reuse(key, lambda: _load_infinity(transformer_path, vae_path, precision, weights, load_device,
                                               offload_device))
@@ -286,7 +276,7 @@ def load_t5(folder: str, precision: str = "auto", weights: str = "none") -> Infi
     transformer is (a changed transformer setting reloaded T5 too)."""
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = t5_dtype(precision, load_device)
-    key = ("t5", _file_version(str(folder)), str(dtype), weights, str(load_device), str(offload_device))
+    key = ("t5", file_version(folder), str(dtype), weights, str(load_device), str(offload_device))
     return _reuse(key, lambda: _load_t5(folder, dtype, weights, load_device, offload_device))
 
 

@@ -21,7 +21,7 @@ import torch
 
 import comfy.model_management as mm
 
-from ..scalekv_core.checkpoint import CheckpointError, tensor_shapes
+from ..scalekv_core.checkpoint import CheckpointError, file_version, tensor_shapes
 from ..scalekv_core.kvcache.budget import PRESETS
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
@@ -61,29 +61,34 @@ class PlanInputError(ValueError):
 # ------------------------------------------------------------------------------------------- model shapes
 
 
-#: Header reads by (what, file, mtime), failures included: the widget asks on every change, and neither a shard
-#: folder's headers nor a broken file need reading again until the file changes. Cleared past MAX_CACHED entries.
-_header_cache: dict[tuple[str, str, float], object] = {}
+#: Header reads by (what, the file's or folder's version), a broken file's answer included: the widget asks on every
+#: change, and neither a shard folder's headers nor a broken file need reading again until a file changes. An OSError
+#: (permissions, a file held by a download) is not kept: it can pass without the file changing. Cleared past
+#: MAX_CACHED entries.
+_header_cache: dict[tuple, object] = {}
 MAX_CACHED = 256
 
 
 def _read_once(what: str, path: Path, read: Callable[[Path], T]) -> T:
-    """`read(path)` once per file and mtime; its error (OSError, ValueError, KeyError, TypeError) is kept and raised
-    again, as the route's 400 naming `what`."""
+    """`read(path)` once per version of the file (checkpoint.file_version); what it finds wrong in the contents
+    (ValueError, KeyError, TypeError) is kept and raised again, as the route's 400 naming `what`."""
     try:
-        key = (what, str(path), path.stat().st_mtime)
+        key = (what, file_version(path))
     except (OSError, ValueError) as e:
         raise PlanInputError(f"{what}: {brief(str(e))}") from None
-    if key not in _header_cache:
+    found = _header_cache.get(key)
+    if found is None:
+        try:
+            found = read(path)
+        except PlanInputError as e:
+            found = e
+        except OSError as e:  # not the file's contents: asked again next time
+            raise PlanInputError(f"{what}: {brief(str(e))}") from None
+        except (ValueError, KeyError, TypeError) as e:  # CheckpointError and JSONDecodeError: ValueErrors
+            found = PlanInputError(f"{what}: {brief(str(e))}")
         if len(_header_cache) >= MAX_CACHED:
             _header_cache.clear()
-        try:
-            _header_cache[key] = read(path)
-        except PlanInputError as e:
-            _header_cache[key] = e
-        except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError and JSONDecodeError: ValueErrors
-            _header_cache[key] = PlanInputError(f"{what}: {brief(str(e))}")
-    found = _header_cache[key]
+        _header_cache[key] = found  # the local `found` is answered: another request may clear the cache meanwhile
     if isinstance(found, PlanInputError):
         raise PlanInputError(str(found))
     return found  # type: ignore[return-value]
@@ -212,7 +217,9 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
     kept = f", {reserve_mb / 1024:.1f} GiB of it kept free by ComfyUI" if reserve_mb else ""
     available_mb = available_memory_mb(device) - reserve_mb
     verdict = "fits" if fits else "does not fit: try fp8 or int4 weights, a tiled decode or block swap"
-    if fits and plan.peak_mb > available_mb:  # the admission check, at run time, counts what is free then
+    # the admission check, at run time, counts what is free then; not said on the CPU, where unloading frees no RAM
+    # and our own weights wait there unlisted before the first run
+    if fits and plan.peak_mb > available_mb and not mm.is_device_cpu(device):
         verdict += (f" the card, but only {max(available_mb, 0) / 1024:.1f} GiB is available now: other programs "
                     f"hold the rest, and the sampler will refuse the run until they let it go")
     line = (f"whole job {plan.peak_mb / 1024:.2f} GiB ({phase}) of {total_mb / 1024:.1f} GiB on {device}{kept}: "
@@ -230,7 +237,7 @@ def available_memory_mb(device: torch.device) -> float:
     """What a run could have on `device` now: its free memory plus what ComfyUI's loaded models hold there (it
     unloads them for the sampler; on the CPU this counts our own weights, which the job includes)."""
     held = sum(lm.model_loaded_memory() for lm in list(getattr(mm, "current_loaded_models", []))
-               if torch.device(lm.device) == torch.device(device))
+               if getattr(lm, "model", None) is not None and torch.device(lm.device) == torch.device(device))
     return (mm.get_free_memory(device) + held) / MiB
 
 

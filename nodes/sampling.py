@@ -51,7 +51,11 @@ def prepare_cpu_meter() -> bool:
     there printed a Kineto ERROR line in the console, unless one ran on the main thread first (this, at import)."""
     if mm.get_torch_device().type != "cpu":
         return False
-    start_profiler_here()
+    try:
+        start_profiler_here()
+    except Exception as e:  # a profiler already running, a torch without Kineto: only a console line is at stake
+        log.debug("Infinity Sampler: no profiler warm-up (%s)", e)
+        return False
     return True
 
 
@@ -146,7 +150,7 @@ class InfinitySampler(io.ComfyNode):
             negative = None  # an empty negative prompt means none, as in the original and the engine's generate()
         asked = 0 if memory is None else check_block_swap(memory.block_swap, model.pipeline.transformer.cfg.depth)
         swap = model.block_swap_for(asked)
-        if swap != asked:
+        if swap and not asked:
             log.info("Infinity Sampler: --novram: %d transformer blocks stream from CPU memory", swap)
         model.load(model.memory_required(schedule, batch * positive.batch_size, cache_config, cfg != 1, decode_tile),
                    swap)

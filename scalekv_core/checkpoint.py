@@ -335,6 +335,26 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                               f"'shape'") from None
 
 
+def file_version(path: str | Path) -> tuple:
+    """A file's path, modification time (ns) and size, or a folder's for each file in it (entries that cannot be
+    read left out): what a cache of something read from it is keyed by, so a file rewritten in place is read again."""
+    def version(p: Path) -> tuple:
+        st = p.stat()
+        return str(p), st.st_mtime_ns, st.st_size
+
+    path = Path(path)
+    if not path.is_dir():
+        return version(path)
+    found = []
+    for entry in sorted(path.rglob("*")):
+        try:
+            if entry.is_file():
+                found.append(version(entry))
+        except OSError:  # a broken link or an entry that vanished: not a file the loader reads
+            continue
+    return (str(path), *found)
+
+
 def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in a checkpoint file or shard folder, keys as load_state_dict gives them, without
     reading the weights: what a planner or a compatibility check needs before a 16 GB load."""

@@ -660,11 +660,16 @@ def _convert(a: argparse.Namespace) -> int:
             raise InputError(f"dst {dst}: is src itself; write the converted file under another name")
         if not a.overwrite:
             raise InputError(f"dst {dst}: exists; give another name, or --overwrite to replace it")
-    from .checkpoint import tensor_shapes
+    import zipfile
+
+    from .checkpoint import safetensors_header, tensor_shapes
     from .loader import declared_format, format_to_load
 
-    # what can be refused from the headers is, before the first progress line: an error stays one line
-    tensor_shapes(a.src)
+    # what can be refused from the headers is, before the first progress line: an error stays one line (a legacy
+    # .pth has no header apart from its whole pickle: not read twice)
+    src = Path(a.src)
+    if src.is_dir() or safetensors_header(src) is not None or zipfile.is_zipfile(src):
+        tensor_shapes(src)
     declared = declared_format(a.src)
     format_to_load(None if declared is None else declared[0], a.weights, str(a.src))
     t0 = time.perf_counter()

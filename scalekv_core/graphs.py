@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_leaves
 
 from .kvcache import CacheConfig, KVCache
 from .kvcache import attention
+from .checkpoint import file_version
 from .kvcache.budget import BudgetPlan, resolve_budget_file
 from .kvcache.cache import ScaleUsage
 from .model.transformer import ImageConstants, Infinity, TextKV
@@ -228,14 +229,12 @@ def refusal(model: Infinity, device: torch.device, mode: str, **callbacks: objec
 
 
 def _file_version(budget_file: str | None) -> tuple | None:
-    """A budget file's version (modification time and size): graphs captured with its plan are stale once it is
-    rewritten in place, as a calibration run does."""
+    """A budget file's version: graphs captured with its plan are stale once it is rewritten in place, as a
+    calibration run does."""
     if not budget_file:
         return None
     try:
-        path = resolve_budget_file(budget_file)
-        st = path.stat()
-        return str(path), st.st_mtime_ns, st.st_size
+        return file_version(resolve_budget_file(budget_file))
     except (OSError, ValueError):  # missing or unknown: building the plan names the problem
         return str(budget_file), None
 

@@ -652,3 +652,23 @@ def test_native_resolution_of_the_embedded_and_released_models():
     released = native_resolution(TINY_TRANSFORMER)
     assert resolution_note(released, schedule_from_label("896x1120 (1:1.25)")) is None  # any aspect at 1M
     assert "256x256 is outside" in resolution_note(released, schedule_from_label("256x256 (1:1)"), "Infinity-2B")
+
+
+def test_file_version_follows_rewrites_and_skips_broken_entries(tmp_path) -> None:
+    """What caches of header reads are keyed by: a file's time and size, or every file of a folder; a broken link
+    in a folder is left out rather than failing a model that would load."""
+    import os
+
+    from scalekv_core.checkpoint import file_version
+
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    os.symlink(tmp_path / "gone", folder / "broken")
+    before = file_version(folder)
+    assert [entry[0] for entry in before[1:]] == [str(folder / "config.json")]
+    (folder / "config.json").write_text('{"d_model": 8}')  # rewritten in place: the folder's own mtime may not move
+    assert file_version(folder) != before
+    single = tmp_path / "x.safetensors"
+    single.write_bytes(b"12345")
+    assert file_version(single) == (str(single), single.stat().st_mtime_ns, 5)

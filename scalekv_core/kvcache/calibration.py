@@ -28,6 +28,7 @@ from .budget import BudgetError, BudgetPlan, asi_table_path, plan_to_original_js
 from .config import CacheConfig
 
 if TYPE_CHECKING:
+    from ..model.config import InfinityConfig
     from ..pipeline import InfinityPipeline
 
 COMBINES = ("product", "sum")
@@ -281,12 +282,12 @@ def calibrate(pipe: InfinityPipeline, prompts: Sequence[str] | Sequence[TextCond
     return CalibrationResult(table, drafters, plan, plan_to_original_json(plan), settings)
 
 
-def model_shape(cfg) -> dict:
+def model_shape(cfg: InfinityConfig) -> dict:
     """What a budget file's measurements were taken on (depth, width, heads), recorded in its measurement table."""
     return {"depth": cfg.depth, "width": cfg.embed_dim, "heads": cfg.num_heads}
 
 
-def overwrite_problem(path: str | Path, cfg) -> str | None:
+def overwrite_problem(path: str | Path, cfg: InfinityConfig) -> str | None:
     """Why writing a calibration to `path` would lose another model's (its measurement table names another shape),
     or None: a file name holds the prefix, resolution and budget, not the model."""
     from .budget import calibration_settings

@@ -687,14 +687,22 @@ def test_a_calibrated_file_at_another_budget_is_noted_in_the_widget(post):
 
 
 def test_a_job_that_fits_the_card_but_not_what_is_free_says_so(post, monkeypatch):
-    """The sampler admits a run by the memory free when it starts: a job within the card but beyond what other
-    programs leave says so, where the line said "fits" and the run was then refused."""
+    """The sampler admits a run by the memory free when it starts: on a GPU, a job within the card but beyond what
+    other programs leave says so, where the line said "fits" and the run was then refused. Not on the CPU, where
+    unloading frees no RAM and the figure would mislead either way. (A pretend CUDA device: sizes only.)"""
     import comfy.model_management as mm
 
     body = {"model": "8b", "resolution": "1024x1024 (1:1)", "precision": "bf16", "weight_format": "int4",
             "decode_tile": 32}
     monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, torch_total_too=False: 64 * 2**30)
     monkeypatch.setattr(mm, "current_loaded_models", [])
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 2 * 2**30)
+    status, cpu = post(body)
+    assert status == 200 and cpu["job"]["line"].endswith(": fits"), cpu
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(mm, "get_torch_device", lambda: gpu)
+    monkeypatch.setattr(mm, "text_encoder_device", lambda: gpu)
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 0)
     lines = {}
     for free_gib in (40, 2):
         monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False, f=free_gib: f * 2**30)
@@ -704,3 +712,33 @@ def test_a_job_that_fits_the_card_but_not_what_is_free_says_so(post, monkeypatch
     assert lines[40]["fits"] and lines[40]["line"].endswith(": fits")
     assert lines[2]["fits"] and lines[2]["available_mb"] == 2048
     assert "fits the card, but only 2.0 GiB is available now" in lines[2]["line"]
+
+
+def test_a_read_failing_for_the_moment_is_not_kept(post, routes, monkeypatch):
+    """An OSError (permissions, a file held by a download) can pass without the file changing: it is answered but
+    not kept, so the next request reads again; and a dead entry in ComfyUI's loaded models is skipped."""
+    import comfy.model_management as mm
+
+    folder = pathlib.Path(folder_paths.get_folder_paths("infinity")[0])
+    target = folder / "tiny_locked.safetensors"
+    shutil.copy(TINY / "infinity_tiny.safetensors", target)
+    calls = []
+    real = routes.transformer_config_of
+
+    def flaky(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(routes, "transformer_config_of", flaky)
+    dead = type("Dead", (), {"model": None, "device": torch.device("cpu"),
+                             "model_loaded_memory": lambda self: 1 / 0})()
+    monkeypatch.setattr(mm, "current_loaded_models", [dead, *mm.current_loaded_models])
+    try:
+        status, first = post({"transformer": target.name, "resolution": "256x256 (1:1)"})
+        status2, second = post({"transformer": target.name, "resolution": "256x256 (1:1)"})
+    finally:
+        target.unlink()
+    assert status == 400 and "Permission denied" in first["error"], first
+    assert status2 == 200 and second["model"]["depth"] == 4 and len(calls) == 2, second
