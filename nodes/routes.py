@@ -27,11 +27,11 @@ from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
 from ..scalekv_core.job_memory import T5_XL, VAE_PARAMS, JobOptions, plan_job, t5_shape
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
-from ..scalekv_core.loader import (PRECISIONS, check_kind, declared_format, format_to_load, native_resolution,
-                                   transformer_config_of)
+from ..scalekv_core.loader import (PRECISIONS, declared_format, format_to_load, native_resolution,
+                                   transformer_config_of, vae_config_of)
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig
 from ..scalekv_core.model.text_encoder import TEXT_MAXLEN, single_file_t5_config
-from ..scalekv_core.model.vae import ENCODER_PREFIX, detect_vae_config
+from ..scalekv_core.model.vae import ENCODER_PREFIX
 from ..scalekv_core.limits import brief, shown
 from ..scalekv_core.safe_files import read_text
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label
@@ -67,6 +67,7 @@ class PlanInputError(ValueError):
 #: MAX_CACHED entries.
 _header_cache: dict[tuple, object] = {}
 MAX_CACHED = 256
+_UNREAD = object()
 
 
 def _read_once(what: str, path: Path, read: Callable[[Path], T]) -> T:
@@ -76,8 +77,8 @@ def _read_once(what: str, path: Path, read: Callable[[Path], T]) -> T:
         key = (what, file_version(path))
     except (OSError, ValueError) as e:
         raise PlanInputError(f"{what}: {brief(str(e))}") from None
-    found = _header_cache.get(key)
-    if found is None:
+    found = _header_cache.get(key, _UNREAD)
+    if found is _UNREAD:  # (None is an answer: an ordinary checkpoint declares no format)
         try:
             found = read(path)
         except PlanInputError as e:
@@ -170,8 +171,7 @@ def t5_config(name: str | None) -> dict:
 
 def _vae_shape(path: Path) -> tuple[int, tuple[int, int]]:
     shapes = tensor_shapes(path)
-    check_kind(shapes, "a BSQ-VAE", str(path))
-    cfg = detect_vae_config(shapes)  # a file that is no VAE is the route's 400, as it is the loader's error
+    cfg = vae_config_of(shapes, str(path))  # a file that is no VAE is the route's 400, as it is the loader's error
     held = [shape for key, shape in shapes.items() if not key.startswith(ENCODER_PREFIX)]  # loaded decode-only
     return sum(math.prod(shape) for shape in held), (cfg.base_ch, cfg.patch_size)
 

@@ -742,3 +742,16 @@ def test_a_read_failing_for_the_moment_is_not_kept(post, routes, monkeypatch):
         target.unlink()
     assert status == 400 and "Permission denied" in first["error"], first
     assert status2 == 200 and second["model"]["depth"] == 4 and len(calls) == 2, second
+
+
+def test_an_ordinary_checkpoints_format_is_read_once(post, routes, monkeypatch):
+    """An ordinary checkpoint declares no format (None): that answer is kept like any other, not read again on
+    every widget change."""
+    calls = []
+    real = routes.declared_format
+    monkeypatch.setattr(routes, "declared_format", lambda path: calls.append(path) or real(path))
+    monkeypatch.setattr(routes, "_header_cache", {})
+    for _ in range(3):
+        status, answer = post({**TINY_JOB, "transformer": "infinity_tiny.safetensors"})
+        assert status == 200, answer
+    assert len(calls) == 1
