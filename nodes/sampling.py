@@ -144,7 +144,8 @@ class InfinitySampler(io.ComfyNode):
             if model.info.get("native_resolution") else None
         if note:
             log.warning("Infinity Sampler: %s", note)
-        for plan_note in model.plan(schedule, batch * positive.batch_size, cache_config, cfg != 1).notes:
+        plan = model.plan(schedule, batch * positive.batch_size, cache_config, cfg != 1)  # notes now, peak in report
+        for plan_note in plan.notes:
             log.warning("Infinity Sampler: %s", plan_note)  # also in the run's report (its `notes`)
         if isinstance(negative, models.BlankPrompt):
             negative = None  # an empty negative prompt means none, as in the original and the engine's generate()
@@ -178,7 +179,7 @@ class InfinitySampler(io.ComfyNode):
         # planned as the cache-config widget and the admission check plan it (for prompts up to 512 tokens), with
         # the per-scale preview decode, which runs inside the measured window
         preview_mb = model.preview_bytes(schedule) / MiB
-        report["planned_peak_max_prompt_mb"] = model.peaks_mb(schedule, report["batch"], cache_config, cfg != 1)[0]
+        report["planned_peak_max_prompt_mb"] = plan.sampling_peak_mb + preview_mb  # as peaks_mb, for this batch
         report["planned_peak_mb"] += preview_mb
         report["preview_mb"] = preview_mb
         if note:
