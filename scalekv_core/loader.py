@@ -213,6 +213,16 @@ def _build_prequantized(path: str | Path, sd: dict[str, torch.Tensor], found: tu
     return model
 
 
+def vae_config_of(shapes: Mapping[str, Sequence[int]], source: str) -> VAEConfig:
+    """The BSQ-VAE a checkpoint's shapes describe, or an error naming the file (and what it is, if another kind):
+    what the loader builds and the planner sizes."""
+    check_kind(shapes, "a BSQ-VAE", source)
+    try:
+        return detect_vae_config(shapes)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: not a BSQ-VAE checkpoint: {e}") from e
+
+
 def load_vae(path: str | Path, device: torch.device | str = "cpu", decoder_only: bool = False) -> BSQVAE:
     """Load a BSQ-VAE checkpoint ({'vae': ...} .pth or .safetensors) strictly; the decoder runs in float32.
 
@@ -220,11 +230,7 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu", decoder_only:
     about 40% of the weights (0.17 GB of the 2B's VAE) that would otherwise sit on the GPU."""
     sd = load_state_dict(path)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    check_kind(shapes, "a BSQ-VAE", str(path))
-    try:
-        cfg = detect_vae_config(shapes)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not a BSQ-VAE checkpoint: {e}") from e
+    cfg = vae_config_of(shapes, str(path))
     with torch.device("meta"):
         vae = BSQVAE(cfg)
     check_keys({k: tuple(v.shape) for k, v in vae.state_dict().items()}, shapes, str(path))
