@@ -425,6 +425,9 @@ def test_a_reports_notes_reach_the_widget(post, report):
     assert status == 200 and answer["note"] == "x.json was calibrated for a budget of 650 tokens", answer
     status, answer = post({"report": {**report, "notes": ["n" * 5000]}})
     assert status == 400 and "report.notes.0" in answer["error"], answer
+    for wrong in ("a note", [float("nan")], [1], ["x"] * 9):  # a string, NaN, a number, too many
+        status, answer = post({"report": {**report, "notes": wrong}})
+        assert status == 400 and "report.notes" in answer["error"], (wrong, answer)
 
 
 def test_last_scale_is_named_never_stored(post):
