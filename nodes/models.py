@@ -20,6 +20,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..scalekv_core.checkpoint import file_version
+from ..scalekv_core.host_memory import host_free, host_limit_bytes, where_label
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.memory import (MemoryPlan, MiB, admission_problem, overcommit_allowed,
                                            preview_peak_bytes)
@@ -34,8 +35,26 @@ from ..scalekv_core.schedules import Schedule
 from . import paths
 
 log = logging.getLogger(__name__)
+
 PRECISION_CHOICES = ["auto", *PRECISIONS]
 _DTYPE_NAMES = {v: k for k, v in PRECISIONS.items()}
+
+
+def device_free(device: torch.device) -> tuple[int, str]:
+    """ComfyUI's free memory on `device` and the place to name in a refusal; on the CPU capped by the server
+    process's own limits (its cgroup, RLIMIT_AS), which ComfyUI does not read, so a capped server refuses a run
+    rather than dying in it."""
+    free = mm.get_free_memory(device)
+    if not mm.is_device_cpu(device):
+        return free, str(device)
+    free, cap = host_free(free)
+    return free, where_label(str(device), cap)
+
+
+def device_total_bytes(device: torch.device) -> int:
+    """ComfyUI's total memory of `device`; on the CPU no more than the server process's own limits allow."""
+    total = mm.get_total_memory(device)
+    return host_limit_bytes(total) if mm.is_device_cpu(device) else total
 
 
 class BlankPrompt(TextConditioning):
@@ -117,10 +136,11 @@ class InfinityModel:
             return
         sampling_mb, decode_mb = self.peaks_mb(schedule, batch, cache, cfg, decode_tile)
         device = self.patcher.load_device
-        free = mm.get_free_memory(device) - (self.swapped_weight_bytes(block_swap) if block_swap else 0)
+        free, where = device_free(device)
+        free -= self.swapped_weight_bytes(block_swap) if block_swap else 0
         if not mm.is_device_cpu(device):
             free -= mm.extra_reserved_memory()  # what ComfyUI keeps free on a GPU, as the widget plans
-        problem = admission_problem(sampling_mb, decode_mb, free, str(device), batch, decode_tile=decode_tile)
+        problem = admission_problem(sampling_mb, decode_mb, free, where, batch, decode_tile=decode_tile)
         if problem is not None:
             raise MemoryError(problem)
 

@@ -208,7 +208,7 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
     except ValueError as e:
         raise PlanInputError(brief(str(e))) from None
     device = mm.get_torch_device()
-    total_mb = mm.get_total_memory(device) / MiB
+    total_mb = models.device_total_bytes(device) / MiB
     # what ComfyUI keeps free on a GPU whatever loads (400 MB, 600 on Windows): the job must fit beside it
     reserve_mb = 0.0 if mm.is_device_cpu(device) else mm.extra_reserved_memory() / MiB
     fits = plan.peak_mb <= total_mb - reserve_mb
@@ -238,7 +238,7 @@ def available_memory_mb(device: torch.device) -> float:
     unloads them for the sampler; on the CPU this counts our own weights, which the job includes)."""
     held = sum(lm.model_loaded_memory() for lm in list(getattr(mm, "current_loaded_models", []))
                if getattr(lm, "model", None) is not None and torch.device(lm.device) == torch.device(device))
-    return (mm.get_free_memory(device) + held) / MiB
+    return (models.device_free(device)[0] + held) / MiB
 
 
 _JOB_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

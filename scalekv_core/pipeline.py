@@ -17,7 +17,7 @@ from .kvcache.attention import resolve as resolve_attention, use_backend
 from .kvcache.budget import kv_bytes_per_token
 from .kvcache.cache import KeptRecorder
 from .kvcache.memory import (ALLOW_OVERCOMMIT_ENV, MemoryPlan, MemoryReport, MiB, PeakMeter, admission_problem,
-                             build_report, free_memory_bytes, plan_memory)
+                             build_report, free_memory, plan_memory)
 from .limits import LIMITS
 from .loader import PRECISIONS, load_transformer, load_vae, resolve_precision, t5_dtype, vae_patchify_for
 from .model.block_swap import check_block_swap, planned_device_bytes, swap_blocks
@@ -371,10 +371,10 @@ class InfinityPipeline:
                           decode_tile: int | None = None, tile_field: str = "decode_tile") -> str | None:
         """Why a run must not start on this device (its planned peak exceeds the free memory), or None."""
         plan = self.plan_memory(schedule, batch, cache, cfg, decode_tile)
-        free = free_memory_bytes(self.device)
-        if free is not None and self.transformer.pos_start.device != self.device:  # its weights arrive at sampling
+        free, where = free_memory(self.device)
+        if self.transformer.pos_start.device != self.device:  # its weights arrive at sampling
             free -= planned_device_bytes(self.transformer, self.block_swap)
-        return admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, free, str(self.device), batch, override,
+        return admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, free, where, batch, override,
                                  decode_tile, tile_field)
 
     def memory_report(self, samples: SampleOutput, batch: int, settings: SamplerSettings, schedule: Schedule,

@@ -377,7 +377,7 @@ def test_generate_refuses_a_run_larger_than_free_memory(monkeypatch, capsys, tmp
     from scalekv_core import pipeline
     from scalekv_core.cli import main
 
-    monkeypatch.setattr(pipeline, "free_memory_bytes", lambda device: 1 << 20)  # 1 MiB free
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: (1 << 20, str(device)))  # 1 MiB free
     args = ["generate", "--transformer", str(TINY_TRANSFORMER), "--vae", str(TINY_VAE), "--text-encoder", str(T5_TINY),
             "--prompt", "a red fox", "--width", "256", "--height", "256", "--batch", "2",
             "--out", str(tmp_path / "x.png")]

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from ..host_memory import host_free, where_label
 from ..model.vae import PREVIEW_GRID
 from ..schedules import Schedule
 from .budget import BudgetPlan
@@ -300,19 +301,14 @@ def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, sc
 ALLOW_OVERCOMMIT_ENV = "SCALEKV_ALLOW_OVERCOMMIT"
 
 
-def free_memory_bytes(device: torch.device | str) -> int:
-    """Memory a new run can still take on `device`: CUDA's free bytes, or the host's MemAvailable on the CPU."""
+def free_memory(device: torch.device | str) -> tuple[int, str]:
+    """Memory a new run can still take on `device`, and the place to name in a refusal: CUDA's free bytes, or on
+    the CPU the host's MemAvailable capped by the process's own limits (cgroup, RLIMIT_AS), naming the limit."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        return int(torch.cuda.mem_get_info(device)[0]), str(device)
+    free, cap = host_free()
+    return free, where_label(str(device), cap)
 
 
 def admission_problem(sampling_mb: float, decode_mb: float, free_bytes: int, where: str, batch: int,

@@ -112,6 +112,14 @@ def pack():
     return import_pack()
 
 
+@pytest.fixture(autouse=True)
+def no_process_caps(monkeypatch):
+    """The nodes see only the free and total memory a test mocks, whatever cgroup or RLIMIT_AS the machine running
+    the tests sets (the nodes cap the CPU's figures by them); tests of those caps set their own."""
+    import_pack()
+    monkeypatch.setattr(importlib.import_module(f"{PACK}.scalekv_core.host_memory"), "process_caps", lambda: [])
+
+
 @pytest.fixture(scope="session")
 def node_classes(pack) -> dict:
     extension = asyncio.run(pack.comfy_entrypoint())

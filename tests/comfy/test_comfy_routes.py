@@ -189,6 +189,25 @@ def test_a_gpus_job_must_fit_beside_comfyuis_reserve(post, monkeypatch):
     assert "0.4 GiB of it kept free by ComfyUI: does not fit" in small["line"]
 
 
+def test_a_capped_servers_cpu_is_as_large_as_its_cap(post, pack, monkeypatch):
+    """On the CPU the fit line measures the job against what the server may hold: the host's total, or its
+    cgroup's or RLIMIT_AS's limit where that is smaller (a 64 GiB host, a 4 GiB cap: the 8B in int4 does not fit)."""
+    import importlib
+
+    import comfy.model_management as mm
+
+    host_memory = importlib.import_module(f"{pack.__name__}.scalekv_core.host_memory")
+    monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, torch_total_too=False: 64 * 2**30)
+    body = {"model": "8b", "resolution": "1024x1024 (1:1)", "precision": "bf16", "weight_format": "int4",
+            "decode_tile": 32}
+    status, free = post(body)
+    assert status == 200 and free["job"]["fits"] and free["job"]["device_mb"] == 64 * 1024, free
+    monkeypatch.setattr(host_memory, "process_caps", lambda: [host_memory.Cap("cgroup x", 4 << 30, 3 << 30)])
+    status, capped = post(body)
+    assert status == 200 and capped["job"]["device_mb"] == 4 * 1024, capped
+    assert not capped["job"]["fits"] and " of 4.0 GiB on cpu: does not fit" in capped["job"]["line"]
+
+
 def test_job_reads_the_loaders_t5_and_vae(post):
     """With the loader's files the job is sized from them (the embedded-size tiny T5 and VAE), not from T5-XL."""
     status, answer = post({"transformer": "infinity_tiny.safetensors", "vae": "vae_tiny.safetensors",

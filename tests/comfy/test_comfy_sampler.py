@@ -228,6 +228,22 @@ def test_admission_refuses_a_run_larger_than_free_memory(run, loaded, encoded, s
     assert image.shape == (1, 256, 256, 3)
 
 
+def test_admission_counts_the_servers_own_memory_limit(run, loaded, encoded, sampler_inputs, pack, monkeypatch):
+    """ComfyUI's free memory on the CPU is the host's; a server capped by its cgroup or RLIMIT_AS has less. The run
+    is refused by the cap, which the message names (the fuzz's capped server had run out of memory midway)."""
+    import importlib
+
+    host_memory = importlib.import_module(f"{pack.__name__}.scalekv_core.host_memory")
+    monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: 64 << 30)
+    monkeypatch.setattr(host_memory, "process_caps", lambda: [host_memory.Cap("RLIMIT_AS", 3 << 30, 1 << 20)])
+    with pytest.raises(MemoryError, match=r"but cpu \(this process's RLIMIT_AS of 3.0 GiB\) has only 0.0 GiB free"):
+        run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs())
+    assert not live_caches()
+    monkeypatch.setattr(host_memory, "process_caps", lambda: [host_memory.Cap("RLIMIT_AS", 3 << 30, 2 << 30)])
+    image = run("InfinitySampler", model=loaded[0], positive=encoded, **sampler_inputs()).result[0]
+    assert image.shape == (1, 256, 256, 3)
+
+
 def test_admission_on_a_gpu_leaves_comfyuis_reserve_free(loaded, monkeypatch):
     """On a GPU the run must fit beside what ComfyUI keeps free (extra_reserved_memory), as the widget plans it: a
     run 100 MiB short of free memory plus the reserve is refused, and admitted once the reserve is counted out.

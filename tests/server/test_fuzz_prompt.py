@@ -172,6 +172,19 @@ def test_known_good_prompt_before_the_fuzz(box):
     REFERENCE["image"] = box.get().image(entry)
 
 
+def test_a_batch_the_capped_server_cannot_hold_is_refused(box):
+    """The harness caps the server's address space (RLIMIT_AS) at its idle size + 4 GB. A batch of 64, the most the
+    sampler takes, plans a 4 GiB decode: the admission check counts the cap and refuses it by name before sampling
+    (it used to read only the host's free memory, and the run ran out of memory midway)."""
+    server = box.get()
+    prompt_id, entry = server.run(harness.graph(sampler={"batch": 64}, seed=4244), timeout=RUN_SECONDS)
+    assert harness.outcome(entry) == "error", entry["status"]
+    message = harness.status_messages(entry)["execution_error"]["exception_message"]
+    assert "planned to need" in message and "this process's RLIMIT_AS of" in message and "now 64" in message, \
+        message
+    assert server.serving() and not server.worker_died()
+
+
 @pytest.mark.parametrize("node", list(NODE_IDS))
 def test_fuzz_node_inputs(box, object_info, node):
     inputs = widget_inputs(object_info, node)
