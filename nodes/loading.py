@@ -82,6 +82,14 @@ class InfinityModelLoader(io.ComfyNode):
         return True if problem is None else problem
 
     @classmethod
+    def fingerprint_inputs(cls, transformer=None, vae=None, text_encoder=None, **_) -> str:
+        """A model file replaced under the same name (a new `convert`, a finished download) is loaded again, not
+        served from ComfyUI's cache: the files' versions are the fingerprint."""
+        return "|".join(paths.fingerprint(resolve, name) for resolve, name in (
+            (paths.resolve_transformer, transformer), (paths.resolve_vae, vae),
+            (paths.resolve_text_encoder, text_encoder)))
+
+    @classmethod
     def execute(cls, transformer: str, vae: str, text_encoder: str, precision: str = "auto",
                 weight_format: str = "none", t5_weights: str = "none") -> io.NodeOutput:
         # T5 first, then the transformer's width from its header: a T5 folder without its tokenizer, or one that

@@ -19,9 +19,11 @@ its three keys, so a fresh install has a model in every menu while a user's file
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import folder_paths
 
+from ..scalekv_core.checkpoint import file_version
 from ..scalekv_core.kvcache.budget import ASI_SUFFIX
 from ..scalekv_core.limits import TEXTS, InputError, shown
 
@@ -92,6 +94,8 @@ def clean_name(name: str) -> str:
     rel = os.path.normpath(name.strip().replace("\\", "/"))
     if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep) or rel.startswith("../"):
         raise ValueError(f"{shown(name)} is not a name inside a model folder")
+    if rel == ".":
+        raise ValueError(f"{shown(name)} names a model folder itself, not a file or folder in it")
     return rel
 
 
@@ -274,7 +278,8 @@ def resolve_text_encoder(name: str) -> str:
     """A T5 folder, or a single-file T5 (.safetensors) where ComfyUI ships the tokenizer it needs."""
     single = host_t5_tokenizer() is not None and str(name).endswith(".safetensors")
     return _find(name, "T5 text encoder folder", (TEXT_ENCODERS, DEFAULT_TEXT_ENCODERS_KEY),
-                 (lambda p: os.path.isdir(p) or (single and os.path.isfile(p) and _is_t5_file(p))),
+                 (lambda p: os.path.isfile(os.path.join(p, "config.json"))
+                  or (single and os.path.isfile(p) and _is_t5_file(p))),
                  "; it is a Hugging Face folder (config.json, weights, tokenizer.json or spiece.model) such as "
                  "flan-t5-xl, or a single-file T5 encoder (.safetensors)")
 
@@ -282,6 +287,16 @@ def resolve_text_encoder(name: str) -> str:
 def resolve_budget_file(name: str) -> str:
     return _find(name, "budget file", (SCALEKV,), os.path.isfile,
                  "; run ScaleKV Calibrate or copy a ScaleKV budget JSON there")
+
+
+def fingerprint(resolve: Callable[[str], str], name: object) -> str:
+    """The current version of the file or folder a menu name resolves to (checkpoint.file_version), for ComfyUI's
+    fingerprint_inputs: a file replaced under the same name, even by one of the same size and time, is read again
+    rather than served from ComfyUI's cache; "missing" where it does not resolve (validation names the problem)."""
+    try:
+        return repr(file_version(resolve(name)))  # type: ignore[arg-type]
+    except (OSError, ValueError):
+        return "missing"
 
 
 def budget_output_path(name: str) -> str:

@@ -132,9 +132,9 @@ def native_for(transformer: str | None) -> tuple[str, bool] | None:
     """The loader's transformer's own resolution (the sampler's "auto"); None without a loader or a readable file."""
     if not transformer:
         return None
-    try:
-        return native_resolution(paths.resolve_transformer(transformer))
-    except (OSError, ValueError):  # an unknown file is reported by model_config, naming it
+    try:  # read once per version of the file, as the shapes are (its header can be 100 MB)
+        return _read_once("transformer resolution", _transformer_path(transformer), native_resolution)
+    except PlanInputError:  # an unknown or broken file is reported by model_config, naming it
         return None
 
 

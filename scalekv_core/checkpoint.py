@@ -292,8 +292,8 @@ def unshared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 MAX_HEADER_BYTES = 100 * 2**20
 
 
-def safetensors_header(path: Path) -> dict | None:
-    """A safetensors file's JSON header, read alone (8-byte length + JSON); None for a file of another kind."""
+def _header_and_data(path: Path) -> tuple[dict, int] | None:
+    """A safetensors file's JSON header and the size of the data after it; None for a file of another kind."""
     with open_regular(path, "checkpoint file", CheckpointError) as (f, size):
         head = f.read(8)
         length = int.from_bytes(head, "little") if len(head) == 8 else 0
@@ -310,7 +310,13 @@ def safetensors_header(path: Path) -> dict | None:
         raise CheckpointError(f"{path}: unreadable safetensors header: {type(e).__name__}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: unreadable safetensors header: not a JSON object")
-    return header
+    return header, size - 8 - length
+
+
+def safetensors_header(path: Path) -> dict | None:
+    """A safetensors file's JSON header, read alone (8-byte length + JSON); None for a file of another kind."""
+    found = _header_and_data(path)
+    return None if found is None else found[0]
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
@@ -323,24 +329,71 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
     return {str(k): v for k, v in meta.items() if isinstance(v, str)}
 
 
+#: Bits per element of each safetensors dtype name, as the format defines them.
+SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
+                    "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+                    "C64": 64, "I64": 64, "U64": 64, "F64": 64}
+def _is_count(n: object) -> bool:
+    return type(n) is int and 0 <= n < 2**63
+
+
+def _checked_shapes(header: dict, data_bytes: int, path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a safetensors header, checked as safetensors checks a file before it loads one:
+    a known dtype, whole non-negative dimensions, and data offsets that tile the data exactly, each tensor's
+    bytes equal to its shape times its dtype. Anything else is a CheckpointError naming the key (a header that
+    lies could make a planner sum 10^99-element tensors, or negative ones)."""
+    def refuse(key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: unreadable safetensors header: tensor {shown(key)} {why}")
+
+    spans = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise refuse(key, "is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
+            raise refuse(key, f"has an unknown dtype {shown(dtype)}")
+        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+            raise refuse(key, "has no usable shape (a list of whole numbers from 0 to 2^63)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)
+                and offsets[0] <= offsets[1]):
+            raise refuse(key, "has no usable data_offsets ([begin, end], whole numbers, begin <= end)")
+        size = offsets[1] - offsets[0]
+        bits = 0 if 0 in shape else SAFETENSORS_BITS[dtype]
+        for n in shape:  # stops as soon as the product passes the tensor's bytes: never a huge product
+            bits *= n
+            if bits > 8 * size:
+                break
+        if bits != 8 * size:
+            raise refuse(key, f"declares shape {shown(shape)} of {dtype} but {size} bytes of data")
+        shapes[str(key)] = tuple(shape)
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            raise refuse(key, "overlaps another tensor's data or leaves a gap before it")
+        end = stop
+    if end != data_bytes:
+        raise CheckpointError(f"{path}: unreadable safetensors header: its tensors cover {end} bytes of data but "
+                              f"the file holds {data_bytes}")
+    return shapes
+
+
 def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    header = safetensors_header(path)
-    if header is None:  # torch.save's zip is memory-mapped: only the pickle's metadata is read (legacy ones whole)
+    found = _header_and_data(path)
+    if found is None:  # torch.save's zip is memory-mapped: only the pickle's metadata is read (legacy ones whole)
         return {k: tuple(v.shape) for k, v in _load_file(path, strip_module=False).items()}
-    try:
-        return {str(k): tuple(int(n) for n in v["shape"]) for k, v in header.items()
-                if k != "__metadata__" and isinstance(v, dict)}
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: unreadable safetensors header: {type(e).__name__} in a tensor's "
-                              f"'shape'") from None
+    return _checked_shapes(*found, path)
 
 
 def file_version(path: str | Path) -> tuple:
-    """A file's path, modification time (ns) and size, or a folder's for each file in it (entries that cannot be
+    """A file's path, modification and change times (ns), size and inode, or a folder's for each file in it (entries that cannot be
     read left out): what a cache of something read from it is keyed by, so a file rewritten in place is read again."""
     def version(p: Path) -> tuple:
-        st = p.stat()
-        return str(p), st.st_mtime_ns, st.st_size
+        st = p.stat()  # ctime and the inode too: a file swapped for one of the same size and mtime (cp -p) differs
+        return str(p), st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_dev, st.st_ino
 
     path = Path(path)
     if not path.is_dir():

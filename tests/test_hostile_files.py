@@ -218,17 +218,30 @@ HEADERS = {
     "header_not_json": (b"{not json at all}", {}),
     "header_a_list": ([1, 2, 3], {}),
     "header_nested_deeply": (b"{\"w\": " + b"[" * 100_000 + b"]" * 100_000 + b"}", {}),
+    # what the planner route summed from headers (review of 2026-12-07, third session): 8,000 dimensions of 10^99
+    # (seconds of big-number products per request, the GIL held), Infinity, and shapes that are no whole numbers
+    "shape_huge_dims": ({"w": _tensor(shape=[10**99] * 8000)}, {}),
+    "shape_huge_behind_zero": ({"w": _tensor(shape=[0, 10**99], offsets=(0, 0))}, {"data": b""}),
+    "shape_infinity": (b'{"w": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 8]}}', {}),
+    "shape_float": ({"w": _tensor(shape=(2.0,))}, {}),
+    "shape_bool": ({"w": _tensor(shape=(True, True))}, {}),
+    "shape_bytes_differ": ({"w": _tensor(shape=(3,))}, {}),
+    "data_gap": ({"w": _tensor(offsets=(4, 12))}, {"data": b"\0" * 12}),
+    "data_left_over": ({"w": _tensor()}, {"data": b"\0" * 16}),
 }
 
 
+@pytest.mark.parametrize("read", ["load_state_dict", "tensor_shapes"])
 @pytest.mark.parametrize("name", sorted(HEADERS))
-def test_safetensors_header_that_lies_is_a_named_error(tmp_path, name) -> None:
+def test_safetensors_header_that_lies_is_a_named_error(tmp_path, name, read) -> None:
+    """Loading the weights and reading the shapes alone (what the planner and the loader's checks use) refuse the
+    same headers, as safetensors itself would, quickly and naming the file."""
     header, kw = HEADERS[name]
     path = _safetensors(tmp_path / f"{name}.safetensors", header, **kw)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.monotonic()
     with pytest.raises(CheckpointError) as e:
-        load_state_dict(path)
+        getattr(checkpoint, read)(path)
     _assert_names(e, path.name)
     assert time.monotonic() - start < 5
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
@@ -604,3 +617,19 @@ def test_a_checkpoint_given_in_the_wrong_place_is_named_as_what_it_is(tmp_path) 
     with pytest.raises(CheckpointError, match="is a T5 text encoder checkpoint, not a BSQ-VAE: give it as the text "
                                               "encoder"):
         load_vae(t5)
+
+
+def test_a_file_swapped_for_one_of_the_same_size_and_mtime_is_another_version(tmp_path) -> None:
+    """Caches of what is read from a file (headers, loaded models) are keyed by its version: a file replaced by one
+    of the same size and modification time (`cp -p`, `rsync -a`, a relinked name) is a new version, not served
+    stale (the route said fp8 for an int8 file, and the loader handed back the old model)."""
+    first, second = tmp_path / "current.safetensors", tmp_path / "other.safetensors"
+    first.write_bytes(b"a" * 64)
+    second.write_bytes(b"b" * 64)
+    stamp = first.stat().st_mtime_ns
+    os.utime(second, ns=(stamp, stamp))
+    before = checkpoint.file_version(first)
+    os.replace(second, first)
+    assert first.stat().st_mtime_ns == stamp and first.stat().st_size == 64
+    assert checkpoint.file_version(first) != before
+    assert checkpoint.file_version(first) == checkpoint.file_version(first)  # and stable while nothing changes

@@ -170,6 +170,13 @@ def single_file_t5_config(path: str | Path):
     except KeyError as e:
         raise CheckpointError(f"{path}: not a T5 encoder file: no tensor {e}") from None
     layers = len({k.split(".")[2] for k in shapes if k.startswith("encoder.block.")})
+    sizes = {"vocabulary": vocab, "width": d_model, "attention width": inner, "relative buckets": buckets,
+             "heads": heads, "feed-forward width": d_ff}
+    empty = [name for name, n in sizes.items() if n <= 0]
+    if empty or inner % heads:
+        why = f"its {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} 0" if empty else \
+            f"its attention width {inner} does not split into {heads} heads"
+        raise CheckpointError(f"{path}: not a usable T5 encoder file: {why}")
     return T5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
                     num_heads=heads, relative_attention_num_buckets=buckets,
                     feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False,

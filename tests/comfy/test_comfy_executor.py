@@ -101,6 +101,33 @@ def test_rewritten_budget_file_reruns_config_and_sampler(executor, prompt_server
     assert sorted(execute(executor, prompt_server, graph, "q3")) == ["4", "5", "6"]
 
 
+def test_a_model_file_replaced_under_its_name_is_loaded_again(executor, prompt_server, graph, tmp_path):
+    """A transformer file replaced under the same name (a new convert, a finished download; here one of the same
+    size and modification time, as `cp -p` leaves it) reloads the loader and reruns what follows; ComfyUI's cache
+    had kept the old model until an input changed. The budget file's fingerprint is its version too."""
+    import os
+    import shutil
+
+    for key in ("3",):  # no calibration: the loader, text encode, config, sampler and preview
+        graph.pop(key)
+    graph["4"]["inputs"].pop("budget_file")
+    folder = pathlib.Path(folder_paths.get_folder_paths("infinity")[0])
+    live = folder / "replaced_tiny.safetensors"
+    shutil.copy2(folder / "infinity_tiny.safetensors", live)
+    graph["1"]["inputs"]["transformer"] = live.name
+    try:
+        assert sorted(execute(executor, prompt_server, graph, "r1")) == ["1", "2", "4", "5", "6"]
+        assert execute(executor, prompt_server, graph, "r2") == []
+        swapped = tmp_path / live.name
+        shutil.copy2(live, swapped)  # the same bytes, size and time: a new file all the same
+        os.replace(swapped, live)
+        ran = execute(executor, prompt_server, graph, "r3")
+        assert executor.success and "1" in ran and "5" in ran, ran
+        assert execute(executor, prompt_server, graph, "r4") == []
+    finally:
+        live.unlink()
+
+
 def test_invalid_config_is_refused_before_running(executor, prompt_server, graph):
     import execution
 

@@ -777,3 +777,89 @@ def test_an_ordinary_checkpoints_format_is_read_once(post, routes, monkeypatch):
         status, answer = post({**TINY_JOB, "transformer": "infinity_tiny.safetensors"})
         assert status == 200, answer
     assert len(calls) == 1
+
+
+def _with_extra_entry(src: pathlib.Path, dst: pathlib.Path, name: str, entry: dict) -> None:
+    """A copy of a safetensors file whose header gains one entry (the data unchanged)."""
+    raw = src.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header[name] = entry
+    text = json.dumps(header).encode()
+    dst.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+@pytest.mark.parametrize("shape", [[10**99] * 8000, [-(10**11)]], ids=["huge", "negative"])
+def test_a_vae_header_that_lies_about_a_shape_is_a_quick_400(post, shape):
+    """The planner sums the VAE's tensor sizes from its header: a lying entry (8,000 dimensions of 10^99 took
+    seconds of big-number products per request with the GIL held, then a 500; a negative one planned the VAE at
+    -381,466 MB) is the same 400 naming the file as the loader's refusal, in milliseconds."""
+    import time
+
+    folder = pathlib.Path(folder_paths.get_folder_paths("vae")[0])
+    target = folder / "lying_vae.safetensors"
+    _with_extra_entry(TINY / "vae_tiny.safetensors", target, "decoder.bogus",
+                      {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]})
+    try:
+        start = time.monotonic()
+        status, answer = post({**TINY_JOB, "vae": target.name})
+        took = time.monotonic() - start
+    finally:
+        target.unlink()
+    assert status == 400 and answer["error"].startswith("vae: ") and "lying_vae.safetensors" in answer["error"], answer
+    assert "'decoder.bogus'" in answer["error"] and took < 2, (answer, took)
+
+
+def test_a_single_file_t5_of_zero_width_is_a_400_naming_it(post):
+    """A single-file T5 whose relative attention table has 0 heads divided by zero (a 500 on every request)."""
+    from safetensors.torch import save_file
+    from transformers import T5EncoderModel
+
+    module = T5EncoderModel.from_pretrained(TINY / "t5_tiny")
+    sd = {k: v.contiguous() for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = torch.zeros(32, 0)
+    path = pathlib.Path(folder_paths.get_folder_paths("text_encoders")[0]) / "t5_zero_heads.safetensors"
+    save_file(sd, str(path))
+    try:
+        status, answer = post({**TINY_JOB, "text_encoder": path.name})
+    finally:
+        path.unlink()
+    assert status == 400 and "t5_zero_heads.safetensors: not a usable T5 encoder file: its heads is 0" in \
+        answer["error"], answer
+
+
+@pytest.mark.parametrize("name", [".", "./", "t5_tiny/.."])
+def test_a_model_folder_itself_is_no_text_encoder(post, name):
+    """"." named the text_encoders folder itself: every request walked the whole tree for its version (0.5 s with
+    40,000 files) and kept that listing in the cache. Refused by name, before any walk."""
+    status, answer = post({**TINY_JOB, "text_encoder": name})
+    assert status == 400 and answer["error"].startswith("text_encoder: ") and \
+        "names a model folder itself" in answer["error"], answer
+
+
+def test_a_text_encoder_folder_needs_its_config(post):
+    """A folder without config.json is no T5 folder: not found, with what one holds (it was walked, then a 400
+    about config.json that the cache kept with the folder's whole listing)."""
+    folder = pathlib.Path(folder_paths.get_folder_paths("text_encoders")[0]) / "not_a_t5"
+    (folder / "deep").mkdir(parents=True)
+    (folder / "deep" / "x.bin").write_bytes(b"0")
+    try:
+        status, answer = post({**TINY_JOB, "text_encoder": "not_a_t5"})
+    finally:
+        shutil.rmtree(folder)
+    assert status == 400 and "T5 text encoder folder 'not_a_t5' not found" in answer["error"], answer
+    assert "config.json" in answer["error"]
+
+
+def test_the_trained_resolution_is_read_once_per_file_version(post, routes, monkeypatch):
+    """The sampler's "auto" resolution reads the transformer's metadata; like its shapes, once per version of the
+    file (it parsed the whole header, up to 100 MB, on every request)."""
+    calls = []
+    real = routes.native_resolution
+    monkeypatch.setattr(routes, "native_resolution", lambda path: calls.append(path) or real(path))
+    monkeypatch.setattr(routes, "_header_cache", {})
+    body = {**TINY_JOB, "transformer": "infinity_tiny.safetensors", "resolution": "auto (the model's own size)"}
+    for _ in range(3):
+        status, answer = post(body)
+        assert status == 200, answer
+    assert len(calls) == 1
