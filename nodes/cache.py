@@ -1,6 +1,7 @@
 """ScaleKV Cache Config and ScaleKV Calibrate: the KV-cache settings and the budget files they can use."""
 from __future__ import annotations
 
+import logging
 import os
 
 import comfy.model_management as mm
@@ -21,6 +22,8 @@ from . import models, paths, widgets
 from .io_types import (CATEGORY_SCALEKV, CacheConfigType, InfinityMemoryType, InfinityModelType, InfinityT5Type,
                        schema)
 from .memory import MemorySettings
+
+log = logging.getLogger(__name__)
 
 BUDGET_UNITS = ["percent", "tokens", "MB"]
 GENERATED = "generated"
@@ -106,7 +109,7 @@ def budget_settings_problem(policy=None, budget_unit=None, budget=None, window=N
             check_window(window)
         except ValueError as e:
             return str(e)
-    if budget_source is not None:
+    if budget_source is not None and policy in (None, "scalekv"):  # other policies set it aside (set_aside)
         if budget_source.startswith(FILE_PREFIX):
             try:
                 paths.resolve_budget_file(budget_source[len(FILE_PREFIX):])
@@ -115,10 +118,18 @@ def budget_settings_problem(policy=None, budget_unit=None, budget=None, window=N
         elif budget_source != GENERATED and budget_source[len(PRESET_PREFIX):] not in PRESETS:
             return (f"budget_source: unknown {shown(budget_source)}; choose generated, "
                     f"{', '.join(PRESET_PREFIX + p for p in PRESETS)} or file:<a file in models/scalekv>")
-        if budget_source != GENERATED and policy is not None and policy != "scalekv":
-            return (f"budget_source: {shown(budget_source)} is a ScaleKV budget file, which only the scalekv policy "
-                    f"uses (policy is {policy}); choose 'generated' or the scalekv policy")
     return None
+
+
+def set_aside(policy: str, budget_source: str, budget_file: str | None) -> tuple[str, str | None, str | None]:
+    """(budget_source, budget_file, note) for `policy`: only scalekv reads budget files, so beside another policy a
+    chosen or linked one is set aside with a note, not refused: the policy greys those inputs out, so an artist who
+    switched policy could not change them (and a linked Calibrate's minutes of work were lost to the error)."""
+    if policy == "scalekv" or (budget_source == GENERATED and not budget_file):
+        return budget_source, budget_file, None
+    what = (f"the budget file {shown(budget_file)} linked to budget_file" if budget_file else
+            f"budget_source {shown(budget_source)}")
+    return GENERATED, None, f"{what} is not used: only the scalekv policy reads budget files (policy is {policy})"
 
 
 def budget_file_for(budget_source: str, budget_file: str | None) -> str | None:
@@ -197,13 +208,11 @@ class ScaleKVCacheConfig(io.ComfyNode):
         return True if problem is None else problem
 
     @classmethod
-    def fingerprint_inputs(cls, budget_source=None, **_) -> str:
-        """A budget file rewritten in place (a new calibration) must reach the sampler: its mtime is the fingerprint."""
-        if isinstance(budget_source, str) and budget_source.startswith(FILE_PREFIX):
-            try:
-                return f"{os.path.getmtime(paths.resolve_budget_file(budget_source[len(FILE_PREFIX):])):.6f}"
-            except (OSError, ValueError):
-                return "missing"
+    def fingerprint_inputs(cls, budget_source=None, policy=None, **_) -> str:
+        """A budget file rewritten in place (a new calibration) must reach the sampler: its version is the
+        fingerprint (scalekv's: other policies read none)."""
+        if isinstance(budget_source, str) and budget_source.startswith(FILE_PREFIX) and policy in (None, "scalekv"):
+            return paths.fingerprint(paths.resolve_budget_file, budget_source[len(FILE_PREFIX):])
         return ""
 
     @classmethod
@@ -213,10 +222,11 @@ class ScaleKVCacheConfig(io.ComfyNode):
         problem = budget_settings_problem(policy, budget_unit, budget, window, kernel, budget_source, refiner_decay)
         if problem is None and budget_file is not None:
             problem = widgets.problem(widgets.text("budget_file", budget_file, "name"))
-        if problem is None and budget_file and policy != "scalekv":
-            problem = f"budget_file: {shown(budget_file)} only applies to the scalekv policy (policy is {policy})"
         if problem is not None:
             raise ValueError(problem)
+        budget_source, budget_file, note = set_aside(policy, budget_source, budget_file)
+        if note is not None:
+            log.warning("ScaleKV Cache Config: %s", note)
         config = CacheConfig(policy=policy, budget=budget_spec(budget_unit, budget), window=window, kernel=kernel,
                              pooling=pooling, scoring=scoring, kv_dtype=kv_dtype,
                              budget_file=budget_file_for(budget_source, budget_file), refiner_decay=refiner_decay)

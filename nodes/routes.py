@@ -37,7 +37,7 @@ from ..scalekv_core.safe_files import read_text
 from ..scalekv_core.schedules import get_schedule, resolution_choices, resolution_label
 from . import models, paths
 from .cache import (AUTO_RESOLUTION, DEFAULT_RESOLUTION, budget_file_for, budget_settings_problem, budget_spec,
-                    calibration_file_name, schedule_for)
+                    calibration_file_name, schedule_for, set_aside)
 from .plan_schema import PlanSettings, ReportBody, ValidationError, describe
 
 PLAN_ROUTE = "/scalekv/plan"
@@ -272,8 +272,8 @@ def calibration_file(s: PlanSettings) -> tuple[str | None, str | None]:
     except ValueError as e:
         return None, (f"budget_file is linked to ScaleKV Calibrate, whose file name is unusable ({brief(str(e))}); "
                       "this is budget_source's plan")
-    if s.policy != "scalekv":  # the node's own check, which the run would meet
-        raise PlanInputError(f"budget_file: {shown(name)} only applies to the scalekv policy (policy is {s.policy})")
+    if s.policy != "scalekv":  # the node sets it aside, as the run will
+        return None, set_aside(s.policy, s.budget_source, name)[2]
     try:
         paths.resolve_budget_file(name)
     except (FileNotFoundError, ValueError):
@@ -317,9 +317,8 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
         s = PlanSettings.model_validate(body)
     except ValidationError as e:
         raise PlanInputError(describe(e)) from None
-    if s.budget_file and s.policy != "scalekv":
-        raise PlanInputError(f"budget_file: {shown(s.budget_file)} only applies to the scalekv policy "
-                             f"(policy is {s.policy})")
+    budget_source, budget_file_name, aside = set_aside(s.policy, s.budget_source, s.budget_file)
+    s = s.model_copy(update={"budget_source": budget_source, "budget_file": budget_file_name})
     resolution = s.resolution if s.resolution is not None else DEFAULT_RESOLUTION
     try:
         schedule = schedule_for(resolution, native_for(s.transformer) if resolution == AUTO_RESOLUTION else None)
@@ -359,7 +358,8 @@ def plan_for_settings(body: Mapping[str, Any]) -> dict:
         "budget_tokens": budget_tokens, "budget_source": plan.source, "token_bytes": tb,
         "scales": scale_rows(schedule.grids, plan.kept, plan.drafters, tb, memory.per_scale_cache_mb),
         "last_scale": last_scale_row(schedule), "text_tokens": TEXT_MAXLEN,
-        "budget_file": linked_file, "budget_file_note": " ".join(n for n in (link_note, *plan.notes) if n) or None,
+        "budget_file": linked_file,
+        "budget_file_note": " ".join(n for n in (aside, link_note, *plan.notes) if n) or None,
         "totals": {"stored_peak_mb": memory.analytic_mb, "full_mb": memory.full_analytic_mb,
                    "stored_ratio": memory.analytic_mb / memory.full_analytic_mb if memory.full_analytic_mb else 1.0,
                    # beside the weights, as the sampler admits a run: previews and dequantized weights included,

@@ -98,7 +98,6 @@ def test_validate_accepts_good_settings(node_classes, config_inputs, budget_file
     (dict(refiner_decay=-5.0), "refiner_decay: -5 is out of range"),
     (dict(policy="h2o"), "policy: unknown value 'h2o'"),
     (dict(policy="x" * 100_000), "policy: unknown value 'xxxxxxxx"),
-    (dict(policy="snapkv", budget_source="preset:infinity-2b-10pct"), "only the scalekv policy"),
     (dict(budget_source="file:nowhere.json"), "nowhere.json"),
     (dict(budget_source="preset:infinity-20b"), "budget_source: unknown"),
 ])
@@ -109,9 +108,25 @@ def test_validate_rejects_impossible_settings_with_a_message(node_classes, run, 
         run("ScaleKVCacheConfig", **config_inputs(**overrides))
 
 
-def test_linked_budget_file_with_another_policy_fails_at_run(run, config_inputs, budget_file):
-    with pytest.raises(ValueError, match="only applies to the scalekv policy"):
-        run("ScaleKVCacheConfig", **config_inputs(policy="pyramidkv"), budget_file="tiny_budget.json")
+@pytest.mark.parametrize("source, linked", [("preset:infinity-2b-10pct", None), ("file:tiny_budget.json", None),
+                                             ("file:deleted.json", None), ("preset:unknown", None),
+                                             ("generated", "tiny_budget.json")])
+def test_a_budget_file_beside_another_policy_is_set_aside(node_classes, run, config_inputs, budget_file, caplog,
+                                                           source, linked):
+    """Other policies grey budget_source out (the artist cannot change it after switching policy) and read no
+    budget file: a chosen, linked, missing or unknown one is set aside with a note, not refused (it was a 400, and a
+    linked Calibrate's work was thrown away by an error after it ran)."""
+    import logging
+
+    inputs = config_inputs(policy="pyramidkv", budget_source=source)
+    assert validate(node_classes, **inputs) is True
+    with caplog.at_level(logging.WARNING):
+        config = run("ScaleKVCacheConfig", **inputs, **({"budget_file": linked} if linked else {})).result[0]
+    assert config.policy == "pyramidkv" and config.budget_file is None
+    assert any("is not used: only the scalekv policy reads budget files (policy is pyramidkv)" in r.getMessage()
+               for r in caplog.records), caplog.text
+    fp = node_classes["ScaleKVCacheConfig"].fingerprint_inputs
+    assert fp(**inputs) == ""  # nothing read: no rerun when the file changes
 
 
 def test_validation_through_comfyui(node_classes, config_inputs, monkeypatch):

@@ -482,8 +482,9 @@ def test_linked_calibration_plans_its_file(post):
     assert after["budget_file"] == "mycal_1024x1024_10pct.json" and "written by the linked" in after["budget_file_note"]
     assert_rows_equal_plan(after, plan, memory)
     assert after["scales"] != before["scales"]
-    # the run would refuse a budget file for another policy: so does the widget, in the node's words
-    assert status_full == 400 and "only applies to the scalekv policy (policy is full)" in full["error"], full
+    # another policy sets the file aside, as the node does: the full cache's plan, with the node's note
+    assert status_full == 200 and full["policy"] == "full" and full["budget_file"] is None, full
+    assert "is not used: only the scalekv policy reads budget files (policy is full)" in full["budget_file_note"]
 
 
 def node_message(node_classes, **fields) -> str:
@@ -495,7 +496,7 @@ def node_message(node_classes, **fields) -> str:
 @pytest.mark.parametrize("fields", [
     dict(budget=0.0), dict(budget=150.0, budget_unit="percent"), dict(budget=10.5, budget_unit="tokens"),
     dict(window=5), dict(kernel=4), dict(policy="nope"), dict(budget_unit="GB"),
-    dict(policy="snapkv", budget_source="preset:infinity-2b-10pct"), dict(budget_source="file:missing.json"),
+    dict(budget_source="file:missing.json"),
 ])
 def test_bad_settings_are_400_with_the_nodes_message(post, node_classes, fields):
     status, answer = post(fields)
