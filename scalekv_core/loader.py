@@ -118,6 +118,8 @@ def load_transformer(path: str | Path, device: torch.device | str = "cpu", preci
         sd.clear()
         quant.quantize_model(model, weights, device=device)
     del sd
+    # what save_quantized carries into a converted file (the trained resolution, ...)
+    setattr(model, quant.SOURCE_METADATA, {} if Path(path).is_dir() else safetensors_metadata(path))
     place_transformer(model, device, resolve_precision(precision, device))
     return model.eval().requires_grad_(False)
 

@@ -626,3 +626,56 @@ def test_admission_counts_the_dequantized_block_weights(fmt: str) -> None:
     assert b.total_mb - a.total_mb == pytest.approx(max(b.sampling_peak_mb, b.decode_peak_mb)
                                                     - max(a.sampling_peak_mb, a.decode_peak_mb), rel=1e-12)
     assert b.decode_peak_mb == a.decode_peak_mb and b.analytic_mb == a.analytic_mb
+
+
+# ------------------------------------------------------------------------------- the source file's metadata
+
+
+@pytest.fixture
+def declared_256(tmp_path: Path) -> Path:
+    """The tiny transformer declaring the embedded model's trained resolution, a note of its own, and a stale
+    architecture entry (depth 99) that a quantized file must not inherit."""
+    path = tmp_path / "tiny_256.safetensors"
+    save_file(load_file(str(MODELS["tiny"][0])), str(path),
+              metadata={"format": "pt", "scalekv_resolution": "256x256 (1:1)", "trained_by": "someone",
+                        "scalekv_depth": "99"})
+    return path
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_convert_weights_keeps_the_source_metadata(declared_256: Path, tmp_path: Path, fmt: str) -> None:
+    """`convert --weights` (like plain convert) keeps what the source declares, e.g. the trained resolution that
+    generate's default size reads; the entries the quantized format sets are its own."""
+    from scalekv_core.checkpoint import safetensors_metadata
+    from scalekv_core.loader import native_resolution
+
+    dst = tmp_path / f"q_{fmt}.safetensors"
+    assert cli.main(["convert", str(declared_256), str(dst), "--weights", fmt]) == 0
+    meta = safetensors_metadata(dst)
+    assert meta["scalekv_resolution"] == "256x256 (1:1)" and meta["trained_by"] == "someone"
+    assert meta[quant.META_FORMAT] == fmt and meta["scalekv_depth"] == str(load_transformer(dst).cfg.depth) != "99"
+    assert native_resolution(dst) == native_resolution(declared_256) == ("256x256 (1:1)", False)
+
+
+def test_save_quantized_keeps_the_source_metadata(declared_256: Path, tmp_path: Path) -> None:
+    from scalekv_core.checkpoint import safetensors_metadata
+
+    out = quant.save_quantized(load_transformer(declared_256, weights="int8"), tmp_path / "api.safetensors")
+    meta = safetensors_metadata(out)
+    assert meta["scalekv_resolution"] == "256x256 (1:1)" and meta["trained_by"] == "someone"
+    # a .pth source has no metadata to carry: the file holds the format's entries only
+    plain = quant.save_quantized(load_transformer(TINY / "infinity_tiny.pth", weights="int8"),
+                                 tmp_path / "plain.safetensors")
+    assert "scalekv_resolution" not in safetensors_metadata(plain)
+
+
+def test_generate_on_a_converted_file_runs_at_the_trained_resolution(declared_256: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    dst = tmp_path / "q.safetensors"
+    assert cli.main(["convert", str(declared_256), str(dst), "--weights", "int8"]) == 0
+    text_kv = TINY / "full_kv" / "p0_apple_s0_cfg3_tau0.5" / "text_kv_compact.npy"
+    out = tmp_path / "img.png"
+    assert cli.main(["generate", "--transformer", str(dst), "--vae", str(MODELS["tiny"][1]), "--text-kv",
+                     str(text_kv), "--out", str(out)]) == 0
+    assert Image.open(out).size == (256, 256)

@@ -388,10 +388,16 @@ def file_metadata(model: nn.Module) -> dict[str, str]:
     return meta
 
 
+#: Attribute `load_transformer` sets on a model: its file's safetensors metadata ({} for .pth and shard folders).
+SOURCE_METADATA = "source_metadata"
+
+
 def save_quantized(model: nn.Module, path: str | Path) -> Path:
     """Write a quantized model as one .safetensors file (packed weights, scales, the rest as loaded) plus metadata
-    that `load_transformer` recognises, so it loads without quantizing again."""
-    return write_safetensors(model.state_dict(), path, file_metadata(model))
+    that `load_transformer` recognises, so it loads without quantizing again; the source file's own metadata (e.g.
+    the resolution it was trained at) is carried over, except the entries this format sets itself."""
+    carried = getattr(model, SOURCE_METADATA, None) or {}
+    return write_safetensors(model.state_dict(), path, {**carried, **file_metadata(model)})
 
 
 #: Largest group size a pre-quantized file's metadata may declare.
