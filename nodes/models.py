@@ -262,15 +262,15 @@ def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
     block linears' storage format (quantized on the offload device as they load). The model of the same files
     and settings is reused while ComfyUI still holds it."""
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    key = ("infinity", file_version(transformer_path), file_version(vae_path), precision, weights,
+    prec = precision_name(precision, load_device)  # 'auto' and what it resolves to are the same model
+    key = ("infinity", file_version(transformer_path), file_version(vae_path), prec, weights,
            str(load_device), str(offload_device))
-    return _reuse(key, lambda: _load_infinity(transformer_path, vae_path, precision, weights, load_device,
+    return _reuse(key, lambda: _load_infinity(transformer_path, vae_path, prec, weights, load_device,
                                               offload_device))
 
 
-def _load_infinity(transformer_path: str, vae_path: str, precision: str, weights: str, load_device: torch.device,
+def _load_infinity(transformer_path: str, vae_path: str, prec: str, weights: str, load_device: torch.device,
                    offload_device: torch.device) -> InfinityModel:
-    prec = precision_name(precision, load_device)
     transformer = load_transformer(transformer_path, device=offload_device, precision=prec, weights=weights)
     vae = load_vae(vae_path, device=offload_device, decoder_only=True)  # generation never encodes
     vae_patchify_for(transformer.cfg, vae.cfg, (str(transformer_path), str(vae_path)))  # names both files if not

@@ -111,6 +111,9 @@ class InfinitySampler(io.ComfyNode):
                                **widgets.ADVANCED),
             ],
             outputs=[io.Image.Output(display_name="image")],
+            # its previews and memory report are sent again when ComfyUI serves it from its cache (0.33 and later;
+            # the schema helper leaves the field out where ComfyUI lacks it), so /history keeps the report
+            has_intermediate_output=True,
         )
 
     @classmethod

@@ -128,6 +128,22 @@ def test_a_model_file_replaced_under_its_name_is_loaded_again(executor, prompt_s
         live.unlink()
 
 
+def test_a_cached_samplers_report_stays_in_history(executor, prompt_server, graph, node_classes):
+    """A prompt served from ComfyUI's cache (the same settings again, or the same sampler in another workflow)
+    keeps the sampler's memory report in /history: the sampler declares intermediate output, which ComfyUI 0.33
+    and later send again for cached nodes (0.3.75 has no such field: there only SaveImage's images come back)."""
+    from comfy_api.latest import io
+
+    if "has_intermediate_output" not in io.Schema.__dataclass_fields__:
+        pytest.skip("this ComfyUI's Schema has no has_intermediate_output")
+    graph.pop("3")
+    graph["4"]["inputs"].pop("budget_file")
+    assert sorted(execute(executor, prompt_server, graph, "c1")) == ["1", "2", "4", "5", "6"]
+    first = executor.history_result["outputs"]["5"]["scalekv_memory"][0]
+    assert execute(executor, prompt_server, graph, "c2") == []  # everything cached
+    assert executor.history_result["outputs"]["5"]["scalekv_memory"][0] == first
+
+
 def test_invalid_config_is_refused_before_running(executor, prompt_server, graph):
     import execution
 

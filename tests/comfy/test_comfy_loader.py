@@ -298,6 +298,8 @@ def test_changing_one_models_settings_keeps_the_other_loaded(run, loaded, monkey
     other_model = run("InfinityModelLoader", **inputs, weight_format="int8").result
     assert other_model[1] is t5 and other_model[0] is not model
     assert run("InfinityModelLoader", **inputs).result[0] is model
+    # 'auto' and what it resolves to here (fp32 on the CPU) are one model: switching between them reloaded it
+    assert run("InfinityModelLoader", **{**inputs, "precision": "fp32"}).result[0] is model
     vae = pathlib.Path(folder_paths.get_folder_paths("infinity")[0]) / "vae_tiny.safetensors"
     if not vae.exists():
         vae = next(pathlib.Path(d) / "vae_tiny.safetensors" for d in folder_paths.get_folder_paths("vae")
