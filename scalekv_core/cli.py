@@ -112,6 +112,35 @@ def _load_text_kv(text: str):
         raise InputError(message if str(path) in message else f"--text-kv {path}: {message}") from None
 
 
+def _same_file(path: Path, other: Path) -> bool:
+    """Whether two paths name one file: the same path once links and '..' are resolved, or a hard link."""
+    try:
+        if os.path.realpath(path) == os.path.realpath(other):
+            return True
+        return path.exists() and other.exists() and os.path.samefile(path, other)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_outputs_apart(written: Sequence[tuple[str, Path]], read: Sequence[tuple[str, str | None]],
+                         dump: Path | None = None) -> None:
+    """No file a command writes is another flag's output, one of its input files (or a file inside an input
+    folder), or a file --dump writes: each would be replaced by the other (an image by JSON, a model by a report)."""
+    from .pipeline import DUMP_FILES
+
+    inputs = [(flag, Path(p)) for flag, p in read if p and os.path.exists(p)]
+    for i, (flag, path) in enumerate(written):
+        for other_flag, other in [w for w in written[:i] if w[0] != flag] + inputs:
+            if _same_file(path, other) or (other.is_dir() and path.exists()
+                                           and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(other))):
+                inside = "" if _same_file(path, other) else " a file inside"
+                raise InputError(f"{flag} {path}: is{inside} {other_flag} {other}; writing it would replace that "
+                                 f"file; give {flag} another name")
+        if dump is not None and DUMP_FILES.fullmatch(path.name) and _same_file(path.parent, dump):
+            raise InputError(f"{flag} {path}: --dump {dump} writes a file of that name there; give {flag} another "
+                             f"name or --dump another folder")
+
+
 def _check_cache_flags(a: argparse.Namespace, schedule=None):
     """The cache config, validated, and its budget file read, before any model is loaded.
 
@@ -548,6 +577,13 @@ def _generate(a: argparse.Namespace) -> int:
     out = output_file(a.out, "--out", images=a.batch)
     dump = output_folder(a.dump, "--dump") if a.dump else None
     report = output_file(a.memory_report, "--memory-report") if a.memory_report else None
+    from .pipeline import image_paths
+
+    _check_outputs_apart([("--out", p) for p in image_paths(out, a.batch)]
+                         + ([("--memory-report", report)] if report else []),
+                         [("--transformer", a.transformer), ("--vae", a.vae), ("--text-encoder", a.text_encoder),
+                          ("--t5-tokenizer", a.t5_tokenizer), ("--text-kv", a.text_kv),
+                          ("--budget-file", a.budget_file)], dump)
     schedule, note = _schedule(a)
     _check_lists(a, schedule)
     cache = _check_cache_flags(a, schedule)
@@ -656,7 +692,7 @@ def _convert(a: argparse.Namespace) -> int:
     if dst.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise InputError(f"dst {dst}: convert writes safetensors; name it .safetensors")
     if dst.exists():
-        if Path(a.src).exists() and dst.resolve() == Path(a.src).resolve():
+        if Path(a.src).exists() and _same_file(dst, Path(a.src)):
             raise InputError(f"dst {dst}: is src itself; write the converted file under another name")
         if not a.overwrite:
             raise InputError(f"dst {dst}: exists; give another name, or --overwrite to replace it")

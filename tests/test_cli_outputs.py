@@ -371,3 +371,70 @@ def test_an_output_that_is_a_symlink_is_written_through_it(tmp_path) -> None:
     write_text(link, "new")
     assert link.is_symlink() and target.read_text() == "new"
     assert not list(tmp_path.rglob("*.partial"))
+
+
+# ---------------------------------------------------------------------- 10. outputs that would replace another file
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    """Copies of the tiny model's files, so a run that wrongly writes over one damages only a copy."""
+    import shutil
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    files = {"transformer": folder / "t.safetensors", "vae": folder / "v.safetensors", "text_kv": folder / "kv.npy",
+             "t5": folder / "t5"}
+    shutil.copy(TINY_TRANSFORMER, files["transformer"])
+    shutil.copy(TINY_VAE, files["vae"])
+    shutil.copy(TEXT_KV, files["text_kv"])
+    shutil.copytree(T5_TINY, files["t5"])
+    return files
+
+
+def _generate_copies(files: dict[str, Path], *extra: str) -> list[str]:
+    return ["generate", "--transformer", str(files["transformer"]), "--vae", str(files["vae"]), "--text-kv",
+            str(files["text_kv"]), "--width", "256", "--height", "256", *extra]
+
+
+@pytest.mark.parametrize("target", ["out", "transformer", "vae", "text_kv", "t5_config", "dump_image", "batch_image"])
+def test_memory_report_that_would_replace_another_file_is_refused(tmp_path, capsys, no_load, inputs, target) -> None:
+    """--memory-report naming the image, a model file, a file in the T5 folder or a file --dump writes replaced it
+    (the image with JSON, still reported as the image; the model with a report): refused before any work."""
+    out, dump = tmp_path / "r.png", tmp_path / "dump"
+    extra = ["--out", str(out), "--dump", str(dump)]
+    report, other = {"out": (out, "--out"), "transformer": (inputs["transformer"], "--transformer"),
+                     "vae": (inputs["vae"], "--vae"), "text_kv": (inputs["text_kv"], "--text-kv"),
+                     "t5_config": (inputs["t5"] / "config.json", "--text-encoder"),
+                     "dump_image": (dump / "image.png", "--dump"),
+                     "batch_image": (tmp_path / "r_01.png", "--out")}[target]
+    if target == "t5_config":
+        extra += ["--text-encoder", str(inputs["t5"]), "--negative-prompt", "blurry"]
+    if target == "batch_image":
+        extra += ["--batch", "2"]
+    before = {p: p.read_bytes() for p in inputs.values() if p.is_file()}
+    rc = cli.main(_generate_copies(inputs, *extra, "--memory-report", str(report)))
+    _one_error(capsys, rc, "--memory-report", str(report), other)
+    assert {p: p.read_bytes() for p in before} == before and not out.exists()
+
+
+def test_out_inside_the_dump_folder_under_a_dump_name_is_refused(tmp_path, capsys, no_load, inputs) -> None:
+    dump = tmp_path / "dump"
+    rc = cli.main(_generate_copies(inputs, "--out", str(dump / "image.png"), "--dump", str(dump)))
+    _one_error(capsys, rc, "--out", str(dump / "image.png"), "--dump")
+
+
+def test_a_hard_link_to_an_input_is_the_same_file(tmp_path, capsys, no_load, inputs) -> None:
+    import os
+
+    link = tmp_path / "report.json"
+    os.link(inputs["text_kv"], link)
+    rc = cli.main(_generate_copies(inputs, "--out", str(tmp_path / "img.png"), "--memory-report", str(link)))
+    _one_error(capsys, rc, "--memory-report", "--text-kv")
+
+
+def test_a_report_beside_the_image_and_in_the_dump_folder_under_its_own_name_is_fine(tmp_path, inputs) -> None:
+    out, dump = tmp_path / "r.png", tmp_path / "dump"
+    rc = cli.main(_generate_copies(inputs, "--out", str(out), "--dump", str(dump), "--memory-report",
+                                   str(dump / "memory.json")))
+    assert rc == 0 and out.exists() and json.loads((dump / "memory.json").read_text()) and (dump / "image.png").exists()
