@@ -193,7 +193,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", default="", type=text_flag("prompt", "--prompt"), help="text prompt")
     g.add_argument("--negative-prompt", default="", type=text_flag("prompt", "--negative-prompt"),
                    help="negative prompt (replaces the learned unconditional text)")
-    g.add_argument("--text-kv", help="precomputed T5 encodings of one prompt, a (L, C) float .npy, instead of --prompt")
+    g.add_argument("--text-kv", help="precomputed T5 encodings of one prompt, a (L, C) float .npy, instead of --prompt "
+                                     "(not with it)")
     g.add_argument("--seed", type=number_flag("seed", "--seed"), default=0)
     g.add_argument("--cfg", type=numbers_flag("cfg", "--cfg"), default=3.0,
                    help="guidance scale, or one per scale: 3,3,3,...")
@@ -570,6 +571,9 @@ def _generate(a: argparse.Namespace) -> int:
     # Everything that can be checked without the model, before loading it: a mistake never costs a generation.
     if a.text_kv is None and a.text_encoder is None:
         raise InputError("give --text-encoder (a T5 folder) or --text-kv (precomputed encodings)")
+    if a.text_kv is not None and a.prompt:
+        raise InputError(f"--prompt and --text-kv {a.text_kv} both give the prompt (--text-kv holds its encodings, "
+                         "so --prompt would be ignored); give one of them")
     if a.text_kv is None and not a.prompt.strip():
         raise InputError("--prompt is empty")
     if a.text_kv and a.negative_prompt and not a.text_encoder:
