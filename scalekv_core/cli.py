@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .cli_args import (Parser, budget_flag, device_flag, number_flag, numbers_flag, one_line, output_file,
-                       output_folder, run_reporting_errors, text_flag)
+from .cli_args import (Parser, budget_flag, device_flag, given_flags, number_flag, numbers_flag, one_line,
+                       output_file, output_folder, run_reporting_errors, text_flag)
 from .limits import TEXTS, InputError, shown
 
 #: Precomputed T5 encodings of one prompt: 512 tokens x 4096 channels x float64 is 16 MB.
@@ -170,6 +170,21 @@ def _check_cache_flags(a: argparse.Namespace, schedule=None):
         except BudgetError as e:
             raise InputError(f"--budget {a.budget}: {e}") from None
     return config
+
+
+def _ignored_cache_flags_note(a: argparse.Namespace) -> str | None:
+    """A note naming the cache flags given on the command line that --kv-policy does not read (POLICY_SETTINGS),
+    so flags copied between plan (scalekv by default) and generate (full by default) are not silently ignored."""
+    from .kvcache.config import POLICY_SETTINGS, unread_settings
+
+    ignored = unread_settings(a.kv_policy, [name for name in POLICY_SETTINGS if name in getattr(a, "given", ())])
+    if not ignored:
+        return None
+    flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+    why = (f"--kv-policy {a.kv_policy} does not read {'it' if len(ignored) == 1 else 'them'}"
+           + (f" ({a.kv_policy} is {a.command}'s default; give --kv-policy scalekv or another policy that reads them)"
+              if "kv_policy" not in a.given else ""))
+    return f"note: {flags} ignored: {why}"
 
 
 def _check_lists(a: argparse.Namespace, schedule) -> None:
@@ -410,6 +425,7 @@ def _plan(a: argparse.Namespace) -> int:
                     print(f"| Infinity-{model} | {side}x{side} | {batch} | " + " | ".join(cells) + " |")
         return 0
     schedule, plan = predict(a.model, a.width, a.height, a.batch, _check_cache_flags(a))
+    _print_note(_ignored_cache_flags_note(a))
     if a.json:
         print(json.dumps(plan.to_dict(), indent=1))
     else:
@@ -419,6 +435,11 @@ def _plan(a: argparse.Namespace) -> int:
               f"of {plan.full_analytic_mb / 1024:.2f} GB), sampling peak above weights {plan.sampling_peak_mb / 1024:.2f} GB, "
               f"VAE decode {plan.decode_peak_mb / 1024:.2f} GB, total about {plan.total_mb / 1024:.1f} GB")
     return 0
+
+
+def _print_note(note: str | None) -> None:
+    if note:
+        print(note, file=sys.stderr)
 
 
 def _plan_job(a: argparse.Namespace) -> int:
@@ -445,6 +466,7 @@ def _plan_job(a: argparse.Namespace) -> int:
                          budget_file=a.budget_file, window=a.window)
     if a.vram is None:
         plan = plan_job(a.model, a.width, a.height, a.batch, options)
+        _print_note(_ignored_cache_flags_note(a))
         if a.json:
             print(json.dumps(plan.to_dict(), indent=1))
         else:
@@ -454,6 +476,7 @@ def _plan_job(a: argparse.Namespace) -> int:
                   f"{plan.transformer_mb / 1024:.2f}, T5 {plan.t5_mb / 1024:.2f}, VAE {plan.vae_mb / 1024:.2f})")
         return 0
     answer = cheapest_fit(a.model, a.width, a.height, a.vram, a.batch, options)
+    _print_note(_ignored_cache_flags_note(a))
     if a.json:
         print(json.dumps(answer, indent=1))
         return 0
@@ -654,8 +677,9 @@ def _generate(a: argparse.Namespace) -> int:
                                          decode_tile=a.decode_tile, tile_field="--decode-tile")
         if problem is not None:
             raise InputError(problem)
-    if note:
-        print(note, file=sys.stderr)
+    for line in (note, _ignored_cache_flags_note(a)):
+        if line:
+            print(line, file=sys.stderr)
     for plan_note in pipe.plan_memory(schedule, a.batch, cache).notes:
         print(f"note: {plan_note}", file=sys.stderr)
     print(f"loaded {pipe.transformer.cfg.describe()} in {time.perf_counter() - t0:.1f}s; "
@@ -746,7 +770,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"generate": _generate, "plan": _plan, "calibrate": _calibrate, "convert": _convert}
 
     def command() -> int:
-        a = build_parser().parse_args(argv)
+        args = sys.argv[1:] if argv is None else list(argv)
+        a = build_parser().parse_args(args)
+        a.given = given_flags(build_parser(), args)  # what the user set, for notes on flags that go unused
         return commands[a.command](a)
 
     return run_reporting_errors(command)

@@ -12,7 +12,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .limits import LIMITS, MAX_SCALES, TEXTS, InputError, shown
 
@@ -66,6 +66,21 @@ def numbers_flag(limit: str, flag: str) -> Callable[[str], object]:
 
 def text_flag(limit: str, flag: str) -> Callable[[str], object]:
     return flag_type(limit, lambda text: TEXTS[limit].check(text, flag))
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The dests of the flags `argv` sets explicitly (a value equal to the default included), so a command can
+    tell what the user asked for from what it defaults to: `argv` parsed again with every default suppressed."""
+    def suppress(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    suppress(sub)
+            elif action.option_strings:
+                action.default = argparse.SUPPRESS
+
+    suppress(parser)
+    return {dest for dest in vars(parser.parse_args(argv)) if dest != "command"}
 
 
 _BUDGET_FORMS = "a percentage ('10%'), tokens ('650') or MB ('900MB')"

@@ -438,3 +438,52 @@ def test_a_report_beside_the_image_and_in_the_dump_folder_under_its_own_name_is_
     rc = cli.main(_generate_copies(inputs, "--out", str(out), "--dump", str(dump), "--memory-report",
                                    str(dump / "memory.json")))
     assert rc == 0 and out.exists() and json.loads((dump / "memory.json").read_text()) and (dump / "image.png").exists()
+
+
+# ------------------------------------------------------------------------- 11. cache flags the policy does not read
+
+
+def _notes(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("note:")]
+
+
+def test_generate_names_the_cache_flags_its_default_policy_ignores(tmp_path, capsys) -> None:
+    """generate's default policy is full, which keeps every token: --budget and --window copied from a plan line
+    were silently ignored."""
+    rc = cli.main(_generate(tmp_path, "--width", "256", "--height", "256", "--out", str(tmp_path / "img.png"),
+                            "--budget", "5%", "--window", "9", "--kv-dtype", "bf16"))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    notes = [n for n in _notes(err) if "ignored" in n]
+    assert len(notes) == 1, err
+    assert "--budget, --window ignored" in notes[0] and "--kv-policy full" in notes[0] and "default" in notes[0]
+    assert "--kv-dtype" not in notes[0]  # every policy reads it
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--kv-policy", "full", "--budget", "20%"], ["--budget"]),
+    (["--kv-policy", "sliding_window", "--window", "16", "--scoring", "original", "--budget", "30%"],
+     ["--window", "--scoring"]),  # 16 is the default: given explicitly, it is still named
+    (["--kv-policy", "snapkv", "--refiner-decay", "2", "--kernel", "3"], ["--refiner-decay"]),
+    (["--kv-policy", "full", "--pooling", "avgpool", "--offload-t5"], ["--pooling"]),  # the whole-job plan too
+    (["--kv-policy", "full", "--window", "4", "--vram", "24"], ["--window"]),
+])
+def test_plan_names_the_cache_flags_the_policy_ignores(capsys, argv, named) -> None:
+    assert cli.main(["plan", *argv]) == 0
+    notes = _notes(capsys.readouterr().err)
+    assert len(notes) == 1 and notes[0].startswith(f"note: {', '.join(named)} ignored"), notes
+    assert f"--kv-policy {argv[1]}" in notes[0] and "default" not in notes[0]  # the policy was chosen, not defaulted
+
+
+@pytest.mark.parametrize("argv", [[], ["--budget", "20%", "--window", "9", "--scoring", "original"],
+                                  ["--kv-policy", "full", "--kv-dtype", "bf16"],
+                                  ["--kv-policy", "streamingllm", "--budget", "30%"]])
+def test_plan_has_no_note_when_every_given_cache_flag_is_read(capsys, argv) -> None:
+    assert cli.main(["plan", *argv]) == 0
+    assert _notes(capsys.readouterr().err) == []
+
+
+def test_a_flag_given_abbreviated_or_with_equals_counts_as_given(capsys) -> None:
+    assert cli.main(["plan", "--kv-policy=full", "--scor", "original", "--window=9"]) == 0
+    notes = _notes(capsys.readouterr().err)
+    assert len(notes) == 1 and notes[0].startswith("note: --window, --scoring ignored"), notes

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -43,6 +43,12 @@ POLICY_SETTINGS: dict[str, tuple[str, ...]] = {
     "refiner_decay": ("scalekv",),
     "kv_dtype": tuple(POLICIES),
 }
+
+
+def unread_settings(policy: str, settings: Iterable[str]) -> list[str]:
+    """Those of `settings` (POLICY_SETTINGS names) that `policy` does not read, in the order given, so a front end
+    can say which of the values it was handed are ignored."""
+    return [name for name in settings if name in POLICY_SETTINGS and policy not in POLICY_SETTINGS[name]]
 
 
 @dataclass
