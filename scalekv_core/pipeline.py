@@ -26,7 +26,7 @@ from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, check_decode_tiling
 from .graphs import ScaleGraphRunner, check_graph_mode
-from .safe_files import atomic_output, named_os_error
+from .safe_files import PARTIAL_SUFFIX, atomic_output, named_os_error
 from .sampler import BitsHook, SampleOutput, SamplerSettings, ScaleCallback, check_finite, sample
 from .schedules import Schedule, schedule_for_pixels
 
@@ -72,7 +72,7 @@ class GenerationResult:
 
 #: Names of the files a dump writes (`GenerationResult.dump`, and the CLI's kept positions), and their `.partial`s.
 DUMP_FILES = re.compile(r"(scale_\d+_(bits|bits_vae|token_ids)\.npy|summed_codes\.npy|decoded\.npy|image\.png"
-                        r"|scalekv_kept_s\d+_l\d+\.npy)(\.partial)?")
+                        r"|scalekv_kept_s\d+_l\d+\.npy)(" + PARTIAL_SUFFIX + ")?")
 
 
 def clear_dump(folder: str | Path) -> list[Path]:

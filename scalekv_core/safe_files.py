@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import stat
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -95,17 +96,38 @@ def read_text(path: str | os.PathLike, max_bytes: int, what: str = "file",
         raise error(f"{Path(path)}: the {what} is not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
+#: How the temporary files of atomic_path end: `NAME.XXXXXXXX.partial` (8 hex digits; plain `NAME.partial` is what
+#: earlier versions left), for code that clears a folder of its own stale files (pipeline.DUMP_FILES).
+PARTIAL_SUFFIX = r"(\.[0-9a-f]{8})?\.partial"
+#: Longest part of the final name kept in a temporary name, so the temporary name still fits NAME_MAX (255).
+_PARTIAL_NAME_CHARS = 200
+
+
+def _new_partial(path: Path) -> Path:
+    """A new empty `NAME.XXXXXXXX.partial` beside `path`, created exclusively, so two writers of one output never
+    share a temporary file; mode 0666 less the umask, as open() gives the final file (mkstemp's would be 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f"{path.name[:_PARTIAL_NAME_CHARS]}.{secrets.token_hex(4)}.partial")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:  # one chance in 4 billion per writer: draw again
+            continue
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary `NAME.partial` beside `path` for a writer that takes a file name; renamed to `path` when the
-    block ends (os.replace), removed on any exception, so `path` is the old file or the whole new one; OS errors
+    """A new temporary `NAME.XXXXXXXX.partial` beside `path` for a writer that takes a file name (one per call, so
+    concurrent writers of one output do not mix their bytes); renamed to `path` when the block ends (os.replace),
+    removed on any exception (Ctrl-C included), so `path` is the old file or one writer's whole new one; OS errors
     name `path`."""
     path = Path(path)
     if path.is_symlink():  # write through the link, as open() would: the link stays, its target is replaced
         path = Path(os.path.realpath(path))
-    tmp = path.with_name(path.name + ".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_partial(path)
         try:
             yield tmp
             os.replace(tmp, path)

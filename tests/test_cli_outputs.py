@@ -487,3 +487,57 @@ def test_a_flag_given_abbreviated_or_with_equals_counts_as_given(capsys) -> None
     assert cli.main(["plan", "--kv-policy=full", "--scor", "original", "--window=9"]) == 0
     notes = _notes(capsys.readouterr().err)
     assert len(notes) == 1 and notes[0].startswith("note: --window, --scoring ignored"), notes
+
+
+# ---------------------------------------------------------------------------- 12. two writers of one output file
+
+
+def test_two_writers_of_one_output_each_use_their_own_temporary_file(tmp_path) -> None:
+    """Two processes writing the same output shared one NAME.partial: B's open emptied A's file, A then held B's
+    bytes (or failed at its rename). Each writer now has its own temporary file; the output is one writer's whole
+    file at every moment, the last to finish wins, and no temporary file is left."""
+    from scalekv_core.safe_files import atomic_output
+
+    out = tmp_path / "budget.json"
+    with atomic_output(out) as a:
+        a.write(b"A" * 10)
+        a.flush()
+        with atomic_output(out) as b:
+            b.write(b"B" * 5)
+        assert out.read_bytes() == b"B" * 5
+        a.write(b"A" * 10)
+    assert out.read_bytes() == b"A" * 20
+    assert [p.name for p in tmp_path.iterdir()] == ["budget.json"]
+
+
+def test_a_failed_or_interrupted_write_leaves_no_temporary_file(tmp_path) -> None:
+    from scalekv_core.safe_files import atomic_output
+
+    out = tmp_path / "img.png"
+    out.write_bytes(b"old")
+    for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with atomic_output(out) as f:
+                f.write(b"half")
+                raise error
+        assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["img.png"]
+
+
+def test_an_output_gets_the_mode_open_would_give_it(tmp_path) -> None:
+    """A unique temporary file must not make outputs owner-only (mkstemp's 0600): a ComfyUI service account reads
+    the images and budget files another user wrote."""
+    from scalekv_core.safe_files import write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = write_text(tmp_path / "written.txt", "x")
+    assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_a_dump_clears_stale_temporary_files_of_both_namings(tmp_path) -> None:
+    from scalekv_core.pipeline import clear_dump
+
+    for name in ("image.png.partial", "decoded.npy.0123abcd.partial", "notes.txt.0123abcd.partial"):
+        (tmp_path / name).write_bytes(b"stale")
+    clear_dump(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt.0123abcd.partial"]  # not a file a dump writes

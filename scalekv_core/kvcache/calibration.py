@@ -204,7 +204,7 @@ class CalibrationResult:
     def write(self, path: str | Path) -> tuple[Path, Path]:
         """Write the budget file the sampler reads, and `<stem>.asi.json` beside it to reproduce or re-rank it.
 
-        Each file appears under its name only once it is whole (written as NAME.partial, then renamed), and the
+        Each file appears under its name only once it is whole (written as NAME.XXXXXXXX.partial, then renamed), and the
         `.asi.json` goes first: a failure leaves no budget file without the table it was chosen from."""
         from ..safe_files import write_text
 
