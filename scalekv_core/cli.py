@@ -314,7 +314,7 @@ def _add_weights_flag(p: argparse.ArgumentParser, what: str = "the block linears
 
 
 def _add_cache_flags(p: argparse.ArgumentParser, default_policy: str) -> None:
-    from .kvcache.config import KV_DTYPES, POLICIES
+    from .kvcache.config import KV_DTYPES, POLICIES, CacheConfig
     from .kvcache.policies.scalekv import SCORINGS
     from .kvcache.scoring import POOLINGS
 
@@ -325,7 +325,7 @@ def _add_cache_flags(p: argparse.ArgumentParser, default_policy: str) -> None:
                    help="tokens kept per layer: '10%%' of the cache before the last scale, '650' tokens, or '900MB'")
     k.add_argument("--budget-file", help="scalekv: an original-format budget JSON, or a preset "
                                           "(infinity-2b-10pct, infinity-8b-10pct); --budget is then the base capacity")
-    k.add_argument("--window", type=number_flag("window", "--window"), default=16,
+    k.add_argument("--window", type=number_flag("window", "--window"), default=CacheConfig.window,
                    help="observation window (tokens, a square number)")
     k.add_argument("--kernel", type=number_flag("kernel", "--kernel"), default=5, help="score pooling kernel (odd)")
     k.add_argument("--pooling", default="maxpool", choices=POOLINGS)
@@ -494,6 +494,8 @@ def _plan_job(a: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    from .kvcache import CacheConfig
+
     c = sub.add_parser("calibrate", help="measure each layer's attention selectivity and write a ScaleKV budget file",
                        description="Run the full cache on a few prompts, pick the drafter layers of every scale by "
                                    "their Attention Selectivity Index, and write an original-format budget JSON.")
@@ -508,7 +510,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--num-drafters", type=number_flag("num_drafters", "--num-drafters"), default=None,
                    help="drafter (scale, layer) pairs in all (default: ~6.6%%)")
     c.add_argument("--refiner-decay", type=number_flag("refiner_decay", "--refiner-decay"), default=0.0)
-    c.add_argument("--window", type=number_flag("window", "--window"), default=16)
+    c.add_argument("--window", type=number_flag("window", "--window"), default=CacheConfig.window,
+                   help="observation window the budgets are planned with; generate needs the same (the use line "
+                        "gives it)")
     c.add_argument("--seed", type=number_flag("seed", "--seed"), default=0)
     c.add_argument("--cfg", type=numbers_flag("cfg", "--cfg"), default=3.0)
     c.add_argument("--tau", type=numbers_flag("tau", "--tau"), default=0.5)
@@ -555,8 +559,24 @@ def _calibrate(a: argparse.Namespace) -> int:
         if ds:
             print(f"  scale {si + 1}: drafters {ds}", file=sys.stderr)
     print(json.dumps({"budget_file": str(paths[0]), "asi": str(paths[1]), "budget_tokens": tokens,
-                      "use": f"--kv-policy scalekv --budget-file {paths[0]} --budget {tokens}"}))
+                      "use": _use_flags(a, schedule, paths[0], tokens)}))
     return 0
+
+
+def _use_flags(a: argparse.Namespace, schedule, budget_file: Path, tokens: int) -> str:
+    """generate's flags for a calibrated file: the file and its budget, the window it was planned with where that is
+    not generate's default (its caps are refused below the window), and the size it was calibrated at if given."""
+    import shlex
+
+    from .kvcache import CacheConfig
+
+    flags = ["--kv-policy", "scalekv", "--budget-file", shlex.quote(str(budget_file)), "--budget", str(tokens)]
+    if a.window != CacheConfig.window:
+        flags += ["--window", str(a.window)]
+    if a.width is not None or a.height is not None:  # else the transformer's own size, which generate defaults to
+        h, w = schedule.pixel_size
+        flags += ["--width", str(w), "--height", str(h)]
+    return " ".join(flags)
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:

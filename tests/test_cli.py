@@ -125,3 +125,46 @@ def test_plan_table_lists_every_model_size_and_batch() -> None:
         cells = [c.strip() for c in row.strip("|").split("|")]
         full_kv, skv20_kv, skv10_kv = (float(cells[i].split(" / ")[0]) for i in (3, 4, 5))
         assert skv10_kv < skv20_kv < full_kv
+
+
+def _calibrated(tmp_path: Path, capsys, *extra: str) -> dict:
+    from scalekv_core import cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple on a wooden table\n")
+    rc = cli.main(["calibrate", "--transformer", str(DATA / "infinity_tiny.safetensors"), "--vae",
+                   str(DATA / "vae_tiny.safetensors"), "--text-encoder", str(DATA / "t5_tiny"), "--prompts",
+                   str(prompts), "--budget", "48", "--out", str(tmp_path / "my budget.json"), *extra])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return json.loads(captured.out.strip().splitlines()[-1])
+
+
+def test_the_use_line_calibrate_prints_runs_as_generate_flags(tmp_path: Path, capsys) -> None:
+    """The printed flags left out --window (generate failed: 'keeps fewer tokens than the observation window of
+    16') and the calibrated size (generate ran at the model's own size, another schedule)."""
+    import shlex
+
+    from scalekv_core import cli
+
+    summary = _calibrated(tmp_path, capsys, "--window", "4", "--width", "256", "--height", "256")
+    use = shlex.split(summary["use"])
+    assert use[use.index("--budget-file") + 1] == str(tmp_path / "my budget.json")  # a path with a space, quoted
+    out = tmp_path / "img.png"
+    rc = cli.main(["generate", "--transformer", str(DATA / "infinity_tiny.safetensors"), "--vae",
+                   str(DATA / "vae_tiny.safetensors"), "--text-kv", str(DATA / "full_kv" / CASE / "text_kv_compact.npy"),
+                   "--out", str(out), *use])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert out.exists() and not [n for n in notes if "calibrated" in n or "ignored" in n], notes  # as calibrated
+
+
+def test_the_use_line_leaves_out_what_generate_already_defaults_to(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Window 16 is generate's default, and without --width/--height calibrate ran at the model's own size."""
+    from scalekv_core import cli
+    from scalekv_core.schedules import schedule_for_pixels
+
+    monkeypatch.setattr(cli, "_schedule", lambda a: (schedule_for_pixels(256, 256), None))  # the tiny's own: 1024
+    use = _calibrated(tmp_path, capsys, "--window", "16")["use"].split()
+    assert "--window" not in use and "--width" not in use and "--height" not in use
