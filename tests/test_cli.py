@@ -151,9 +151,9 @@ def test_the_use_line_calibrate_prints_runs_as_generate_flags(tmp_path: Path, ca
     use = shlex.split(summary["use"])
     assert use[use.index("--budget-file") + 1] == str(tmp_path / "my budget.json")  # a path with a space, quoted
     out = tmp_path / "img.png"
+    text_kv = DATA / "full_kv" / CASE / "text_kv_compact.npy"
     rc = cli.main(["generate", "--transformer", str(DATA / "infinity_tiny.safetensors"), "--vae",
-                   str(DATA / "vae_tiny.safetensors"), "--text-kv", str(DATA / "full_kv" / CASE / "text_kv_compact.npy"),
-                   "--out", str(out), *use])
+                   str(DATA / "vae_tiny.safetensors"), "--text-kv", str(text_kv), "--out", str(out), *use])
     err = capsys.readouterr().err
     assert rc == 0, err
     notes = [line for line in err.splitlines() if line.startswith("note:")]
