@@ -524,13 +524,16 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--device", default="cpu", type=device_flag)
     c.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     _add_weights_flag(c)
-    c.add_argument("--out", default="out/scalekv_budget.json")
+    c.add_argument("--out", default="out/scalekv_budget.json",
+                   help="the budget file (and FILE.asi.json beside it); an existing one is replaced unless another "
+                        "model's")
 
 
 def _calibrate(a: argparse.Namespace) -> int:
     from .kvcache.budget import BudgetError, asi_table_path, parse_budget
-    from .kvcache.calibration import calibrate, check_prompts, check_settings
+    from .kvcache.calibration import calibrate, check_prompts, check_settings, overwrite_problem
     from .kvcache.scoring import check_window
+    from .loader import transformer_config_of
     from .pipeline import InfinityPipeline
 
     # Everything that can be checked without the model, before loading it.
@@ -546,6 +549,13 @@ def _calibrate(a: argparse.Namespace) -> int:
         check_settings(schedule, tokens, a.window, a.refiner_decay)
     except BudgetError as e:
         raise BudgetError(f"--budget {a.budget} (--window {a.window}): {e}") from None
+    try:
+        cfg = transformer_config_of(a.transformer)  # from the header: another model's file is kept before any work
+    except (ValueError, OSError):
+        cfg = None  # the loader names what is wrong with the file
+    problem = overwrite_problem(out, cfg, "--out") if cfg is not None else None
+    if problem is not None:
+        raise InputError(f"--out {out}: {problem}")
     pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder, device=a.device, precision=a.dtype,
                                        weights=a.weights, t5_tokenizer=a.t5_tokenizer)
     if note:

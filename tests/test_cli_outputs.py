@@ -187,6 +187,30 @@ def test_calibrate_counts_its_prompts_from_one_to_n(tmp_path, capsys) -> None:
         ["prompt 1/2", "prompt 2/2"]
 
 
+def _budget_of(tmp: Path, shape: dict) -> Path:
+    """A budget file whose measurement table says which model it was calibrated on."""
+    budget = tmp / "mine.json"
+    budget.write_text('{"Scale 1": {}}')
+    (tmp / "mine.asi.json").write_text(json.dumps({"settings": {"model": shape}}))
+    return budget
+
+
+def test_calibrate_keeps_another_models_budget_file(tmp_path, capsys, no_load) -> None:
+    """--out naming the 2B's calibration while calibrating the tiny model replaced it silently; refused before any
+    work, naming the flag and the file, as the ComfyUI node refuses its filename_prefix."""
+    budget = _budget_of(tmp_path, {"depth": 32, "width": 2048, "heads": 16})
+    rc = cli.main(_calibrate(_prompts(tmp_path), "--budget", "48", "--window", "4", "--out", str(budget)))
+    _one_error(capsys, rc, f"--out {budget}", "another model", "depth 32", "choose another --out")
+    assert budget.read_text() == '{"Scale 1": {}}'
+
+
+def test_calibrate_replaces_its_own_models_budget_file(tmp_path, capsys) -> None:
+    budget = _budget_of(tmp_path, {"depth": 4, "width": 128, "heads": 4})  # the tiny model's shape
+    rc = cli.main(_calibrate(_prompts(tmp_path, 1), "--budget", "48", "--window", "4", "--out", str(budget)))
+    assert rc == 0, capsys.readouterr().err
+    assert "Scale 7" in json.loads(budget.read_text())
+
+
 def test_calibrate_refuses_seeds_past_the_range_before_any_work(tmp_path, capsys, no_load) -> None:
     last = 2**64 - 1
     rc = cli.main(_calibrate(_prompts(tmp_path, 3), "--budget", "48", "--window", "4", "--seed", str(last - 1),

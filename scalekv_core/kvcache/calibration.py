@@ -287,14 +287,14 @@ def model_shape(cfg: InfinityConfig) -> dict:
     return {"depth": cfg.depth, "width": cfg.embed_dim, "heads": cfg.num_heads}
 
 
-def overwrite_problem(path: str | Path, cfg: InfinityConfig) -> str | None:
+def overwrite_problem(path: str | Path, cfg: InfinityConfig, field: str = "filename_prefix") -> str | None:
     """Why writing a calibration to `path` would lose another model's (its measurement table names another shape),
-    or None: a file name holds the prefix, resolution and budget, not the model."""
+    or None: a file name holds the prefix, resolution and budget, not the model. `field` is what to change."""
     from .budget import calibration_settings
 
     made = calibration_settings(path).get("model")
     if isinstance(made, dict) and made != model_shape(cfg):
         described = ", ".join(f"{k} {v}" for k, v in made.items() if isinstance(v, int))
         return (f"{Path(path).name} was calibrated for another model ({described}); this one has depth {cfg.depth}, "
-                f"width {cfg.embed_dim}: choose another filename_prefix, so that file is kept")
+                f"width {cfg.embed_dim}: choose another {field}, so that file is kept")
     return None
