@@ -691,9 +691,9 @@ def _generate(a: argparse.Namespace) -> int:
     if a.fp8_matmul:
         from .model.quant import enable_fp8_matmul
 
-        note = enable_fp8_matmul(pipe.transformer, a.device)
-        if note:
-            print(f"note: {note}", file=sys.stderr)
+        fp8_note = enable_fp8_matmul(pipe.transformer, a.device)  # not `note`: that is the resolution's, printed below
+        if fp8_note:
+            print(f"note: {fp8_note}", file=sys.stderr)
     if t5 is not None:
         check_text_width(pipe.transformer.cfg.text_channels, t5.text_channels, a.transformer, a.text_encoder)
         del t5

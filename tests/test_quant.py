@@ -510,6 +510,25 @@ def test_cli_fp8_matmul_reads_the_files_own_format(converted: dict, tmp_path: Pa
     assert "fp8 matmul not used" in capsys.readouterr().err and (tmp_path / "b.png").is_file()
 
 
+def test_cli_fp8_matmul_note_and_the_resolution_note_each_print_once(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The fp8 note reused the variable of the resolution note: it printed twice and the resolution note was lost."""
+    from scalekv_core.loader import native_resolution, resolution_note
+    from scalekv_core.schedules import schedule_for_pixels
+
+    tiny = MODELS["tiny"][0]
+    rc = cli.main(["generate", "--transformer", str(tiny), "--vae", str(MODELS["tiny"][1]), "--text-kv",
+                   str(TINY / "full_kv" / "p0_apple_s0_cfg3_tau0.5" / "text_kv_compact.npy"), "--width", "336",
+                   "--height", "224", "--weights", "fp8_e4m3fn", "--fp8-matmul", "--out", str(tmp_path / "a.png")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    fp8 = [n for n in notes if "fp8 matmul not used" in n]
+    resolution = resolution_note(native_resolution(tiny), schedule_for_pixels(336, 224), tiny.name)
+    assert resolution is not None and len(fp8) == 1, notes
+    assert [n for n in notes if resolution.split(":")[0] in n] == [n for n in notes if n not in fp8] != [], notes
+
+
 @pytest.mark.parametrize("argv", [
     ["generate", "--transformer", "x", "--vae", "y", "--prompt", "p", "--weights", "int3"],
     ["calibrate", "--transformer", "x", "--vae", "y", "--text-encoder", "t", "--prompts", "p", "--weights", "nf4"],
