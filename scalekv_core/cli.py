@@ -505,8 +505,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     _add_t5_tokenizer_flag(c)
     c.add_argument("--prompts", required=True, help="a text file, one prompt per line")
     _add_size_flags(c)
-    c.add_argument("--budget", default="10%", type=budget_flag("--budget"),
-                   help="'10%%', tokens or MB; also the base capacity when the file is used")
+    c.add_argument("--budget", default="10%", type=budget_flag("--budget", mb=False),
+                   help="'10%%' or tokens ('650'), not MB (which depends on the batch and cache storage generate "
+                        "uses); also the base capacity when the file is used")
     c.add_argument("--num-drafters", type=number_flag("num_drafters", "--num-drafters"), default=None,
                    help="drafter (scale, layer) pairs in all (default: ~6.6%%)")
     c.add_argument("--refiner-decay", type=number_flag("refiner_decay", "--refiner-decay"), default=0.0)

@@ -84,11 +84,13 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str
 
 
 _BUDGET_FORMS = "a percentage ('10%'), tokens ('650') or MB ('900MB')"
+_BUDGET_FORMS_NO_MB = "a percentage ('10%') or tokens ('650')"
 
 
-def check_budget_text(text: str, flag: str) -> str:
+def check_budget_text(text: str, flag: str, mb: bool = True) -> str:
     """'10%' (checked as budget_percent), '650' / '650tokens' / '900MB' (checked as budget); kept as text.
-    InputError naming `flag` otherwise."""
+    InputError naming `flag` otherwise, and for MB where `mb` is False (a command that has no batch or cache
+    storage to turn MB into tokens with)."""
     spec = text.strip().lower().replace(" ", "")
     for suffix, limit in (("%", "budget_percent"), ("mb", "budget"), ("tokens", "budget"), ("", "budget")):
         if spec.endswith(suffix):
@@ -97,14 +99,18 @@ def check_budget_text(text: str, flag: str) -> str:
     try:
         float(number)
     except ValueError:
-        raise InputError(f"{flag}: expected {_BUDGET_FORMS}, got {shown(text)}") from None
+        forms = _BUDGET_FORMS if mb else _BUDGET_FORMS_NO_MB
+        raise InputError(f"{flag}: expected {forms}, got {shown(text)}") from None
+    if suffix == "mb" and not mb:
+        raise InputError(f"{flag} {shown(text)}: give {_BUDGET_FORMS_NO_MB} here; MB becomes tokens only with the "
+                         f"batch and cache storage of a generation")
     LIMITS[limit].parse(number, f"{flag} {shown(text)}")
     return text.strip()
 
 
-def budget_flag(flag: str) -> Callable[[str], object]:
-    """An argparse type for one budget (check_budget_text)."""
-    return flag_type("budget", lambda text: check_budget_text(text, flag))
+def budget_flag(flag: str, mb: bool = True) -> Callable[[str], object]:
+    """An argparse type for one budget (check_budget_text); `mb` False refuses a budget in MB."""
+    return flag_type("budget", lambda text: check_budget_text(text, flag, mb))
 
 
 _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")

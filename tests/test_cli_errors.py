@@ -280,6 +280,10 @@ CASES: dict[str, Case] = {
                                     lambda e: ["--out", str(e.readonly / "b.json")]),
     "calibrate_budget_never_compresses": Case(lambda e: _cal(e, "--budget", "100%"),
                                               lambda e: ["--budget 100%", "never compresses"]),
+    "calibrate_budget_mb": Case(lambda e: _cal(e, "--budget", "1MB"),
+                                lambda e: ["--budget", "'1MB'", "'10%'", "tokens"]),
+    "calibrate_budget_words": Case(lambda e: _cal(e, "--budget", "lots"),
+                                   lambda e: ["--budget", "'lots'", "tokens ('650')"]),
     "calibrate_num_drafters_negative": Case(lambda e: _cal(e, "--num-drafters", "-1"),
                                             lambda e: ["--num-drafters", "-1"]),
     "calibrate_topk_fraction_0": Case(lambda e: _cal(e, "--topk-fraction", "0"), lambda e: ["--topk-fraction", "0"]),
@@ -391,3 +395,10 @@ def test_generate_refuses_a_run_larger_than_free_memory(monkeypatch, capsys, tmp
     assert "--no-memory-check" in err[0] and not (tmp_path / "x_00.png").exists()
     assert main(args + ["--no-memory-check"]) == 0
     assert (tmp_path / "x_00.png").exists()
+
+
+def test_calibrate_help_says_the_budget_forms_it_takes() -> None:
+    """The help said MB works while calibrate refused every MB budget."""
+    calibrate = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["calibrate"]
+    budget = next(a for a in calibrate._actions if a.dest == "budget")
+    assert "not MB" in budget.help and "tokens" in budget.help
