@@ -367,6 +367,35 @@ async function runMode(browser, mode) {
     res.steps.cal_removed = await until(page, ids.config, (w) => w.version > v && w.state === 'plan'
       && w.budget_file_note === null, 'the calibration note gone');
 
+    // Reroute nodes between the config and the sampler and between the loader and the sampler: the widget reads
+    // through them (it planned the default 2B at 1024x1024 before), and a run's figures still reach it.
+    v = (await readWidget(page, ids.config)).version;
+    ids.reroutes = await page.evaluate((ids) => {
+      const app = window.comfyAPI.app.app;
+      const graph = app.graph;
+      const sampler = graph.getNodeById(ids.sampler);
+      const made = [];
+      for (const [from, input, pos] of [[ids.config, 'cache_config', [700, 80]], [ids.loader, 'model', [700, 40]]]) {
+        const first = window.LiteGraph.createNode('Reroute');
+        const second = window.LiteGraph.createNode('Reroute');
+        first.pos = pos;
+        second.pos = [pos[0] + 60, pos[1]];
+        graph.add(first);
+        graph.add(second);
+        graph.getNodeById(from).connect(0, first, 0);
+        first.connect(0, second, 0);
+        second.connect(0, sampler, sampler.findInputSlot(input));
+        made.push(first.id, second.id);
+      }
+      return made;
+    }, ids);
+    // the same plan reads the same through them (nothing is sent again); the sampler's resolution then changes
+    // behind them, and the widget follows with the loader's file
+    await setWidget(page, ids.sampler, 'resolution', '320x256 (1.25:1)');
+    res.steps.rerouted = await waitWidget(page, ids.config, v, 'plan', '320x256 (1.25:1)');
+    await shot(page, `${mode}_rerouted`);
+    await setWidget(page, ids.sampler, 'resolution', '256x256 (1:1)');
+
     // No sampler downstream: the widget falls back to the defaults its header offers (2B, 1024x1024), and the
     // user can pick another model shape there.
     v = (await readWidget(page, ids.config)).version;

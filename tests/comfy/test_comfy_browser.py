@@ -240,6 +240,17 @@ def test_invalid_setting_shows_the_nodes_message(page_run, node_classes, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_the_widget_reads_through_reroute_nodes(page_run, tiny_cfg, mode):
+    """Two Reroute nodes in a row on the config-to-sampler link and on the loader-to-sampler link: the widget
+    still plans the loader's file at the sampler's resolution, which changes behind them (it planned the default
+    2B at 1024x1024)."""
+    shown = page_run["modes"][mode]["steps"]["rerouted"]
+    assert "infinity_tiny.safetensors" in shown["model"] and "(default)" not in shown["model"]
+    assert shown["resolution"] == "320x256 (1.25:1)"
+    assert_widget_shows(shown, expected(tiny_cfg, EDITED_BUDGET, "320x256 (1.25:1)"))
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_without_a_sampler_the_widget_offers_defaults(page_run, mode):
     steps = page_run["modes"][mode]["steps"]
     shown = steps["defaults"]

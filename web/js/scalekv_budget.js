@@ -98,15 +98,37 @@ const pct = (part, whole) => (whole > 0 ? Math.max(0, Math.min(100, (100 * part)
 // ------------------------------------------------------------------------------------------ graph reading
 
 const widgetValue = (node, name) => node?.widgets?.find((w) => w.name === name)?.value;
+// The frontend's Reroute nodes pass a link through unchanged, so the graph is read through them (a link's own
+// reroute points, in newer frontends, are not nodes: links keep their ends). At most MAX_HOPS of them in a row.
+const REROUTE = "Reroute";
+const MAX_HOPS = 64;
+const isType = (node, type) => node && (node.type === type || node.comfyClass === type);
 function inputNode(node, name) {
   const slot = node?.findInputSlot?.(name);
-  return slot === undefined || slot < 0 ? null : node.getInputNode(slot);
+  let up = slot === undefined || slot < 0 ? null : node.getInputNode(slot);
+  for (let hops = 0; isType(up, REROUTE) && hops < MAX_HOPS; hops++) up = up.getInputNode?.(0) ?? null;
+  return isType(up, REROUTE) ? null : up;
+}
+// The nodes an output feeds, through Reroute nodes, nearest first.
+function outputNodes(node) {
+  const found = [];
+  const seen = new Set();
+  let frontier = node.getOutputNodes?.(0) || [];
+  for (let hops = 0; frontier.length && hops < MAX_HOPS; hops++) {
+    const next = [];
+    for (const n of frontier) {
+      if (!n || seen.has(n.id)) continue;
+      seen.add(n.id);
+      if (isType(n, REROUTE)) next.push(...(n.getOutputNodes?.(0) || []));
+      else found.push(n);
+    }
+    frontier = next;
+  }
+  return found;
 }
 function connectedSampler(config) {
-  const outs = config.getOutputNodes?.(0) || [];
-  return outs.find((n) => n.type === SAMPLER || n.comfyClass === SAMPLER) || null;
+  return outputNodes(config).find((n) => isType(n, SAMPLER)) || null;
 }
-const isType = (node, type) => node && (node.type === type || node.comfyClass === type);
 
 // What the cache-config widget plans for: its widgets, plus the connected sampler's resolution/batch/cfg and the
 // loader's transformer file, or the defaults the widget's header offers when they are not connected.
