@@ -671,4 +671,5 @@ def test_file_version_follows_rewrites_and_skips_broken_entries(tmp_path) -> Non
     assert file_version(folder) != before
     single = tmp_path / "x.safetensors"
     single.write_bytes(b"12345")
-    assert file_version(single) == (str(single), single.stat().st_mtime_ns, 5)
+    st = single.stat()
+    assert file_version(single) == (str(single), st.st_mtime_ns, 5, st.st_ctime_ns, st.st_dev, st.st_ino)
