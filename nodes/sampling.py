@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from ..scalekv_core.model.text_encoder import TextConditioning
 from ..scalekv_core.model.vae import check_decode_tiling
 from ..scalekv_core.kvcache.memory import MiB, start_profiler_here
 from ..scalekv_core.loader import resolution_note
+from ..scalekv_core.schedules import resolution_label
 from . import models, widgets
 from .cache import AUTO_RESOLUTION, resolution_menu, schedule_for
 from .memory import MemorySettings
@@ -188,4 +190,10 @@ class InfinitySampler(io.ComfyNode):
         if note:
             report["note"] = note
         report["attention"] = result.info["attention"]
+        # what made this picture, so /history tells runs apart that the memory figures alone do not (a format or
+        # block swap barely moves the plan)
+        report["run"] = {"seed": seed, "cfg": cfg, "tau": tau, "top_k": top_k, "top_p": top_p,
+                         "resolution": resolution_label(schedule), "batch": batch, "decode_tile": decode_tile,
+                         "block_swap": swap, "transformer": os.path.basename(model.info.get("transformer", "")),
+                         "weights": model.info.get("weights"), "precision": model.info.get("precision")}
         return io.NodeOutput(decoded_to_image(result.decoded), ui={"scalekv_memory": [report]})

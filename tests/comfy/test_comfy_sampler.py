@@ -228,6 +228,19 @@ def test_admission_refuses_a_run_larger_than_free_memory(run, loaded, encoded, s
     assert image.shape == (1, 256, 256, 3)
 
 
+def test_the_report_records_what_made_the_picture(run, loaded, encoded, sampler_inputs):
+    """The memory report names the run's settings (seed, sampling, size, tile, block swap, the weights' format), so
+    /history tells runs apart whose memory figures barely differ (int8 and bf16 weights, block swap or none)."""
+    memory = run("InfinityMemory", block_swap=2).result[0]
+    out = run("InfinitySampler", model=loaded[0], positive=encoded, memory=memory,
+              **sampler_inputs(seed=11, tau=0.6, batch=2, decode_tile=8, resolution="320x256 (1.25:1)"))
+    shown = out.ui["scalekv_memory"][0]["run"]
+    assert shown == {"seed": 11, "cfg": sampler_inputs()["cfg"], "tau": 0.6, "top_k": sampler_inputs()["top_k"],
+                     "top_p": sampler_inputs()["top_p"], "resolution": "320x256 (1.25:1)", "batch": 2,
+                     "decode_tile": 8, "block_swap": 2, "transformer": "infinity_tiny.safetensors",
+                     "weights": "none", "precision": "fp32"}
+
+
 def test_admission_counts_the_servers_own_memory_limit(run, loaded, encoded, sampler_inputs, pack, monkeypatch):
     """ComfyUI's free memory on the CPU is the host's; a server capped by its cgroup or RLIMIT_AS has less. The run
     is refused by the cap, which the message names (the fuzz's capped server had run out of memory midway)."""
