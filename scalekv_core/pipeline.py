@@ -285,7 +285,10 @@ class InfinityPipeline:
         if isinstance(prompt, TextConditioning):
             cond = prompt
         else:  # each prompt through T5 once; its `batch` images share the rows
-            cond = self.encode([prompt] if isinstance(prompt, str) else list(prompt))
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts:  # T5 failed on it with a bare IndexError
+                raise ValueError("prompt: an empty list; give a prompt, a list of at least one, or TextConditioning")
+            cond = self.encode(prompts)
         if batch > 1:
             cond = cond.repeat_each(batch)
         neg = None

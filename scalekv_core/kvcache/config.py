@@ -1,6 +1,7 @@
 """Cache settings by name (what the CLI and the nodes expose) and the factory that turns them into a policy and plan."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
@@ -51,6 +52,21 @@ def unread_settings(policy: str, settings: Iterable[str]) -> list[str]:
     return [name for name in settings if name in POLICY_SETTINGS and policy not in POLICY_SETTINGS[name]]
 
 
+def _is_layer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_drafters(drafters: object) -> None:
+    """Drafters are layer indices for every scale ([0, 23]) or one list of them per scale ([[0], [0, 23], ...]);
+    a string, a number or floats are refused by name (they failed deep inside the plan, or matched no layer)."""
+    ok = isinstance(drafters, (list, tuple)) and (
+        all(_is_layer(d) for d in drafters)
+        or all(isinstance(ds, (list, tuple)) and all(_is_layer(d) for d in ds) for ds in drafters))
+    if not ok:
+        raise ValueError(f"drafters {shown(drafters)}: expected a list of layer indices for every scale, e.g. "
+                         f"[0, 23], or one such list per scale, e.g. [[0], [0, 23], ...]")
+
+
 @dataclass
 class CacheConfig:
     """Which policy, how large a budget, and how tokens are scored and stored."""
@@ -82,6 +98,8 @@ class CacheConfig:
         LIMITS["refiner_decay"].check(self.refiner_decay)
         if self.budget_file and self.policy != "scalekv":
             raise ValueError("a budget file applies to the scalekv policy only")
+        if self.drafters is not None:
+            _check_drafters(self.drafters)
 
     def to_dict(self) -> dict:
         return asdict(self)

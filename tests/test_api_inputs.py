@@ -1,0 +1,37 @@
+"""The Python API names the argument it refuses: an empty prompt list, drafters in a form the plan cannot read."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_tiny import T5_TINY, TINY_TRANSFORMER, TINY_VAE
+from scalekv_core.kvcache import CacheConfig
+from scalekv_core.pipeline import InfinityPipeline
+from scalekv_core.schedules import get_schedule
+
+SCHEDULE = get_schedule(1.0, "0.06M")  # 256x256, 7 scales
+
+
+def _build(config: CacheConfig):
+    return config.build(SCHEDULE, 4, 2, 8, 2, torch.float32)
+
+
+@pytest.mark.parametrize("prompt", [[], ()])
+def test_generate_with_no_prompts_names_the_argument(prompt) -> None:
+    """An empty list reached T5 and failed with a bare IndexError."""
+    pipe = InfinityPipeline.from_files(TINY_TRANSFORMER, TINY_VAE, T5_TINY)
+    with pytest.raises(ValueError, match=r"^prompt: an empty list"):
+        pipe.generate(prompt, schedule=SCHEDULE)
+
+
+@pytest.mark.parametrize("drafters", ["0,1", 3, [0.5], [True, 1], [[0], "1"], [[0, 1.0]], {"0": 1}])
+def test_drafters_in_another_form_are_refused_naming_them(drafters) -> None:
+    """'0,1' failed with "invalid literal for int() with base 10: ','"; [0.5] passed and matched no layer."""
+    with pytest.raises(ValueError, match=r"^drafters .*expected a list of layer indices"):
+        _build(CacheConfig(policy="scalekv", budget="10%", window=4, drafters=drafters))
+
+
+@pytest.mark.parametrize("drafters", [[0, 1], (0,), [[0], [1], [0, 1], [2], [3], [0], []]])
+def test_drafters_as_layers_or_per_scale_lists_are_accepted(drafters) -> None:
+    _, plan = _build(CacheConfig(policy="scalekv", budget="10%", window=4, drafters=drafters))
+    assert plan.drafters[0] == list(drafters[0] if isinstance(drafters[0], list) else drafters)
