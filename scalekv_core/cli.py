@@ -413,6 +413,8 @@ def _plan(a: argparse.Namespace) -> int:
     if a.table:
         from .kvcache import CacheConfig
 
+        _print_note(_fixed_table_note(a, "table"))
+
         print("| model | image | batch | full cache: KV / total | ScaleKV 20%: KV / total | ScaleKV 10%: KV / total |")
         print("|---|---|---|---|---|---|")
         for model in ("2b", "8b"):
@@ -437,6 +439,16 @@ def _plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def _fixed_table_note(a: argparse.Namespace, which: str) -> str | None:
+    """A note naming the flags given beside --table or --job-table, whose rows are fixed (the README's tables)."""
+    others = sorted(f for f in getattr(a, "given", ()) if f != which)
+    if not others:
+        return None
+    flags = ", ".join("--" + name.replace("_", "-") for name in others)
+    return (f"note: {flags} ignored: --{which.replace('_', '-')} prints fixed rows (2B and 8B at fixed sizes); "
+            "leave it out to plan these settings")
+
+
 def _print_note(note: str | None) -> None:
     if note:
         print(note, file=sys.stderr)
@@ -447,6 +459,7 @@ def _plan_job(a: argparse.Namespace) -> int:
     from .job_memory import JobOptions, cheapest_fit, plan_job, table
 
     if a.job_table:
+        _print_note(_fixed_table_note(a, "job_table"))
         rows = table()
         print("| model | setting | transformer | T5 | encode | sampling | decode | peak |")
         print("|---|---|---|---|---|---|---|---|")
@@ -463,7 +476,7 @@ def _plan_job(a: argparse.Namespace) -> int:
     options = JobOptions(weights=a.weights, dtype=a.dtype, t5_offload=a.offload_t5, t5_weights=a.t5_weights,
                          decode_tile=a.decode_tile or None, block_swap=a.block_swap, policy=a.kv_policy,
                          kv_dtype=a.kv_dtype, budget=str(a.budget), previews=a.previews,
-                         budget_file=a.budget_file, window=a.window)
+                         budget_file=a.budget_file, window=a.window, refiner_decay=a.refiner_decay)
     if a.vram is None:
         plan = plan_job(a.model, a.width, a.height, a.batch, options)
         _print_note(_ignored_cache_flags_note(a))

@@ -66,11 +66,15 @@ class JobOptions:
     previews: bool = False  # the ComfyUI sampler decodes a small preview per scale while the cache is held
     budget_file: str | None = None  # scalekv: an original-format budget JSON or a preset name (checked on the depth)
     window: int = 16  # observation window of the scoring policies (a budget below it is refused)
+    refiner_decay: float = 0.0  # scalekv's generated plans: moves tokens between refiners and drafters per scale
 
     def cache_config(self) -> CacheConfig:
-        """The cache these options plan; a budget file only applies to scalekv (the ladder's other policies drop it)."""
+        """The cache these options plan; a budget file and refiner_decay only apply to scalekv (the ladder's other
+        policies drop them)."""
+        scalekv = self.policy == "scalekv"
         return CacheConfig(policy=self.policy, budget=self.budget, kv_dtype=self.kv_dtype, window=self.window,
-                           budget_file=self.budget_file if self.policy == "scalekv" else None)
+                           budget_file=self.budget_file if scalekv else None,
+                           refiner_decay=self.refiner_decay if scalekv else 0.0)
 
     def describe(self, cache: CacheConfig | None = None) -> str:
         """The setting in words; `cache` is the cache actually planned when plan_job was given one."""
@@ -82,6 +86,8 @@ class JobOptions:
                  f"decode tiles of {self.decode_tile}" if self.decode_tile else "whole decode",
                  "full cache" if cache.policy == "full" else f"{cache.policy} {_budget_words(cache.budget)}"
                  + _budget_file_words(cache)]
+        if cache.policy == "scalekv" and cache.refiner_decay and not cache.budget_file:
+            parts.append(f"refiner decay {cache.refiner_decay:g}")
         if cache.kv_dtype != "auto":
             parts.append(f"KV stored in {cache.kv_dtype}")
         if self.block_swap:

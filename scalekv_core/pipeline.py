@@ -19,16 +19,16 @@ from .kvcache.cache import KeptRecorder
 from .kvcache.memory import (ALLOW_OVERCOMMIT_ENV, MemoryPlan, MemoryReport, MiB, PeakMeter, admission_problem,
                              build_report, free_memory, plan_memory)
 from .limits import LIMITS
-from .loader import PRECISIONS, load_transformer, load_vae, resolve_precision, t5_dtype, vae_patchify_for
+from .loader import META_RESOLUTION, PRECISIONS, load_transformer, load_vae, resolve_precision, t5_dtype, vae_patchify_for
 from .model.block_swap import check_block_swap, planned_device_bytes, swap_blocks
-from .model.quant import dequant_workspace_bytes, model_format
+from .model.quant import SOURCE_METADATA, dequant_workspace_bytes, model_format
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, check_decode_tiling
 from .graphs import ScaleGraphRunner, check_graph_mode
 from .safe_files import PARTIAL_SUFFIX, atomic_output, named_os_error
 from .sampler import BitsHook, SampleOutput, SamplerSettings, ScaleCallback, check_finite, sample
-from .schedules import Schedule, schedule_for_pixels
+from .schedules import Schedule, schedule_for_pixels, schedule_from_label
 
 
 @dataclass
@@ -248,10 +248,21 @@ class InfinityPipeline:
             self._text_encoder_home = te.device
             te.to("cpu")
 
+    def schedule_for_size(self, width: int | None = None, height: int | None = None) -> Schedule:
+        """The schedule for a size in pixels; with neither given, the resolution the transformer file says it was
+        trained at (the embedded model's 256x256), else the released models' 1024x1024, as the CLI picks it."""
+        if width is None and height is None:
+            label = (getattr(self.transformer, SOURCE_METADATA, None) or {}).get(META_RESOLUTION)
+            try:
+                return schedule_from_label(label) if label else schedule_for_pixels(1024, 1024)
+            except ValueError:  # a label this version does not know: a released model's size
+                return schedule_for_pixels(1024, 1024)
+        return schedule_for_pixels(width or 1024, height or 1024)
+
     @torch.no_grad()
     def generate(self, prompt: str | Sequence[str] | TextConditioning, negative_prompt: str | TextConditioning | None = None,
                  *, seed: int | None = 0, cfg: float | Sequence[float] = 3.0, tau: float | Sequence[float] = 0.5,
-                 top_k: int = 900, top_p: float = 0.97, width: int = 1024, height: int = 1024,
+                 top_k: int = 900, top_p: float = 0.97, width: int | None = None, height: int | None = None,
                  schedule: Schedule | None = None, batch: int = 1, keep_logits: bool = False,
                  on_scale: ScaleCallback | None = None, cache: CacheConfig | None = None,
                  record_kept: KeptRecorder | None = None, memory_report: bool = False,
@@ -281,7 +292,7 @@ class InfinityPipeline:
         runner = self._runner_for(graphs)
         settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed)
         settings.validate()  # before T5 runs: a NaN cfg is refused by name, not as a failed draw
-        schedule = schedule or schedule_for_pixels(width, height)
+        schedule = schedule or self.schedule_for_size(width, height)
         if isinstance(prompt, TextConditioning):
             cond = prompt
         else:  # each prompt through T5 once; its `batch` images share the rows

@@ -513,6 +513,35 @@ def test_a_flag_given_abbreviated_or_with_equals_counts_as_given(capsys) -> None
     assert len(notes) == 1 and notes[0].startswith("note: --window, --scoring ignored"), notes
 
 
+@pytest.mark.parametrize("table", ["--table", "--job-table"])
+def test_the_fixed_tables_name_the_flags_they_ignore(capsys, table) -> None:
+    """--table and --job-table print fixed rows: --model, --batch ... beside them were silently ignored."""
+    assert cli.main(["plan", table, "--model", "8b", "--batch", "2"]) == 0
+    captured = capsys.readouterr()
+    assert _notes(captured.err) == [f"note: --batch, --model ignored: {table} prints fixed rows (2B and 8B at fixed "
+                                    "sizes); leave it out to plan these settings"]
+    assert captured.out.startswith("| model |")
+    assert cli.main(["plan", table]) == 0 and _notes(capsys.readouterr().err) == []
+
+
+def test_the_whole_job_plan_reads_refiner_decay(capsys) -> None:
+    """The job planner dropped --refiner-decay (its options had no such field): 200 planned as 0. Now its figures
+    are the planner's for that cache, given as a CacheConfig, and its setting says so."""
+    from scalekv_core.job_memory import JobOptions, plan_job
+    from scalekv_core.kvcache import CacheConfig
+
+    sampling = {}
+    for decay in (0, 200):
+        assert cli.main(["plan", "--model", "2b", "--offload-t5", "--refiner-decay", str(decay), "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        want = plan_job("2b", 1024, 1024, 1, JobOptions(t5_offload=True),
+                        cache=CacheConfig(policy="scalekv", budget="10%", refiner_decay=decay))
+        assert shown["sampling_mb"] == pytest.approx(want.sampling_mb)
+        assert ("refiner decay 200" in shown["setting"]) == (decay == 200)
+        sampling[decay] = shown["sampling_mb"]
+    assert sampling[200] != sampling[0]
+
+
 # ---------------------------------------------------------------------------- 12. two writers of one output file
 
 
