@@ -48,3 +48,17 @@ def test_every_cache_setting_a_user_sets_is_in_the_table():
     # drafters is set from Python only; float_keys by calibration's measurement (no widget offers either)
     user = {f.name for f in dataclasses.fields(CacheConfig)} - {"policy", "drafters", "float_keys"}
     assert user == set(POLICY_SETTINGS)
+
+
+@pytest.mark.parametrize("size, depth, noted", [("0.06M", 4, True), ("1M", 32, False)])
+def test_a_refiner_decay_that_changes_nothing_says_so(size, depth, noted) -> None:
+    """At 256x256 and 10% the window's floor sets every refiner's cap, so refiner_decay 5 gives the plan of 0 (same
+    pixels) with no word; the plan now notes it. At 1024x1024 it moves tokens, and no note is made."""
+    schedule = get_schedule(1.0, size)
+    plans = {d: CacheConfig(policy="scalekv", budget="10%", refiner_decay=d).build(schedule, depth, 2, 8, 2,
+                                                                                   torch.float32)[1]
+             for d in (0.0, 5.0)}
+    assert (plans[5.0].kept == plans[0.0].kept) is noted
+    notes = [n for n in plans[5.0].notes if n.startswith("refiner_decay 5 gives the same caps as 0")]
+    assert len(notes) == (1 if noted else 0), plans[5.0].notes
+    assert plans[0.0].notes == []

@@ -67,7 +67,13 @@ class ScaleKV(EvictionPolicy):
                                   f"observation window of {self.window}")
             return plan
         drafters = self.drafters if self.drafters is not None else default_drafters(num_layers)
-        return scalekv_plan(schedule, num_layers, self.budget, drafters, self.refiner_decay, self.window)
+        plan = scalekv_plan(schedule, num_layers, self.budget, drafters, self.refiner_decay, self.window)
+        if self.refiner_decay and plan.kept == scalekv_plan(schedule, num_layers, self.budget, drafters, 0.0,
+                                                            self.window).kept:
+            plan.notes.append(f"refiner_decay {self.refiner_decay:g} gives the same caps as 0 at this resolution and "
+                              f"budget (the observation window's floor of {self.window} tokens, or the budget, "
+                              f"decides them): it changes nothing here")
+        return plan
 
     def prepare(self, schedule: Schedule, batch: int, num_heads: int, device: torch.device) -> None:
         """Windows, canvas cells and index rows for this schedule, from the process-wide device tables."""
