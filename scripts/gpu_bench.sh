@@ -8,7 +8,8 @@
 # A device session has 15 minutes, one command at most 10: pick one line per session, the open issue's first.
 #   issue 20 figures:           ONLY="generate_cuda low_vram" (about 9 minutes)
 #   issue 22 speed (+ graphs):  ONLY="speed"                (about 9.5; run gpu_speed.py --prepare-original here
-#                                                             first and carry .original)
+#                                                             first and carry .original; ask for kind nvidia-h200:
+#                                                             the original's 8B batch 4 needs about 89 GB)
 #   issue 22 attention + tests: ONLY="test_cuda attention"  (at most 7; test_cuda includes the graph and backend
 #                                                             checks that decide graphs' default and AUTO_ORDER)
 # Each step has its own log; a failing step is reported and the next one still runs. ONLY names the steps to run.
@@ -57,7 +58,7 @@ for b in 4 8; do
 done
 bench8=("$py" -m scalekv_core.bench kv --size 1M --device cuda --dtype bf16 --repeats 2 --model 8b --policies scalekv)
 step kv_8b 240 "${bench8[@]}" --budgets 4%,10%,20% --json "$out/bench_kv_8b_cuda.json"
-step kv_8b_batch4 300 "${bench8[@]}" --budgets 10% --batch 4 --json "$out/bench_kv_8b_b4_cuda.json"
+step kv_8b_batch4 300 "${bench8[@]}" --budgets 10% --batch 4 --json "$out/bench_kv_8b_batch4_cuda.json"
 # issue 20: the whole job of the real shapes under each memory cap (block swap, 8-bit and 4-bit weights)
 step low_vram 480 "$py" scripts/gpu_low_vram.py --out "$out/gpu_low_vram.json"
 fid=(-m scalekv_core.bench fidelity --num-pairs 24 --budgets 10%)
@@ -69,7 +70,7 @@ step fidelity_equal 10 diff "$out/fidelity_nccl/fidelity.md" "$out/fidelity_sing
 step attention 240 "$py" scripts/gpu_attention.py --out "$out/gpu_attention.json"
 # issue 22: the original Infinity code against ours (full, ScaleKV 10%), 2B and 8B, batch 1 and 4 (docs/speed.md;
 # needs .original, written by `scripts/gpu_speed.py --prepare-original` and carried to the machine)
-step speed 580 "$py" scripts/gpu_speed.py --original .original --out "$out/gpu_speed.json"
+step speed 570 "$py" scripts/gpu_speed.py --original .original --out "$out/gpu_speed.json"
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED steps: ${failed[*]}"

@@ -12,12 +12,16 @@ another: `torch.cuda.set_per_process_memory_fraction(cap / total)`, then T5-XL-s
 512 random token ids (cond + uncond), T5 freed, the transformer built block by block on the device in bf16 and
 quantized as each block is made (no full-precision copy of the model ever exists), the released VAE's shape, a
 ScaleKV 10% generation with keys and values in bf16 and a tiled decode when the engine has it. Writes each phase's
-`max_memory_allocated` beside the planner's figures, and the wall time.
+`max_memory_allocated` (and `max_memory_reserved`, which the cap limits) beside the planner's figures, and the wall
+time; a case that fails its cap still writes the phase it reached and its peaks. Cases run with
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless set. T5 keeps `wo` in float32, as the loader holds it in
+fp16. Timings are one cold generate() per process, with the dequantizing fp8 matmul (not --fp8-matmul).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -51,8 +55,10 @@ def _randomize(module, std: float = 0.02) -> None:
                 p.zero_()
 
 
-def build_transformer(cfg, fmt: str, device, dtype):
-    """The Infinity transformer of `cfg` with random weights, made on `device` one block at a time."""
+def build_transformer(cfg, fmt: str, device, dtype, scratch=None):
+    """The Infinity transformer of `cfg` with random weights, made on `device` one block at a time; with `scratch`
+    (the GPU, for a host-memory model under block swap) each block is randomized and quantized there, then moved
+    to `device`: the CPU's single-threaded normal_ took about two minutes for the 8B's blocks."""
     import torch
 
     from scalekv_core.model.quant import QUANTIZED_LAYERS, QuantLinear
@@ -72,7 +78,7 @@ def build_transformer(cfg, fmt: str, device, dtype):
         setattr(model, bname, torch.zeros(buf.shape, dtype=buf.dtype, device=device))
     for index, block in enumerate(model.blocks):
         block.to(dtype)  # still on meta: the device never holds a float32 copy of a block
-        block.to_empty(device=device)
+        block.to_empty(device=scratch or device)
         _randomize(block)
         if fmt != "none":
             for path in QUANTIZED_LAYERS:
@@ -80,13 +86,17 @@ def build_transformer(cfg, fmt: str, device, dtype):
                 parent = getattr(block, parent_name)
                 setattr(parent, leaf, QuantLinear.from_linear(getattr(parent, leaf), fmt,
                                                               name=f"{cfg.block_key(index)}.{path}.weight"))
-        if device.type == "cuda":
+        if scratch is not None and scratch != device:
+            block.to(device)
+        if device.type == "cuda" or (scratch is not None and scratch.type == "cuda"):
             torch.cuda.empty_cache()
     model.set_block_dtype(dtype)
     return model.eval().requires_grad_(False)
 
 
-def run_case(case: str, device_name: str, size: int, model_override: str | None) -> dict:
+def run_case(case: str, device_name: str, size: int, model_override: str | None, out: dict) -> dict:
+    """One case's figures, written into `out` as they are measured, so a case that fails its cap still reports
+    the phase it reached and the peaks until then."""
     import torch
 
     from scalekv_core.job_memory import JobOptions, T5_XL, plan_job
@@ -112,12 +122,16 @@ def run_case(case: str, device_name: str, size: int, model_override: str | None)
     options = JobOptions(weights=fmt, dtype="bf16" if cuda else "fp32", t5_offload=True,
                          decode_tile=DECODE_TILE, policy="scalekv", budget="10%", kv_dtype="bf16", block_swap=swap)
     plan = plan_job(model_override or name, size, size, 1, options)
-    out: dict = {"case": case, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-                 "plan_gib": {"encode": plan.encode_mb / 1024, "sampling": plan.sampling_mb / 1024,
-                              "decode": plan.decode_mb / 1024, "peak": plan.peak_mb / 1024}}
+    out.update({"case": case, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "plan_gib": {"encode": plan.encode_mb / 1024, "sampling": plan.sampling_mb / 1024,
+                             "decode": plan.decode_mb / 1024, "peak": plan.peak_mb / 1024}, "phase": "encode"})
 
     def peak_gib() -> float | None:
+        if cuda:  # the cap limits what the allocator reserves; the plan counts what is allocated: both are kept
+            out.setdefault("reserved_gib", {})[out["phase"]] = torch.cuda.max_memory_reserved(device) / 2**30
         return torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+
+    out["peak_now"] = peak_gib  # read by main() when a phase fails
 
     t0 = time.perf_counter()
     # T5 encode: flan-t5-xl's encoder shape, random fp16 weights, 512 random ids for cond and uncond
@@ -125,21 +139,30 @@ def run_case(case: str, device_name: str, size: int, model_override: str | None)
 
     t5cfg = T5Config(vocab_size=T5_XL["vocab"], d_model=T5_XL["d_model"], d_kv=64, d_ff=T5_XL["d_ff"],
                      num_layers=T5_XL["layers"], num_heads=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    from scalekv_core.model.text_encoder import fp32_modules
+
+    t5_dtype = torch.float16 if cuda else torch.float32
     with torch.device("meta"):  # cast on meta, so no float32 copy (4.6 GiB) is ever made on the device
-        t5 = T5EncoderModel(t5cfg).to(torch.float16 if cuda else torch.float32)
+        t5 = T5EncoderModel(t5cfg).to(t5_dtype)
+        keep = fp32_modules(t5, t5_dtype)  # `wo` stays float32 in fp16, as loaded and as the planner counts it
+        for mname, module in t5.named_modules():
+            if keep & set(mname.split(".")):
+                module.float()
     t5 = t5.to_empty(device=device)
     _randomize(t5)
     with torch.no_grad():
         ids = torch.randint(0, T5_XL["vocab"], (2, 512), device=device)
         hidden = t5(input_ids=ids)["last_hidden_state"].float()
     out["encode_gib"] = peak_gib()
+    out["phase"] = "weights"
     del t5
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     cond = TextConditioning.from_padded(hidden[:1, :64].cpu(), torch.ones(1, 64, dtype=torch.bool))
     # sampling and decode
-    transformer = build_transformer(cfg, fmt, torch.device("cpu") if swap else device, dtype)
+    transformer = build_transformer(cfg, fmt, torch.device("cpu") if swap else device, dtype,
+                                    scratch=device if swap and cuda else None)
     vae_cfg = VAEConfig(**VAES[cfg.d_vae])
     with torch.device("meta"):
         vae = BSQVAE(vae_cfg)
@@ -148,6 +171,7 @@ def run_case(case: str, device_name: str, size: int, model_override: str | None)
     vae = vae.to(device).eval().requires_grad_(False)
     pipe = InfinityPipeline(transformer, vae, device=device, block_swap=swap)
     out["weights_gib"] = peak_gib()
+    out["phase"] = "sampling_and_decode"
     if cuda:  # what the build itself held for a moment is not the job's: sampling starts from the weights
         torch.cuda.reset_peak_memory_stats(device)
     cache = CacheConfig(policy="scalekv", budget="10%", kv_dtype="bf16")
@@ -165,6 +189,7 @@ def run_case(case: str, device_name: str, size: int, model_override: str | None)
     out["job_seconds"] = time.perf_counter() - t0
     out["sampling_and_decode_gib"] = peak_gib()
     out["ok"] = True
+    out.pop("peak_now")
     return out
 
 
@@ -179,10 +204,14 @@ def main() -> int:
                    help="seconds for all the cases (gpu_bench.sh gives the step 480)")
     a = p.parse_args()
     if a.case:
+        result: dict = {"case": a.case}
         try:
-            result = run_case(a.case, a.device, a.size, a.model_override)
+            run_case(a.case, a.device, a.size, a.model_override, result)
         except Exception as e:  # a case that does not fit its cap is a result, not a crash of the whole check
-            result = {"case": a.case, "ok": False, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+            peak = result.pop("peak_now", None)
+            result.update(ok=False, error=f"{type(e).__name__}: {str(e)[:500]}")
+            if peak is not None:  # the failing phase's peaks (allocated and reserved) until the failure
+                result[f"{result.get('phase', 'setup')}_gib_at_failure"] = peak()
         print(json.dumps(result))
         return 0
     results: list[dict] = []
@@ -194,10 +223,13 @@ def main() -> int:
             results.append({"case": case, "ok": False, "error": f"not run: the {a.budget_s:.0f} s budget was spent"})
             continue
         cmd = [sys.executable, __file__, "--case", case, "--device", a.device, "--size", str(a.size)]
+        # fewer partly used segments: the cap limits reserved memory, and the caps sit 1-3% above the plans
+        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
+                                                                       "expandable_segments:True")}
         if a.model_override:
             cmd += ["--model-override", a.model_override]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left, env=env)
             line = (proc.stdout.strip().splitlines() or [""])[-1]
             result = json.loads(line) if line.startswith("{") else {
                 "case": case, "ok": False, "error": f"rc {proc.returncode}: {proc.stderr[-800:]}"}
