@@ -1,6 +1,8 @@
 """Infinity Model Loader and Infinity Text Encode."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 from ..scalekv_core.limits import brief, shown
@@ -9,6 +11,8 @@ from ..scalekv_core.model.quant import T5_WEIGHT_FORMATS, WEIGHT_FORMATS
 from ..scalekv_core.pipeline import check_text_width
 from . import models, paths, widgets
 from .io_types import CATEGORY, InfinityConditioningType, InfinityModelType, InfinityT5Type, schema
+
+log = logging.getLogger(__name__)
 
 
 class InfinityModelLoader(io.ComfyNode):
@@ -121,8 +125,9 @@ class InfinityTextEncode(io.ComfyNode):
             inputs=[
                 InfinityT5Type.Input("t5", tooltip="the text encoder from Infinity Model Loader"),
                 io.String.Input("prompt", multiline=True, default="",
-                                tooltip="what to draw, in plain words. Empty as a negative means no negative "
-                                        "prompt (the model's own unconditional embedding)"),
+                                tooltip="what to draw, in plain words; T5 reads the first 512 tokens (the console "
+                                        "says when a longer prompt loses its end). Empty as a negative means no "
+                                        "negative prompt (the model's own unconditional embedding)"),
             ],
             outputs=[InfinityConditioningType.Output(display_name="conditioning")],
         )
@@ -138,6 +143,8 @@ class InfinityTextEncode(io.ComfyNode):
         problem = cls.validate_inputs(prompt)  # a linked prompt arrives unchecked
         if problem is not True:
             raise ValueError(problem)
+        for note in t5.encoder.truncation_notes([prompt]):
+            log.warning("Infinity Text Encode: %s", note)
         cond = t5.encode([prompt])
         if not prompt.strip():  # as a negative: none (the sampler uses the learned unconditional embedding)
             cond = models.BlankPrompt(cond.kv_compact, cond.lens, cond.cu_seqlens, cond.max_len)

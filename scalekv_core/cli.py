@@ -708,6 +708,11 @@ def _generate(a: argparse.Namespace) -> int:
         fp8_note = enable_fp8_matmul(pipe.transformer, a.device)  # not `note`: that is the resolution's, printed below
         if fp8_note:
             print(f"note: {fp8_note}", file=sys.stderr)
+    encoder = t5 if t5 is not None else pipe.text_encoder
+    t5_notes = [f"note: {flag}: {n}" for flag, text in (("--prompt", None if a.text_kv else a.prompt),
+                                                         ("--negative-prompt", a.negative_prompt))
+                if text and encoder is not None for n in encoder.truncation_notes([text])]
+    del encoder  # no reference kept: an offloaded T5 is freed below
     if t5 is not None:
         check_text_width(pipe.transformer.cfg.text_channels, t5.text_channels, a.transformer, a.text_encoder)
         del t5
@@ -721,7 +726,7 @@ def _generate(a: argparse.Namespace) -> int:
                                          decode_tile=a.decode_tile, tile_field="--decode-tile")
         if problem is not None:
             raise InputError(problem)
-    for line in (note, _ignored_cache_flags_note(a)):
+    for line in (note, _ignored_cache_flags_note(a), *t5_notes):
         if line:
             print(line, file=sys.stderr)
     for plan_note in pipe.plan_memory(schedule, a.batch, cache).notes:

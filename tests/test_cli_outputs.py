@@ -594,3 +594,25 @@ def test_a_dump_clears_stale_temporary_files_of_both_namings(tmp_path) -> None:
         (tmp_path / name).write_bytes(b"stale")
     clear_dump(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt.0123abcd.partial"]  # not a file a dump writes
+
+
+def test_a_prompt_longer_than_t5_reads_is_noted(tmp_path, capsys) -> None:
+    """T5 reads 512 tokens, as the original, which drops the rest without a word: the CLI names the prompt and
+    how many tokens are not drawn; a short prompt gets no note, and the image is the same as before."""
+    from scalekv_core.model.text_encoder import TEXT_MAXLEN
+
+    t5 = InfinityPipeline.from_files(TINY_TRANSFORMER, TINY_VAE, T5_TINY).text_encoder
+    long_prompt = " ".join(["red fox"] * 400)
+    n = len(t5.tokenizer(text=long_prompt, truncation=False).input_ids)
+    assert n > TEXT_MAXLEN
+    assert t5.truncation_notes(["a red fox", long_prompt]) == [
+        f"prompt 2 is {n} T5 tokens; Infinity reads the first {TEXT_MAXLEN} (as the original), so its last "
+        f"{n - TEXT_MAXLEN} are not drawn: shorten it to keep what matters"]
+    base = ["generate", "--transformer", str(TINY_TRANSFORMER), "--vae", str(TINY_VAE), "--text-encoder", str(T5_TINY),
+            "--width", "256", "--height", "256", "--negative-prompt", "blurry"]
+    assert cli.main([*base, "--prompt", long_prompt, "--out", str(tmp_path / "long.png")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: --prompt")]
+    assert notes == [f"note: --prompt: the prompt is {n} T5 tokens; Infinity reads the first {TEXT_MAXLEN} (as the "
+                     f"original), so its last {n - TEXT_MAXLEN} are not drawn: shorten it to keep what matters"]
+    assert cli.main([*base, "--prompt", "a red fox", "--out", str(tmp_path / "short.png")]) == 0
+    assert "T5 tokens" not in capsys.readouterr().err

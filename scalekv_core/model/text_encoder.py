@@ -374,6 +374,20 @@ class T5TextEncoder:
                                 truncation=True, return_tensors="pt")
         return tokens.input_ids, tokens.attention_mask
 
+    def truncation_notes(self, prompts: list[str]) -> list[str]:
+        """A note for each prompt longer than the TEXT_MAXLEN tokens T5 reads: the original drops the rest without a
+        word, and so does this encoder (same features), but the artist should know that the end of the prompt is
+        not drawn."""
+        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
+        notes = []
+        for i, prompt in enumerate(prompts):
+            n = len(self.tokenizer(text=prompt, truncation=False).input_ids)
+            if n > TEXT_MAXLEN:
+                which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+                notes.append(f"{which} is {n} T5 tokens; Infinity reads the first {TEXT_MAXLEN} (as the original), "
+                             f"so its last {n - TEXT_MAXLEN} are not drawn: shorten it to keep what matters")
+        return notes
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> TextConditioning:
         """Encode prompts into the packed conditioning (float32 states, valid tokens only)."""

@@ -316,3 +316,18 @@ def test_changing_one_models_settings_keeps_the_other_loaded(run, loaded, monkey
     del other_model, int8
     gc.collect()
     assert models_module._recent[key]() is None  # a weak reference: ComfyUI's cache decides what stays
+
+
+def test_text_encode_warns_when_t5_drops_the_end_of_a_prompt(run, loaded, caplog):
+    """A prompt past T5's 512 tokens loses its end, as in the original: the console says how much, the features
+    are those of the first 512 tokens, and a short prompt gets no warning."""
+    import logging
+
+    long_prompt = " ".join(["a red fox in the snow"] * 150)
+    with caplog.at_level(logging.WARNING):
+        cond = run("InfinityTextEncode", t5=loaded[1], prompt=long_prompt).result[0]
+        run("InfinityTextEncode", t5=loaded[1], prompt="a red fox in the snow")
+    warned = [r.getMessage() for r in caplog.records if "T5 tokens" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("Infinity Text Encode: the prompt is ") and \
+        "reads the first 512" in warned[0], warned
+    assert int(cond.lens[0]) == 512
