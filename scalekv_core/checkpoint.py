@@ -330,7 +330,8 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
 
 
 #: Bits per element of each safetensors dtype name, as the format defines them.
-SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
+SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+                    "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6,
                     "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
                     "C64": 64, "I64": 64, "U64": 64, "F64": 64}
 def _is_count(n: object) -> bool:

@@ -263,18 +263,15 @@ def _schedule(a: argparse.Namespace):
     """(the schedule of --width/--height, a note or None): a size not given is the transformer file's native one
     (its metadata's; 1024x1024 for the released models); the note, the ComfyUI sampler's, says when the size is
     outside what the model was trained at (printed once the model has loaded, so an error stays one line)."""
-    from .loader import RELEASED_RESOLUTION, native_resolution, resolution_note
-    from .schedules import schedule_for_pixels, schedule_from_label
+    from .loader import RELEASED_RESOLUTION, native_resolution, resolution_note, schedule_for_size
 
     try:
         native = native_resolution(a.transformer)
     except (ValueError, OSError):  # unreadable: the loader names the problem with the file when it loads
         native = (RELEASED_RESOLUTION, True)
-    trained = schedule_from_label(native[0])
+    schedule = schedule_for_size(native, a.width, a.height)
     if a.width is None and a.height is None:
-        return trained, None
-    th, tw = trained.pixel_size
-    schedule = schedule_for_pixels(tw if a.width is None else a.width, th if a.height is None else a.height)
+        return schedule, None
     note = resolution_note(native, schedule, Path(a.transformer).name,
                            hint="without --width and --height it runs at {label}")
     return schedule, (f"note: {note}" if note else None)
@@ -413,7 +410,7 @@ def _plan(a: argparse.Namespace) -> int:
     if a.table:
         from .kvcache import CacheConfig
 
-        _print_note(_fixed_table_note(a, "table"))
+        _print_note(_fixed_table_note(a, "table", reads=("dtype",)))
 
         print("| model | image | batch | full cache: KV / total | ScaleKV 20%: KV / total | ScaleKV 10%: KV / total |")
         print("|---|---|---|---|---|---|")
@@ -439,9 +436,10 @@ def _plan(a: argparse.Namespace) -> int:
     return 0
 
 
-def _fixed_table_note(a: argparse.Namespace, which: str) -> str | None:
-    """A note naming the flags given beside --table or --job-table, whose rows are fixed (the README's tables)."""
-    others = sorted(f for f in getattr(a, "given", ()) if f != which)
+def _fixed_table_note(a: argparse.Namespace, which: str, reads: tuple[str, ...] = ()) -> str | None:
+    """A note naming the flags given beside --table or --job-table, whose rows are fixed (the README's tables);
+    `reads`: the flags the table does follow (--table's blocks take --dtype)."""
+    others = sorted(f for f in getattr(a, "given", ()) if f != which and f not in reads)
     if not others:
         return None
     flags = ", ".join("--" + name.replace("_", "-") for name in others)
@@ -458,6 +456,9 @@ def _plan_job(a: argparse.Namespace) -> int:
     """`plan` for the whole job: each phase's peak, weights included; with --vram, the cheapest setting that fits."""
     from .job_memory import JobOptions, cheapest_fit, plan_job, table
 
+    if a.table and not a.job_table:  # a job flag beside --table: the whole job is planned instead
+        _print_note("note: --table ignored: the job flags given (--vram, --weights, --offload-t5, ...) plan the "
+                    "whole job; leave them out for the cache table")
     if a.job_table:
         _print_note(_fixed_table_note(a, "job_table"))
         rows = table()

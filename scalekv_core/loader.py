@@ -11,7 +11,7 @@ from .model import quant
 from .model.config import InfinityConfig, detect_infinity_config
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, ENCODER_PREFIX, VAEConfig, detect_vae_config
-from .schedules import Schedule, schedule_from_label
+from .schedules import Schedule, schedule_for_pixels, schedule_from_label
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -147,7 +147,11 @@ RELEASED_RESOLUTION = "1024x1024 (1:1)"
 def native_resolution(path: str | Path) -> tuple[str, bool]:
     """(the resolution a transformer file was trained at, whether every aspect at that size was trained too): its
     metadata's, else the released models' 1024x1024 at any aspect. The sampler's "auto" uses it."""
-    meta = {} if Path(path).is_dir() else safetensors_metadata(path)
+    return native_from_metadata({} if Path(path).is_dir() else safetensors_metadata(path))
+
+
+def native_from_metadata(meta: dict) -> tuple[str, bool]:
+    """native_resolution from a file's metadata already read (a loaded model keeps it: quant.SOURCE_METADATA)."""
     label = meta.get(META_RESOLUTION)
     if label:
         try:
@@ -156,6 +160,16 @@ def native_resolution(path: str | Path) -> tuple[str, bool]:
         except ValueError:
             pass  # a label this version does not know: treated as a released model
     return RELEASED_RESOLUTION, True
+
+
+def schedule_for_size(native: tuple[str, bool], width: int | None = None, height: int | None = None) -> Schedule:
+    """The schedule of a size in pixels, a side not given taken from the trained resolution `native`
+    (native_resolution); neither given: the trained resolution itself. The CLI's and the API's one rule."""
+    trained = schedule_from_label(native[0])
+    if width is None and height is None:
+        return trained
+    th, tw = trained.pixel_size
+    return schedule_for_pixels(tw if width is None else width, th if height is None else height)
 
 
 def resolution_note(native: tuple[str, bool], schedule: Schedule, model: str = "this model",

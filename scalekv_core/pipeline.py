@@ -19,7 +19,8 @@ from .kvcache.cache import KeptRecorder
 from .kvcache.memory import (ALLOW_OVERCOMMIT_ENV, MemoryPlan, MemoryReport, MiB, PeakMeter, admission_problem,
                              build_report, free_memory, plan_memory)
 from .limits import LIMITS
-from .loader import META_RESOLUTION, PRECISIONS, load_transformer, load_vae, resolve_precision, t5_dtype, vae_patchify_for
+from .loader import (PRECISIONS, load_transformer, load_vae, native_from_metadata, resolve_precision, schedule_for_size,
+                     t5_dtype, vae_patchify_for)
 from .model.block_swap import check_block_swap, planned_device_bytes, swap_blocks
 from .model.quant import SOURCE_METADATA, dequant_workspace_bytes, model_format
 from .model.text_encoder import T5TextEncoder, TextConditioning
@@ -28,7 +29,7 @@ from .model.vae import BSQVAE, check_decode_tiling
 from .graphs import ScaleGraphRunner, check_graph_mode
 from .safe_files import PARTIAL_SUFFIX, atomic_output, named_os_error
 from .sampler import BitsHook, SampleOutput, SamplerSettings, ScaleCallback, check_finite, sample
-from .schedules import Schedule, schedule_for_pixels, schedule_from_label
+from .schedules import Schedule
 
 
 @dataclass
@@ -249,15 +250,10 @@ class InfinityPipeline:
             te.to("cpu")
 
     def schedule_for_size(self, width: int | None = None, height: int | None = None) -> Schedule:
-        """The schedule for a size in pixels; with neither given, the resolution the transformer file says it was
-        trained at (the embedded model's 256x256), else the released models' 1024x1024, as the CLI picks it."""
-        if width is None and height is None:
-            label = (getattr(self.transformer, SOURCE_METADATA, None) or {}).get(META_RESOLUTION)
-            try:
-                return schedule_from_label(label) if label else schedule_for_pixels(1024, 1024)
-            except ValueError:  # a label this version does not know: a released model's size
-                return schedule_for_pixels(1024, 1024)
-        return schedule_for_pixels(width or 1024, height or 1024)
+        """The schedule for a size in pixels, a side not given taken from the resolution the transformer file says
+        it was trained at (the embedded model's 256x256; else the released models' 1024x1024), as the CLI does."""
+        native = native_from_metadata(getattr(self.transformer, SOURCE_METADATA, None) or {})
+        return schedule_for_size(native, width, height)
 
     @torch.no_grad()
     def generate(self, prompt: str | Sequence[str] | TextConditioning, negative_prompt: str | TextConditioning | None = None,

@@ -40,6 +40,15 @@ def test_drafters_as_layers_or_per_scale_lists_are_accepted(drafters) -> None:
     assert plan.drafters[0] == list(drafters[0] if isinstance(drafters[0], list) else drafters)
 
 
+def cli_schedule(transformer: Path, width: int) -> tuple[int, int]:
+    """The (height, width) `generate --width W` draws for this transformer file."""
+    import argparse
+
+    from scalekv_core import cli
+
+    return cli._schedule(argparse.Namespace(transformer=str(transformer), width=width, height=None))[0].pixel_size
+
+
 def test_generate_without_a_size_draws_at_the_files_trained_resolution() -> None:
     """The embedded model says it was trained at 256x256: generate() with no size draws that, as the CLI does (it
     drew 1024x1024, 40 s on a CPU, with no note); a size given is kept, and a file that says nothing is 1024x1024."""
@@ -47,6 +56,8 @@ def test_generate_without_a_size_draws_at_the_files_trained_resolution() -> None
     pipe = InfinityPipeline.from_files(root / TRANSFORMER_FILE, root / VAE_FILE, root / T5_FOLDER)
     assert pipe.schedule_for_size().pixel_size == (256, 256)
     assert pipe.schedule_for_size(512, 512).pixel_size == (512, 512)
+    # one side given: the other is the trained one's, as --width alone gives on the command line (it was 1024)
+    assert pipe.schedule_for_size(width=320).pixel_size == cli_schedule(root / TRANSFORMER_FILE, 320) == (256, 320)
     out = pipe.generate("a large red circle at the top left on a blue background", seed=1)
     assert out.decoded.shape[-2:] == (256, 256)
     tiny = InfinityPipeline.from_files(TINY_TRANSFORMER, TINY_VAE, T5_TINY)  # no trained resolution in its metadata

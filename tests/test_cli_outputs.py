@@ -524,6 +524,21 @@ def test_the_fixed_tables_name_the_flags_they_ignore(capsys, table) -> None:
     assert cli.main(["plan", table]) == 0 and _notes(capsys.readouterr().err) == []
 
 
+def test_the_cache_table_follows_dtype_and_says_when_job_flags_replace_it(capsys) -> None:
+    """--table's rows take --dtype (fp32 blocks double the 2B's weights), so it is not named as ignored; job flags
+    beside --table plan the whole job instead, and the note says --table was dropped."""
+    assert cli.main(["plan", "--table"]) == 0
+    bf16 = capsys.readouterr().out.splitlines()[2]
+    assert cli.main(["plan", "--table", "--dtype", "fp32"]) == 0
+    captured = capsys.readouterr()
+    assert _notes(captured.err) == [] and captured.out.splitlines()[2] != bf16
+    assert cli.main(["plan", "--table", "--offload-t5"]) == 0
+    captured = capsys.readouterr()
+    assert _notes(captured.err) == ["note: --table ignored: the job flags given (--vram, --weights, --offload-t5, "
+                                    "...) plan the whole job; leave them out for the cache table"]
+    assert "T5 fp16 offloaded" in captured.out
+
+
 def test_the_whole_job_plan_reads_refiner_decay(capsys) -> None:
     """The job planner dropped --refiner-decay (its options had no such field): 200 planned as 0. Now its figures
     are the planner's for that cache, given as a CacheConfig, and its setting says so."""

@@ -633,3 +633,23 @@ def test_a_file_swapped_for_one_of_the_same_size_and_mtime_is_another_version(tm
     assert first.stat().st_mtime_ns == stamp and first.stat().st_size == 64
     assert checkpoint.file_version(first) != before
     assert checkpoint.file_version(first) == checkpoint.file_version(first)  # and stable while nothing changes
+
+
+def test_every_dtype_safetensors_writes_is_read_for_its_shapes(tmp_path) -> None:
+    """The header check knows every dtype the installed safetensors writes (the FNUZ fp8 pair was refused as
+    unknown): each file it saves, zero-size tensors and a metadata-only file included, gives its shapes back."""
+    import safetensors.torch as st
+
+    names = {name: dtype for name, dtype in vars(torch).items() if isinstance(dtype, torch.dtype)}
+    written = 0
+    for name, dtype in sorted(names.items()):
+        path = tmp_path / f"{name}.safetensors"
+        try:
+            st.save_file({"a": torch.zeros(4, 2).to(dtype), "empty": torch.zeros(0, 3).to(dtype)}, str(path))
+        except (TypeError, ValueError, RuntimeError, KeyError):  # a dtype safetensors has no name for
+            continue
+        assert checkpoint.tensor_shapes(path) == {"a": (4, 2), "empty": (0, 3)}, name
+        written += 1
+    assert written >= 12
+    st.save_file({}, str(tmp_path / "meta_only.safetensors"), metadata={"k": "v"})
+    assert checkpoint.tensor_shapes(tmp_path / "meta_only.safetensors") == {}

@@ -366,9 +366,10 @@ function draw(state) {
     drawFooter(root, state.answer, lastRun);
     if (state.answer.budget_file_note) { // a linked ScaleKV Calibrate: its file, or why not yet
       root.append(el("div", "skv-note skv-budget-file", state.answer.budget_file_note));
-    } else if (state.ctx?.budgetFileLinked) {
-      root.append(el("div", "skv-note skv-budget-file",
-        "budget_file is linked: the run uses that file; this is budget_source's plan"));
+    } else if (state.ctx?.budgetFileLinked) { // only scalekv reads it: the node sets it aside for other policies
+      root.append(el("div", "skv-note skv-budget-file", widgetValue(state.node, "policy") === "scalekv"
+        ? "budget_file is linked: the run uses that file; this is budget_source's plan"
+        : "budget_file is linked, but only the scalekv policy reads budget files: the run does not use it"));
     }
   }
   root.dataset.state = state.error ? "error" : state.answer ? state.answer.mode : "empty";
