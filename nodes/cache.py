@@ -125,8 +125,8 @@ def set_aside(policy: str, budget_source: str, budget_file: str | None) -> tuple
     """(budget_source, budget_file, note) for `policy`: only scalekv reads budget files, so beside another policy a
     chosen or linked one is set aside with a note, not refused: the policy greys those inputs out, so an artist who
     switched policy could not change them (and a linked Calibrate's minutes of work were lost to the error)."""
-    if policy == "scalekv" or (budget_source == GENERATED and not budget_file):
-        return budget_source, budget_file, None
+    if policy == "scalekv" or (budget_source == GENERATED and not (budget_file or "").strip()):
+        return budget_source, budget_file, None  # (a blank linked name is no file, as budget_file_for reads it)
     what = (f"the budget file {shown(budget_file)} linked to budget_file" if budget_file else
             f"budget_source {shown(budget_source)}")
     return GENERATED, None, f"{what} is not used: only the scalekv policy reads budget files (policy is {policy})"

@@ -129,6 +129,15 @@ def test_a_budget_file_beside_another_policy_is_set_aside(node_classes, run, con
     assert fp(**inputs) == ""  # nothing read: no rerun when the file changes
 
 
+def test_a_blank_linked_budget_file_is_no_file_under_any_policy(run, config_inputs, caplog):
+    """A linked budget_file of spaces is no file (budget_file_for reads it so): no "is not used" note about it."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        config = run("ScaleKVCacheConfig", **config_inputs(policy="pyramidkv"), budget_file="   ").result[0]
+    assert config.budget_file is None and "is not used" not in caplog.text
+
+
 def test_validation_through_comfyui(node_classes, config_inputs, monkeypatch):
     """ComfyUI's own validate_prompt turns the message into a custom_validation_failed error (HTTP 400)."""
     import execution
