@@ -330,11 +330,15 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
 
 
 #: Bits per element of each safetensors dtype name, as the format defines them.
-SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
-                    "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6,
-                    "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+SAFETENSORS_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+                    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+                    "F8_E5M2FNUZ": 8,
+                    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
                     "C64": 64, "I64": 64, "U64": 64, "F64": 64}
+
+
 def _is_count(n: object) -> bool:
+    """A JSON whole number safetensors accepts as a dimension or offset (bool is an int in Python, not in JSON)."""
     return type(n) is int and 0 <= n < 2**63
 
 
@@ -390,8 +394,9 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def file_version(path: str | Path) -> tuple:
-    """A file's path, modification and change times (ns), size and inode, or a folder's for each file in it (entries that cannot be
-    read left out): what a cache of something read from it is keyed by, so a file rewritten in place is read again."""
+    """A file's path, modification and change times (ns), size and inode, or a folder's for each file in it (entries
+    that cannot be read left out): what a cache of something read from it is keyed by, so a file rewritten in place
+    is read again."""
     def version(p: Path) -> tuple:
         st = p.stat()  # ctime and the inode too: a file swapped for one of the same size and mtime (cp -p) differs
         return str(p), st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_dev, st.st_ino

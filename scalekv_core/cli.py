@@ -131,9 +131,10 @@ def _check_outputs_apart(written: Sequence[tuple[str, Path]], read: Sequence[tup
     inputs = [(flag, Path(p)) for flag, p in read if p and os.path.exists(p)]
     for i, (flag, path) in enumerate(written):
         for other_flag, other in [w for w in written[:i] if w[0] != flag] + inputs:
-            if _same_file(path, other) or (other.is_dir() and path.exists()
-                                           and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(other))):
-                inside = "" if _same_file(path, other) else " a file inside"
+            same = _same_file(path, other)
+            if same or (other.is_dir() and path.exists()
+                        and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(other))):
+                inside = "" if same else " a file inside"
                 raise InputError(f"{flag} {path}: is{inside} {other_flag} {other}; writing it would replace that "
                                  f"file; give {flag} another name")
         if dump is not None and DUMP_FILES.fullmatch(path.name) and _same_file(path.parent, dump):

@@ -130,10 +130,11 @@ def tightest(caps: list[Cap]) -> Cap | None:
     return min(caps, key=lambda c: c.free, default=None)
 
 
-def host_free(host_free: int | None = None) -> tuple[int, Cap | None]:
-    """What a run may still take in host memory: `host_free` (MemAvailable when not given), or less when one of
-    the process's own limits has less free, with that limit (None when the host's free memory is the bound)."""
-    free = mem_available_bytes() if host_free is None else host_free
+def host_free(reported: int | None = None) -> tuple[int, Cap | None]:
+    """What a run may still take in host memory: `reported` (the host's free memory as a caller knows it, e.g.
+    ComfyUI's; MemAvailable when not given), or less when one of the process's own limits has less free, with that
+    limit (None when the host's free memory is the bound)."""
+    free = mem_available_bytes() if reported is None else reported
     cap = tightest(process_caps())
     return (free, None) if cap is None or cap.free >= free else (cap.free, cap)
 
