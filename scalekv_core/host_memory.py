@@ -109,15 +109,25 @@ def rlimit_caps(status: Path = Path("/proc/self/status")) -> list[Cap]:
     return caps
 
 
-def mem_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
-    """The host's MemAvailable (what the kernel can hand out without swapping), else the free pages."""
+def mem_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The host's available memory (Linux's MemAvailable: what the kernel can hand out without swapping), else
+    psutil's figure (Windows, macOS; ComfyUI ships psutil), else the free pages; None when nothing tells it."""
     try:
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # not installed, or no figure on this platform
+        pass
+    try:  # os.sysconf is missing on Windows, and macOS has no SC_AVPHYS_PAGES
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def process_caps() -> list[Cap]:
@@ -130,13 +140,15 @@ def tightest(caps: list[Cap]) -> Cap | None:
     return min(caps, key=lambda c: c.free, default=None)
 
 
-def host_free(reported: int | None = None) -> tuple[int, Cap | None]:
+def host_free(reported: int | None = None) -> tuple[int | None, Cap | None]:
     """What a run may still take in host memory: `reported` (the host's free memory as a caller knows it, e.g.
-    ComfyUI's; MemAvailable when not given), or less when one of the process's own limits has less free, with that
-    limit (None when the host's free memory is the bound)."""
+    ComfyUI's; the available memory when not given), or less when one of the process's own limits has less free,
+    with that limit (None when the host's free memory is the bound). The figure is None where neither is known."""
     free = mem_available_bytes() if reported is None else reported
     cap = tightest(process_caps())
-    return (free, None) if cap is None or cap.free >= free else (cap.free, cap)
+    if cap is None or (free is not None and cap.free >= free):
+        return free, None
+    return cap.free, cap
 
 
 def where_label(device: str, cap: Cap | None) -> str:

@@ -382,7 +382,7 @@ class InfinityPipeline:
         """Why a run must not start on this device (its planned peak exceeds the free memory), or None."""
         plan = self.plan_memory(schedule, batch, cache, cfg, decode_tile)
         free, where = free_memory(self.device)
-        if self.transformer.pos_start.device != self.device:  # its weights arrive at sampling
+        if free is not None and self.transformer.pos_start.device != self.device:  # its weights arrive at sampling
             free -= planned_device_bytes(self.transformer, self.block_swap)
         return admission_problem(plan.sampling_peak_mb, plan.decode_peak_mb, free, where, batch, override,
                                  decode_tile, tile_field)

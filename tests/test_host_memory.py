@@ -130,3 +130,30 @@ def test_rlimit_caps_are_none_when_unlimited() -> None:
     soft_data, _ = resource.getrlimit(resource.RLIMIT_DATA)
     expected = (soft_as != resource.RLIM_INFINITY) + (soft_data != resource.RLIM_INFINITY)
     assert len(rlimit_caps()) == expected
+
+
+def test_available_memory_off_linux(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Windows has no os.sysconf and macOS no SC_AVPHYS_PAGES: psutil's figure is used, else none (no crash)."""
+    import sys
+    import types
+
+    missing = tmp_path / "no-meminfo"
+    monkeypatch.delattr(host_memory.os, "sysconf", raising=False)
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil raises ImportError
+    assert host_memory.mem_available_bytes(missing) is None
+    fake = types.SimpleNamespace(virtual_memory=lambda: types.SimpleNamespace(available=3 << 30))
+    monkeypatch.setitem(sys.modules, "psutil", fake)
+    assert host_memory.mem_available_bytes(missing) == 3 << 30
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    monkeypatch.setattr(host_memory, "mem_available_bytes", lambda: None)
+    monkeypatch.setattr(host_memory, "process_caps", lambda: [])
+    assert host_free() == (None, None)
+    monkeypatch.setattr(host_memory, "process_caps", lambda: [Cap("c", 4 << 30, 1 << 30)])
+    assert host_free() == (1 << 30, Cap("c", 4 << 30, 1 << 30))
+
+
+def test_admission_without_a_free_figure_checks_nothing() -> None:
+    from scalekv_core.kvcache.memory import admission_problem
+
+    assert admission_problem(1e9, 1e9, None, "cpu", 1) is None
+    assert "only" in admission_problem(1e9, 1e9, 1 << 20, "cpu", 1)

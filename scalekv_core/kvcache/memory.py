@@ -301,9 +301,10 @@ def plan_memory(depth: int, width: int, num_heads: int, ffn: int, d_vae: int, sc
 ALLOW_OVERCOMMIT_ENV = "SCALEKV_ALLOW_OVERCOMMIT"
 
 
-def free_memory(device: torch.device | str) -> tuple[int, str]:
+def free_memory(device: torch.device | str) -> tuple[int | None, str]:
     """Memory a new run can still take on `device`, and the place to name in a refusal: CUDA's free bytes, or on
-    the CPU the host's MemAvailable capped by the process's own limits (cgroup, RLIMIT_AS), naming the limit."""
+    the CPU the host's available memory capped by the process's own limits (cgroup, RLIMIT_AS), naming the limit;
+    None where the platform tells neither."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0]), str(device)
@@ -311,11 +312,14 @@ def free_memory(device: torch.device | str) -> tuple[int, str]:
     return free, where_label(str(device), cap)
 
 
-def admission_problem(sampling_mb: float, decode_mb: float, free_bytes: int, where: str, batch: int,
+def admission_problem(sampling_mb: float, decode_mb: float, free_bytes: int | None, where: str, batch: int,
                       override: str = f"set {ALLOW_OVERCOMMIT_ENV}=1", decode_tile: int | None = None,
                       tile_field: str = "decode_tile") -> str | None:
     """Why a run must not start (its planned peak beside the weights exceeds the free memory), or None; the advice
-    lowers the phase that sets the peak, naming the decode tile as the caller's `tile_field`."""
+    lowers the phase that sets the peak, naming the decode tile as the caller's `tile_field`. With no figure for
+    the free memory (None) there is nothing to check against."""
+    if free_bytes is None:
+        return None
     need_mb = max(sampling_mb, decode_mb)
     free_mb = free_bytes / MiB
     if need_mb <= free_mb:
