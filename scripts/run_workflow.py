@@ -305,7 +305,7 @@ def write_memory_reports(entry: dict, out_dir: str) -> list[dict]:
     for node_id, items in reports.items():
         name = "memory_report.json" if len(reports) == 1 else f"memory_report_{node_id}.json"
         path = os.path.join(out_dir, name)
-        with open(path, "w") as f:
+        with open(path, "w", encoding="utf-8") as f:
             json.dump(items[0] if len(items) == 1 else items, f, indent=2)
         written.append({"node": node_id, "path": path})
     return written
@@ -318,7 +318,7 @@ def run(base: str, workflow: dict, out_dir: str, timeout: float = 600.0, api_out
     apply_overrides(api, **overrides)
     if api_out:
         os.makedirs(os.path.dirname(os.path.abspath(api_out)), exist_ok=True)
-        with open(api_out, "w") as f:
+        with open(api_out, "w", encoding="utf-8") as f:
             json.dump(api, f, indent=2)
     prompt_id = queue(base, api, workflow)
     entry = wait(base, prompt_id, timeout)
@@ -344,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     base = args.url.rstrip("/")
     try:
         try:
-            with open(args.workflow) as f:
+            with open(args.workflow, encoding="utf-8-sig") as f:  # ComfyUI saves UTF-8; not Windows' ANSI code page
                 workflow = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError (not UTF-8)
             raise WorkflowError(f"cannot read the workflow: {e}") from e
         summary = run(base, workflow, args.out, args.timeout, args.api_out, prompt=args.prompt,
                       negative_prompt=args.negative_prompt, seed=args.seed, sets=args.set)
