@@ -9,13 +9,14 @@ import os
 import pickle
 import stat
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Mapping, Sequence, TypeVar
 
 import torch
 
 from .limits import shown
-from .safe_files import JSONNumberError, atomic_path, open_regular, parse_json, read_text, regular_file
+from .safe_files import (JSONNumberError, atomic_path, is_apple_double, open_regular, parse_json, read_text,
+                         regular_file, relative_name_problem)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -103,7 +104,9 @@ def _strip_module(sd: dict[str, T]) -> dict[str, T]:
 
 
 def _find_index(folder: Path) -> Path:
-    indexes = sorted(folder.glob("*.index.json"))
+    """The folder's one `*.index.json`; macOS's AppleDouble `._NAME` files (left beside every file copied to an
+    exFAT, FAT or SMB drive) are not indexes."""
+    indexes = sorted(p for p in folder.glob("*.index.json") if not is_apple_double(p.name))
     if not indexes:
         raise CheckpointError(f"{folder}: a folder checkpoint needs a '*.index.json' (e.g. "
                               f"model.safetensors.index.json) listing its shards; none found")
@@ -117,13 +120,9 @@ def _shard_entry(index: Path, folder: Path, name: str) -> Path:
     def refuse(why: str) -> CheckpointError:
         return CheckpointError(f"{index}: shard entry {shown(name)} {why}; entries must name files inside {folder}")
 
-    if not name or "\x00" in name:
-        raise refuse("is empty" if not name else "contains a NUL character")
-    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive \
-            or name.startswith(("/", "\\")):
-        raise refuse("is an absolute path")
-    if ".." in name.replace("\\", "/").split("/"):
-        raise refuse("leaves the folder ('..')")
+    problem = relative_name_problem(name)  # the rule the node menus' names follow too
+    if problem is not None:
+        raise refuse(problem)
     # A symlink in the folder is the user's own doing (the Hugging Face cache keeps every shard as a link to
     # ../../blobs): it may point anywhere, as long as it reaches a regular file. The index's text may not.
     path = folder / name

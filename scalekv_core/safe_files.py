@@ -14,7 +14,8 @@ import os
 import re
 import secrets
 import stat
-from pathlib import Path
+import time
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO, Iterator, Sequence
 
 from .limits import shown
@@ -96,6 +97,58 @@ def read_text(path: str | os.PathLike, max_bytes: int, what: str = "file",
         raise error(f"{Path(path)}: the {what} is not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
+# ------------------------------------------------------------------------------ names of files inside a folder
+
+
+def relative_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a name inside a folder under any OS's rules, or None: one rule for the node menus' names
+    and a shard index's entries, so a name that stays inside on Linux cannot leave the folder on Windows."""
+    if not name:
+        return "is empty"
+    if "\x00" in name:
+        return "contains a NUL character"
+    # a drive ('D:evil' is relative to D:'s current folder), a UNC share, or a root: Python 3.13's ntpath.isabs
+    # no longer calls '\\x' absolute, and posixpath never calls 'C:\\x' absolute, so neither host rule is enough
+    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive or PurePosixPath(name).is_absolute():
+        return "is an absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "leaves the folder ('..')"
+    return None
+
+
+def is_apple_double(name: str) -> bool:
+    """Whether `name` is a macOS AppleDouble file (`._NAME`, metadata macOS writes beside every file it copies to
+    an exFAT, FAT or SMB drive): never a model, index or budget file, though it matches their patterns."""
+    return name.startswith("._")
+
+
+#: Characters Windows refuses in a file name (besides the control characters 0-31).
+WINDOWS_BAD_CHARACTERS = '<>:"|?*'
+#: Device names Windows reserves, with any extension and in any case ('con.json', 'Aux.tar.gz').
+WINDOWS_RESERVED_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                                    *(f"{d}{i}" for d in ("COM", "LPT") for i in (*"123456789", "¹", "²", "³"))})
+
+
+def portable_name_problem(name: str, prefix: bool = False) -> str | None:
+    """Why Windows could not create the relative path `name` (checked on every OS, so a name that works here works
+    in a workflow shared with a Windows user), or None. `prefix`: more text follows the last part, so its end and
+    device name are not final."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p]
+    for i, part in enumerate(parts):
+        bad = next((c for c in part if c in WINDOWS_BAD_CHARACTERS or ord(c) < 32), None)
+        if bad is not None:
+            return (f"contains {shown(bad)}, a character Windows does not allow in file names "
+                    f"({WINDOWS_BAD_CHARACTERS} and control characters)")
+        if prefix and i == len(parts) - 1:
+            continue
+        if part.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED_NAMES:
+            return f"uses {shown(part)}, a device name Windows reserves (CON, PRN, AUX, NUL, COM1-9, LPT1-9)"
+        if part[-1] in ". " and part not in (".", ".."):
+            return (f"has {shown(part)} ending in {'a dot' if part[-1] == '.' else 'a space'}, which Windows removes "
+                    f"from file names")
+    return None
+
+
 #: How the temporary files of atomic_path end: `NAME.XXXXXXXX.partial` (8 hex digits; plain `NAME.partial` is what
 #: earlier versions left), for code that clears a folder of its own stale files (pipeline.DUMP_FILES).
 PARTIAL_SUFFIX = r"(\.[0-9a-f]{8})?\.partial"
@@ -116,12 +169,64 @@ def _new_partial(path: Path) -> Path:
             continue
 
 
+def check_writable(path: str | os.PathLike, doing: str = "cannot write") -> None:
+    """Create and remove a temporary file beside `path` as long as the longest name atomic_path makes for it, so a
+    folder or name the OS refuses (read-only, Windows' characters or device names, a name or path too long) is an
+    OSError naming `path` (after `doing`) before the minutes of work whose result goes there, not after them."""
+    path = Path(path)
+    tail = len(".00000000.partial")
+    width = max(len(path.name), len(path.name[:_PARTIAL_NAME_CHARS]) + tail)  # the final name, the temporary one
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f"{path.name[:width - tail]}.{secrets.token_hex(4)}.partial")
+        os.close(os.open(probe, flags, 0o666))
+        os.unlink(probe)
+    except OSError as e:
+        raise named_os_error(e, path, doing) from e
+    except ValueError:  # "embedded null byte"
+        raise ValueError(f"{shown(str(path))}: not a usable file name (it contains a NUL character)") from None
+
+
+#: Windows: seconds between the tries of os.replace while another program holds the target open (an antivirus or
+#: search indexer scanning it, a viewer, ComfyUI's own route reading the budget file): about 3 s in all.
+REPLACE_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+
+class ReplaceBlockedError(PermissionError):
+    """Windows would not let a finished temporary file replace its output (another program holds the output open);
+    the temporary file is kept, at `partial`, rather than losing a finished result."""
+
+    def __init__(self, message: str, partial: Path, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+        self.errno = errno
+
+
+def _on_windows() -> bool:
+    """os.name == "nt", asked here so tests can say Windows without changing os.name (pathlib reads it)."""
+    return os.name == "nt"
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """os.replace, tried again on Windows while the target is held open (WinError 5 or 32 is a PermissionError)."""
+    for wait in (*REPLACE_WAITS, None):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError:
+            if not _on_windows() or wait is None:
+                raise
+            time.sleep(wait)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A new temporary `NAME.XXXXXXXX.partial` beside `path` for a writer that takes a file name (one per call, so
     concurrent writers of one output do not mix their bytes); renamed to `path` when the block ends (os.replace),
     removed on any exception (Ctrl-C included), so `path` is the old file or one writer's whole new one; OS errors
-    name `path`."""
+    name `path`. On Windows a target held open by another program is tried again for a few seconds, then the
+    finished temporary file is kept and a ReplaceBlockedError names both."""
     path = Path(path)
     if path.is_symlink():  # write through the link, as open() would: the link stays, its target is replaced
         path = Path(os.path.realpath(path))
@@ -130,11 +235,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp = _new_partial(path)
         try:
             yield tmp
-            os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+        try:
+            _replace(tmp, path)
+        except PermissionError as e:
+            if _on_windows():  # the writer finished: its result outlives a rename that another program blocks
+                raise ReplaceBlockedError(f"cannot replace {path}: {e.strerror or e} (another program, such as an "
+                                          f"antivirus or a viewer, may hold it open); the finished file is kept as "
+                                          f"{tmp}: close that program and rename it to {path.name}", tmp, e.errno) from e
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    except ReplaceBlockedError:
+        raise
     except OSError as e:
         raise named_os_error(e, path) from e
 
