@@ -9,7 +9,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..scalekv_core.kvcache import CacheConfig
-from ..scalekv_core.kvcache.budget import PRESETS, parse_budget
+from ..scalekv_core.kvcache.budget import PRESETS, asi_table_path, parse_budget
 from ..scalekv_core.kvcache.calibration import (calibrate, check_prompts, measurement_cache, overwrite_problem,
                                                prompt_lines)
 from ..scalekv_core.kvcache.config import KV_DTYPES, POLICIES, POLICY_SETTINGS
@@ -17,6 +17,7 @@ from ..scalekv_core.kvcache.policies.scalekv import SCORINGS
 from ..scalekv_core.kvcache.scoring import POOLINGS, check_window
 from ..scalekv_core.limits import shown
 from ..scalekv_core.model.block_swap import check_block_swap
+from ..scalekv_core.safe_files import check_writable
 from ..scalekv_core.schedules import Schedule, resolution_choices, resolution_label, schedule_from_label
 from . import models, paths, widgets
 from .io_types import (CATEGORY_SCALEKV, CacheConfigType, InfinityMemoryType, InfinityModelType, InfinityT5Type,
@@ -245,7 +246,7 @@ _generation: dict[tuple, int] = {}
 def calibration_file_name(filename_prefix: str, schedule: Schedule, budget: float) -> str:
     """Where a calibration writes: the prefix, then the resolution and budget it was made for."""
     h, w = schedule.pixel_size
-    return paths.clean_name(f"{filename_prefix.strip()}_{w}x{h}_{budget:g}pct.json")
+    return paths.new_file_name(f"{filename_prefix.strip()}_{w}x{h}_{budget:g}pct.json")
 
 
 class ScaleKVCalibrate(io.ComfyNode):
@@ -291,8 +292,8 @@ class ScaleKVCalibrate(io.ComfyNode):
                                   widgets.text("filename_prefix", filename_prefix),
                                   widgets.text("prompts", prompts))
         if problem is None and filename_prefix is not None:
-            try:
-                paths.clean_name(filename_prefix)
+            try:  # a name Windows can create too: refused here, not when the file is written after the work
+                paths.new_file_name(filename_prefix, prefix=True)
             except ValueError as e:
                 problem = f"filename_prefix: {e}"
         if problem is None and prompts is not None and not prompts.strip():
@@ -328,9 +329,8 @@ class ScaleKVCalibrate(io.ComfyNode):
         tokens = parse_budget(f"{budget:g}%", schedule)
         name = calibration_file_name(filename_prefix, schedule, budget)
         path = paths.budget_output_path(name)  # before the calibration runs: a bad name fails in seconds, not after
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if not os.access(os.path.dirname(path), os.W_OK):
-            raise PermissionError(f"cannot write the budget file: {os.path.dirname(path)} is not writable")
+        for output in (path, asi_table_path(path)):  # both files, created and removed: what the OS refuses, now
+            check_writable(output, f"filename_prefix {shown(filename_prefix)}: cannot write the budget file")
         problem = overwrite_problem(path, model.pipeline.transformer.cfg)
         if problem is not None:  # the 2B's calibration is not replaced by the 8B's of the same prefix
             raise ValueError(f"filename_prefix: {problem}")

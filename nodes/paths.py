@@ -26,6 +26,7 @@ import folder_paths
 from ..scalekv_core.checkpoint import file_version
 from ..scalekv_core.kvcache.budget import ASI_SUFFIX
 from ..scalekv_core.limits import TEXTS, InputError, shown
+from ..scalekv_core.safe_files import is_apple_double, portable_name_problem, relative_name_problem
 
 INFINITY = "infinity"
 SCALEKV = "scalekv"
@@ -84,7 +85,8 @@ def register_folders() -> None:
 
 
 def clean_name(name: str) -> str:
-    """A menu name as a relative path; absolute paths and '..' cannot leave the model folders."""
+    """A menu name as a relative path; absolute paths, drives ('D:x') and '..' cannot leave the model folders, under
+    any OS's rules (scalekv_core.safe_files.relative_name_problem, the rule of a shard index's entries too)."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError("no model name given")
     try:
@@ -92,11 +94,32 @@ def clean_name(name: str) -> str:
     except InputError as e:
         raise ValueError(f"{shown(name)} is not a usable name: {str(e).split(': ', 1)[1]}") from None
     rel = os.path.normpath(name.strip().replace("\\", "/"))
-    if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep) or rel.startswith("../"):
-        raise ValueError(f"{shown(name)} is not a name inside a model folder")
-    if rel == ".":
+    if rel == ".":  # '.', 't5_tiny/..'
         raise ValueError(f"{shown(name)} names a model folder itself, not a file or folder in it")
+    if relative_name_problem(name.strip()) is not None:
+        raise ValueError(f"{shown(name)} is not a name inside a model folder")
     return rel
+
+
+def new_file_name(name: str, prefix: bool = False) -> str:
+    """clean_name for a name this pack creates: also one Windows can create (checked on every OS, so a workflow
+    works on the next machine, and refused before the work rather than when the file is written after it).
+    `prefix`: the start of a name, more text follows (Calibrate's filename_prefix)."""
+    rel = clean_name(name)
+    problem = portable_name_problem(name.strip(), prefix=prefix)
+    if problem is not None:
+        raise ValueError(f"{shown(name)} is not a usable file name: it {problem}")
+    return rel
+
+
+def _inside(base: str, path: str) -> bool:
+    """Whether `path` is `base` or below it, compared as the OS compares names (case on Windows); a path on another
+    drive is not inside (os.path.commonpath raises ValueError for it)."""
+    base, path = (os.path.normcase(os.path.normpath(p)) for p in (base, path))
+    try:
+        return os.path.commonpath([base, path]) == base
+    except ValueError:
+        return False
 
 
 def _dirs(key: str) -> list[str]:
@@ -108,18 +131,25 @@ def _searched(*keys: str) -> str:
     return f"{' or '.join(FOLDER_LABELS.get(k, k) for k in keys)} (searched: {', '.join(dirs) or 'no folders'})"
 
 
+def _is_index(name: str) -> bool:
+    """A shard folder's index file; macOS's AppleDouble `._NAME.index.json` beside it is not one."""
+    return name.endswith(".index.json") and not is_apple_double(name)
+
+
 def _is_shard_folder(path: str) -> bool:
-    return os.path.isdir(path) and any(f.endswith(".index.json") for f in os.listdir(path))
+    return os.path.isdir(path) and any(_is_index(f) for f in os.listdir(path))
 
 
 def _walk_folders(key: str, is_match) -> list[str]:
-    """Relative names of the folders under `key` that `is_match(files)`; found folders are not descended into."""
+    """Relative names of the folders under `key` that `is_match(files)`; found folders are not descended into.
+    macOS's AppleDouble entries (`._NAME`) are neither matched nor descended into."""
     found = set()
     for base in _dirs(key):
         if not os.path.isdir(base):
             continue
         for root, subdirs, files in os.walk(base, followlinks=True):
-            if root != base and is_match(files):
+            subdirs[:] = [d for d in subdirs if not is_apple_double(d)]
+            if root != base and is_match([f for f in files if not is_apple_double(f)]):
                 found.add(os.path.relpath(root, base).replace(os.sep, "/"))
                 subdirs[:] = []
     return sorted(found)
@@ -127,7 +157,7 @@ def _walk_folders(key: str, is_match) -> list[str]:
 
 def shard_folders(key: str = INFINITY) -> list[str]:
     """Sharded transformers (the 8B): folders under models/infinity (or `key`) holding a `*.index.json`."""
-    return _walk_folders(key, lambda files: any(f.endswith(".index.json") for f in files))
+    return _walk_folders(key, lambda files: any(_is_index(f) for f in files))
 
 
 def _files(key: str) -> list[str]:
@@ -145,7 +175,8 @@ def _files(key: str) -> list[str]:
         except FileNotFoundError:  # deleted again mid-scan: an empty menu now, listed afresh next time
             folder_paths.filename_list_cache.pop(key, None)
             return []
-    return [f.replace(os.sep, "/") for f in names]
+    names = [f.replace(os.sep, "/") for f in names]
+    return [f for f in names if not any(is_apple_double(part) for part in f.split("/"))]  # macOS's `._NAME` files
 
 
 def _looks_like_vae(name: str) -> bool:
@@ -259,7 +290,7 @@ def _find(name: str, what: str, keys: tuple[str, ...], accept, hint: str = "") -
     rel = _require(name, what, *keys)
     for base in [d for key in keys for d in _dirs(key)]:
         path = os.path.join(base, rel)
-        if accept(path):
+        if _inside(base, path) and accept(path):  # clean_name's rule, checked again as this OS joins paths
             return path
     raise FileNotFoundError(f"{what} {shown(name)} not found in {_searched(*keys)}{hint}")
 
@@ -304,7 +335,10 @@ def budget_output_path(name: str) -> str:
     dirs = _dirs(SCALEKV)
     if not dirs:
         raise RuntimeError("no models/scalekv folder is registered")
-    return os.path.join(dirs[0], clean_name(name))
+    path = os.path.join(dirs[0], new_file_name(name))
+    if not _inside(dirs[0], path):  # new_file_name's rule, checked again as this OS joins paths
+        raise ValueError(f"{shown(name)} is not a name inside a model folder")
+    return path
 
 
 def budget_file_from_report(value: str) -> str:
@@ -321,6 +355,7 @@ def budget_file_from_report(value: str) -> str:
         path = resolve(value)
         for base in _dirs(SCALEKV):
             root = resolve(os.path.abspath(base))
-            if os.path.commonpath([root, path]) == root and path != root:
+            # _inside: a folder on another drive is not this file's (commonpath raised, ending the search early)
+            if _inside(root, path) and os.path.normcase(path) != os.path.normcase(root):
                 return resolve_budget_file(os.path.relpath(path, root))
     raise ValueError(f"budget file {shown(os.path.basename(value))} is not in {FOLDER_LABELS[SCALEKV]}")

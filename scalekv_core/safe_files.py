@@ -243,9 +243,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             _replace(tmp, path)
         except PermissionError as e:
             if _on_windows():  # the writer finished: its result outlives a rename that another program blocks
-                raise ReplaceBlockedError(f"cannot replace {path}: {e.strerror or e} (another program, such as an "
-                                          f"antivirus or a viewer, may hold it open); the finished file is kept as "
-                                          f"{tmp}: close that program and rename it to {path.name}", tmp, e.errno) from e
+                message = (f"cannot replace {path}: {e.strerror or e} (another program, such as an antivirus or a "
+                           f"viewer, may hold it open); the finished file is kept as {tmp}: close that program and "
+                           f"rename it to {path.name}")
+                raise ReplaceBlockedError(message, tmp, e.errno) from e
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
