@@ -131,6 +131,17 @@ def test_t5_folder_with_corrupt_safetensors_names_the_file(tmp_path) -> None:
     _assert_names(e, str(folder), "model.safetensors")
 
 
+def test_t5_folder_copied_by_a_mac_loads_past_its_appledouble_files(tmp_path) -> None:
+    """macOS writes `._NAME` metadata beside each file it copies to an exFAT, FAT or SMB drive: not weights."""
+    folder = tmp_path / "t5_from_a_mac"
+    shutil.copytree(T5_TINY, folder)
+    (folder / "._model.safetensors").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble magic
+    (folder / "._config.json").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    got = T5TextEncoder.from_folder(folder).encode(["a red circle"])
+    want = T5TextEncoder.from_folder(T5_TINY).encode(["a red circle"])
+    assert got.lens == want.lens and torch.equal(got.kv_compact, want.kv_compact)
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
 def test_t5_folder_with_a_fifo_does_not_block(tmp_path, name) -> None:
     """transformers only opens regular files: a FIFO in a T5 folder is skipped or named, never waited on."""

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..limits import check, shown
+from ..safe_files import is_apple_double
 
 #: Infinity always pads/truncates prompts to this many T5 tokens (run_infinity.encode_prompt).
 TEXT_MAXLEN = 512
@@ -125,7 +126,8 @@ def _check_folder(folder: Path) -> None:
         raise FileNotFoundError(f"T5 folder not found: {folder}")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"T5 folder {folder} has no config.json")
-    if not any((folder / f).is_file() for f in _WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
+    if not any((folder / f).is_file() for f in _WEIGHT_FILES) and not any(
+            not is_apple_double(f.name) for f in folder.glob("*.safetensors")):
         raise FileNotFoundError(f"T5 folder {folder} has no weights (expected one of {', '.join(_WEIGHT_FILES)})")
     _check_tokenizer_folder(folder, "T5 folder")
 
@@ -253,7 +255,7 @@ def _check_float_weights(folder: Path) -> None:
     from ..loader import check_float_tensors
     from ..safe_files import regular_file
 
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in sorted(f for f in folder.glob("*.safetensors") if not is_apple_double(f.name)):
         regular_file(file, "T5 weights file", CheckpointError)  # a FIFO would block safe_open: named instead
         try:
             with safe_open(str(file), "pt") as f:
