@@ -305,8 +305,12 @@ def _header_and_data(path: Path) -> tuple[dict, int] | None:
         header = parse_json(text)
     except JSONNumberError as e:
         raise CheckpointError(f"{path}: unreadable safetensors header: {e}") from None
-    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise CheckpointError(f"{path}: unreadable safetensors header: {type(e).__name__}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: unreadable safetensors header: JSON nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable safetensors header: not UTF-8 (byte {e.start})") from None
+    except ValueError as e:  # JSONDecodeError
+        raise CheckpointError(f"{path}: unreadable safetensors header: not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: unreadable safetensors header: not a JSON object")
     return header, size - 8 - length
