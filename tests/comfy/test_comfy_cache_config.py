@@ -171,5 +171,7 @@ def test_fingerprint_follows_the_budget_file(node_classes, config_inputs, budget
 
 
 def test_config_is_json_describable(run, config_inputs):
+    """The memory report records the cache settings as JSON: they must come back as the same settings."""
     config = run("ScaleKVCacheConfig", **config_inputs()).result[0]
-    json.dumps(config.to_dict())
+    again = type(config)(**json.loads(json.dumps(config.to_dict())))  # the pack's own CacheConfig class
+    assert again == config and again.policy == "scalekv" and again.budget == config.budget

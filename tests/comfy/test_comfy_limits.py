@@ -68,7 +68,8 @@ def bad_values(spec: dict, limit) -> list:
 
 
 def test_every_named_input_enforces_what_it_declares(node_classes):
-    """Defaults pass; each bad value of each named input is refused with the input's name in the message."""
+    """Defaults and each named number's declared min and max pass; each bad value of each named input is refused
+    with the input's name in the message."""
     tried = 0
     for node_id, cls in node_classes.items():
         names = named_inputs(cls)
@@ -86,6 +87,15 @@ def test_every_named_input_enforces_what_it_declares(node_classes):
                 values = [12, ["a"], "\ud800", "a\x00b"]
             else:  # a menu
                 values = ["not-an-option", 3, "x" * 100_000]
+            if spec["kind"] in ("INT", "FLOAT"):  # the declared ends themselves are accepted (no off-by-one)
+                for value in (spec["min"], spec["max"]):
+                    given = {**defaults, name: value}
+                    if node_id == "ScaleKVCacheConfig" and name == "budget":
+                        if value == 0.0:
+                            continue  # the widget's 0 is an exclusive end (checked above)
+                        given["budget_unit"] = "tokens"  # percent ends at 100; tokens and MB reach the widget's max
+                    answer = cls.validate_inputs(**given)
+                    assert answer is True, (node_id, name, value, answer)
             for value in values:
                 message = cls.validate_inputs(**{**defaults, name: value})
                 assert isinstance(message, str), (node_id, name, value)

@@ -31,7 +31,9 @@ def test_oversized_and_invalid_values_get_a_short_stand_in(guard):
     assert len(json.dumps(out["prompt"]["5"])) < 1000
     assert inputs["seed"] == 7 and inputs["model"] == ["1", 0] and inputs["top_p"] == 0.9  # untouched
     assert out["prompt"]["9"]["inputs"]["text"] == "x" * 5000  # other packs' nodes are not ours to change
-    inputs["cfg"].encode("utf-8") and inputs["resolution"].encode("utf-8")  # loggable now
+    for name in ("cfg", "resolution"):  # short stand-ins that say why, and loggable now
+        assert inputs[name].startswith("\x00scalekv-refused: "), (name, inputs[name][:80])
+        inputs[name].encode("utf-8")
 
 
 def test_the_checks_refuse_a_stand_in_with_the_reason(guard, node_classes):
