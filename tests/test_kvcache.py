@@ -58,23 +58,50 @@ def test_original_scoring_reproduces_the_original_patch(pipe: InfinityPipeline, 
         assert usage.tokens == [run["kv_cached_len_after_scale"][str(si)][str(l)] for l in range(4)]
 
 
+#: Tokens each layer of the 4-layer tiny model keeps (window 4; prefixes 1, 5, 21, 57, 121, 265), computed by hand.
+#: PyramidKV (Cai et al.): top = max(window, budget/20), bottom = 2*budget - top, linear between, rounded
+#: (27 tokens: 50, 34.7, 19.3, 4).
+PYRAMID_LAYERS = {"10%": [50, 35, 19, 4], "20%": [102, 69, 37, 4], "60": [116, 79, 41, 4]}
+#: ScaleKV after scales 3, 4, 5 (layer 0 the drafter), by the original files' rule (docs: scalekv.md §2): N_d*Max +
+#: N_r*Min = budget*L, Max = min(Limit, (budget*L - floor*N_r) // N_d) lowered until Min is whole, Limit = the
+#: previous Max + the scale's tokens, floor = max(window, budget // 3) under 600 tokens. 20%: 53*4 = 212, floor 17,
+#: Limit 57 -> Max 56, Min 52; Limit 120 -> 119, 31; Limit 263 -> (212 - 51) // 1 = 161, 17.
+SCALEKV_ROWS = {"10%": [[57, 17, 17, 17], [81, 9, 9, 9], [81, 9, 9, 9]],
+                "20%": [[56, 52, 52, 52], [119, 31, 31, 31], [161, 17, 17, 17]],
+                "60": [[57, 57, 57, 57], [120, 40, 40, 40], [180, 20, 20, 20]]}
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("budget", ["10%", "20%", "60"])
 def test_every_policy_holds_exactly_its_budget(pipe: InfinityPipeline, policy: str, budget: str) -> None:
+    """Each layer holds the hand-computed count, and once the cache outgrows the budget the layers together hold
+    exactly budget x layers (PyramidKV only once it outgrows the bottom layer's share: below that, lower layers hold
+    all there is, less than their share)."""
     config = CacheConfig(policy=policy, budget=budget, window=4)
     result = pipe.generate(_cond(), seed=1, schedule=TINY_SCHEDULE, cache=config)
     plan, usage = result.samples.plan, result.samples.usage
-    tokens = parse_budget(budget, TINY_SCHEDULE)
-    cum = np.cumsum(TINY_SCHEDULE.tokens_per_scale)
+    tokens, layers = parse_budget(budget, TINY_SCHEDULE), 4
+    cum = np.cumsum(TINY_SCHEDULE.tokens_per_scale).tolist()
+    assert tokens == {"10%": 27, "20%": 53, "60": 60}[budget]  # 10% and 20% of the 521-token prefix, rounded up
     for si in range(TINY_SCHEDULE.num_scales - 1):
-        assert usage[si].tokens == plan.kept[si], f"scale {si}"
-        for layer, held in enumerate(usage[si].tokens):
-            assert held <= cum[si]
-            if policy in ("sliding_window", "streamingllm", "snapkv"):
-                assert held == min(cum[si], tokens)
+        c = cum[si]
+        if policy == "full":
+            want = [c] * layers
+        elif policy == "pyramidkv":
+            want = [min(c, b) for b in PYRAMID_LAYERS[budget]]
+        elif policy == "scalekv":
+            want = [c] * layers if si < 3 else SCALEKV_ROWS[budget][si - 3]
+        else:
+            want = [min(c, tokens)] * layers
+        assert usage[si].tokens == want, f"scale {si}"
+        assert plan.kept[si] == want, f"scale {si}"
+        exact = c > tokens and policy != "full" and (policy != "pyramidkv" or c >= PYRAMID_LAYERS[budget][0])
+        if exact:
+            assert sum(usage[si].tokens) == tokens * layers, f"scale {si}"
+        elif policy == "pyramidkv" and c > tokens:
+            assert sum(usage[si].tokens) < tokens * layers, f"scale {si}"
+        for layer in range(layers):
             assert usage[si].stored_bytes[layer] <= usage[si].allocated_bytes[layer]
-    if policy != "full":
-        assert plan.peak_stored_tokens() <= 1.02 * tokens * plan.num_layers
     # The last scale is never stored: the cache holds after it what it held before it.
     assert usage[-1].tokens == usage[-2].tokens
 
@@ -115,6 +142,18 @@ def test_streamingllm_sinks_are_the_first_three_scales_at_every_aspect(pipe: Inf
         keep = idx.shape[-1]
         assert torch.equal(idx[0, 0, :sinks], torch.arange(sinks))  # the sinks, then the newest tokens
         assert int(idx[0, 0, sinks]) > sinks and (idx[0, 0, sinks:].diff() == 1).all() and keep == 30
+
+
+def test_sliding_window_keeps_the_newest_tokens(pipe: InfinityPipeline) -> None:
+    """Every evicting step keeps the last `budget` of its keys (the cache is in position order), never older ones."""
+    kept: dict = {}
+    pipe.generate(_cond(), seed=1, schedule=TINY_SCHEDULE, cache=CacheConfig(policy="sliding_window", budget=30),
+                  record_kept=lambda s, l, idx: kept.__setitem__((s, l), idx.clone()))
+    # Prefixes 21, 57, 121, 265: scale 3 is the first past 30 tokens; each later step sees 30 kept + its own.
+    steps = {3: 57, 4: 30 + 64, 5: 30 + 144}
+    assert sorted({s for s, _ in kept}) == sorted(steps)
+    for (s, _), idx in kept.items():
+        assert torch.equal(idx, torch.arange(steps[s] - 30, steps[s]).expand_as(idx)), f"scale {s}"
 
 
 def test_improved_scoring_tracks_positions_and_keeps_them_sorted(pipe: InfinityPipeline) -> None:
