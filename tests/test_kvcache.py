@@ -342,7 +342,8 @@ def test_planner_predicts_the_cache_and_brackets_the_measured_peak(pipe: Infinit
         assert plan.analytic_mb == pytest.approx(r.memory.analytic_mb)
         allocated = [sum(u.allocated_bytes) + u.workspace_bytes for u in r.samples.usage]
         assert max(allocated) / 2**20 <= plan.cache_peak_mb * 1.0001
-        assert 0.6 * r.memory.measured_peak_mb <= plan.sampling_peak_mb <= 1.6 * r.memory.measured_peak_mb
+        # admission trusts the plan, so it may not fall short of the measured peak (1.01-1.05x here on torch 2.13)
+        assert 0.98 * r.memory.measured_peak_mb <= plan.sampling_peak_mb <= 1.25 * r.memory.measured_peak_mb
 
 
 @pytest.mark.parametrize("policy", ["full", "scalekv"])
