@@ -7,6 +7,7 @@ import torch
 
 from scalekv_core.kvcache.cache import KVCache, RowLayout
 from scalekv_core.kvcache.policies.base import StepContext
+from scalekv_core.kvcache.policies import scalekv as scalekv_policy
 from scalekv_core.kvcache.policies.scalekv import ScaleKV
 from scalekv_core.kvcache.scoring import grid_window, pool_in_canvas, schedule_tables
 from scalekv_core.schedules import get_schedule
@@ -136,8 +137,13 @@ def test_improved_selection_reads_device_tables_only() -> None:
     policy.prepare(sched, 1, 2, torch.device("cpu"))
     ctx = StepContext(layer=0, scale=si, schedule=sched, stored=total - n, q=q,
                       positions=policy.token_ids()[:total].expand(1, 2, total))
-    idx = policy.select(ctx, keys, 12)
+    with pytest.MonkeyPatch.context() as mp:  # after prepare(), select() builds no table
+        mp.setattr(scalekv_policy, "schedule_tables", lambda *a, **k: pytest.fail("select() built tables"))
+        idx = policy.select(ctx, keys, 12)
     assert idx.shape == (1, 2, 12) and (idx[..., 1:] > idx[..., :-1]).all()
+    fresh = ScaleKV(budget=12, window=4, kernel=3)  # outside a cache, never prepared: builds them on first use
+    assert fresh.token_ids() is None
+    assert torch.equal(fresh.select(ctx, keys, 12), idx) and fresh.token_ids() is not None
 
 
 def _evicting_run(cache: KVCache, sched, layers: int, B: int, H: int, c: int) -> None:  # noqa: ANN001
