@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..devices import statistics_device
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -306,14 +308,15 @@ class _Map:
 
     data: Tensor  # (1, C, h, w), on the offload device (or the compute device when small)
     count: float = 0.0  # pixels per channel gathered so far
-    mean: Tensor | None = None  # (C,) float64, on the compute device
+    mean: Tensor | None = None  # (C,) float64, on the compute device (the CPU where it has no float64: MPS)
     m2: Tensor | None = None  # (C,) float64: sum of squared deviations from the mean
 
     def gather(self, core: Tensor) -> None:
         """Merge one tile's core (1, C, h, w) into the per-channel statistics (Chan et al.'s parallel update)."""
         var, mean = torch.var_mean(core, dim=(0, 2, 3), correction=0)
         n = float(core.shape[0] * core.shape[2] * core.shape[3])
-        mean, m2 = mean.double(), var.double() * n
+        where = statistics_device(core.device)  # core's own device unless it has no float64: no copy then
+        mean, m2 = mean.to(where).double(), var.to(where).double() * n
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -330,8 +333,8 @@ class _Map:
         mean_c, m2_c = self.mean.view(g, -1), self.m2.view(g, -1)
         mean_g = mean_c.mean(1)
         var_g = (m2_c + self.count * (mean_c - mean_g[:, None]) ** 2).sum(1) / (self.count * mean_c.shape[1])
-        mean_f = mean_g.float().view(1, g, 1)
-        rstd = torch.rsqrt(var_g.float() + gn.eps).view(1, g, 1)
+        mean_f = mean_g.float().view(1, g, 1).to(x.device)
+        rstd = torch.rsqrt(var_g.float() + gn.eps).view(1, g, 1).to(x.device)
         y = x.reshape(x.shape[0], g, -1) - mean_f  # the one new tensor; the rest in place
         y = y.mul_(rstd).view_as(x)
         return y.mul_(gn.weight.view(1, -1, 1, 1)).add_(gn.bias.view(1, -1, 1, 1))
