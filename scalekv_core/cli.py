@@ -383,6 +383,20 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="VAE decode in tiles of this many latent positions (0: the whole latent at once)")
     j.add_argument("--job-table", action="store_true",
                    help="print a Markdown table of the whole job for 2B and 8B at 1024x1024 in each weight format")
+    p.add_argument("--device", type=_plan_device, default=None,
+                   help="the kind of device the job will run on (cuda, mps, cpu; not checked against this machine): "
+                        "settings it cannot hold are refused and not proposed (on mps: int8 weights, not fp8), and "
+                        "T5 is sized in the dtype it loads in there")
+
+
+def _plan_device(text: str) -> str:
+    """A device type to plan for (cuda, mps, cpu, xpu), which need not exist here: the planner runs anywhere."""
+    import torch
+
+    try:
+        return torch.device(text).type
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"--device: unknown device {shown(text)}; use cuda, mps, cpu or xpu") from None
 
 
 def _plan(a: argparse.Namespace) -> int:
@@ -405,6 +419,11 @@ def _plan(a: argparse.Namespace) -> int:
                                      batch, config, PRECISIONS[a.dtype], params=params, vae_params=vae,
                                      vae_patch=8 if cfg.d_vae == 56 else 16)
 
+    if a.device is not None:  # a setting that device cannot hold (fp8 on mps) is refused by flag, planned or not
+        from .job_memory import JobOptions, check_options_on
+
+        check_options_on(JobOptions(weights=a.weights, dtype=a.dtype, t5_weights=a.t5_weights, kv_dtype=a.kv_dtype),
+                         a.device, _PLAN_FLAGS)
     if (a.vram is not None or a.job_table or a.weights != "none" or a.offload_t5 or a.decode_tile
             or a.t5_weights != "none" or a.block_swap or a.previews):
         return _plan_job(a)
@@ -435,6 +454,10 @@ def _plan(a: argparse.Namespace) -> int:
               f"of {plan.full_analytic_mb / 1024:.2f} GB), sampling peak above weights {plan.sampling_peak_mb / 1024:.2f} GB, "
               f"VAE decode {plan.decode_peak_mb / 1024:.2f} GB, total about {plan.total_mb / 1024:.1f} GB")
     return 0
+
+
+#: The plan's flags by JobOptions field, so a setting --device cannot hold is named as it was given.
+_PLAN_FLAGS = {"weights": "--weights", "t5_weights": "--t5-weights", "kv_dtype": "--kv-dtype", "dtype": "--dtype"}
 
 
 def _fixed_table_note(a: argparse.Namespace, which: str, reads: tuple[str, ...] = ()) -> str | None:
@@ -475,10 +498,15 @@ def _plan_job(a: argparse.Namespace) -> int:
     from .model.config import KNOWN_MODELS
 
     check_block_swap(a.block_swap, KNOWN_MODELS[a.model].depth, "--block-swap")
+    t5 = {}
+    if a.device is not None:  # T5 in the dtype the loader gives it there (fp16 on CUDA, fp32 elsewhere)
+        from .loader import PRECISIONS, t5_dtype
+
+        t5["t5_dtype"] = {v: k for k, v in PRECISIONS.items()}[t5_dtype(a.dtype, a.device)]
     options = JobOptions(weights=a.weights, dtype=a.dtype, t5_offload=a.offload_t5, t5_weights=a.t5_weights,
                          decode_tile=a.decode_tile or None, block_swap=a.block_swap, policy=a.kv_policy,
                          kv_dtype=a.kv_dtype, budget=str(a.budget), previews=a.previews,
-                         budget_file=a.budget_file, window=a.window, refiner_decay=a.refiner_decay)
+                         budget_file=a.budget_file, window=a.window, refiner_decay=a.refiner_decay, **t5)
     if a.vram is None:
         plan = plan_job(a.model, a.width, a.height, a.batch, options)
         _print_note(_ignored_cache_flags_note(a))
@@ -490,7 +518,7 @@ def _plan_job(a: argparse.Namespace) -> int:
                   f"{plan.decode_mb / 1024:.2f} GiB; peak {plan.peak_mb / 1024:.2f} GiB (transformer "
                   f"{plan.transformer_mb / 1024:.2f}, T5 {plan.t5_mb / 1024:.2f}, VAE {plan.vae_mb / 1024:.2f})")
         return 0
-    answer = cheapest_fit(a.model, a.width, a.height, a.vram, a.batch, options)
+    answer = cheapest_fit(a.model, a.width, a.height, a.vram, a.batch, options, device=a.device)
     _print_note(_ignored_cache_flags_note(a))
     if a.json:
         print(json.dumps(answer, indent=1))
@@ -572,6 +600,7 @@ def _calibrate(a: argparse.Namespace) -> int:
     problem = overwrite_problem(out, cfg, "--out") if cfg is not None else None
     if problem is not None:
         raise InputError(f"--out {out}: {problem}")
+    _check_device_dtypes(a)
     pipe = InfinityPipeline.from_files(a.transformer, a.vae, a.text_encoder, device=a.device, precision=a.dtype,
                                        weights=a.weights, t5_tokenizer=a.t5_tokenizer)
     if note:
@@ -630,6 +659,27 @@ def _prequantized_format(path: str) -> str | None:
     return None if found is None else found[0]
 
 
+def _check_device_dtypes(a: argparse.Namespace) -> None:
+    """--dtype, --weights (or a pre-quantized file's format), --t5-weights and --kv-dtype that --device cannot hold
+    (fp8 on Apple's MPS; bf16 there before macOS 14) refused by flag before anything loads, not as torch's
+    TypeError when the first tensor moves."""
+    from .devices import check_dtype
+    from .kvcache.config import KV_DTYPES
+    from .loader import PRECISIONS
+    from .model.quant import check_format_on
+
+    if a.dtype in PRECISIONS:
+        check_dtype(a.device, PRECISIONS[a.dtype], "--dtype", a.dtype, "choose fp32 or fp16 (or auto)")
+    check_format_on(a.weights, a.device, "--weights")
+    held = _prequantized_format(a.transformer) if a.weights == "none" else None
+    if held is not None:
+        check_format_on(held, a.device, f"--transformer {a.transformer}: pre-quantized as")
+    check_format_on(getattr(a, "t5_weights", "none"), a.device, "--t5-weights")
+    kv = KV_DTYPES.get(getattr(a, "kv_dtype", "auto"))
+    if kv is not None:
+        check_dtype(a.device, kv, "--kv-dtype", a.kv_dtype, "use int8 instead: the same size")
+
+
 def _generate(a: argparse.Namespace) -> int:
     import torch
 
@@ -660,6 +710,7 @@ def _generate(a: argparse.Namespace) -> int:
     schedule, note = _schedule(a)
     _check_lists(a, schedule)
     cache = _check_cache_flags(a, schedule)
+    _check_device_dtypes(a)
     text_kv = _load_text_kv(a.text_kv) if a.text_kv else None
     if a.fp8_matmul and a.weights != "fp8_e4m3fn":
         held = _prequantized_format(a.transformer)
@@ -756,9 +807,10 @@ def _generate(a: argparse.Namespace) -> int:
     if report:
         write_text(report, json.dumps(result.memory.to_dict(), indent=1))
         m = result.memory
-        print(f"KV cache: {m.analytic_mb:.1f} MB stored ({100 * m.stored_ratio:.1f}% of full), measured peak "
-              f"{m.measured_peak_mb:.1f} MB above the weights ({m.measurement}); report: {a.memory_report}",
-              file=sys.stderr)
+        peak = (f"measured peak {m.measured_peak_mb:.1f} MB above the weights ({m.measurement})"
+                if m.measured_peak_mb is not None else f"peak {m.measurement or 'not measured'}")
+        print(f"KV cache: {m.analytic_mb:.1f} MB stored ({100 * m.stored_ratio:.1f}% of full), {peak}; "
+              f"report: {a.memory_report}", file=sys.stderr)
     print(json.dumps({"images": [str(p) for p in paths], "seconds": round(time.perf_counter() - t1, 3),
                       "dump": a.dump, "attention": result.info["attention"]}), flush=True)
     return 0

@@ -237,9 +237,10 @@ def output_folder(text: str, flag: str) -> Path:
 
 
 def run_reporting_errors(command: Callable[[], int]) -> int:
-    """Run `command`; a user error (ValueError, OSError, a bad flag) comes out as one line on stderr, `error: ...`,
-    with exit status 2, and Ctrl-C as `error: interrupted` with 130 (SCALEKV_TRACEBACK=1 shows the traceback).
-    `main` and the benchmarks' entry points (`python -m scalekv_core.bench ...`) all answer this way."""
+    """Run `command`; a user error (ValueError, OSError, a bad flag, torch refusing a dtype on the device) comes
+    out as one line on stderr, `error: ...`, with exit status 2, and Ctrl-C as `error: interrupted` with 130
+    (SCALEKV_TRACEBACK=1 shows the traceback). `main` and the benchmarks' entry points (`python -m
+    scalekv_core.bench ...`) all answer this way."""
     try:
         return command()
     except KeyboardInterrupt:
@@ -251,6 +252,16 @@ def run_reporting_errors(command: Callable[[], int]) -> int:
         if os.environ.get("SCALEKV_TRACEBACK"):
             raise
         print(f"error: {one_line(str(e) or type(e).__name__)}", file=sys.stderr)
+        return 2
+    except (TypeError, RuntimeError) as e:
+        # torch's refusal to put a dtype on a device (float64 or fp8 on MPS) on a path no check covered is the
+        # settings' fault, not a bug: one line naming the way out; any other TypeError stays a traceback
+        from .devices import torch_dtype_message
+
+        message = torch_dtype_message(e)
+        if message is None or os.environ.get("SCALEKV_TRACEBACK"):
+            raise
+        print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
 
 

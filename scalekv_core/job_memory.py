@@ -23,12 +23,15 @@ from typing import Sequence
 
 import torch
 
+from .devices import check_dtype
 from .kvcache import CacheConfig
 from .kvcache.budget import PRESETS
+from .kvcache.config import KV_DTYPES
 from .kvcache.memory import MiB, decode_peak_bytes, plan_memory, preview_peak_bytes
 from .limits import LIMITS, shown
 from .model.config import KNOWN_MODELS, InfinityConfig
-from .model.quant import T5_WEIGHT_FORMATS, check_format, dequant_workspace_bytes, quantize_model, weight_bytes
+from .model.quant import (T5_WEIGHT_FORMATS, check_format, check_format_on, dequant_workspace_bytes, format_problem,
+                          quantize_model, weight_bytes)
 from .schedules import Schedule, schedule_for_pixels
 
 GiB = 2**30
@@ -254,8 +257,34 @@ def plan_job(model: str | InfinityConfig, width: int, height: int, batch: int = 
                           "activations_peak_mb": memory.activations_peak_mb})
 
 
-def ladder(options: JobOptions, depth: int, block_swap: bool = BLOCK_SWAP_READY) -> list[tuple[str, JobOptions]]:
-    """The settings to try, each adding one change to the last, cheapest in quality first."""
+def check_options_on(options: JobOptions, device: torch.device | str | None,
+                     fields: dict[str, str] | None = None) -> None:
+    """A DeviceDtypeError when the job's weights, T5 weights or KV storage cannot live on `device` (fp8 on MPS),
+    naming the setting (`fields` renames them: the CLI's flags); None plans for any device, as before."""
+    if device is None:
+        return
+    names = {"weights": "weights", "t5_weights": "t5_weights", "kv_dtype": "kv_dtype", "dtype": "dtype",
+             **(fields or {})}
+    check_dtype(device, _DTYPES[options.dtype], names["dtype"], options.dtype, "choose fp32 or fp16")
+    check_format_on(options.weights, device, names["weights"])
+    check_format_on(options.t5_weights, device, names["t5_weights"])
+    kv = KV_DTYPES.get(options.kv_dtype)
+    if kv is not None:
+        check_dtype(device, kv, names["kv_dtype"], options.kv_dtype, "use int8 instead: the same size")
+
+
+def _eight_bit_weights(device: torch.device | str | None) -> str:
+    """The 1-byte weight format the ladder offers: fp8 (as issue 20 asked), int8 where the device cannot hold fp8
+    (MPS): the same bytes, and the closer to bf16 (docs/quantization.md)."""
+    if device is not None and format_problem("fp8_e4m3fn", device) is not None:
+        return "int8"
+    return "fp8_e4m3fn"
+
+
+def ladder(options: JobOptions, depth: int, block_swap: bool = BLOCK_SWAP_READY,
+           device: torch.device | str | None = None) -> list[tuple[str, JobOptions]]:
+    """The settings to try, each adding one change to the last, cheapest in quality first; with a `device`, only
+    settings it can hold (int8 weights instead of fp8 on MPS)."""
     steps: list[tuple[str, JobOptions]] = [("as asked", options)]
 
     def add(label: str, **change) -> None:
@@ -270,7 +299,8 @@ def ladder(options: JobOptions, depth: int, block_swap: bool = BLOCK_SWAP_READY)
     if options.kv_dtype == "auto":
         add("KV stored in bf16", kv_dtype="bf16")
     if options.weights == "none":  # int8 weights take the bytes fp8 would, with less error (docs/quantization.md)
-        add("fp8 weights", weights="fp8_e4m3fn")
+        eight = _eight_bit_weights(device)
+        add(f"{eight.split('_')[0]} weights", weights=eight)
     base = steps[-1][1]
     # n blocks off the device save n - 2 blocks (the two slots): every n from 3, so the fewest that fit is named
     swaps = range(SWAP_BUFFERS + 1, depth - SWAP_BUFFERS + 1) if block_swap else range(0)
@@ -283,13 +313,16 @@ def ladder(options: JobOptions, depth: int, block_swap: bool = BLOCK_SWAP_READY)
 
 
 def cheapest_fit(model: str | InfinityConfig, width: int, height: int, vram_gib: float, batch: int = 1,
-                 options: JobOptions = JobOptions(), cfg_on: bool = True) -> dict:
-    """Does the job fit `vram_gib`? If not, the first setting of the ladder that does (or none), with every try."""
+                 options: JobOptions = JobOptions(), cfg_on: bool = True,
+                 device: torch.device | str | None = None) -> dict:
+    """Does the job fit `vram_gib`? If not, the first setting of the ladder that does (or none), with every try;
+    with a `device` (the kind the job runs on), only settings it can hold are asked or tried."""
     _, cfg = _model(model)
     vram_gib = LIMITS["vram_gib"].check(vram_gib, "vram_gib")
+    check_options_on(options, device)
     tried = []
     found = None
-    for label, opts in ladder(options, cfg.depth):
+    for label, opts in ladder(options, cfg.depth, device=device):
         plan = plan_job(model, width, height, batch, opts, cfg_on)
         tried.append({"step": label, "setting": opts.describe(), "peak_gib": round(plan.peak_mb / 1024, 3),
                       "fits": plan.fits(vram_gib)})

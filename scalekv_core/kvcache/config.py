@@ -7,6 +7,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..devices import check_dtype
 from ..limits import LIMITS, shown
 from ..schedules import Schedule
 from .budget import BudgetError, BudgetPlan, kv_bytes_per_token, parse_budget
@@ -83,8 +84,9 @@ class CacheConfig:
     refiner_decay: float = 0.0
     float_keys: bool = False  # auto: float32 keys whatever the policy, for a reader besides attention (calibration)
 
-    def validate(self) -> None:
-        """Reject impossible settings with a message naming the value."""
+    def validate(self, device: torch.device | str | None = None) -> None:
+        """Reject impossible settings with a message naming the value; with the `device` the cache will live on,
+        also a kv_dtype it cannot hold (fp8_e4m3fn on Apple's MPS), before anything is allocated."""
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise ValueError(f"unknown KV policy {shown(self.policy)}; choose one of {', '.join(POLICIES)}")
         if not isinstance(self.scoring, str) or self.scoring not in SCORINGS:
@@ -100,6 +102,9 @@ class CacheConfig:
             raise ValueError("a budget file applies to the scalekv policy only")
         if self.drafters is not None:
             _check_drafters(self.drafters)
+        chosen = KV_DTYPES[self.kv_dtype]
+        if device is not None and chosen is not None:
+            check_dtype(device, chosen, "kv_dtype", self.kv_dtype, "use int8 instead: the same size")
 
     def to_dict(self) -> dict:
         return asdict(self)

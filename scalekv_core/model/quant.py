@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, write_safetensors
+from ..devices import DeviceDtypeError, dtype_problem
 from ..safe_files import whole_number
 from ..limits import check_choice, shown
 from .config import InfinityConfig
@@ -67,6 +68,24 @@ _META_ARCH = {"scalekv_depth": "depth", "scalekv_width": "embed_dim", "scalekv_h
 def check_format(fmt: object, field: str = "weights") -> str:
     """`fmt` if it names a weight format; an InputError (a ValueError) naming `field` and the value otherwise."""
     return check_choice(field, fmt, WEIGHT_FORMATS)
+
+
+def format_problem(fmt: str, device: torch.device | str) -> str | None:
+    """Why `device` cannot hold weights stored in `fmt` (its codes' or scales' dtype: fp8 on Apple's MPS), or None
+    (devices.GAPS is the one table of such facts)."""
+    if fmt not in QUANTIZED_FORMATS:
+        return None
+    return next((why for why in (dtype_problem(device, _STORAGE[fmt]), dtype_problem(device, _SCALE_DTYPE[fmt]))
+                 if why is not None), None)
+
+
+def check_format_on(fmt: str, device: torch.device | str, field: str = "weights") -> None:
+    """A DeviceDtypeError (a ValueError) naming `field` and `fmt` when `device` cannot hold its stored codes or
+    scales (fp8 on Apple's MPS): refused as the model loads, not when it first moves to the device."""
+    why = format_problem(fmt, device)
+    if why is not None:
+        raise DeviceDtypeError(f"{field} {fmt}: cannot run on {torch.device(device)}: {why}; use int8 instead: "
+                               f"the same size, and the closer to bf16")
 
 
 def _group_count(in_features: int, group_size: int) -> int:
