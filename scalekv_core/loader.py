@@ -7,6 +7,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from .checkpoint import CheckpointError, check_keys, load_state_dict, safetensors_metadata, tensor_shapes
+from .devices import check_dtype, cuda_native_bf16, dtype_problem
+from .limits import shown
 from .model import quant
 from .model.config import InfinityConfig, detect_infinity_config
 from .model.transformer import Infinity
@@ -17,14 +19,19 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype:
-    """'auto' is bf16 on CUDA (the original's run) and fp32 elsewhere, where exactness matters more than speed."""
+    """'auto' is bf16 where the device computes it natively (CUDA sm80+, as the original runs; MPS on macOS 14+),
+    fp16 on older CUDA cards (emulated bf16 is slow there), fp32 on the CPU and elsewhere, where exactness matters
+    more than speed. A precision the device cannot hold (bf16 on an MPS before macOS 14) is refused by name."""
+    dev = torch.device(device)
     if precision == "auto":
-        dev = torch.device(device)
         if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_native_bf16(dev) else torch.float16
+        if dev.type == "mps":
+            return torch.bfloat16 if dtype_problem(dev, torch.bfloat16) is None else torch.float32
         return torch.float32
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose auto, {', '.join(PRECISIONS)}")
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {shown(precision)}; choose auto, {', '.join(PRECISIONS)}")
+    check_dtype(dev, PRECISIONS[precision], "precision", precision, "choose fp32 or fp16 (or auto)")
     return PRECISIONS[precision]
 
 
@@ -97,17 +104,25 @@ def _prepare_transformer_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def load_transformer(path: str | Path, device: torch.device | str = "cpu", precision: str = "fp32",
-                     weights: str = "none") -> Infinity:
+                     weights: str = "none", run_device: torch.device | str | None = None,
+                     weights_field: str = "weights") -> Infinity:
     """Load an Infinity checkpoint (.safetensors, .pth, or the 8B's sharded folder) strictly.
 
     `weights` (a `quant.WEIGHT_FORMATS` name) stores the block linears compactly, quantized block by block as the
     model is built. A pre-quantized file (`save_quantized`, `convert --weights`) is recognised by its metadata and
-    loads as it is; `weights` must then be "none" or the file's own format.
+    loads as it is; `weights` must then be "none" or the file's own format. `run_device` is where the model will
+    run when it loads elsewhere (ComfyUI loads on the CPU, then moves it): a precision or format that device
+    cannot hold (fp8 or, before macOS 14, bf16 on MPS) is refused here, naming `weights_field`, before any weight
+    is read (a pre-quantized file's own format once its header is read); 'auto' resolves for that device.
     """
-    weights = quant.check_format(weights)
+    weights = quant.check_format(weights, weights_field)
+    target = torch.device(device if run_device is None else run_device)
+    block_dtype = resolve_precision(precision, target)
+    quant.check_format_on(weights, target, weights_field)
     sd = _prepare_transformer_state(load_state_dict(path))
     prequantized = _prequantized_format(path, sd)
     if prequantized is not None:
+        quant.check_format_on(prequantized[0], target, f"{path}: pre-quantized as")
         model = _build_prequantized(path, sd, prequantized, weights)
     else:
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
@@ -120,7 +135,7 @@ def load_transformer(path: str | Path, device: torch.device | str = "cpu", preci
     del sd
     # what save_quantized carries into a converted file (the trained resolution, ...)
     setattr(model, quant.SOURCE_METADATA, {} if Path(path).is_dir() else safetensors_metadata(path))
-    place_transformer(model, device, resolve_precision(precision, device))
+    place_transformer(model, device, block_dtype)
     return model.eval().requires_grad_(False)
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .devices import check_dtype
 from .kvcache import CacheConfig
 from .kvcache.attention import resolve as resolve_attention, use_backend
 from .kvcache.budget import kv_bytes_per_token
@@ -22,7 +23,7 @@ from .limits import LIMITS
 from .loader import (PRECISIONS, load_transformer, load_vae, native_from_metadata, resolve_precision, schedule_for_size,
                      t5_dtype, vae_patchify_for)
 from .model.block_swap import check_block_swap, planned_device_bytes, swap_blocks
-from .model.quant import SOURCE_METADATA, dequant_workspace_bytes, model_format
+from .model.quant import SOURCE_METADATA, check_format_on, dequant_workspace_bytes, model_format
 from .model.text_encoder import T5TextEncoder, TextConditioning
 from .model.transformer import Infinity
 from .model.vae import BSQVAE, check_decode_tiling
@@ -169,6 +170,7 @@ def load_text_encoder(folder: str | Path, device: str = "cpu", precision: str = 
     `weights` "fp8_e4m3fn" stores its linears in 8 bits. `folder` is a Hugging Face folder, or one .safetensors
     file (as ComfyUI keeps text encoders) with `tokenizer`, a folder holding T5's tokenizer."""
     te_dtype = t5_dtype(precision, device)
+    check_format_on(weights, device, "t5_weights")  # fp8 on MPS: refused before T5 loads
     path = Path(folder).expanduser()
     if path.is_file():
         if tokenizer is None:
@@ -198,6 +200,10 @@ class InfinityPipeline:
         self._device = None if device is None else torch.device(device)
         if self._device is not None and self._device.type == "cuda" and self._device.index is None:
             self._device = torch.device("cuda", torch.cuda.current_device())  # compares equal to tensors' devices
+        if self._device is not None:  # weights kept elsewhere: what they are stored in must be able to move here
+            check_format_on(model_format(transformer)[0], self._device, "weights")
+            check_dtype(self._device, transformer.block_dtype, "precision",
+                        str(transformer.block_dtype).replace("torch.", ""), "load it in fp32 or fp16")
         self.block_swap = check_block_swap(block_swap, transformer.cfg.depth)
         self._graph_runner: ScaleGraphRunner | None = None  # kept between images: capture once, replay after
 
@@ -215,7 +221,7 @@ class InfinityPipeline:
         generate places it on `device` with N blocks streamed (model.block_swap), so it never has to fit whole.
         """
         home = "cpu" if block_swap and torch.device(device).type != "cpu" else device
-        model = load_transformer(transformer, device=home, weights=weights,
+        model = load_transformer(transformer, device=home, weights=weights, run_device=device,
                                  precision={v: k for k, v in PRECISIONS.items()}[resolve_precision(precision, device)])
         if block_swap:
             check_block_swap(block_swap, model.cfg.depth)
@@ -288,6 +294,8 @@ class InfinityPipeline:
         runner = self._runner_for(graphs)
         settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=seed)
         settings.validate()  # before T5 runs: a NaN cfg is refused by name, not as a failed draw
+        cache = cache or CacheConfig(policy="full")
+        cache.validate(self.device)  # a kv_dtype this device cannot hold (fp8 on MPS) too, before T5 runs
         schedule = schedule or self.schedule_for_size(width, height)
         if isinstance(prompt, TextConditioning):
             cond = prompt
@@ -303,7 +311,6 @@ class InfinityPipeline:
             neg = negative_prompt if isinstance(negative_prompt, TextConditioning) else self.encode([negative_prompt])
         if offload_text_encoder:
             self.offload_text_encoder()
-        cache = cache or CacheConfig(policy="full")
         meter = PeakMeter(self.device)
         with (meter.measure() if memory_report else contextlib.nullcontext()), self.placed(swap), \
                 use_backend(attention, self.device, self.transformer.block_dtype):
@@ -405,8 +412,8 @@ class InfinityPipeline:
                               config, self.transformer.block_dtype, text_tokens=max(samples.text_len, 1),
                               cfg=rows > batch)
         report.planned_peak_mb = planned.sampling_peak_mb + self.dequant_workspace_mb()
-        if meter is not None and meter.peak_bytes is not None:
-            report.measured_peak_mb = meter.peak_bytes / 2**20
+        if meter is not None and meter.method:  # a device without a peak counter: no figure, and the reason
+            report.measured_peak_mb = None if meter.peak_bytes is None else meter.peak_bytes / 2**20
             report.measurement = meter.method
             report.sampling_seconds = meter.seconds
         return report
