@@ -2,7 +2,8 @@
 
 `MemoryReport` is one JSON-serialisable record per generation (the CLI writes it, the nodes and the widget show
 it). The measured peak is real: `torch.cuda.max_memory_allocated` on CUDA, and the profiler's allocator events
-on CPU. `plan_memory` predicts the same figures from shapes alone, so users can ask what fits before running.
+on CPU; on other devices (MPS) none is given, and the report says so. `plan_memory` predicts the same figures
+from shapes alone, so users can ask what fits before running.
 """
 from __future__ import annotations
 
@@ -125,8 +126,19 @@ def start_profiler_here() -> None:
         pass
 
 
+def unmeasured_reason(device: torch.device | str) -> str | None:
+    """Why PeakMeter gives no peak on `device` (None on CUDA and the CPU, where it measures one): torch keeps no
+    peak counter for MPS (only the current figure), and the CPU profiler sees none of that device's memory."""
+    kind = torch.device(device).type
+    if kind in ("cuda", "cpu"):
+        return None
+    return (f"not measured on {kind}: torch keeps no peak-memory counter there (the CPU profiler would see only "
+            f"host allocations); the planned peak is the figure to go by")
+
+
 class PeakMeter:
-    """Measures the peak of allocated memory above the starting point while its block runs."""
+    """Measures the peak of allocated memory above the starting point while its block runs: on CUDA and the CPU;
+    on other devices (MPS) `peak_bytes` stays None and `method` says why, never a figure of the wrong memory."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -137,6 +149,14 @@ class PeakMeter:
     @contextlib.contextmanager
     def measure(self) -> Iterator["PeakMeter"]:
         t0 = time.perf_counter()
+        unmeasured = unmeasured_reason(self.device)
+        if unmeasured is not None:
+            try:
+                yield self
+            finally:
+                self.peak_bytes, self.method = None, unmeasured
+                self.seconds = time.perf_counter() - t0
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             start = torch.cuda.memory_allocated(self.device)
