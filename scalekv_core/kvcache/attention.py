@@ -51,19 +51,24 @@ def _plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 def _sdpa_lse_default(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fused kernel with its LSE, as F.scaled_dot_product_attention returns none: flash for fp16/bf16 on GPUs
-    that have it (sm80+), memory-efficient on other GPUs and dtypes, the CPU flash kernel on the CPU."""
+    that have it (sm80+), memory-efficient on other GPUs and dtypes, the CPU flash kernel on the CPU; elsewhere
+    (MPS, which has none of these kernels) the math kernel and its float32 LSE."""
     if q.device.type == "cuda":
         if q.dtype in _HALF and torch.cuda.get_device_capability(q.device) >= (8, 0):
             return _flash_lse(q, k, v, scale)
         return _efficient_lse(q, k, v, scale)
-    return _flash_lse(q, k, v, scale)
+    if q.device.type == "cpu":
+        return _flash_lse(q, k, v, scale)
+    return _math_lse(q, k, v, scale)
 
 
 def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPA's flash kernel with its LSE (the CPU build has its own flash kernel)."""
+    """SDPA's flash kernel with its LSE (the CPU build has its own flash kernel; other devices have none)."""
     if q.device.type == "cuda":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
         return out, lse
+    if q.device.type != "cpu":
+        raise ValueError(f"attention backend 'flash' has no kernel on {q.device.type}; use auto, sdpa or math")
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
     return out, lse
 
@@ -105,10 +110,13 @@ _PROBED: dict[tuple[str, str, torch.dtype], str | None] = {}
 def _kernel_problem(name: str, cuda_only: bool, half_only_on_cuda: bool) -> Callable[[torch.device, torch.dtype],
                                                                                       str | None]:
     """Whether SDPA can run this kernel here: device and dtype by rule, the rest (GPU generation, build) by one
-    tiny call on the device, remembered per device and dtype."""
+    tiny call on the device, remembered per device and dtype. The fused kernels exist on CUDA (and flash on the
+    CPU) only: on MPS SDPA ignores the choice and runs its own, which has no LSE for sdpa_lse."""
     def problem(device: torch.device, dtype: torch.dtype) -> str | None:
         if cuda_only and device.type != "cuda":
             return f"needs a CUDA device (this run is on {device.type})"
+        if device.type not in ("cuda", "cpu"):
+            return f"needs a CUDA device or the CPU (this run is on {device.type})"
         if half_only_on_cuda and device.type == "cuda" and dtype not in _HALF:
             return f"needs fp16 or bf16 on CUDA (this model runs {str(dtype).replace('torch.', '')})"
         if device.type == "cuda" and not torch.cuda.is_available():
