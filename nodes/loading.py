@@ -26,8 +26,9 @@ class InfinityModelLoader(io.ComfyNode):
             category=CATEGORY,
             description="Loads Infinity: the transformer (models/infinity or models/diffusion_models: the 2B file "
                         "or the 8B's shard folder), its VAE and the flan-t5-xl text encoder. The model size is read "
-                        "from the files. For smaller GPUs pick weight_format fp8_e4m3fn (8B on 12 GB cards) or int4 "
-                        "(8 GB cards). ComfyUI moves the models on and off the GPU as other nodes need it.",
+                        "from the files. For smaller GPUs pick weight_format fp8_e4m3fn (8B on 12 GB cards; int8 on "
+                        "a Mac, whose MPS has no fp8) or int4 (8 GB cards). ComfyUI moves the models on and off the "
+                        "GPU as other nodes need it.",
             inputs=[
                 io.Combo.Input("transformer", options=transformers,
                                default=paths.default_choice(transformers, paths.DEFAULT_TRANSFORMER),
@@ -40,20 +41,24 @@ class InfinityModelLoader(io.ComfyNode):
                                tooltip="models/text_encoders: the flan-t5-xl folder (config.json, weights, "
                                        "tokenizer), or a single-file T5 encoder (.safetensors, 't5' in the name)"),
                 io.Combo.Input("precision", options=models.PRECISION_CHOICES, default="auto",
-                               tooltip="transformer blocks: auto = bf16 on CUDA, fp32 on CPU"),
+                               tooltip="transformer blocks: auto = bf16 on CUDA cards that compute it natively "
+                                       "(RTX 30xx, A100 and later), fp16 on older ones (RTX 20xx, GTX 10xx), bf16 "
+                                       "on a Mac's MPS with macOS 14 or later (fp32 before), fp32 on the CPU"),
                 # last, so saved workflows keep their widget order
                 io.Combo.Input("weight_format", options=list(WEIGHT_FORMATS), default="none", optional=True,
                                tooltip="how the transformer blocks' linear weights are stored (they are 98% of the "
                                        "model). none: as the checkpoint, 2 bytes per weight in bf16 (8B: 15.9 GiB). "
                                        "fp8_e4m3fn / int8: 1 byte (8B: 8.2 GiB, for 12 GB cards), a small loss of "
-                                       "fidelity, int8 the closer. int4: 0.53 bytes (8B: 4.6 GiB, for 8 GB cards), "
+                                       "fidelity, int8 the closer (on a Mac int8 only: MPS has no fp8). int4: "
+                                       "0.53 bytes (8B: 4.6 GiB, for 8 GB cards), "
                                        "a visible loss. Quantized as the model loads; each layer is expanded to the "
                                        "block precision when it runs (a little slower). A file pre-quantized with "
                                        "`convert --weights` loads as it is with none."),
                 io.Combo.Input("t5_weights", options=list(T5_WEIGHT_FORMATS), default="none", optional=True,
-                               tooltip="how the T5 text encoder's linear weights are stored. none: fp16 on a GPU "
-                                       "(flan-t5-xl: 2.75 GiB). fp8_e4m3fn / int8: 1 byte per weight (1.2 GiB), "
-                                       "images nearly the same, int8 the closer. T5 only runs while a prompt is "
+                               tooltip="how the T5 text encoder's linear weights are stored. none: fp16 on a CUDA "
+                                       "GPU (flan-t5-xl: 2.75 GiB), fp32 elsewhere. fp8_e4m3fn / int8: 1 byte per "
+                                       "weight (1.2 GiB), images nearly the same, int8 the closer (on a Mac int8 "
+                                       "only: MPS has no fp8). T5 only runs while a prompt is "
                                        "encoded; ComfyUI moves it off the GPU when the sampler needs the room."),
             ],
             outputs=[
@@ -70,6 +75,8 @@ class InfinityModelLoader(io.ComfyNode):
         problem = widgets.problem(widgets.choice("precision", precision, models.PRECISION_CHOICES),
                                   widgets.choice("weight_format", weight_format, WEIGHT_FORMATS),
                                   widgets.choice("t5_weights", t5_weights, T5_WEIGHT_FORMATS))
+        if problem is None:  # fp8 on Apple's MPS: refused when queued, naming int8, not when the sampler runs
+            problem = models.device_problem(precision, weight_format, t5_weights)
         for field, value, choices, resolve in (
                 ("transformer", transformer, paths.transformer_choices, paths.resolve_transformer),
                 ("vae", vae, paths.vae_choices, paths.resolve_vae),

@@ -20,6 +20,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..scalekv_core.checkpoint import file_version
+from ..scalekv_core.devices import DeviceDtypeError
 from ..scalekv_core.host_memory import host_free, host_limit_bytes, where_label
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.memory import (MemoryPlan, MiB, admission_problem, overcommit_allowed,
@@ -28,7 +29,7 @@ from ..scalekv_core.loader import (PRECISIONS, load_transformer, load_vae, nativ
                                    t5_dtype, vae_patchify_for)
 from ..scalekv_core.model.block_swap import max_block_swap, planned_device_bytes
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig
-from ..scalekv_core.model.quant import model_format
+from ..scalekv_core.model.quant import check_format_on, model_format
 from ..scalekv_core.model.text_encoder import T5TextEncoder, TextConditioning
 from ..scalekv_core.pipeline import InfinityPipeline, check_text_width
 from ..scalekv_core.schedules import Schedule
@@ -216,8 +217,25 @@ class InfinityT5:
 
 
 def precision_name(precision: str, device: torch.device) -> str:
-    """'auto' resolved on the device that will run the model (bf16 on CUDA, fp32 on CPU), as the engine rules."""
+    """'auto' resolved on the device that will run the model (bf16 on CUDA sm80+ and MPS on macOS 14+, fp16 on
+    older CUDA cards, fp32 on CPU), as the engine rules; a precision the device cannot hold is refused by name."""
     return _DTYPE_NAMES[resolve_precision(precision, device)]
+
+
+def device_problem(precision: str | None, weight_format: str | None, t5_weights: str | None) -> str | None:
+    """Why the loader's settings cannot run on this server's devices (fp8 or float64 on Apple's MPS; bf16 there
+    before macOS 14), or None: the loader refuses them before any file loads, not the sampler when they move."""
+    try:
+        device = mm.get_torch_device()
+        if precision is not None:
+            resolve_precision(precision, device)
+        if weight_format is not None:
+            check_format_on(weight_format, device, "weight_format")
+        if t5_weights is not None:
+            check_format_on(t5_weights, mm.text_encoder_device(), "t5_weights")
+    except DeviceDtypeError as e:
+        return str(e)
+    return None
 
 
 #: What the embedded default model (default_model/, paths.DEFAULT_TRANSFORMER) is called in notes and the widget.
@@ -271,7 +289,8 @@ def load_infinity(transformer_path: str, vae_path: str, precision: str = "auto",
 
 def _load_infinity(transformer_path: str, vae_path: str, prec: str, weights: str, load_device: torch.device,
                    offload_device: torch.device) -> InfinityModel:
-    transformer = load_transformer(transformer_path, device=offload_device, precision=prec, weights=weights)
+    transformer = load_transformer(transformer_path, device=offload_device, precision=prec, weights=weights,
+                                   run_device=load_device, weights_field="weight_format")
     vae = load_vae(vae_path, device=offload_device, decoder_only=True)  # generation never encodes
     vae_patchify_for(transformer.cfg, vae.cfg, (str(transformer_path), str(vae_path)))  # names both files if not
     pipeline = InfinityPipeline(transformer, vae, device=load_device)  # runs there, wherever the weights wait
@@ -296,6 +315,7 @@ def load_t5(folder: str, precision: str = "auto", weights: str = "none") -> Infi
     transformer is (a changed transformer setting reloaded T5 too)."""
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = t5_dtype(precision, load_device)
+    check_format_on(weights, load_device, "t5_weights")  # fp8 on MPS: refused here, not when T5 first encodes
     key = ("t5", file_version(folder), str(dtype), weights, str(load_device), str(offload_device))
     return _reuse(key, lambda: _load_t5(folder, dtype, weights, load_device, offload_device))
 

@@ -142,8 +142,11 @@ class InfinitySampler(io.ComfyNode):
                                   widgets.choice("attention", attention, ATTENTION_CHOICES))
         if problem is not None:  # inputs that came through links were not validated
             raise ValueError(problem)
-        # a backend this device cannot run is refused by name before the weights move
+        # a backend this device cannot run is refused by name before the weights move, and so is a kv_dtype it
+        # cannot hold (fp8 on Apple's MPS)
         attention = resolve_attention(attention, model.patcher.load_device, model.pipeline.transformer.block_dtype)
+        if cache_config is not None:
+            cache_config.validate(model.patcher.load_device)
         schedule = schedule_for(resolution, model.info.get("native_resolution"))
         note = resolution_note(model.info["native_resolution"], schedule, model.info.get("architecture", "the model")) \
             if model.info.get("native_resolution") else None
