@@ -296,3 +296,53 @@ def test_the_released_vaes_are_planned_as_generation_holds_them() -> None:
         everything = sum(p.numel() for p in vae.parameters())
         assert everything == int(keys[name]["num_param_elements"])  # the released count, buffers apart
         assert VAE_PARAMS[bits] == everything - sum(p.numel() for p in vae.encoder.parameters())
+
+
+@pytest.mark.parametrize("d_model,d_ff,heads,d_kv", [(256, 512, 4, 32), (256, 2048, 4, 32), (128, 256, 16, 8),
+                                                     (512, 512, 8, 64)])
+def test_t5_activations_bound_a_measured_encode(d_model, d_ff, heads, d_kv):
+    """The encode phase's activation term against T5's own measured peak (CPU profiler) over 512 padded tokens,
+    for 1 and 2 prompts and several shapes: never under it (admission trusts it), at most 1.6x over."""
+    from transformers import T5Config, T5EncoderModel
+
+    from scalekv_core.job_memory import t5_activation_bytes
+    from scalekv_core.kvcache.memory import PeakMeter
+
+    torch.manual_seed(0)
+    config = T5Config(d_model=d_model, d_ff=d_ff, num_heads=heads, d_kv=d_kv, num_layers=2, vocab_size=64,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    model = T5EncoderModel(config).eval()
+    shape = dict(d_model=d_model, d_ff=d_ff, heads=heads, inner=heads * d_kv)
+    for prompts in (1, 2):
+        ids = torch.randint(0, 64, (prompts, 512))
+        mask = torch.zeros(prompts, 512, dtype=torch.long)
+        mask[:, :12] = 1  # the encoder pads every prompt to 512 tokens, as text_encoder.tokenize does
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)  # warm-up: lazily made buffers are not activations
+            meter = PeakMeter("cpu")
+            with meter.measure():
+                model(input_ids=ids, attention_mask=mask)
+        planned = t5_activation_bytes(prompts, shape=shape)
+        assert meter.peak_bytes <= planned <= 1.6 * meter.peak_bytes, (prompts, meter.peak_bytes, planned)
+
+
+def test_t5_encodes_the_prompts_alone_whatever_cfg(monkeypatch):
+    """cfg's unconditional rows are a learned prefix, not T5's work: T5 encodes the prompts in one call (a negative
+    prompt in a call of its own), so the encode phase plans the prompts' rows, with cfg on or off."""
+    from helpers_tiny import T5_TINY, TINY_TRANSFORMER, TINY_VAE
+
+    from scalekv_core.pipeline import InfinityPipeline
+
+    pipe = InfinityPipeline.from_files(TINY_TRANSFORMER, TINY_VAE, T5_TINY)
+    rows: list[int] = []
+    module = pipe.text_encoder.module
+    real = module.forward
+    monkeypatch.setattr(module, "forward", lambda *a, **k: rows.append(k["input_ids"].shape[0]) or real(*a, **k))
+    pipe.generate(["a red circle", "a blue square"], width=256, height=256, cfg=3.0, seed=0)
+    assert rows == [2]
+    rows.clear()
+    pipe.generate("a red circle", negative_prompt="blurry", width=256, height=256, cfg=3.0, seed=0)
+    assert rows == [1, 1]
+    with_cfg = plan_job("2b", 1024, 1024, 1, JobOptions(), cfg_on=True, prompts=2)
+    without = plan_job("2b", 1024, 1024, 1, JobOptions(), cfg_on=False, prompts=2)
+    assert with_cfg.parts["t5_activations_mb"] == without.parts["t5_activations_mb"]
