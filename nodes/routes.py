@@ -22,6 +22,7 @@ import torch
 import comfy.model_management as mm
 
 from ..scalekv_core.checkpoint import CheckpointError, file_version, tensor_shapes
+from ..scalekv_core.devices import dtype_problem
 from ..scalekv_core.kvcache.budget import PRESETS
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
@@ -188,6 +189,11 @@ def vae_size(name: str | None, d_vae: int) -> tuple[int, tuple[int, int] | None]
     return _read_once("vae", path, _vae_shape)
 
 
+def compact_weights(device: torch.device) -> str:
+    """The weight formats the panel suggests when a job does not fit: fp8 where the device holds it (not MPS)."""
+    return "int8 or int4" if dtype_problem(device, torch.float8_e4m3fn) else "fp8 or int4"
+
+
 def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dtype, schedule, batch: int,
                      cfg_on: bool, config: CacheConfig) -> dict:
     """The whole job (T5 encode, sampling, decode, weights included) against the compute device's memory.
@@ -216,7 +222,7 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
                 key=lambda p: p[1])[0]
     kept = f", {reserve_mb / 1024:.1f} GiB of it kept free by ComfyUI" if reserve_mb else ""
     available_mb = available_memory_mb(device) - reserve_mb
-    verdict = "fits" if fits else "does not fit: try fp8 or int4 weights, a tiled decode or block swap"
+    verdict = "fits" if fits else f"does not fit: try {compact_weights(device)} weights, a tiled decode or block swap"
     # the admission check, at run time, counts what is free then; not said on the CPU, where unloading frees no RAM
     # and our own weights wait there unlisted before the first run
     if fits and plan.peak_mb > available_mb and not mm.is_device_cpu(device):

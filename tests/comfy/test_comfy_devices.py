@@ -72,3 +72,10 @@ def test_precision_tooltip_says_what_auto_picks_per_device(node_classes):
     tip = v1["input"]["required"]["precision"][1]["tooltip"]
     assert "fp16 on older" in tip and "MPS" in tip and "macOS 14" in tip and "fp32 on the CPU" in tip
     assert "int8" in v1["input"]["optional"]["weight_format"][1]["tooltip"].split("MPS")[0][-40:]
+
+
+def test_plan_panel_suggests_weights_the_device_holds(pack):
+    """A job that does not fit is told to try fp8 weights, except on a Mac, which has none: int8 there."""
+    routes = importlib.import_module(f"{pack.__name__}.nodes.routes")
+    assert routes.compact_weights(torch.device("cpu")) == "fp8 or int4"
+    assert routes.compact_weights(MPS) == "int8 or int4"
