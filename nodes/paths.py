@@ -96,7 +96,8 @@ def clean_name(name: str) -> str:
     rel = os.path.normpath(name.strip().replace("\\", "/"))
     if rel == ".":  # '.', 't5_tiny/..'
         raise ValueError(f"{shown(name)} names a model folder itself, not a file or folder in it")
-    if relative_name_problem(name.strip()) is not None:
+    # the name as given and as normalized: on Windows normpath('./C:/x') is 'C:\\x', an absolute path
+    if relative_name_problem(name.strip()) is not None or relative_name_problem(rel) is not None:
         raise ValueError(f"{shown(name)} is not a name inside a model folder")
     return rel
 

@@ -22,11 +22,11 @@ import torch
 import comfy.model_management as mm
 
 from ..scalekv_core.checkpoint import CheckpointError, file_version, tensor_shapes
-from ..scalekv_core.devices import dtype_problem
+from ..scalekv_core.devices import DeviceDtypeError
 from ..scalekv_core.kvcache.budget import PRESETS
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
-from ..scalekv_core.job_memory import T5_XL, VAE_PARAMS, JobOptions, plan_job, t5_shape
+from ..scalekv_core.job_memory import T5_XL, VAE_PARAMS, JobOptions, eight_bit_weights, plan_job, t5_shape
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
 from ..scalekv_core.loader import (PRECISIONS, declared_format, format_to_load, native_resolution,
                                    transformer_config_of, vae_config_of)
@@ -190,8 +190,8 @@ def vae_size(name: str | None, d_vae: int) -> tuple[int, tuple[int, int] | None]
 
 
 def compact_weights(device: torch.device) -> str:
-    """The weight formats the panel suggests when a job does not fit: fp8 where the device holds it (not MPS)."""
-    return "int8 or int4" if dtype_problem(device, torch.float8_e4m3fn) else "fp8 or int4"
+    """The weight formats the panel suggests when a job does not fit, as the planner's ladder offers them."""
+    return f"{eight_bit_weights(device).split('_')[0]} or int4"
 
 
 def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dtype, schedule, batch: int,
@@ -251,11 +251,15 @@ _JOB_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 
 def block_dtype_for(precision: str) -> torch.dtype:
-    """The loader's precision as it resolves on this server's device (auto = bf16 on CUDA, fp32 on CPU)."""
+    """The loader's precision as it resolves on this server's device (loader.resolve_precision's rule); one the
+    device cannot hold (bf16 on a Mac before macOS 14) is the request's error, as the loader's validation says."""
     if precision not in models.PRECISION_CHOICES:
         raise PlanInputError(f"precision: unknown precision {shown(precision)}; choose one of "
                              f"{', '.join(models.PRECISION_CHOICES)}")
-    return PRECISIONS[models.precision_name(precision, mm.get_torch_device())]
+    try:
+        return PRECISIONS[models.precision_name(precision, mm.get_torch_device())]
+    except DeviceDtypeError as e:
+        raise PlanInputError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------- rows

@@ -221,7 +221,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch", type=number_flag("batch", "--batch"), default=1, help="images per prompt")
     g.add_argument("--device", default="cpu", type=device_flag, help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="block precision; auto = bf16 on CUDA like the original, fp32 on CPU")
+                   help="block precision; auto = bf16 on CUDA sm80+ like the original (fp16 on older cards), bf16 on "
+                        "MPS with macOS 14+, fp32 on CPU")
     _add_weights_flag(g)
     g.add_argument("--fp8-matmul", action="store_true",
                    help="with --weights fp8_e4m3fn: multiply in fp8 on GPUs with fp8 tensor cores (Ada, Hopper); "
@@ -384,9 +385,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--job-table", action="store_true",
                    help="print a Markdown table of the whole job for 2B and 8B at 1024x1024 in each weight format")
     p.add_argument("--device", type=_plan_device, default=None,
-                   help="the kind of device the job will run on (cuda, mps, cpu; not checked against this machine): "
-                        "settings it cannot hold are refused and not proposed (on mps: int8 weights, not fp8), and "
-                        "T5 is sized in the dtype it loads in there")
+                   help="the kind of device the job will run on (cuda, mps, cpu; what it holds comes from a table, or "
+                        "from a probe where this machine has one): settings it cannot hold are refused and not "
+                        "proposed (on mps: int8 weights, not fp8), and T5 is sized in the dtype it loads in there")
 
 
 def _plan_device(text: str) -> str:

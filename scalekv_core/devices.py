@@ -97,7 +97,10 @@ def cuda_native_bf16(device: torch.device | str) -> bool:
     if not torch.cuda.is_available():
         return False
     device = torch.device(device)
-    return torch.cuda.get_device_capability(device if device.index is not None else None) >= (8, 0)
+    try:
+        return torch.cuda.get_device_capability(device if device.index is not None else None) >= (8, 0)
+    except (AssertionError, RuntimeError, ValueError):  # no such device index: torch names it when the model moves
+        return False
 
 
 #: Fragments of torch's own messages when a dtype cannot reach a device (MPS: float64, float8, bf16 before macOS 14).

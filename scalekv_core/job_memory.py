@@ -279,7 +279,7 @@ def check_options_on(options: JobOptions, device: torch.device | str | None,
         check_dtype(device, kv, names["kv_dtype"], options.kv_dtype, "use int8 instead: the same size")
 
 
-def _eight_bit_weights(device: torch.device | str | None) -> str:
+def eight_bit_weights(device: torch.device | str | None) -> str:
     """The 1-byte weight format the ladder offers: fp8 (as issue 20 asked), int8 where the device cannot hold fp8
     (MPS): the same bytes, and the closer to bf16 (docs/quantization.md)."""
     if device is not None and format_problem("fp8_e4m3fn", device) is not None:
@@ -305,7 +305,7 @@ def ladder(options: JobOptions, depth: int, block_swap: bool = BLOCK_SWAP_READY,
     if options.kv_dtype == "auto":
         add("KV stored in bf16", kv_dtype="bf16")
     if options.weights == "none":  # int8 weights take the bytes fp8 would, with less error (docs/quantization.md)
-        eight = _eight_bit_weights(device)
+        eight = eight_bit_weights(device)
         add(f"{eight.split('_')[0]} weights", weights=eight)
     base = steps[-1][1]
     # n blocks off the device save n - 2 blocks (the two slots): every n from 3, so the fewest that fit is named

@@ -109,10 +109,14 @@ def relative_name_problem(name: str) -> str | None:
         return "contains a NUL character"
     # a drive ('D:evil' is relative to D:'s current folder), a UNC share, or a root: Python 3.13's ntpath.isabs
     # no longer calls '\\x' absolute, and posixpath never calls 'C:\\x' absolute, so neither host rule is enough
-    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive or PurePosixPath(name).is_absolute():
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute() \
+            or any(PureWindowsPath(part).drive for part in [name, *parts]):  # './C:/x' normalizes to 'C:\\x'
         return "is an absolute path"
-    if ".." in name.replace("\\", "/").split("/"):
+    if ".." in parts:
         return "leaves the folder ('..')"
+    if any(part not in ("", ".") and not part.rstrip(". ") for part in parts):  # Windows trims '.. ' to '..'
+        return "has a part of only dots and spaces, which Windows reads as '..' or the folder itself"
     return None
 
 
@@ -174,6 +178,9 @@ def check_writable(path: str | os.PathLike, doing: str = "cannot write") -> None
     folder or name the OS refuses (read-only, Windows' characters or device names, a name or path too long) is an
     OSError naming `path` (after `doing`) before the minutes of work whose result goes there, not after them."""
     path = Path(path)
+    with contextlib.suppress(OSError):  # a name the OS refuses is named by the probe below
+        if path.is_symlink():  # atomic_path writes beside the link's target: probe there
+            path = Path(os.path.realpath(path))
     tail = len(".00000000.partial")
     width = max(len(path.name), len(path.name[:_PARTIAL_NAME_CHARS]) + tail)  # the final name, the temporary one
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)

@@ -65,7 +65,7 @@ def build_parser(prog: str = "python -m scalekv_core.bench fidelity") -> argpars
     m.add_argument("--text-encoder", default=str(DEFAULT_TEXT_ENCODER), help="T5 folder")
     m.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="block precision; auto = bf16 on CUDA, fp32 on CPU")
+                   help="block precision; auto as loader.resolve_precision (bf16 on CUDA sm80+, fp32 on CPU)")
     m.add_argument("--threads", type=int, default=1,
                    help="CPU threads per process (0 = torch's default). CPU results depend on it, so sharded and "
                         "single-process runs agree bit for bit only with the same value; 1 matches torchrun's default")

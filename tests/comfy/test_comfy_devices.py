@@ -79,3 +79,14 @@ def test_plan_panel_suggests_weights_the_device_holds(pack):
     routes = importlib.import_module(f"{pack.__name__}.nodes.routes")
     assert routes.compact_weights(torch.device("cpu")) == "fp8 or int4"
     assert routes.compact_weights(MPS) == "int8 or int4"
+
+
+def test_plan_route_names_a_precision_the_mac_cannot_hold(pack, on_mps, devices, monkeypatch):
+    """bf16 on a Mac before macOS 14 is the request's error (a 400 naming precision), not the planner's 500."""
+    routes = importlib.import_module(f"{pack.__name__}.nodes.routes")
+    monkeypatch.setattr(devices, "_PROBED", {})
+    monkeypatch.setattr(devices, "_present", lambda d: True)
+    monkeypatch.setattr(devices, "_probe", lambda d, dtype: d.type != "mps")  # macOS 13
+    with pytest.raises(routes.PlanInputError, match="precision bf16: cannot run on mps.*macOS 14"):
+        routes.block_dtype_for("bf16")
+    assert routes.block_dtype_for("auto") == torch.float32

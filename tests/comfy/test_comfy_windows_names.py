@@ -52,7 +52,9 @@ def on_windows(paths, monkeypatch):
 
 
 ESCAPES = [r"\Users\Public\evil", "/Windows/evil", "D:evil", r"D:\evil", "C:evil", "//srv/share/evil",
-           r"\\srv\share\evil", "../evil", r"sub\..\..\evil"]
+           r"\\srv\share\evil", "../evil", r"sub\..\..\evil",
+           "./C:/Windows/evil", "./D:evil", r".\D:evil", ".. /evil"]  # Windows' normpath: 'C:\Windows\evil', '..'
+
 
 
 @pytest.mark.parametrize("isabs", [ntpath.isabs, _isabs_313], ids=["py311", "py313"])
