@@ -665,7 +665,7 @@ def _check_device_dtypes(a: argparse.Namespace) -> None:
     (fp8 on Apple's MPS; bf16 there before macOS 14) refused by flag before anything loads, not as torch's
     TypeError when the first tensor moves."""
     from .devices import check_dtype
-    from .kvcache.config import KV_DTYPES
+    from .kvcache.config import check_kv_dtype_on
     from .loader import PRECISIONS
     from .model.quant import check_format_on
 
@@ -676,9 +676,7 @@ def _check_device_dtypes(a: argparse.Namespace) -> None:
     if held is not None:
         check_format_on(held, a.device, f"--transformer {a.transformer}: pre-quantized as")
     check_format_on(getattr(a, "t5_weights", "none"), a.device, "--t5-weights")
-    kv = KV_DTYPES.get(getattr(a, "kv_dtype", "auto"))
-    if kv is not None:
-        check_dtype(a.device, kv, "--kv-dtype", a.kv_dtype, "use int8 instead: the same size")
+    check_kv_dtype_on(getattr(a, "kv_dtype", "auto"), a.device, "--kv-dtype")
 
 
 def _generate(a: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ import torch
 from .devices import check_dtype
 from .kvcache import CacheConfig
 from .kvcache.budget import PRESETS
-from .kvcache.config import KV_DTYPES
+from .kvcache.config import check_kv_dtype_on
 from .kvcache.memory import MiB, decode_peak_bytes, plan_memory, preview_peak_bytes
 from .limits import LIMITS, shown
 from .model.config import KNOWN_MODELS, InfinityConfig
@@ -274,9 +274,7 @@ def check_options_on(options: JobOptions, device: torch.device | str | None,
     check_dtype(device, _DTYPES[options.dtype], names["dtype"], options.dtype, "choose fp32 or fp16")
     check_format_on(options.weights, device, names["weights"])
     check_format_on(options.t5_weights, device, names["t5_weights"])
-    kv = KV_DTYPES.get(options.kv_dtype)
-    if kv is not None:
-        check_dtype(device, kv, names["kv_dtype"], options.kv_dtype, "use int8 instead: the same size")
+    check_kv_dtype_on(options.kv_dtype, device, names["kv_dtype"])
 
 
 def eight_bit_weights(device: torch.device | str | None) -> str:

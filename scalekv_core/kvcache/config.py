@@ -34,6 +34,14 @@ KV_DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
+def check_kv_dtype_on(kv_dtype: str, device: torch.device | str, field: str = "kv_dtype") -> None:
+    """A DeviceDtypeError naming `field` when the cache's storage dtype cannot live on `device` (fp8 on Apple's
+    MPS), with the way out: the one check the cache, the planner and the CLI share."""
+    chosen = KV_DTYPES.get(kv_dtype)
+    if chosen is not None:
+        check_dtype(device, chosen, field, kv_dtype, "use int8 instead: the same size")
+
+
 #: Which policies read each setting (CacheConfig.build's use of them), so a UI can mark the ones that do not apply.
 POLICY_SETTINGS: dict[str, tuple[str, ...]] = {
     "budget": ("sliding_window", "streamingllm", "snapkv", "pyramidkv", "scalekv"),
@@ -102,9 +110,8 @@ class CacheConfig:
             raise ValueError("a budget file applies to the scalekv policy only")
         if self.drafters is not None:
             _check_drafters(self.drafters)
-        chosen = KV_DTYPES[self.kv_dtype]
-        if device is not None and chosen is not None:
-            check_dtype(device, chosen, "kv_dtype", self.kv_dtype, "use int8 instead: the same size")
+        if device is not None:
+            check_kv_dtype_on(self.kv_dtype, device)
 
     def to_dict(self) -> dict:
         return asdict(self)
