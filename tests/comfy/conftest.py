@@ -214,3 +214,15 @@ def post(routes):
         return asyncio.run(go())
 
     return _post
+
+
+@pytest.fixture
+def paths(pack):
+    """The pack's nodes/paths module, as ComfyUI imported it."""
+    return pack.nodes.paths
+
+
+@pytest.fixture
+def models_dir():
+    """ComfyUI's models folder in the test host."""
+    return pathlib.Path(folder_paths.get_folder_paths("infinity")[0]).parent

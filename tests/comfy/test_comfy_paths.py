@@ -12,16 +12,6 @@ from helpers_tiny import TINY_TRANSFORMER, save_sharded
 from safetensors.torch import load_file
 
 
-@pytest.fixture
-def paths(pack):
-    return pack.nodes.paths
-
-
-@pytest.fixture
-def models_dir():
-    return pathlib.Path(folder_paths.get_folder_paths("infinity")[0]).parent
-
-
 def test_registration_merges_with_a_users_yaml(paths, monkeypatch, tmp_path):
     """A key the user configured keeps their folders first; ours is appended once; extensions are unioned."""
     fnp = dict(folder_paths.folder_names_and_paths)

@@ -14,16 +14,6 @@ import pytest
 import folder_paths
 
 
-@pytest.fixture
-def paths(pack):
-    return pack.nodes.paths
-
-
-@pytest.fixture
-def models_dir():
-    return pathlib.Path(folder_paths.get_folder_paths("infinity")[0]).parent
-
-
 def _isabs_313(path: str) -> bool:
     """Python 3.13's ntpath.isabs: a drive and a root both ('\\x' and 'C:x' are not absolute)."""
     drive, rest = ntpath.splitdrive(path)
