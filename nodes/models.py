@@ -25,8 +25,8 @@ from ..scalekv_core.host_memory import host_free, host_limit_bytes, where_label
 from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.memory import (MemoryPlan, MiB, admission_problem, overcommit_allowed,
                                            preview_peak_bytes)
-from ..scalekv_core.loader import (PRECISIONS, load_transformer, load_vae, native_resolution, resolve_precision,
-                                   t5_dtype, vae_patchify_for)
+from ..scalekv_core.loader import (PRECISION_NAMES, PRECISIONS, load_transformer, load_vae, native_resolution,
+                                   resolve_precision, t5_dtype, vae_patchify_for)
 from ..scalekv_core.model.block_swap import max_block_swap, planned_device_bytes
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig
 from ..scalekv_core.model.quant import check_format_on, model_format
@@ -38,7 +38,6 @@ from . import paths
 log = logging.getLogger(__name__)
 
 PRECISION_CHOICES = ["auto", *PRECISIONS]
-_DTYPE_NAMES = {v: k for k, v in PRECISIONS.items()}
 
 
 def device_free(device: torch.device) -> tuple[int, str]:
@@ -219,7 +218,7 @@ class InfinityT5:
 def precision_name(precision: str, device: torch.device) -> str:
     """'auto' resolved on the device that will run the model (bf16 on CUDA sm80+ and MPS on macOS 14+, fp16 on
     older CUDA cards, fp32 on CPU), as the engine rules; a precision the device cannot hold is refused by name."""
-    return _DTYPE_NAMES[resolve_precision(precision, device)]
+    return PRECISION_NAMES[resolve_precision(precision, device)]
 
 
 def device_problem(precision: str | None, weight_format: str | None, t5_weights: str | None) -> str | None:
@@ -306,7 +305,7 @@ def _load_infinity(transformer_path: str, vae_path: str, prec: str, weights: str
 
 def t5_dtype_name(load_device: torch.device | str, precision: str = "auto") -> str:
     """The dtype T5 loads in on `load_device` (loader.t5_dtype), by name: what the planner sizes it as."""
-    return _DTYPE_NAMES[t5_dtype(precision, load_device)]
+    return PRECISION_NAMES[t5_dtype(precision, load_device)]
 
 
 def load_t5(folder: str, precision: str = "auto", weights: str = "none") -> InfinityT5:
@@ -327,7 +326,7 @@ def _load_t5(folder: str, dtype: torch.dtype, weights: str, load_device: torch.d
                                                  dtype=dtype, weights=weights)
     else:
         encoder = T5TextEncoder.from_folder(folder, device=offload_device, dtype=dtype, weights=weights)
-    info = {"text_encoder": str(folder), "text_channels": encoder.text_channels, "dtype": _DTYPE_NAMES[dtype],
+    info = {"text_encoder": str(folder), "text_channels": encoder.text_channels, "dtype": PRECISION_NAMES[dtype],
             "weights": encoder.weights,
             "load_device": str(load_device), "offload_device": str(offload_device)}
     return InfinityT5(encoder, _patcher(T5Module(encoder.module), load_device, offload_device), info)

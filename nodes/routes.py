@@ -28,7 +28,7 @@ from ..scalekv_core.kvcache import CacheConfig
 from ..scalekv_core.kvcache.budget import kv_bytes_per_token
 from ..scalekv_core.job_memory import T5_XL, VAE_PARAMS, JobOptions, eight_bit_weights, plan_job, t5_shape
 from ..scalekv_core.kvcache.memory import MiB, plan_memory
-from ..scalekv_core.loader import (PRECISIONS, declared_format, format_to_load, native_resolution,
+from ..scalekv_core.loader import (PRECISION_NAMES, PRECISIONS, declared_format, format_to_load, native_resolution,
                                    transformer_config_of, vae_config_of)
 from ..scalekv_core.model.config import KNOWN_MODELS, InfinityConfig
 from ..scalekv_core.model.text_encoder import TEXT_MAXLEN, single_file_t5_config
@@ -202,7 +202,7 @@ def job_for_settings(s: PlanSettings, cfg: InfinityConfig, block_dtype: torch.dt
     the sampler decodes a preview per scale, so that is planned too. A pre-quantized transformer file is planned in
     its own format (the loader's weight_format is "none" for it).
     """
-    options = JobOptions(weights=job_weights(s), dtype=_JOB_DTYPES[block_dtype], t5_offload=True,
+    options = JobOptions(weights=job_weights(s), dtype=PRECISION_NAMES[block_dtype], t5_offload=True,
                          t5_weights=s.t5_weights, t5_dtype=models.t5_dtype_name(mm.text_encoder_device(), s.precision),
                          t5_on_device=torch.device(mm.text_encoder_device()) == torch.device(mm.get_torch_device()),
                          decode_tile=s.decode_tile or None, block_swap=s.block_swap, previews=True)
@@ -247,7 +247,6 @@ def available_memory_mb(device: torch.device) -> float:
     return (models.device_free(device)[0] + held) / MiB
 
 
-_JOB_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def block_dtype_for(precision: str) -> torch.dtype:

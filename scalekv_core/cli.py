@@ -501,9 +501,9 @@ def _plan_job(a: argparse.Namespace) -> int:
     check_block_swap(a.block_swap, KNOWN_MODELS[a.model].depth, "--block-swap")
     t5 = {}
     if a.device is not None:  # T5 in the dtype the loader gives it there (fp16 on CUDA, fp32 elsewhere)
-        from .loader import PRECISIONS, t5_dtype
+        from .loader import PRECISION_NAMES, t5_dtype
 
-        t5["t5_dtype"] = {v: k for k, v in PRECISIONS.items()}[t5_dtype(a.dtype, a.device)]
+        t5["t5_dtype"] = PRECISION_NAMES[t5_dtype(a.dtype, a.device)]
     options = JobOptions(weights=a.weights, dtype=a.dtype, t5_offload=a.offload_t5, t5_weights=a.t5_weights,
                          decode_tile=a.decode_tile or None, block_swap=a.block_swap, policy=a.kv_policy,
                          kv_dtype=a.kv_dtype, budget=str(a.budget), previews=a.previews,

@@ -16,6 +16,8 @@ from .model.vae import BSQVAE, ENCODER_PREFIX, VAEConfig, detect_vae_config
 from .schedules import Schedule, schedule_for_pixels, schedule_from_label
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: A dtype's precision name: the one inversion of PRECISIONS (reports, the planner and the nodes name dtypes so).
+PRECISION_NAMES = {v: k for k, v in PRECISIONS.items()}
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype:

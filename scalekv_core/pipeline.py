@@ -20,8 +20,7 @@ from .kvcache.cache import KeptRecorder
 from .kvcache.memory import (ALLOW_OVERCOMMIT_ENV, MemoryPlan, MemoryReport, MiB, PeakMeter, admission_problem,
                              build_report, free_memory, plan_memory)
 from .limits import LIMITS
-from .loader import (PRECISIONS, load_transformer, load_vae, native_from_metadata, resolve_precision, schedule_for_size,
-                     t5_dtype, vae_patchify_for)
+from .loader import load_transformer, load_vae, native_from_metadata, schedule_for_size, t5_dtype, vae_patchify_for
 from .model.block_swap import check_block_swap, planned_device_bytes, swap_blocks
 from .model.quant import SOURCE_METADATA, check_format_on, dequant_workspace_bytes, model_format
 from .model.text_encoder import T5TextEncoder, TextConditioning
@@ -221,8 +220,8 @@ class InfinityPipeline:
         generate places it on `device` with N blocks streamed (model.block_swap), so it never has to fit whole.
         """
         home = "cpu" if block_swap and torch.device(device).type != "cpu" else device
-        model = load_transformer(transformer, device=home, weights=weights, run_device=device,
-                                 precision={v: k for k, v in PRECISIONS.items()}[resolve_precision(precision, device)])
+        # 'auto' resolves for `device`, where the model runs, not for `home`
+        model = load_transformer(transformer, device=home, weights=weights, run_device=device, precision=precision)
         if block_swap:
             check_block_swap(block_swap, model.cfg.depth)
         vae_model = load_vae(vae, device=device, decoder_only=not vae_encoder)  # generation never encodes
