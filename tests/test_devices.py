@@ -279,3 +279,11 @@ def test_the_flash_backend_is_refused_on_mps():
     with pytest.raises(ValueError, match="flash"):
         attention.resolve("flash", "mps", torch.float32)
     assert attention.resolve("auto", "mps", torch.float32) == "sdpa"
+
+
+@pytest.mark.parametrize("value", ["nan", "12", "", "x" * (1 << 20), "mps:bogus"])
+def test_plan_device_flag_refuses_what_is_no_device(value, capsys):
+    """A NaN, a number, nothing, a megabyte or a malformed index is one argparse error naming --device, briefly."""
+    assert main(["plan", "--model", "8b", "--vram", "12", "--device", value]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and len(err) < 2000 and "Traceback" not in err
